@@ -1,0 +1,212 @@
+"""Image sets for mask generation (VOC, COCO20k, any folder), preprocessing and size-grouped batching."""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision.transforms.functional as TF
+from PIL import Image, ImageOps
+from torch.utils.data import Dataset
+
+from distill.vit import IMAGENET_MEAN, IMAGENET_STD
+from utils.coco_io import load_coco_dataset
+from utils.errors import UserError
+from utils.images import ImageReadError, list_images, load_rgb
+
+_EXIF_ORIENTATION = 0x0112
+_ROTATED_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
+
+
+@dataclass
+class ImageEntry:
+    index: int  # position in the dataset's order; fixes image order and annotation ids
+    image_id: int
+    file_name: str  # relative to the dataset root
+    path: Path
+
+
+# ----------------------------------------------------------------------------- image sets
+
+
+def voc_image_id(stem: str) -> int:
+    """VOC ids as integers: `2011_000003` -> 2011000003 (the convention of convert_voc.py)."""
+    digits = stem.replace("_", "")
+    if not digits.isdigit():
+        raise UserError(f"VOC image name {stem!r} is not of the form YYYY_NNNNNN")
+    return int(digits)
+
+
+def voc_entries(root: Path, year: str, image_set: str, split_folder: str = "Segmentation") -> list[ImageEntry]:
+    """Images of `VOC{year}/ImageSets/{split_folder}/{image_set}.txt`; file names relative to VOCdevkit."""
+    voc = root / f"VOC{year}"
+    if not voc.is_dir():
+        raise UserError(f"--dataset_root {root} has no VOC{year}/ folder (expected a VOCdevkit directory)")
+    list_file = voc / "ImageSets" / split_folder / f"{image_set}.txt"
+    if not list_file.is_file():
+        raise UserError(f"VOC image list not found: {list_file}")
+    stems = [line.split()[0] for line in list_file.read_text().splitlines() if line.strip()]
+    return [ImageEntry(i, voc_image_id(s), f"VOC{year}/JPEGImages/{s}.jpg", voc / "JPEGImages" / f"{s}.jpg")
+            for i, s in enumerate(stems)]
+
+
+def coco20k_entries(root: Path, coco_json: Path, file_list: Path) -> tuple[list[ImageEntry], dict]:
+    """The COCO20k subset (the LOST file list) of a COCO instances JSON, and that subset's GT."""
+    dataset = load_coco_dataset(coco_json)
+    if not file_list.is_file():
+        raise UserError(f"COCO20k file list not found: {file_list}")
+    wanted = [line.strip() for line in file_list.read_text().splitlines() if line.strip()]
+    by_name = {Path(img["file_name"]).name: img for img in dataset["images"]}
+    entries, images = [], []
+    for i, name in enumerate(wanted):
+        img = by_name.get(Path(name).name)
+        if img is None:
+            raise UserError(f"{file_list}: {name} is not an image of {coco_json}")
+        rel = name if (root / name).is_file() else img["file_name"]
+        entries.append(ImageEntry(i, int(img["id"]), rel, root / rel))
+        images.append(img)
+    ids = {img["id"] for img in images}
+    subset = {
+        "images": images,
+        "annotations": [a for a in dataset["annotations"] if a["image_id"] in ids],
+        "categories": dataset["categories"],
+    }
+    return entries, subset
+
+
+def class_agnostic(dataset: dict) -> dict:
+    """The same dataset with every annotation in one `object` category."""
+    return {
+        **dataset,
+        "annotations": [{**a, "category_id": 1} for a in dataset["annotations"]],
+        "categories": [{"id": 1, "name": "object", "supercategory": "object"}],
+    }
+
+
+def folder_entries(root: Path, image_ids: str = "auto") -> list[ImageEntry]:
+    """Every image under `root`, recursively. Ids are the file stems when all are distinct integers
+    (COCO's `000000397133.jpg` -> 397133, so outputs line up with COCO GT) under `auto`, else 1..N."""
+    files = list_images(root)
+    if not files:
+        raise UserError(f"no images found under {root}")
+    stems = [Path(f).stem for f in files]
+    numeric = all(s.isdigit() for s in stems) and len({int(s) for s in stems}) == len(stems)
+    if image_ids == "filename" and not numeric:
+        raise UserError("--image_ids filename needs distinct integer file names")
+    use_stems = image_ids == "filename" or (image_ids == "auto" and numeric)
+    return [ImageEntry(i, int(s) if use_stems else i + 1, f, root / f) for i, (f, s) in enumerate(zip(files, stems))]
+
+
+# ----------------------------------------------------------------------------- sizes
+
+
+def resized_size(height: int, width: int, resize: int, max_size: int) -> tuple[int, int]:
+    """Output (h, w) of torchvision `Resize(resize, max_size=max_size)` on a PIL image.
+
+    `resize=0` keeps the original size (still capped by `max_size`)."""
+    short, long = (width, height) if width <= height else (height, width)
+    if resize > 0:
+        new_short, new_long = resize, int(resize * long / short)
+    else:
+        new_short, new_long = short, long
+    if max_size and new_long > max_size:
+        new_short, new_long = max(1, int(max_size * new_short / new_long)), max_size
+    return (new_long, new_short) if width <= height else (new_short, new_long)
+
+
+def padded_size(height: int, width: int, patch_size: int) -> tuple[int, int]:
+    return math.ceil(height / patch_size) * patch_size, math.ceil(width / patch_size) * patch_size
+
+
+def read_size(path: Path) -> tuple[int, int]:
+    """(height, width) after EXIF rotation, from the header only."""
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+            if img.getexif().get(_EXIF_ORIENTATION, 1) in _ROTATED_ORIENTATIONS:
+                width, height = height, width
+    except FileNotFoundError:
+        raise ImageReadError("file not found") from None
+    except Exception as exc:  # PIL raises many types for damaged headers
+        raise ImageReadError(f"not a readable image ({type(exc).__name__})") from None
+    return height, width
+
+
+# ----------------------------------------------------------------------------- dataset
+
+
+class MaskGenDataset(Dataset):
+    """Decodes, resizes, normalises and zero-pads images (bottom and right) to a patch multiple."""
+
+    def __init__(self, entries: list[ImageEntry], sizes: dict[int, tuple[int, int]], resize: int,
+                 max_size: int, patch_size: int) -> None:
+        self.entries = {e.index: e for e in entries}
+        self.sizes = sizes
+        self.resize, self.max_size, self.patch_size = resize, max_size, patch_size
+        self.mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+        self.std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def target_sizes(self, index: int) -> tuple[tuple[int, int], tuple[int, int]]:
+        height, width = self.sizes[index]
+        resized = resized_size(height, width, self.resize, self.max_size)
+        return resized, padded_size(*resized, self.patch_size)
+
+    def __getitem__(self, index: int) -> dict:
+        entry = self.entries[index]
+        item = {"index": index, "image": None, "error": None}
+        try:
+            img = load_rgb(entry.path)
+        except ImageReadError as exc:
+            item["error"] = str(exc)
+            return item
+        if (img.height, img.width) != self.sizes[index]:
+            item["error"] = f"decoded size {img.height}x{img.width} differs from its header"
+            return item
+        (h, w), (hp, wp) = self.target_sizes(index)
+        if (h, w) != (img.height, img.width):
+            img = TF.resize(img, [h, w], interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
+        tensor = (TF.pil_to_tensor(img).float().div_(255) - self.mean) / self.std
+        padded = torch.zeros(3, hp, wp)
+        padded[:, :h, :w] = tensor
+        item["image"] = padded
+        return item
+
+
+def collate(items: list[dict]) -> dict:
+    ok = [it for it in items if it["image"] is not None]
+    return {
+        "images": torch.stack([it["image"] for it in ok]) if ok else None,
+        "indices": [it["index"] for it in ok],
+        "failed": [(it["index"], it["error"]) for it in items if it["image"] is None],
+    }
+
+
+def size_grouped_batches(dataset: MaskGenDataset, indices: list[int], batch_size: int) -> list[list[int]]:
+    """Batches of images with equal padded size, ordered by their first image."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for index in indices:
+        groups.setdefault(dataset.target_sizes(index)[1], []).append(index)
+    batches = [members[i:i + batch_size] for members in groups.values() for i in range(0, len(members), batch_size)]
+    return sorted(batches, key=lambda b: b[0])
+
+
+def upsample_patch_mask(patch_mask: np.ndarray, patch_size: int, resized: tuple[int, int],
+                        original: tuple[int, int]) -> np.ndarray:
+    """Nearest-neighbour upsampling by the patch size, crop of the padding, then a nearest resize
+    to the original size, composed into one index lookup (pixel centres, like PIL's NEAREST)."""
+    (h, w), (height, width) = resized, original
+    rows = np.minimum(((np.arange(height) + 0.5) * h / height).astype(np.int64), h - 1) // patch_size
+    cols = np.minimum(((np.arange(width) + 0.5) * w / width).astype(np.int64), w - 1) // patch_size
+    return patch_mask[rows[:, None], cols[None, :]]
+
+
+def worker_count(requested: int | None) -> int:
+    if requested is not None:
+        return requested
+    return min(4, max(0, (os.cpu_count() or 1) - 1))

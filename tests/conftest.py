@@ -1,0 +1,31 @@
+"""Shared fixtures: the real images in ../shared/data (skipped cleanly when absent)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def _require(path: Path) -> Path:
+    if not path.exists():
+        pytest.skip(f"real test data not present: {path}")
+    return path
+
+
+@pytest.fixture
+def tiny_coco() -> Path:
+    return _require(SHARED_DATA / "tiny_coco")
+
+
+@pytest.fixture
+def voc_mini() -> Path:
+    """The VOCdevkit folder of voc_mini (contains VOC2012/)."""
+    return _require(SHARED_DATA / "voc_mini" / "VOCdevkit")
+
+
+@pytest.fixture
+def repo_root() -> Path:
+    return REPO

@@ -1,0 +1,1 @@
+"""Shared helpers used by every stage: COCO I/O, images, configs, checkpoints, metrics."""

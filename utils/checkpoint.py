@@ -1,0 +1,80 @@
+"""Checkpoints: model, optimizer, scheduler, iteration, config and RNG states, written atomically."""
+from __future__ import annotations
+
+import os
+import random
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from utils.coco_io import atomic_path
+from utils.errors import UserError
+
+
+def rng_states() -> dict:
+    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict) -> None:
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer: Any = None,
+                    scheduler: Any = None, iteration: int = 0, config: dict | None = None,
+                    extra: dict | None = None) -> None:
+    state = {
+        "model": unwrap(model).state_dict(),
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "iteration": iteration,
+        "config": config,
+        "rng": rng_states(),
+        "extra": extra or {},
+    }
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer: Any = None,
+                    scheduler: Any = None, restore_rng: bool = True) -> dict:
+    """Restore a checkpoint in place; returns the whole dict (iteration, config, extra)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # truncated or foreign files
+        raise UserError(f"cannot read checkpoint {path}: {exc}") from None
+    unwrap(model).load_state_dict(state["model"])
+    if optimizer is not None and state.get("optimizer") is not None:
+        optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None and state.get("scheduler") is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    if restore_rng and state.get("rng") is not None:
+        set_rng_states(state["rng"])
+    return state
+
+
+def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
+    """The `model_XXXXXXX.pth` with the highest iteration in `directory`, or None."""
+    directory = Path(directory)
+    best, best_iter = None, -1
+    for p in directory.glob("model_*.pth"):
+        m = re.fullmatch(r"model_(\d+)\.pth", p.name)
+        if m and int(m.group(1)) > best_iter:
+            best, best_iter = p, int(m.group(1))
+    return best

@@ -1,0 +1,242 @@
+"""The one reader and writer of the pipeline's COCO files: masks <-> RLE, boxes, atomic writes.
+
+Contracts (see DESIGN.md): masks are RLE with `counts` as a UTF-8 string (polygons are accepted
+on input), `bbox` is `[x, y, w, h]` in pixels of the original image, and every file is written
+to a temporary name and renamed.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+from pycocotools import mask as mask_utils
+
+from utils.errors import UserError
+
+# ----------------------------------------------------------------------------- atomic writes
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to `path`; rename it onto `path` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_json(path: str | os.PathLike, obj: Any, indent: int | None = None) -> None:
+    """Write JSON atomically."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=indent)
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(text)
+
+
+def check_can_write(path: str | os.PathLike, overwrite: bool) -> None:
+    """Refuse to replace an existing output unless asked to."""
+    if Path(path).exists() and not overwrite:
+        raise UserError(f"output {path} already exists; pass --overwrite to replace it")
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def load_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what} not found: {path}")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{what} {path} is not valid JSON: {exc}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{what} {path} is not a text JSON file") from None
+
+
+def load_coco_dataset(path: str | os.PathLike) -> dict:
+    """Load and check a COCO dataset dict (`images`, `annotations`, `categories`)."""
+    data = load_json(path, "COCO dataset")
+    if not isinstance(data, dict) or "images" not in data:
+        raise UserError(f"{path} is not a COCO dataset: expected a dict with 'images'")
+    data.setdefault("annotations", [])
+    data.setdefault("categories", [])
+    image_ids = set()
+    for i, img in enumerate(data["images"]):
+        for key in ("id", "width", "height"):
+            if key not in img:
+                raise UserError(f"{path}: images[{i}] has no '{key}'")
+        image_ids.add(img["id"])
+    for i, ann in enumerate(data["annotations"]):
+        check_annotation(ann, i, str(path), require_score=False)
+        if ann["image_id"] not in image_ids:
+            raise UserError(f"{path}: annotations[{i}] refers to image_id {ann['image_id']} not in 'images'")
+    return data
+
+
+def load_predictions(path: str | os.PathLike) -> tuple[list[dict], dict | None]:
+    """Load predictions: a COCO results list, or a full COCO dict whose annotations carry scores.
+
+    Returns (annotations, dataset-or-None). Missing scores default to 1.0.
+    """
+    data = load_json(path, "predictions file")
+    if isinstance(data, list):
+        anns, dataset = data, None
+    elif isinstance(data, dict) and "annotations" in data:
+        anns, dataset = data["annotations"], data
+    else:
+        raise UserError(f"{path}: expected a COCO results list or a dict with 'annotations'")
+    for i, ann in enumerate(anns):
+        check_annotation(ann, i, str(path), require_score=False)
+        ann.setdefault("score", 1.0)
+    return anns, dataset
+
+
+def check_annotation(ann: Any, index: int, source: str, require_score: bool = False) -> None:
+    """Raise a UserError naming the entry if an annotation/result is malformed."""
+    where = f"{source}: annotation #{index}"
+    if not isinstance(ann, dict):
+        raise UserError(f"{where} is not an object")
+    if "image_id" not in ann:
+        raise UserError(f"{where} has no 'image_id'")
+    if "segmentation" not in ann and "bbox" not in ann:
+        raise UserError(f"{where} has neither 'segmentation' nor 'bbox'")
+    if "bbox" in ann:
+        box = ann["bbox"]
+        if not (isinstance(box, (list, tuple)) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)):
+            raise UserError(f"{where} has a malformed 'bbox' {box!r}; expected [x, y, w, h]")
+    if "segmentation" in ann:
+        seg = ann["segmentation"]
+        if isinstance(seg, dict):
+            if "counts" not in seg or "size" not in seg:
+                raise UserError(f"{where} has an RLE without 'counts'/'size'")
+        elif isinstance(seg, list):
+            if any(not isinstance(p, list) or len(p) < 6 or len(p) % 2 for p in seg):
+                raise UserError(f"{where} has a malformed polygon (need lists of >= 3 x,y pairs)")
+        else:
+            raise UserError(f"{where} has a 'segmentation' that is neither RLE nor polygons")
+    if require_score and "score" not in ann:
+        raise UserError(f"{where} has no 'score'")
+    if "score" in ann and not isinstance(ann["score"], (int, float)):
+        raise UserError(f"{where} has a non-numeric 'score'")
+
+
+# ----------------------------------------------------------------------------- masks and boxes
+
+
+def mask_to_rle(mask: np.ndarray) -> dict:
+    """Binary HxW mask -> compressed RLE with `counts` as a str."""
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    rle["counts"] = rle["counts"].decode("utf-8")
+    return rle
+
+
+def segmentation_to_rle(segm: list | dict, height: int, width: int) -> dict:
+    """Polygons, uncompressed RLE or compressed RLE -> compressed RLE (counts may be bytes)."""
+    if isinstance(segm, list):
+        return mask_utils.merge(mask_utils.frPyObjects(segm, height, width))
+    if isinstance(segm.get("counts"), list):
+        return mask_utils.frPyObjects(segm, height, width)
+    rle = dict(segm)
+    if isinstance(rle["counts"], str):
+        rle["counts"] = rle["counts"].encode("utf-8")
+    return rle
+
+
+def decode_segmentation(segm: list | dict, height: int, width: int) -> np.ndarray:
+    """Any COCO segmentation -> HxW uint8 mask."""
+    return mask_utils.decode(segmentation_to_rle(segm, height, width)).astype(np.uint8)
+
+
+def mask_to_polygons(mask: np.ndarray) -> list[list[float]]:
+    """Binary mask -> COCO polygons (outer contours with at least 3 points)."""
+    import cv2
+
+    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    polygons = [c.reshape(-1).astype(float).tolist() for c in contours if len(c) >= 3]
+    return polygons
+
+
+def mask_to_bbox(mask: np.ndarray) -> list[float]:
+    """Tight `[x, y, w, h]` box of a binary mask (pixel edges); zeros for an empty mask."""
+    rows = np.flatnonzero(mask.any(axis=1))
+    cols = np.flatnonzero(mask.any(axis=0))
+    if rows.size == 0:
+        return [0.0, 0.0, 0.0, 0.0]
+    return [float(cols[0]), float(rows[0]), float(cols[-1] - cols[0] + 1), float(rows[-1] - rows[0] + 1)]
+
+
+def xywh_to_xyxy(boxes: np.ndarray) -> np.ndarray:
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    return np.concatenate([boxes[:, :2], boxes[:, :2] + boxes[:, 2:]], axis=1)
+
+
+def box_iou_xywh(boxes_a: np.ndarray, boxes_b: np.ndarray) -> np.ndarray:
+    """Pairwise IoU of `[x, y, w, h]` boxes, shape (len(a), len(b))."""
+    a, b = xywh_to_xyxy(boxes_a), xywh_to_xyxy(boxes_b)
+    top_left = np.maximum(a[:, None, :2], b[None, :, :2])
+    bottom_right = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.clip(bottom_right - top_left, 0, None).prod(axis=2)
+    area_a = (a[:, 2:] - a[:, :2]).prod(axis=1)
+    area_b = (b[:, 2:] - b[:, :2]).prod(axis=1)
+    union = area_a[:, None] + area_b[None, :] - inter
+    return np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0)
+
+
+def make_annotation(mask: np.ndarray, image_id: int, category_id: int = 1, score: float = 1.0,
+                    mask_format: str = "rle", ann_id: int | None = None) -> dict:
+    """A COCO annotation for a binary mask, with box, area and score."""
+    if mask_format == "rle":
+        segmentation: Any = mask_to_rle(mask)
+    elif mask_format == "polygon":
+        segmentation = mask_to_polygons(mask)
+    else:
+        raise ValueError(f"unknown mask format {mask_format!r}")
+    ann = {
+        "image_id": image_id,
+        "category_id": category_id,
+        "segmentation": segmentation,
+        "bbox": mask_to_bbox(mask),
+        "area": float(mask.sum()),
+        "score": float(score),
+        "iscrowd": 0,
+    }
+    if ann_id is not None:
+        ann["id"] = ann_id
+    return ann
+
+
+def image_index(dataset: dict) -> dict[int, dict]:
+    return {img["id"]: img for img in dataset["images"]}
+
+
+def annotations_by_image(anns: list[dict]) -> dict[int, list[dict]]:
+    grouped: dict[int, list[dict]] = {}
+    for ann in anns:
+        grouped.setdefault(ann["image_id"], []).append(ann)
+    return grouped
+
+
+def check_image_ids(pred_anns: list[dict], dataset: dict, pred_name: str, gt_name: str) -> None:
+    """Every prediction must refer to an image of the dataset; name the first that does not."""
+    known = {img["id"] for img in dataset["images"]}
+    for i, ann in enumerate(pred_anns):
+        if ann["image_id"] not in known:
+            raise UserError(f"{pred_name}: annotation #{i} has image_id {ann['image_id']} which is not in {gt_name}")
