@@ -55,6 +55,11 @@ def part_path(pred_json_path: Path, shard: int, num_shards: int) -> Path:
     return parts_dir(pred_json_path) / f"shard-{shard:05d}-of-{num_shards:05d}.jsonl"
 
 
+def results_path(pred_json_path: Path) -> Path:
+    """`masks.json` -> `masks.results.json`: the annotations alone, as a COCO results list."""
+    return pred_json_path.with_suffix(".results.json")
+
+
 def read_records(path: Path) -> tuple[dict | None, list[tuple[int, int]]]:
     """(header, [(index, byte offset)]) of a part file. A torn last line (a killed run) is dropped
     and truncated away, so the file can be appended to again."""
@@ -126,6 +131,12 @@ def assemble(part_files: list[Path], out_path: Path, settings: dict) -> tuple[in
                 out.write(("," if n else "") + "\n" + json.dumps(record["skipped"]))
                 counts[1] += 1
             out.write("]}\n")
+        # The same annotations as a COCO results list, the form `COCO.loadRes(path)` and evaluators take.
+        with atomic_path(results_path(out_path)) as tmp, open(tmp, "w") as out:
+            out.write("[")
+            for n, record in enumerate(records("annotation")):
+                out.write(("," if n else "") + "\n" + json.dumps({"id": n + 1, **record["annotation"]}))
+            out.write("]\n")
     finally:
         for h in handles:
             h.close()
@@ -204,7 +215,7 @@ def generate(args: argparse.Namespace) -> RunStats:
         raise UserError(f"shard {shard}/{num_shards} is already finished ({final_part}); "
                         "run --merge, or --overwrite to redo it")
 
-    entries = [e for e in dataset_entries(args) if e.index % num_shards == shard]
+    entries = dataset_entries(args)
     if args.max_images:
         entries = entries[: args.max_images]
 
@@ -223,17 +234,24 @@ def generate(args: argparse.Namespace) -> RunStats:
 
     stats = RunStats()
     start = time.perf_counter()
-    todo = [e for e in entries if e.index not in done]
-    by_index = {e.index: e for e in todo}
+    sizes: dict[int, tuple[int, int]] = {}
+    unreadable: list[tuple[ImageEntry, str]] = []
+    for entry in tqdm(entries, desc="image sizes", unit="img", disable=None, leave=False):
+        try:  # header reads only: cheap, and they catch most unreadable files early
+            sizes[entry.index] = read_size(entry.path)
+        except ImageReadError as exc:
+            unreadable.append((entry, str(exc)))
+    # Batches are planned over the whole dataset and then dealt to the shards, so every image is
+    # computed in the same batch however the job is sharded or resumed: the outputs are identical.
+    dataset = MaskGenDataset(entries, sizes, args.resize, args.max_size, args.patch_size)
+    batches = size_grouped_batches(dataset, sorted(sizes), args.batch_size)[shard::num_shards]
+    batches = [b for b in batches if any(index not in done for index in b)]
     with open(progress_part, "a") as part:
-        sizes: dict[int, tuple[int, int]] = {}
-        for entry in todo:  # header reads only: cheap, and catches most unreadable files early
-            try:
-                sizes[entry.index] = read_size(entry.path)
-            except ImageReadError as exc:
-                _skip(part, entry, str(exc), stats)
-        if sizes:
-            _run_model(args, by_index, sizes, part, stats)
+        for entry, reason in unreadable:
+            if entry.index % num_shards == shard and entry.index not in done:
+                _skip(part, entry, reason, stats)
+        if batches:
+            _run_model(args, dataset, batches, done, part, stats)
     stats.seconds["total"] = time.perf_counter() - start
     if stats.skipped:
         print(f"warning: skipped {stats.skipped} unreadable image(s); they are listed under 'skipped_images'",
@@ -260,22 +278,22 @@ def _skip(part, entry: ImageEntry, reason: str, stats: RunStats) -> None:
     stats.skipped += 1
 
 
-def _run_model(args: argparse.Namespace, entries: dict[int, ImageEntry], sizes: dict[int, tuple[int, int]],
+def _run_model(args: argparse.Namespace, dataset: MaskGenDataset, batches: list[list[int]], done: set[int],
                part, stats: RunStats) -> None:
     device = resolve_device(args.device)
     model = build_vit(args.arch, args.patch_size, args.weights).to(device)
-    dataset = MaskGenDataset(list(entries.values()), sizes, args.resize, args.max_size, args.patch_size)
-    batches = size_grouped_batches(dataset, sorted(sizes), args.batch_size)
+    entries, sizes = dataset.entries, dataset.sizes
     workers = worker_count(args.num_workers)
     loader = DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate,
                         pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None)
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if args.half else contextlib.nullcontext())
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     patch = args.patch_size
-    with tqdm(total=len(sizes), desc="masks", unit="img", disable=None, dynamic_ncols=True) as bar:
+    with tqdm(total=sum(map(len, batches)), desc="masks", unit="img", disable=None, dynamic_ncols=True) as bar:
         for batch in loader:
             for index, reason in batch["failed"]:
-                _skip(part, entries[index], reason, stats)
+                if index not in done:
+                    _skip(part, entries[index], reason, stats)
             if batch["images"] is not None:
                 t0 = time.perf_counter()
                 images = batch["images"].to(device, non_blocking=True)
@@ -289,6 +307,8 @@ def _run_model(args: argparse.Namespace, entries: dict[int, ImageEntry], sizes: 
                 t2 = time.perf_counter()
                 lines = []
                 for slot, (index, proposal) in enumerate(zip(batch["indices"], proposals)):
+                    if index in done:  # recomputed only because its batch was cut short
+                        continue
                     entry = entries[index]
                     height, width = sizes[index]
                     resized, _ = dataset.target_sizes(index)
@@ -301,12 +321,13 @@ def _run_model(args: argparse.Namespace, entries: dict[int, ImageEntry], sizes: 
 
                         save_overlay(batch["images"][slot], proposal, resized, patch, entry.file_name,
                                      Path(args.vis_dir), IMAGENET_MEAN, IMAGENET_STD)
-                part.write("\n".join(lines) + "\n")
-                part.flush()
+                if lines:
+                    part.write("\n".join(lines) + "\n")
+                    part.flush()
                 stats.seconds["model"] += t1 - t0
                 stats.seconds["mask"] += t2 - t1
                 stats.seconds["encode"] += time.perf_counter() - t2
-                stats.images += len(proposals)
+                stats.images += len(lines)
             bar.update(len(batch["indices"]) + len(batch["failed"]))
 
 

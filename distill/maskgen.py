@@ -97,7 +97,7 @@ def propose_masks(query: torch.Tensor, key: torch.Tensor, grid_h: int, grid_w: i
             mask[seed_rc] = True
         else:
             mask = labels == component
-        total = cls_mass[b].sum()
-        score = float(cls_mass[b][mask].sum() / total) if total > 0 else 0.0
+        total = cls_mass[b].sum(dtype=np.float64)
+        score = min(1.0, float(cls_mass[b][mask].sum(dtype=np.float64) / total)) if total > 0 else 0.0
         results.append(PatchMask(mask=mask, seed_patch=seed_rc, seed_in_background=component == 0, score=score))
     return results

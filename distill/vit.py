@@ -182,7 +182,10 @@ def load_dino_state_dict(arch: str, patch_size: int) -> dict:
 
 def build_vit(arch: str = "vit_small", patch_size: int = 16, weights: str = "dino") -> DinoViT:
     """Factory: `weights` is `dino` (official checkpoint via torch.hub), a local path, or `random`."""
-    model = DinoViT(arch, patch_size)
+    # Seeded, so that `random` weights are the same in every process (shards, resumes, ranks).
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = DinoViT(arch, patch_size)
     if weights == "random":
         print("WARNING: --weights random: the ViT has RANDOM weights, so its masks and features mean "
               "nothing. Use it for smoke tests only.", file=sys.stderr)

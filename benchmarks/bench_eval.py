@@ -1,0 +1,51 @@
+"""Benchmark eval_instances (segm + bbox, with class-agnostic AR) and CorLoc on tiny_coco val2017
+with perturbed GT predictions, repeated --copies times to scale the prediction count.
+
+    python benchmarks/bench_eval.py --copies 4
+
+Prints predictions/s and peak RSS.
+"""
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script from the repo root
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+import argparse
+import json
+import resource
+import tempfile
+import time
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "tiny_coco"),
+                   help="tiny_coco folder")
+    p.add_argument("--copies", type=int, default=4, help="perturbed copies of the GT used as predictions (default: %(default)s)")
+    args = p.parse_args()
+
+    from tests.test_eval_instances import perturbed_predictions
+    from utils.coco_eval import EvalOptions, evaluate_instances
+    from utils.corloc import evaluate_corloc
+
+    gt_path = Path(args.data) / "annotations" / "instances_val2017.json"
+    gt = json.loads(gt_path.read_text())
+    preds = [p for seed in range(args.copies) for p in perturbed_predictions(gt, seed)]
+    with tempfile.TemporaryDirectory() as tmp:
+        pred_path = Path(tmp) / "preds.json"
+        pred_path.write_text(json.dumps(preds))
+        start = time.perf_counter()
+        result = evaluate_instances(pred_path, gt_path, EvalOptions(iou_types=("segm", "bbox"), iou_thresholds=(0.5, 0.7)))
+        seconds = time.perf_counter() - start
+        print(f"eval_instances: {len(preds)} predictions, {len(gt['images'])} images, segm+bbox: {seconds:.2f} s "
+              f"= {len(preds) / seconds:.0f} predictions/s (segm AP50 {result.metrics['segm']['AP50']:.2f})")
+        start = time.perf_counter()
+        corloc = evaluate_corloc(pred_path, gt_file=str(gt_path))
+        seconds = time.perf_counter() - start
+        print(f"corloc: {len(preds)} predictions in {seconds:.3f} s (CorLoc {corloc.corloc:.2f})")
+    print(f"peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,411 @@
+"""Training loop, inference to COCO results, and a quick COCO evaluation for Mask R-CNN.
+
+Plain loop in the style of torchvision's references/detection: SGD with linear warm-up and step
+decay, AMP on GPU, DistributedDataParallel under torchrun, checkpoints every N iterations with
+an exact `--resume`, a tqdm bar and a JSON-lines metrics file.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from detectron2_train.data import CocoInstances, categories_of, inference_loader, train_loader
+from detectron2_train.modeling import MODEL_DEFAULTS, build_model, set_image_sizes
+from detectron2_train.splits import read_class_list
+from utils.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, unwrap
+from utils.coco_io import load_coco_dataset, load_json, make_annotation, write_json, write_text
+from utils.config import save_config
+from utils.distributed import DistInfo, barrier
+from utils.errors import UserError
+
+DEFAULTS = {
+    "output_dir": "output/mask_rcnn",
+    "data": {
+        "train_json": None,  # COCO dataset: pseudo-labels or ground truth
+        "train_root": None,  # image root of train_json's file_name entries
+        "test_json": None,  # optional: run inference (and a COCO evaluation) after training
+        "test_root": None,
+        "class_agnostic": False,  # train one 'object' class whatever the categories
+        "filter_empty": False,  # drop images without instances (kept as negatives by default)
+        "mask_classes": None,  # class list file (set A): only these classes train masks
+        "num_workers": 2,
+    },
+    "input": {
+        "min_size_train": [640, 672, 704, 736, 768, 800],  # shorter side, one drawn per batch
+        "max_size_train": 1333,
+        "min_size_test": 800,
+        "max_size_test": 1333,
+        "hflip_prob": 0.5,
+    },
+    "solver": {
+        "base_lr": 0.02,
+        "momentum": 0.9,
+        "weight_decay": 1.0e-4,
+        "warmup_iters": 1000,
+        "warmup_factor": 0.001,
+        "steps": [60000, 80000],
+        "gamma": 0.1,
+        "max_iter": 90000,
+        "ims_per_batch": 16,  # total over all processes
+        "checkpoint_period": 5000,
+        "clip_grad_norm": 0.0,  # 0 = no clipping
+        "amp": True,  # mixed precision, GPU only
+        "seed": 0,
+        "log_period": 20,
+    },
+    "test": {
+        "mask_thresh": 0.5,  # pixel threshold on the pasted mask probabilities
+    },
+    "model": MODEL_DEFAULTS,
+}
+
+FINAL_CHECKPOINT = "model_final.pth"
+
+
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def lr_factor(iteration: int, solver: dict) -> float:
+    """Linear warm-up from warmup_factor to 1, then multiply by gamma at every step passed."""
+    factor = solver["gamma"] ** sum(iteration >= s for s in solver["steps"])
+    warmup = int(solver["warmup_iters"])
+    if iteration < warmup:
+        alpha = iteration / warmup
+        factor *= solver["warmup_factor"] * (1 - alpha) + alpha
+    return factor
+
+
+def mask_labels(cfg: dict, categories: list[dict]) -> list[int] | None:
+    """Contiguous labels of set A (from data.mask_classes), or None for full supervision."""
+    path = cfg["data"].get("mask_classes")
+    if not path:
+        return None
+    if cfg["data"]["class_agnostic"]:
+        raise UserError("data.mask_classes (partial supervision) needs class-specific training, "
+                        "not data.class_agnostic")
+    ids = read_class_list(path, categories)
+    label_of = {c["id"]: i + 1 for i, c in enumerate(categories)}
+    return [label_of[i] for i in ids]
+
+
+def _checkpoint_to_resume(output_dir: Path) -> Path | None:
+    final = output_dir / FINAL_CHECKPOINT
+    return final if final.is_file() else latest_checkpoint(output_dir)
+
+
+def prepare_output_dir(output_dir: Path, resume: bool, overwrite: bool, is_main: bool) -> None:
+    """Refuse to mix a new run into an old one: continue it (--resume) or start over (--overwrite)."""
+    old = sorted(output_dir.glob("model_*.pth"))
+    if old and not resume and not overwrite:
+        raise UserError(f"{output_dir} already holds checkpoints ({old[-1].name}); pass --resume to continue "
+                        f"that run or --overwrite to start again")
+    if overwrite and not resume and is_main:
+        for path in old + [output_dir / "metrics.jsonl"]:
+            path.unlink(missing_ok=True)
+    barrier()
+
+
+def _trim_metrics(path: Path, start_iter: int) -> None:
+    """On resume, drop metric lines logged after the checkpoint we continue from."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines()
+            if line.strip() and json.loads(line).get("iteration", 0) <= start_iter]
+    write_text(path, "".join(line + "\n" for line in kept))
+
+
+def _next_batch(batches):
+    try:
+        return next(batches)
+    except UserError as exc:  # raised in a worker: keep only the original one-line message
+        lines = [ln for ln in str(exc).splitlines() if ln.strip()]
+        raise UserError(lines[-1].split("UserError: ", 1)[-1]) from None
+
+
+def read_weights_file(path: str) -> dict:
+    if not Path(path).is_file():
+        raise UserError(f"weights not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise UserError(f"cannot read weights {path}: {exc}") from None
+    if not isinstance(state, dict):
+        raise UserError(f"{path} holds no model state dict")
+    return state
+
+
+def load_weights(model: torch.nn.Module, path: str, state: dict | None = None) -> dict:
+    """Model weights from a training checkpoint (or a bare state dict); returns the checkpoint's extra."""
+    state = read_weights_file(path) if state is None else state
+    weights = state.get("model", state)
+    if not isinstance(weights, dict):
+        raise UserError(f"{path} holds no model state dict")
+    try:
+        unwrap(model).load_state_dict(weights)
+    except RuntimeError as exc:
+        raise UserError(f"weights {path} do not fit the configured model (check model.* and the "
+                        f"number of classes): {str(exc).splitlines()[0]}") from None
+    return state.get("extra") or {}
+
+
+def train(cfg: dict, info: DistInfo, resume: bool = False, overwrite: bool = False,
+          init_weights: str | None = None) -> Path:
+    """Train Mask R-CNN as configured; returns the final checkpoint's path."""
+    solver, data_cfg = cfg["solver"], cfg["data"]
+    output_dir = Path(cfg["output_dir"])
+    for key in ("train_json", "train_root"):
+        if not data_cfg.get(key):
+            raise UserError(f"data.{key} is not set (use --{key} or --set data.{key}=...)")
+    if solver["ims_per_batch"] % info.world_size:
+        raise UserError(f"solver.ims_per_batch ({solver['ims_per_batch']}) must be divisible by the "
+                        f"number of processes ({info.world_size})")
+    per_process = solver["ims_per_batch"] // info.world_size
+    prepare_output_dir(output_dir, resume, overwrite, info.is_main)
+
+    seed = int(solver["seed"])
+    dataset = CocoInstances(data_cfg["train_json"], data_cfg["train_root"],
+                            class_agnostic=data_cfg["class_agnostic"], filter_empty=data_cfg["filter_empty"],
+                            flip_prob=cfg["input"]["hflip_prob"], seed=seed)
+    categories = dataset.categories
+    mask_classes = mask_labels(cfg, categories)
+    seed_all(seed)  # identical initial weights on every process
+    model = build_model(cfg, len(categories), mask_classes).to(info.device)
+    set_image_sizes(model, cfg, training=True)
+    if init_weights:
+        load_weights(model, init_weights)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=solver["base_lr"], momentum=solver["momentum"],
+                                weight_decay=solver["weight_decay"])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(it, solver))
+    use_amp = bool(solver["amp"]) and info.device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+
+    start_iter = 0
+    seed_all(seed + info.rank)
+    ckpt_path = _checkpoint_to_resume(output_dir) if resume else None
+    if ckpt_path is not None:
+        state = load_checkpoint(ckpt_path, model, optimizer, scheduler)  # also restores the RNG states
+        start_iter = int(state["iteration"])
+        if state["extra"].get("scaler"):
+            scaler.load_state_dict(state["extra"]["scaler"])
+        if info.rank:  # the checkpoint holds rank 0's RNG; keep the processes' streams distinct
+            seed_all(seed + info.rank + start_iter)
+    max_iter = int(solver["max_iter"])
+    extra = {"categories": categories, "mask_classes": mask_classes, "world_size": info.world_size}
+    metrics_path = output_dir / "metrics.jsonl"
+    if info.is_main:
+        save_config(cfg, output_dir / "config.yaml")
+        _trim_metrics(metrics_path, start_iter)
+    if start_iter >= max_iter:
+        if info.is_main:
+            print(f"training already finished ({ckpt_path}); nothing to resume")
+        return output_dir / FINAL_CHECKPOINT
+
+    ddp_model = model
+    if info.distributed:
+        ddp_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
+    loader = train_loader(dataset, per_process, seed, info.rank, info.world_size, start_iter,
+                          int(data_cfg["num_workers"]))
+    batches = iter(loader)
+    ddp_model.train()
+    bar = tqdm(total=max_iter, initial=start_iter, desc="train", disable=None if info.is_main else True,
+               dynamic_ncols=True)
+    period, log_period = int(solver["checkpoint_period"]), int(solver["log_period"])
+    end = time.perf_counter()
+    with open(metrics_path, "a") if info.is_main else contextlib.nullcontext() as metrics_file:
+        for iteration in range(start_iter, max_iter):
+            images, targets = _next_batch(batches)
+            data_time = time.perf_counter() - end
+            images = [img.to(info.device, non_blocking=True) for img in images]
+            targets = [{k: (v.to(info.device) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
+            with torch.autocast(info.device.type, enabled=use_amp):
+                loss_dict = ddp_model(images, targets)
+            loss = sum(loss_dict.values())
+            if not torch.isfinite(loss):
+                raise UserError(f"loss became {loss.item()} at iteration {iteration} "
+                                f"({ {k: round(v.item(), 4) for k, v in loss_dict.items()} }); lower solver.base_lr "
+                                f"or raise solver.warmup_iters")
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if solver["clip_grad_norm"]:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(params, solver["clip_grad_norm"])
+            scaler.step(optimizer)
+            scaler.update()
+            lr = optimizer.param_groups[0]["lr"]
+            scheduler.step()
+            done = iteration + 1
+            if done % log_period == 0 or done == max_iter or iteration == start_iter:
+                reduced = {k: _mean_across(v.detach()) for k, v in loss_dict.items()}
+                total = sum(reduced.values())
+                if info.is_main:
+                    record = {"iteration": done, "total_loss": total, **reduced, "lr": lr,
+                              "data_time": round(data_time, 4), "time": round(time.perf_counter() - end, 4)}
+                    if info.device.type == "cuda":
+                        record["max_mem_mb"] = round(torch.cuda.max_memory_allocated() / 2**20)
+                    metrics_file.write(json.dumps(record) + "\n")
+                    metrics_file.flush()
+                    bar.set_postfix(loss=f"{total:.3f}", lr=f"{lr:.2g}")
+            bar.update(1)
+            if done == max_iter or done % period == 0:
+                name = FINAL_CHECKPOINT if done == max_iter else f"model_{done:07d}.pth"
+                if info.is_main:
+                    save_checkpoint(output_dir / name, model, optimizer, scheduler, done, cfg,
+                                    extra={**extra, "scaler": scaler.state_dict()})
+                barrier()
+            end = time.perf_counter()
+    bar.close()
+    return output_dir / FINAL_CHECKPOINT
+
+
+def _mean_across(value: torch.Tensor) -> float:
+    if dist.is_available() and dist.is_initialized():
+        value = value.clone()
+        dist.all_reduce(value)
+        value /= dist.get_world_size()
+    return float(value)
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, dataset: CocoInstances, categories: list[dict], info: DistInfo,
+            mask_thresh: float = 0.5, num_workers: int = 0, amp: bool = False) -> list[dict]:
+    """COCO results (RLE masks, xywh boxes, scores, dataset category ids) for every image of `dataset`.
+
+    Each process predicts its share; rank 0 returns the gathered list (the others an empty one).
+    """
+    model = unwrap(model)
+    was_training = model.training
+    model.eval()
+    results: list[dict] = []
+    loader = inference_loader(dataset, info.rank, info.world_size, num_workers)
+    use_amp = amp and info.device.type == "cuda"
+    for images, metas in tqdm(loader, desc="inference", disable=None if info.is_main else True, dynamic_ncols=True):
+        with torch.autocast(info.device.type, enabled=use_amp):
+            outputs = model([img.to(info.device) for img in images])
+        for out, meta in zip(outputs, metas):
+            masks = (out["masks"][:, 0] >= mask_thresh).cpu().numpy()
+            boxes = out["boxes"].float().cpu().numpy()
+            for mask, box, label, score in zip(masks, boxes, out["labels"].tolist(), out["scores"].tolist()):
+                ann = make_annotation(mask, meta["image_id"], categories[label - 1]["id"], score)
+                ann["bbox"] = [float(box[0]), float(box[1]), float(box[2] - box[0]), float(box[3] - box[1])]
+                results.append(ann)
+    model.train(was_training)
+    if info.distributed:
+        gathered: list = [None] * info.world_size
+        dist.all_gather_object(gathered, results)
+        results = [r for part in gathered for r in part] if info.is_main else []
+    order = {img["id"]: i for i, img in enumerate(dataset.images)}
+    results.sort(key=lambda r: (order[r["image_id"]], -r["score"]))
+    return results
+
+
+def coco_evaluate(gt_json: str, results: list[dict], class_agnostic: bool = False) -> dict:
+    """Box and mask AP / AP50 / AP75 with pycocotools (all categories merged when class_agnostic)."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    gt_data = load_coco_dataset(gt_json)
+    results = copy.deepcopy(results)
+    if class_agnostic:
+        gt_data = {**gt_data, "categories": [{"id": 1, "name": "object"}],
+                   "annotations": [{**a, "category_id": 1} for a in gt_data["annotations"]]}
+        for r in results:
+            r["category_id"] = 1
+    summary = {}
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO()
+        gt.dataset = gt_data
+        gt.createIndex()
+        for iou_type in ("bbox", "segm"):
+            if not results or not gt_data["annotations"]:
+                summary[iou_type] = {"AP": 0.0, "AP50": 0.0, "AP75": 0.0}
+                continue
+            evaluator = COCOeval(gt, gt.loadRes(copy.deepcopy(results)), iou_type)
+            evaluator.evaluate()
+            evaluator.accumulate()
+            evaluator.summarize()
+            stats = evaluator.stats
+            summary[iou_type] = {"AP": 100 * max(stats[0], 0), "AP50": 100 * max(stats[1], 0),
+                                 "AP75": 100 * max(stats[2], 0)}
+    return summary
+
+
+def run_inference(cfg: dict, info: DistInfo, weights: str, image_json: str, image_root: str,
+                  results_path: Path) -> list[dict]:
+    """Load a trained model and write COCO results for the images of `image_json`."""
+    state = read_weights_file(weights)
+    state_extra = state.get("extra") or {}
+    categories = state_extra.get("categories")
+    if categories is None:  # a bare state dict: fall back on the dataset's categories
+        categories = categories_of(load_json(image_json, "COCO dataset"), cfg["data"]["class_agnostic"])
+    model_cfg = copy.deepcopy(cfg)
+    model_cfg["model"]["backbone_weights"] = "none"  # the checkpoint holds the whole model
+    model = build_model(model_cfg, len(categories), state_extra.get("mask_classes")).to(info.device)
+    load_weights(model, weights, state)
+    del state
+    set_image_sizes(model, cfg, training=False)
+    dataset = CocoInstances(image_json, image_root, categories=categories, with_targets=False)
+    results = predict(model, dataset, categories, info, cfg["test"]["mask_thresh"],
+                      int(cfg["data"]["num_workers"]), bool(cfg["solver"]["amp"]))
+    if info.is_main:
+        write_json(results_path, results)
+    barrier()
+    return results
+
+
+def run(cfg: dict, info: DistInfo, resume: bool = False, overwrite: bool = False, eval_only: bool = False,
+        weights: str | None = None, pseudo_from: str | None = None, score_thresh: float = 0.7,
+        pseudo_only: bool = False, results_path: str | None = None, evaluate: bool = True) -> None:
+    """The whole job of train_net.py: [pseudo-labels] -> [training] -> [inference + COCO evaluation]."""
+    from detectron2_train.self_training import write_pseudo_labels
+
+    output_dir = Path(cfg["output_dir"])
+    if pseudo_from:
+        if not cfg["data"].get("train_json"):
+            raise UserError("--pseudo_from needs data.train_json: the dataset whose images get pseudo-labels")
+        pseudo_path = output_dir / "pseudo_labels.json"
+        if info.is_main:
+            dataset = write_pseudo_labels(pseudo_from, cfg["data"]["train_json"], score_thresh, pseudo_path)
+            print(f"wrote {len(dataset['annotations'])} pseudo-labels for {len(dataset['images'])} images "
+                  f"to {pseudo_path}")
+        barrier()
+        cfg = copy.deepcopy(cfg)
+        cfg["data"]["train_json"] = str(pseudo_path)
+        if pseudo_only:
+            return
+    if eval_only:
+        if not weights:
+            raise UserError("--eval_only needs --weights (a checkpoint such as OUTPUT/model_final.pth)")
+        final = Path(weights)
+    else:
+        final = train(cfg, info, resume=resume, overwrite=overwrite, init_weights=weights)
+    test_json, test_root = cfg["data"].get("test_json"), cfg["data"].get("test_root")
+    if not test_json:
+        return
+    if not test_root:
+        raise UserError("data.test_json is set but data.test_root is not")
+    results_file = Path(results_path) if results_path else output_dir / "inference" / "results.json"
+    if info.is_main:
+        save_config(cfg, results_file.parent / "config.yaml")
+    results = run_inference(cfg, info, str(final), test_json, test_root, results_file)
+    if info.is_main:
+        print(f"wrote {len(results)} predictions to {results_file}")
+        if evaluate and load_coco_dataset(test_json)["annotations"]:
+            summary = coco_evaluate(test_json, results, class_agnostic=cfg["data"]["class_agnostic"])
+            write_json(results_file.parent / "coco_eval.json", summary, indent=2)
+            for iou_type, stats in summary.items():
+                print(f"{iou_type}: " + "  ".join(f"{k} {v:.1f}" for k, v in stats.items()))

@@ -1,0 +1,97 @@
+"""Train Mask R-CNN (torchvision) on COCO-JSON pseudo-masks or ground truth; infer; self-train.
+
+Examples (from the repository root):
+  python detectron2_train/train_net.py --config configs/detectron2/voc_class_agnostic.yaml \
+      --train_json masks.json --train_root VOCdevkit/VOC2012/JPEGImages --output_dir output/voc
+  torchrun --nproc_per_node 8 detectron2_train/train_net.py --config ... --resume
+  python detectron2_train/train_net.py --config ... --eval_only --weights output/voc/model_final.pth \
+      --test_json images.json --test_root DIR --results results.json
+  python detectron2_train/train_net.py --config ... --pseudo_from results.json --score_thresh 0.7 \
+      --train_json images.json --train_root DIR --output_dir output/round2
+"""
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script from the repo root
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+import argparse
+
+from detectron2_train.engine import DEFAULTS, run
+from utils.config import load_config
+from utils.distributed import cleanup, init_distributed
+from utils.errors import run_cli
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="YAML config (configs/detectron2/*.yaml); `_base_` chains are followed")
+    p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                   help="override config keys, e.g. --set solver.base_lr=0.01 input.min_size_train=[512]")
+    p.add_argument("--output_dir", help="where checkpoints, metrics.jsonl and config.yaml go (config: output_dir)")
+    p.add_argument("--train_json", help="COCO dataset to train on: pseudo-labels or ground truth (data.train_json)")
+    p.add_argument("--train_root", help="image root of --train_json's file_name entries (data.train_root)")
+    p.add_argument("--test_json", help="COCO dataset (or image list) to predict after training / with --eval_only; "
+                                       "evaluated with pycocotools when it has annotations (data.test_json)")
+    p.add_argument("--test_root", help="image root of --test_json (data.test_root)")
+    p.add_argument("--class_agnostic", action="store_true", help="train one 'object' class (data.class_agnostic)")
+    p.add_argument("--mask_head", choices=["standard", "agnostic", "transfer"],
+                   help="class-specific (fully supervised), class-agnostic, or MaskX R-CNN weight transfer (model.mask_head)")
+    p.add_argument("--mask_classes", metavar="A.txt",
+                   help="class list of set A (one name or id per line): only these classes get a mask loss; "
+                        "the others train boxes only (data.mask_classes)")
+    p.add_argument("--transfer_grad", action="store_true",
+                   help="let the mask loss reach the box head through the transfer function "
+                        "(ablation; default is stop-gradient) (model.transfer.grad)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the last checkpoint in --output_dir (model_final.pth or model_XXXXXXX.pth)")
+    p.add_argument("--overwrite", action="store_true", help="start again in an --output_dir that holds checkpoints")
+    p.add_argument("--eval_only", action="store_true", help="no training: predict --test_json with --weights")
+    p.add_argument("--weights", help="Mask R-CNN checkpoint: the model for --eval_only, or the initial weights "
+                                     "for training (backbone weights are model.backbone_weights)")
+    p.add_argument("--results", help="COCO results JSON to write (default OUTPUT_DIR/inference/results.json)")
+    p.add_argument("--no_eval", action="store_true", help="write results but skip the pycocotools evaluation")
+    p.add_argument("--pseudo_from", metavar="RESULTS.json",
+                   help="self-training: make pseudo-labels for --train_json's images from these predictions, "
+                        "write OUTPUT_DIR/pseudo_labels.json and train on it")
+    p.add_argument("--score_thresh", type=float, default=0.7,
+                   help="with --pseudo_from: keep predictions scoring above this, or each image's best one "
+                        "when none does (default 0.7)")
+    p.add_argument("--pseudo_only", action="store_true", help="with --pseudo_from: write the pseudo-labels and stop")
+    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda")
+    p.add_argument("--num_workers", type=int, help="data loading processes per training process (data.num_workers)")
+    return p.parse_args(argv)
+
+
+def config_from_args(args: argparse.Namespace) -> dict:
+    """Defaults < YAML file < --set overrides < the explicit flags above."""
+    cfg = load_config(args.config, args.overrides, DEFAULTS)
+    flags = {("output_dir",): args.output_dir, ("data", "train_json"): args.train_json,
+             ("data", "train_root"): args.train_root, ("data", "test_json"): args.test_json,
+             ("data", "test_root"): args.test_root, ("data", "mask_classes"): args.mask_classes,
+             ("data", "num_workers"): args.num_workers, ("model", "mask_head"): args.mask_head,
+             ("data", "class_agnostic"): True if args.class_agnostic else None,
+             ("model", "transfer", "grad"): True if args.transfer_grad else None}
+    for keys, value in flags.items():
+        if value is not None:
+            node = cfg
+            for key in keys[:-1]:
+                node = node[key]
+            node[keys[-1]] = value
+    return cfg
+
+
+def main() -> None:
+    args = parse_args()
+    cfg = config_from_args(args)
+    info = init_distributed(args.device)
+    try:
+        run(cfg, info, resume=args.resume, overwrite=args.overwrite, eval_only=args.eval_only,
+            weights=args.weights, pseudo_from=args.pseudo_from, score_thresh=args.score_thresh,
+            pseudo_only=args.pseudo_only, results_path=args.results, evaluate=not args.no_eval)
+    finally:
+        cleanup()
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,54 @@
+"""Evaluate instance masks (and boxes) against COCO-format ground truth with pycocotools.
+
+    python eval_instances.py --input_file masks.json --gt_file instances_val2017.json --class_agnostic
+    python eval_instances.py --input_file masks.json --gt_file voc12_val.json --class_agnostic --eval_most_confident
+    python eval_instances.py --input_file results.json --gt_file gt.json --iou_type both --iou_thresholds 0.5 0.7
+
+Prints pycocotools' tables, mAP^r at --iou_thresholds, class-agnostic AR@1/10/100, and AP50 last.
+"""
+import argparse
+
+from utils.coco_eval import EvalOptions, evaluate_instances, format_report
+from utils.coco_io import write_json
+from utils.errors import run_cli
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--input_file", required=True,
+                        help="predictions: a COCO results list or a full COCO dict (masks as RLE or polygons)")
+    parser.add_argument("--gt_file", required=True, help="ground truth as a COCO instances JSON")
+    parser.add_argument("--iou_type", choices=("segm", "bbox", "both"), default="segm",
+                        help="mask AP, box AP, or both (default: segm)")
+    parser.add_argument("--eval_most_confident", action="store_true",
+                        help="single-object protocol: keep each image's most confident prediction, pair it with the "
+                             "GT object of highest box IoU and evaluate on that selection")
+    parser.add_argument("--class_agnostic", action="store_true",
+                        help="fold all GT and predicted categories into one ('object')")
+    parser.add_argument("--iou_thresholds", type=float, nargs="+", default=[],
+                        help="also report mAP^r (mean precision over categories) at these mask/box IoU thresholds, "
+                             "e.g. 0.5 0.7")
+    parser.add_argument("--eval_classes", nargs="+", default=[],
+                        help="evaluate only these GT categories (ids or names); with --class_agnostic, GT objects "
+                             "of other categories are removed before folding")
+    parser.add_argument("--out_json", default=None, help="write every number (percent; null = undefined) to this JSON")
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    options = EvalOptions(
+        iou_types=("bbox", "segm") if args.iou_type == "both" else (args.iou_type,),
+        most_confident=args.eval_most_confident,
+        class_agnostic=args.class_agnostic,
+        iou_thresholds=tuple(args.iou_thresholds),
+        eval_classes=tuple(args.eval_classes),
+    )
+    result = evaluate_instances(args.input_file, args.gt_file, options)
+    if args.out_json:
+        write_json(args.out_json, result.to_json(), indent=2)
+    print(format_report(result))
+
+
+if __name__ == "__main__":
+    run_cli(main)

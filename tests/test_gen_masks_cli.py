@@ -1,0 +1,252 @@
+"""gen_masks.py end to end: real images, bad images, shard + merge, resume, torchrun."""
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision.transforms.functional as TF
+from PIL import Image
+
+import distill.generate as generate_module
+import gen_masks
+from distill.data import resized_size, upsample_patch_mask
+from utils.coco_io import decode_segmentation, mask_to_bbox
+
+REPO = Path(__file__).resolve().parents[1]
+FAST = ["--weights", "random", "--num_workers", "0"]
+
+
+def run_cli(*args, env=None):
+    return subprocess.run([sys.executable, str(REPO / "gen_masks.py"), *map(str, args)], cwd=REPO,
+                          capture_output=True, text=True, env=env)
+
+
+def run_inprocess(*args):
+    return generate_module.generate(gen_masks.build_parser().parse_args([*map(str, args)]))
+
+
+def check_masks_file(path: Path, root: Path) -> dict:
+    data = json.loads(path.read_text())
+    assert data["categories"] == [{"id": 1, "name": "object", "supercategory": "object"}]
+    images = {img["id"]: img for img in data["images"]}
+    assert len(data["annotations"]) == len(images)
+    for ann in data["annotations"]:
+        img = images[ann["image_id"]]
+        assert (root / img["file_name"]).is_file()
+        assert isinstance(ann["segmentation"]["counts"], str)
+        mask = decode_segmentation(ann["segmentation"], img["height"], img["width"])
+        assert mask.shape == (img["height"], img["width"]) and mask.any()
+        assert ann["bbox"] == mask_to_bbox(mask) and ann["area"] == mask.sum()
+        assert 0.0 <= ann["score"] <= 1.0
+    return data
+
+
+@pytest.fixture
+def small_folder(tmp_path):
+    """Six noise images of assorted sizes (several padded sizes, so batches are grouped)."""
+    root = tmp_path / "images"
+    (root / "sub").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    sizes = [(40, 60), (60, 40), (48, 48), (40, 60), (33, 70), (48, 48)]
+    for i, (h, w) in enumerate(sizes):
+        folder = root / "sub" if i % 2 else root
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(folder / f"img{i}.png")
+    return root
+
+
+# ----------------------------------------------------------------------------- preprocessing
+
+
+@pytest.mark.parametrize("height,width,resize,max_size",
+                         [(480, 640, 640, 2048), (640, 427, 640, 2048), (100, 4000, 640, 2048), (5, 5, 640, 2048),
+                          (333, 500, 224, 1000), (1, 300, 640, 2048)])
+def test_resized_size_matches_torchvision_resize(height, width, resize, max_size):
+    img = Image.new("RGB", (width, height))
+    out = TF.resize(img, resize, max_size=max_size, antialias=True)
+    assert resized_size(height, width, resize, max_size) == (out.height, out.width)
+
+
+def test_mask_upsampling_is_nearest_patch_upsample_crop_and_resize():
+    rng = np.random.default_rng(1)
+    patch_mask = rng.random((5, 7)) > 0.5
+    resized, original = (70, 100), (97, 141)
+    full = np.kron(patch_mask, np.ones((16, 16), dtype=np.uint8))[: resized[0], : resized[1]]
+    expected = np.asarray(Image.fromarray(full * 255).resize(original[::-1], Image.NEAREST)) > 0
+    np.testing.assert_array_equal(upsample_patch_mask(patch_mask, 16, resized, original), expected)
+
+
+def test_help_explains_every_flag():
+    for action in gen_masks.build_parser()._actions:
+        assert action.help, action.option_strings
+
+
+# ----------------------------------------------------------------------------- real data
+
+
+def test_voc_mini_end_to_end(voc_mini, tmp_path):
+    out = tmp_path / "voc.json"
+    result = run_cli("--dataset", "VOCClass", "--dataset_root", voc_mini, "--year", "2012", "--set", "trainval",
+                     "--resize", 128, "--pred_json_path", out, "--vis_dir", tmp_path / "vis", *FAST)
+    assert result.returncode == 0, result.stderr
+    data = check_masks_file(out, voc_mini)
+    assert sorted(img["id"] for img in data["images"]) == [2011000003, 2011000006, 2011000025]
+    assert data["images"][0]["file_name"] == "VOC2012/JPEGImages/2011_000003.jpg"
+    assert (tmp_path / "voc.config.yaml").is_file()
+    assert len(list((tmp_path / "vis").glob("*.png"))) == 3
+    assert "2011_000003" in (tmp_path / "vis" / "index.html").read_text()
+    assert not (tmp_path / "voc.json.parts").exists()
+
+
+def test_readme_command_on_tiny_coco_is_accepted_by_loadres(tiny_coco, tmp_path):
+    """The README command (with --resize 96 to keep CI fast); its output loads into pycocotools."""
+    from pycocotools.coco import COCO
+
+    out = tmp_path / "masks.json"
+    result = run_cli("--dataset", "folder", "--dataset_root", tiny_coco / "val2017", "--weights", "random",
+                     "--pred_json_path", out, "--resize", 96)
+    assert result.returncode == 0, result.stderr
+    data = check_masks_file(out, tiny_coco / "val2017")
+    gt = COCO(str(tiny_coco / "annotations" / "instances_val2017.json"))
+    assert {img["id"] for img in data["images"]} == set(gt.getImgIds())
+    assert len(gt.loadRes(str(tmp_path / "masks.results.json")).anns) == 50
+    assert len(gt.loadRes(data["annotations"]).anns) == 50
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_awkward_and_corrupt_images(tmp_path):
+    root = tmp_path / "mixed"
+    root.mkdir()
+    rng = np.random.default_rng(2)
+    Image.fromarray(rng.integers(0, 255, (50, 70, 3), dtype=np.uint8)).save(root / "rgb.jpg")
+    Image.fromarray(rng.integers(0, 255, (45, 64), dtype=np.uint8), mode="L").save(root / "gray.png")
+    Image.fromarray(rng.integers(0, 255, (40, 40, 4), dtype=np.uint8), mode="RGBA").save(root / "rgba.png")
+    Image.fromarray(rng.integers(0, 65535, (36, 52), dtype=np.uint16)).save(root / "depth16.png")
+    Image.fromarray(rng.integers(0, 255, (5, 5, 3), dtype=np.uint8)).save(root / "tiny.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90°: stored 30x80, shown 80x30
+    Image.fromarray(rng.integers(0, 255, (30, 80, 3), dtype=np.uint8)).save(root / "rotated.jpg", exif=exif)
+    good = (root / "rgb.jpg").read_bytes()
+    (root / "truncated.jpg").write_bytes(good[: len(good) // 2])
+    (root / "notes.jpg").write_text("this is not an image")
+
+    out = tmp_path / "masks.json"
+    result = run_cli("--dataset", "folder", "--dataset_root", root, "--resize", 0, "--pred_json_path", out, *FAST)
+    assert result.returncode == 0, result.stderr
+    assert "notes.jpg" in result.stderr and "truncated.jpg" in result.stderr
+    data = check_masks_file(out, root)
+    sizes = {img["file_name"]: (img["height"], img["width"]) for img in data["images"]}
+    assert sizes == {"rgb.jpg": (50, 70), "gray.png": (45, 64), "rgba.png": (40, 40), "depth16.png": (36, 52),
+                     "tiny.png": (5, 5), "rotated.jpg": (80, 30)}
+    skipped = {s["file_name"]: s["reason"] for s in data["skipped_images"]}
+    assert set(skipped) == {"truncated.jpg", "notes.jpg"} and all(skipped.values())
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--dataset", "folder", "--dataset_root", "/no/such/folder"], "/no/such/folder"),
+    (["--dataset", "VOCClass", "--dataset_root", "/tmp", "--year", "1999"], "VOC1999"),
+    (["--dataset", "folder", "--dataset_root", ".", "--shard", "3/2"], "--shard"),
+])
+def test_bad_arguments_give_one_clear_line(tmp_path, args, message):
+    result = run_cli(*args, "--pred_json_path", tmp_path / "out.json", *FAST)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0]
+    assert not (tmp_path / "out.json").exists()
+
+
+def test_existing_output_needs_overwrite(small_folder, tmp_path):
+    out = tmp_path / "masks.json"
+    out.write_text("precious")
+    result = run_cli("--dataset", "folder", "--dataset_root", small_folder, "--resize", 0, "--pred_json_path", out, *FAST)
+    assert result.returncode == 2 and "--overwrite" in result.stderr
+    assert out.read_text() == "precious"
+
+
+# ----------------------------------------------------------------------------- scale
+
+
+def common_args(root, out):
+    return ["--dataset", "folder", "--dataset_root", root, "--resize", 0, "--pred_json_path", out,
+            "--batch_size", 2, *FAST]
+
+
+def test_shard_and_merge_equal_a_single_run(small_folder, tmp_path):
+    run_inprocess(*common_args(small_folder, tmp_path / "single.json"))
+    sharded = tmp_path / "sharded.json"
+    for shard in ("1/3", "0/3", "2/3"):
+        run_inprocess(*common_args(small_folder, sharded), "--shard", shard)
+        assert not sharded.exists()
+    merged = subprocess.run([sys.executable, "gen_masks.py", "--merge", "--pred_json_path", sharded], cwd=REPO,
+                            capture_output=True, text=True)
+    assert merged.returncode == 0, merged.stderr
+    assert sharded.read_bytes() == (tmp_path / "single.json").read_bytes()
+    assert (tmp_path / "sharded.results.json").read_bytes() == (tmp_path / "single.results.json").read_bytes()
+
+
+def test_merge_refuses_missing_shards(small_folder, tmp_path):
+    out = tmp_path / "sharded.json"
+    run_inprocess(*common_args(small_folder, out), "--shard", "0/2")
+    result = run_cli("--merge", "--pred_json_path", out)
+    assert result.returncode == 2 and "[1]" in result.stderr and not out.exists()
+
+
+def test_resume_after_interruption_loses_nothing(small_folder, tmp_path, monkeypatch):
+    run_inprocess(*common_args(small_folder, tmp_path / "straight.json"))
+    out = tmp_path / "resumed.json"
+    real_propose, calls = generate_module.propose_masks, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_propose(*args, **kwargs)
+
+    monkeypatch.setattr(generate_module, "propose_masks", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_inprocess(*common_args(small_folder, out))
+    monkeypatch.setattr(generate_module, "propose_masks", real_propose)
+    assert not out.exists()
+    partial = next((tmp_path / "resumed.json.parts").glob("*.inprogress"))
+    assert len(partial.read_text().splitlines()) == 1 + 4  # header + two batches of two
+    with open(partial, "a") as f:
+        f.write('{"index": 5, "image": {"id"')  # a line torn by the kill
+
+    again = run_cli(*common_args(small_folder, out))
+    assert again.returncode == 2 and "--resume" in again.stderr
+    run_inprocess(*common_args(small_folder, out), "--resume")
+    assert out.read_bytes() == (tmp_path / "straight.json").read_bytes()
+
+
+def test_resume_refuses_changed_settings(small_folder, tmp_path, monkeypatch):
+    out = tmp_path / "masks.json"
+    monkeypatch.setattr(generate_module, "propose_masks", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        run_inprocess(*common_args(small_folder, out))
+    result = run_cli(*common_args(small_folder, out), "--resume", "--topk", 0.2)
+    assert result.returncode == 2 and "topk" in result.stderr
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_torchrun_two_processes_equal_a_single_run(small_folder, tmp_path):
+    run_inprocess(*common_args(small_folder, tmp_path / "single.json"))
+    out = tmp_path / "dist.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+         "gen_masks.py", *map(str, common_args(small_folder, out))],
+        cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert out.read_bytes() == (tmp_path / "single.json").read_bytes()
+    assert not (tmp_path / "dist.json.parts").exists()

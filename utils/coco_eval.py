@@ -1,0 +1,323 @@
+"""Instance evaluation through pycocotools: mask/box AP, the most-confident protocol, class-agnostic
+folding, mAP^r at chosen IoU thresholds, class-agnostic AR@1/10/100 and category subsets.
+
+Every number comes from pycocotools' own `COCOeval`; this module only prepares its inputs:
+- For mask AP the predictions' `bbox` is dropped before `loadRes`, as detectron2 does, so that
+  the small/medium/large split uses the mask area (with a bbox, pycocotools uses the box area).
+- For box AP the `segmentation` is dropped, so boxes are read as boxes (a missing `bbox` is the
+  mask's tight box).
+- Polygons and uncompressed RLE in predictions become compressed RLE (pycocotools' `loadRes`
+  accepts only compressed RLE for masks).
+All inputs are checked before anything is evaluated, so a malformed file never yields a number.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Iterable
+
+import numpy as np
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from utils.coco_io import (box_iou_xywh, check_image_ids, load_coco_dataset, load_predictions,
+                           segmentation_to_rle)
+from utils.errors import UserError
+
+# pycocotools' `stats` order for bbox/segm.
+STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+IOU_TYPES = ("segm", "bbox")
+AGNOSTIC_CATEGORY = {"id": 1, "name": "object", "supercategory": ""}
+
+
+@dataclass
+class EvalOptions:
+    iou_types: tuple[str, ...] = ("segm",)
+    most_confident: bool = False
+    class_agnostic: bool = False
+    iou_thresholds: tuple[float, ...] = ()
+    eval_classes: tuple[str, ...] = ()  # category ids or names
+
+
+@dataclass
+class EvalResult:
+    """All numbers in percent (pycocotools' fractions x 100); None where pycocotools gives -1 (undefined)."""
+
+    options: dict
+    num_images: int
+    num_predictions: int
+    num_gt: int
+    eval_category_ids: list[int]
+    metrics: dict = field(default_factory=dict)  # iou_type -> {name: value}
+    summaries: dict = field(default_factory=dict)  # iou_type -> pycocotools' printed table
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+# ----------------------------------------------------------------------------- pycocotools glue
+
+
+def coco_from_dict(dataset: dict) -> COCO:
+    """A pycocotools COCO object from an in-memory dict (no temporary file, no index chatter)."""
+    coco = COCO()
+    coco.dataset = dataset
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    return coco
+
+
+def load_results(gt: COCO, predictions: list[dict]) -> COCO:
+    """`gt.loadRes(predictions)`, also for an empty list (which pycocotools cannot load)."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        if predictions:
+            return gt.loadRes(copy.deepcopy(predictions))
+        return coco_from_dict({"images": gt.dataset["images"], "categories": gt.dataset["categories"], "annotations": []})
+
+
+def run_cocoeval(gt: COCO, predictions: list[dict], iou_type: str, cat_ids: list[int] | None = None,
+                 iou_thrs: Iterable[float] | None = None) -> tuple[COCOeval, str]:
+    """Evaluate, accumulate and summarize; returns the evaluator and pycocotools' printed table."""
+    dt = load_results(gt, predictions)
+    evaluator = COCOeval(gt, dt, iou_type)
+    if cat_ids is not None:
+        evaluator.params.catIds = sorted(cat_ids)
+    if iou_thrs is not None:
+        evaluator.params.iouThrs = np.asarray(sorted(iou_thrs), dtype=np.float64)
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        evaluator.evaluate()
+        evaluator.accumulate()
+    table = io.StringIO()
+    with contextlib.redirect_stdout(table):
+        evaluator.summarize()
+    return evaluator, table.getvalue()
+
+
+def ap_at_iou(evaluator: COCOeval, iou: float) -> float:
+    """Mean precision at one IoU threshold, area 'all', maxDets 100: pycocotools' `_summarize(1, iouThr=iou)`."""
+    params = evaluator.params
+    t = np.flatnonzero(np.isclose(params.iouThrs, iou))
+    if t.size == 0:
+        raise ValueError(f"IoU {iou} was not evaluated")
+    area = params.areaRngLbl.index("all")
+    maxdet = params.maxDets.index(100)
+    precision = evaluator.eval["precision"][t[0], :, :, area, maxdet]
+    valid = precision[precision > -1]
+    return float(np.mean(valid)) if valid.size else -1.0
+
+
+def _percent(value: float) -> float | None:
+    return None if value < 0 else float(value) * 100.0
+
+
+# ----------------------------------------------------------------------------- input preparation
+
+
+def resolve_categories(gt: dict, requested: Iterable[str]) -> list[int]:
+    """Category ids from ids or names (`--eval_classes 1 3 person`)."""
+    by_name = {c["name"]: c["id"] for c in gt["categories"]}
+    known_ids = {c["id"] for c in gt["categories"]}
+    ids = []
+    for item in requested:
+        item = str(item)
+        if item in by_name:
+            ids.append(by_name[item])
+        elif item.lstrip("-").isdigit() and int(item) in known_ids:
+            ids.append(int(item))
+        else:
+            raise UserError(f"--eval_classes: {item!r} is neither a category id nor a category name of the GT "
+                            f"(names: {', '.join(sorted(by_name)[:8])}{'...' if len(by_name) > 8 else ''})")
+    return sorted(set(ids))
+
+
+def fold_categories(dataset_anns: list[dict]) -> list[dict]:
+    out = []
+    for ann in dataset_anns:
+        ann = dict(ann)
+        ann["category_id"] = AGNOSTIC_CATEGORY["id"]
+        out.append(ann)
+    return out
+
+
+def normalise_predictions(anns: list[dict], images: dict[int, dict], source: str, need_category: bool) -> list[dict]:
+    """Check every prediction against its image and store masks as compressed RLE with str counts."""
+    out = []
+    for i, ann in enumerate(anns):
+        where = f"{source}: annotation #{i}"
+        if need_category and "category_id" not in ann:
+            raise UserError(f"{where} has no 'category_id' (pass --class_agnostic to ignore categories)")
+        img = images[ann["image_id"]]
+        ann = dict(ann)
+        if "segmentation" in ann:
+            segm = ann["segmentation"]
+            if isinstance(segm, dict) and list(segm["size"]) != [img["height"], img["width"]]:
+                raise UserError(f"{where} has an RLE of size {segm['size']} but image {ann['image_id']} is "
+                                f"{img['height']}x{img['width']} (height x width)")
+            try:
+                rle = segmentation_to_rle(segm, img["height"], img["width"])
+                rle = {"size": list(rle["size"]), "counts": rle["counts"]}
+                mask_utils.area(rle)  # decodes the counts: corrupt strings fail here
+                box = mask_utils.toBbox(rle).tolist()
+            except UserError:
+                raise
+            except Exception as exc:  # pycocotools raises TypeError/ValueError on corrupt RLE/polygons
+                raise UserError(f"{where} has an unreadable segmentation ({exc})") from None
+            if isinstance(rle["counts"], bytes):
+                rle["counts"] = rle["counts"].decode("utf-8")
+            ann["segmentation"] = rle
+            ann.setdefault("bbox", box)
+        out.append(ann)
+    return out
+
+
+def for_iou_type(predictions: list[dict], iou_type: str, source: str) -> list[dict]:
+    """The fields pycocotools should see for one IoU type (see module docstring)."""
+    out = []
+    for i, ann in enumerate(predictions):
+        ann = dict(ann)
+        if iou_type == "segm":
+            if "segmentation" not in ann:
+                raise UserError(f"{source}: annotation #{i} has no 'segmentation'; use --iou_type bbox for boxes")
+            ann.pop("bbox", None)
+        else:
+            ann.pop("segmentation", None)
+        for key in ("id", "area", "iscrowd"):
+            ann.pop(key, None)
+        out.append(ann)
+    return out
+
+
+def select_most_confident(predictions: list[dict], gt: dict) -> tuple[list[dict], dict, int]:
+    """The single-object protocol: the most confident prediction of each image, and the GT object
+    whose box has the highest IoU with it (crowd regions are not candidates).
+
+    Returns (selected predictions, GT dict holding only the paired objects, number of selected
+    predictions on images without any non-crowd GT object; those stay as false positives).
+    Images without a prediction contribute no GT object, as in the MaskDistill evaluation.
+    """
+    best: dict = {}
+    for ann in predictions:  # ties keep the earliest prediction
+        if ann["image_id"] not in best or ann["score"] > best[ann["image_id"]]["score"]:
+            best[ann["image_id"]] = ann
+    gt_by_image: dict = {}
+    for ann in gt["annotations"]:
+        if not ann.get("iscrowd", 0):
+            gt_by_image.setdefault(ann["image_id"], []).append(ann)
+    paired, unpaired = [], 0
+    for image_id, pred in best.items():
+        candidates = gt_by_image.get(image_id, [])
+        if not candidates:
+            unpaired += 1
+            continue
+        ious = box_iou_xywh(np.array([pred["bbox"]]), np.array([c["bbox"] for c in candidates]))[0]
+        paired.append(candidates[int(np.argmax(ious))])
+    selected_gt = dict(gt)
+    selected_gt["annotations"] = paired
+    return list(best.values()), selected_gt, unpaired
+
+
+# ----------------------------------------------------------------------------- the evaluation
+
+
+def evaluate_instances(pred_path: str | os.PathLike, gt_path: str | os.PathLike, options: EvalOptions) -> EvalResult:
+    for iou_type in options.iou_types:
+        if iou_type not in IOU_TYPES:
+            raise UserError(f"unknown IoU type {iou_type!r}; choose from {IOU_TYPES}")
+    for t in options.iou_thresholds:
+        if not 0.0 < t < 1.0:
+            raise UserError(f"--iou_thresholds: {t} is not in (0, 1)")
+
+    gt = load_coco_dataset(gt_path)
+    gt = {"images": gt["images"], "annotations": gt["annotations"], "categories": gt["categories"]}
+    if not gt["categories"]:
+        raise UserError(f"{gt_path} has no 'categories'")
+    anns, _ = load_predictions(pred_path)
+    check_image_ids(anns, gt, str(pred_path), str(gt_path))
+    images = {img["id"]: img for img in gt["images"]}
+    predictions = normalise_predictions(anns, images, str(pred_path), need_category=not options.class_agnostic)
+    notes: list[str] = []
+
+    # Category subset and class-agnostic folding.
+    eval_ids = resolve_categories(gt, options.eval_classes) if options.eval_classes else None
+    if options.class_agnostic:
+        if eval_ids is not None:  # cross-category protocol: only GT objects of the subset remain
+            gt["annotations"] = [a for a in gt["annotations"] if a["category_id"] in eval_ids]
+        gt["annotations"] = fold_categories(gt["annotations"])
+        gt["categories"] = [dict(AGNOSTIC_CATEGORY)]
+        predictions = fold_categories(predictions)
+        cat_ids = [AGNOSTIC_CATEGORY["id"]]
+    else:
+        cat_ids = eval_ids if eval_ids is not None else sorted(c["id"] for c in gt["categories"])
+        pred_ids = {a["category_id"] for a in predictions}
+        if predictions and not pred_ids & set(cat_ids):
+            raise UserError(f"no prediction has a category id of the evaluated GT categories (predictions use "
+                            f"{sorted(pred_ids)[:8]}); for class-agnostic masks pass --class_agnostic")
+        unknown = pred_ids - {c["id"] for c in gt["categories"]}
+        if unknown:
+            notes.append(f"{sum(a['category_id'] in unknown for a in predictions)} predictions have category ids "
+                         f"{sorted(unknown)[:8]} that are not in the GT; they are ignored")
+
+    if options.most_confident:
+        predictions, gt, unpaired = select_most_confident(predictions, gt)
+        notes.append(f"most-confident protocol: {len(predictions)} predictions, {len(gt['annotations'])} paired GT objects")
+        if unpaired:
+            notes.append(f"{unpaired} selected predictions are on images without a non-crowd GT object "
+                         "(counted as false positives)")
+
+    gt_coco = coco_from_dict(gt)
+    result = EvalResult(options=asdict(options), num_images=len(gt["images"]), num_predictions=len(predictions),
+                        num_gt=len(gt["annotations"]), eval_category_ids=list(cat_ids), notes=notes)
+    default_thrs = COCOeval(iouType="segm").params.iouThrs
+    for iou_type in options.iou_types:
+        preds = for_iou_type(predictions, iou_type, str(pred_path))
+        evaluator, table = run_cocoeval(gt_coco, preds, iou_type, cat_ids=cat_ids)
+        metrics: dict = {name: _percent(v) for name, v in zip(STAT_NAMES, evaluator.stats)}
+
+        if options.iou_thresholds:
+            extra = [t for t in options.iou_thresholds if not np.isclose(default_thrs, t).any()]
+            extra_eval = run_cocoeval(gt_coco, preds, iou_type, cat_ids=cat_ids, iou_thrs=extra)[0] if extra else None
+            metrics["mAP^r"] = {
+                f"{t:g}": _percent(ap_at_iou(extra_eval if t in extra else evaluator, t)) for t in options.iou_thresholds
+            }
+
+        # Class-agnostic recall (the open-world measure): all categories of the evaluated set in one.
+        if options.class_agnostic:
+            agnostic = evaluator
+        else:
+            agn_gt = dict(gt)
+            agn_gt["annotations"] = fold_categories([a for a in gt["annotations"] if a["category_id"] in cat_ids])
+            agn_gt["categories"] = [dict(AGNOSTIC_CATEGORY)]
+            agnostic = run_cocoeval(coco_from_dict(agn_gt), fold_categories(preds), iou_type)[0]
+        metrics["AR_agnostic"] = {name: _percent(agnostic.stats[i]) for i, name in ((6, "AR1"), (7, "AR10"), (8, "AR100"))}
+        result.metrics[iou_type] = metrics
+        result.summaries[iou_type] = table
+    return result
+
+
+def format_report(result: EvalResult) -> str:
+    """Human-readable report; the last line is the AP50 of the main IoU type (segm if evaluated)."""
+
+    def fmt(v: float | None) -> str:
+        return "n/a" if v is None else f"{v:.2f}"
+
+    lines = [f"evaluated {result.num_predictions} predictions against {result.num_gt} GT objects "
+             f"in {result.num_images} images ({len(result.eval_category_ids)} categories)"]
+    lines += [f"note: {n}" for n in result.notes]
+    order = [t for t in ("bbox", "segm") if t in result.metrics]
+    for iou_type in order:
+        m = result.metrics[iou_type]
+        lines.append(f"--- {iou_type} (pycocotools) ---")
+        lines.append(result.summaries[iou_type].rstrip())
+        lines.append(f"{iou_type}: " + "  ".join(f"{k} {fmt(m[k])}" for k in STAT_NAMES))
+        if "mAP^r" in m:
+            lines.append(f"{iou_type} mAP^r: " + "  ".join(f"@{k} {fmt(v)}" for k, v in m["mAP^r"].items()))
+        lines.append(f"{iou_type} class-agnostic: " + "  ".join(f"{k} {fmt(v)}" for k, v in m["AR_agnostic"].items()))
+    main = order[-1]
+    lines.append(f"{main} AP50: {fmt(result.metrics[main]['AP50'])}")
+    return "\n".join(lines)
