@@ -1,0 +1,191 @@
+"""Image list + label PNG datasets, train/eval transforms and a resumable, sharded batch sampler.
+
+An image list names one image per line: its path relative to the image folder, with or without an
+extension (VOC `train_aug.txt` style stems work, and so do SBD-style "image label" pairs: the first
+column is used). Labels are `<label_dir>/<name>.png`.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from utils.errors import UserError
+from utils.images import IMAGE_EXTENSIONS, ImageReadError, load_rgb
+from utils.label_png import IGNORE_INDEX, check_label_values, read_label_png
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def read_image_list(path: str | os.PathLike) -> list[str]:
+    """Entries of an image list (blank lines and `#` comments skipped), extensions removed."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"image list not found: {path}")
+    names = []
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        fields = line.split()
+        if len(fields) > 1:  # SBD/DeepLab style "/JPEGImages/x.jpg /SegmentationClassAug/x.png"
+            names.append(Path(fields[0]).stem)
+            continue
+        entry = fields[0].lstrip("/")
+        names.append(str(Path(entry).with_suffix("")) if Path(entry).suffix.lower() in IMAGE_EXTENSIONS else entry)
+    if not names:
+        raise UserError(f"image list {path} is empty")
+    return names
+
+
+def find_image(image_dir: Path, name: str) -> Path:
+    """`image_dir/name.<ext>` for the first image extension that exists."""
+    for ext in IMAGE_EXTENSIONS + tuple(e.upper() for e in IMAGE_EXTENSIONS):
+        candidate = image_dir / f"{name}{ext}"
+        if candidate.is_file():
+            return candidate
+    raise UserError(f"image for list entry {name!r} not found in {image_dir} (tried {name}.jpg, .png, ...)")
+
+
+class SegmentationDataset(Dataset):
+    """Images named by a list, with their label PNGs (or without labels, for prediction).
+
+    Each item is a dict: `image` (3xHxW normalised float tensor), `label` (HxW int64, 255 = ignore;
+    absent when there is no label folder), `index`. Labels are checked against the image size and
+    the class range, naming the file on failure.
+    """
+
+    def __init__(self, image_dir: str | os.PathLike, names: Sequence[str], label_dir: str | os.PathLike | None,
+                 num_classes: int, transform: "TrainTransform | EvalTransform", seed: int = 0):
+        self.image_dir = Path(image_dir)
+        if not self.image_dir.is_dir():
+            raise UserError(f"image folder not found: {self.image_dir}")
+        self.names = list(names)
+        self.images = [find_image(self.image_dir, n) for n in self.names]
+        self.label_dir = Path(label_dir) if label_dir is not None else None
+        self.labels: list[Path] | None = None
+        if self.label_dir is not None:
+            self.labels = [self.label_dir / f"{n}.png" for n in self.names]
+            for path in self.labels:
+                if not path.is_file():
+                    raise UserError(f"label file not found: {path}")
+        self.num_classes = num_classes
+        self.transform = transform
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Augmentations depend on (seed, epoch, index) only, so a resumed run sees the same crops."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def load(self, index: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """The checked raw pair: HxWx3 uint8 image and HxW uint8 label (or None)."""
+        path = self.images[index]
+        try:
+            image = np.array(load_rgb(path))
+        except ImageReadError as exc:
+            raise UserError(f"cannot read image {path}: {exc}") from None
+        if self.labels is None:
+            return image, None
+        label_path = self.labels[index]
+        label = read_label_png(label_path)
+        if label.shape != image.shape[:2]:
+            raise UserError(f"label file {label_path} is {label.shape[1]}x{label.shape[0]} but its image "
+                            f"{path} is {image.shape[1]}x{image.shape[0]}")
+        check_label_values(label, self.num_classes, label_path)
+        return image, label
+
+    def __getitem__(self, index: int) -> dict:
+        image, label = self.load(index)
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        image_t, label_t = self.transform(image, label, rng)
+        item = {"image": image_t, "index": index}
+        if label_t is not None:
+            item["label"] = label_t
+        return item
+
+
+def normalise(image: np.ndarray) -> torch.Tensor:
+    """HxWx3 uint8 -> 3xHxW float tensor with ImageNet statistics."""
+    tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    return (tensor - mean) / std
+
+
+class TrainTransform:
+    """Random scale, pad (image with the mean colour, label with 255), random crop and horizontal flip."""
+
+    def __init__(self, crop_size: int, scale_range: Sequence[float] = (0.5, 2.0), flip: bool = True):
+        self.crop_size = int(crop_size)
+        self.scale_range = (float(scale_range[0]), float(scale_range[1]))
+        self.flip = flip
+
+    def __call__(self, image: np.ndarray, label: np.ndarray | None, rng: np.random.Generator):
+        if label is None:
+            raise ValueError("training needs labels")
+        scale = rng.uniform(*self.scale_range)
+        h, w = label.shape
+        new_h, new_w = max(1, int(round(h * scale))), max(1, int(round(w * scale)))
+        image = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
+        label = cv2.resize(label, (new_w, new_h), interpolation=cv2.INTER_NEAREST)
+        crop = self.crop_size
+        pad_h, pad_w = max(crop - new_h, 0), max(crop - new_w, 0)
+        if pad_h or pad_w:
+            mean_colour = [int(round(255 * m)) for m in IMAGENET_MEAN]
+            image = cv2.copyMakeBorder(image, 0, pad_h, 0, pad_w, cv2.BORDER_CONSTANT, value=mean_colour)
+            label = cv2.copyMakeBorder(label, 0, pad_h, 0, pad_w, cv2.BORDER_CONSTANT, value=IGNORE_INDEX)
+        top = int(rng.integers(0, label.shape[0] - crop + 1))
+        left = int(rng.integers(0, label.shape[1] - crop + 1))
+        image = image[top:top + crop, left:left + crop]
+        label = label[top:top + crop, left:left + crop]
+        if self.flip and rng.random() < 0.5:
+            image, label = image[:, ::-1], label[:, ::-1]
+        return normalise(image), torch.from_numpy(np.ascontiguousarray(label)).long()
+
+
+class EvalTransform:
+    """No geometric change: the network sees the full image and is scored at the label's resolution."""
+
+    def __call__(self, image: np.ndarray, label: np.ndarray | None, rng: np.random.Generator):
+        label_t = torch.from_numpy(label.astype(np.int64)) if label is not None else None
+        return normalise(image), label_t
+
+
+class ShardedBatchSampler(Sampler):
+    """Epoch-seeded shuffled batches for one rank of `world_size`; can start mid-epoch for an exact resume.
+
+    Each epoch has `iters_per_epoch` steps; a set smaller than one global batch is repeated to fill it.
+    """
+
+    def __init__(self, size: int, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0):
+        if size <= 0:
+            raise UserError("the training set is empty")
+        self.size, self.batch_size = size, batch_size
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.iters_per_epoch = max(1, size // (batch_size * world_size))
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def __iter__(self) -> Iterator[list[int]]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        needed = self.iters_per_epoch * self.batch_size * self.world_size
+        order = torch.cat([torch.randperm(self.size, generator=generator)
+                           for _ in range(-(-needed // self.size))])[:needed].tolist()
+        mine = order[self.rank::self.world_size]
+        for step in range(self.start, self.iters_per_epoch):
+            yield mine[step * self.batch_size:(step + 1) * self.batch_size]
+
+    def __len__(self) -> int:
+        return self.iters_per_epoch - self.start

@@ -1,0 +1,61 @@
+"""Clustering evaluation ("clusters" in the paper): K-means on the frozen network's pixel embeddings over val,
+Hungarian matching of the clusters to the classes, then mIoU.
+
+    python segmentation/eval_cluster.py --config configs/segmentation/deeplab_voc.yml \\
+        --model_path outputs/segmentation/deeplab_voc/model_final.pth
+"""
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script from the repo root
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+import argparse
+
+from segmentation.engine import DEFAULTS, build_val_dataset, class_names, format_iou, load_trained_model
+from segmentation.kmeans_eval import evaluate_clusters
+from utils.coco_io import write_json
+from utils.config import load_config
+from utils.distributed import resolve_device
+from utils.errors import UserError, run_cli
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="K-means over frozen pixel embeddings on val, Hungarian matching "
+                                                 "to the classes, mIoU and per-class IoU.")
+    parser.add_argument("--config", required=True, help="YAML config whose data section names the val images and GT")
+    parser.add_argument("--model_path", required=True, help="trained DeepLab-v3 checkpoint (model_final.pth)")
+    parser.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="override config keys, e.g. --set data.val_list=...")
+    parser.add_argument("--num_clusters", type=int, default=None,
+                        help="K for K-means; must equal data.num_classes for one-to-one matching (default)")
+    parser.add_argument("--max_fit_pixels", type=int, default=200_000,
+                        help="embedding pixels sampled over the split to fit K-means (default 200000)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the pixel sample and K-means (default 0)")
+    parser.add_argument("--output", default=None, help="write the result (IoU table, mapping) to this JSON file")
+    parser.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    config = load_config(args.config, args.overrides, defaults=DEFAULTS)
+    dataset = build_val_dataset(config)
+    if dataset is None:
+        raise UserError("config key data.val_list is not set: nothing to cluster")
+    device = resolve_device(args.device)
+    model = load_trained_model(config, args.model_path, device)
+    try:
+        result = evaluate_clusters(model, dataset, int(config["data"]["num_classes"]), class_names(config), device,
+                                   args.num_clusters, args.max_fit_pixels, args.seed,
+                                   int(config["data"]["num_workers"]))
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    print(format_iou(result))
+    if args.output:
+        write_json(args.output, {**result, "mapping": {str(k): v for k, v in result["mapping"].items()}}, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,56 @@
+"""Turn Mask R-CNN instance predictions (COCO results JSON) into semantic pseudo-label PNGs.
+
+Example:
+    python segmentation/gen_segmentation.py --results outputs/maskrcnn/results.json \\
+        --dataset data/voc_trainaug.json --out_dir outputs/pseudo_labels --threshold 0.5
+"""
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script from the repo root
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+import argparse
+
+from segmentation.painting import generate_segmentation
+from utils.errors import run_cli
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Paint instance predictions into VOC-palette class maps (0 = background, 255 = ignore), "
+                    "one PNG per image named like the image, plus an image list for training.")
+    parser.add_argument("--results", required=True,
+                        help="COCO results JSON (list of {image_id, category_id, segmentation, bbox, score}) "
+                             "or a COCO dict whose annotations carry scores")
+    parser.add_argument("--dataset", required=True,
+                        help="COCO dataset JSON giving each image id its file_name, height and width")
+    parser.add_argument("--out_dir", required=True, help="folder for the label PNGs (created if needed)")
+    parser.add_argument("--list", default=None,
+                        help="image list to write, one entry per line (file name without extension); "
+                             "default OUT_DIR/train.txt")
+    parser.add_argument("--threshold", type=float, default=0.5,
+                        help="keep predictions with score >= this; when none passes, the single best "
+                             "prediction of the image is kept (default 0.5)")
+    parser.add_argument("--ignore_uncertain", action="store_true",
+                        help="mark pixels covered only by predictions below the threshold as 255 (ignore)")
+    parser.add_argument("--class_ids", choices=("category_id", "contiguous"), default="category_id",
+                        help="label value of a prediction: its category_id (default; ids must be 1..254), or "
+                             "contiguous 1..K in category-id order (the map is saved as OUT_DIR/class_map.json)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="repaint label PNGs that already exist (by default they are kept, so a job resumes)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    stats = generate_segmentation(args.results, args.dataset, args.out_dir, args.list, args.threshold,
+                                  args.ignore_uncertain, args.class_ids, args.overwrite)
+    print(f"{stats['images']} images: {stats['written']} written, {stats['skipped']} kept from before, "
+          f"{stats['fallback']} used the best-prediction fallback, {stats['empty']} had no prediction")
+    print(f"image list: {stats['list']}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,53 @@
+"""Linear-probe evaluation (as in MaskDistill): freeze the trained DeepLab-v3, train a 1x1 conv on VOC GT, report mIoU.
+
+    python segmentation/linear_finetune.py --config_env configs/segmentation/env.yml \\
+        --config_exp configs/segmentation/linear_voc.yml [--crf-postprocess]
+    python segmentation/linear_finetune.py ... --model_path outputs/segmentation/linear_voc/probe_final.pth
+
+Results go to <root_dir of config_env>/<config_exp name>/ (results.json, metrics.jsonl, checkpoints);
+training resumes automatically from the latest checkpoint there.
+"""
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script from the repo root
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+import argparse
+
+from segmentation.probe import load_probe_config, run_linear_probe
+from utils.distributed import init_distributed
+from utils.errors import run_cli
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Fully-supervised linear probe: freeze the network, train only "
+                                                 "the final 1x1 convolution on ground-truth labels, report mIoU "
+                                                 "and per-class IoU on val.")
+    parser.add_argument("--config_env", default=None,
+                        help="environment YAML with root_dir (output root); default: the config_exp's output_dir")
+    parser.add_argument("--config_exp", required=True,
+                        help="experiment YAML: data, model, solver and 'pretrained' (the trained DeepLab-v3 checkpoint)")
+    parser.add_argument("--crf-postprocess", dest="crf_postprocess", action="store_true",
+                        help="refine the val softmax with the dense CRF before scoring")
+    parser.add_argument("--model_path", default=None,
+                        help="evaluate these saved probe weights (probe_final.pth) instead of training")
+    parser.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="override config keys, e.g. --set solver.max_iter=100 data.num_workers=0")
+    parser.add_argument("--device", default=None, help="auto (default), cpu or cuda; overrides the config's device")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    config = load_probe_config(args.config_env, args.config_exp, args.overrides)
+    if args.device:
+        config["device"] = args.device
+    dist = init_distributed(config["device"])
+    result = run_linear_probe(config, dist, args.model_path, args.crf_postprocess)
+    print(f"results written to {Path(config['output_dir'])}; mIoU {100 * result['mIoU']:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

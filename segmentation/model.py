@@ -1,0 +1,132 @@
+"""DeepLab-v3 from torchvision building blocks: a (dilated) ResNet backbone and the ASPP head.
+
+`build_deeplab(backbone="resnet50", output_stride=8)` is the paper's model: ResNet-50 with the last two
+stages dilated (output stride 8) and torchvision's `DeepLabHead`. `resnet18` and `tiny` are small
+backbones for tests; their BasicBlocks cannot dilate, so output strides below 32 drop the strides of
+the last stages instead.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models import resnet
+from torchvision.models._utils import IntermediateLayerGetter
+from torchvision.models.segmentation.deeplabv3 import ASPP, DeepLabHead
+
+from utils.errors import UserError
+from utils.resnet_weights import load_resnet_state_dict
+
+BACKBONES = ("resnet50", "resnet101", "resnet18", "tiny")
+
+
+class DeepLabV3(nn.Module):
+    """Backbone -> ASPP head -> logits upsampled to the input size.
+
+    `head[:4]` gives the pixel embeddings (after ASPP and the 3x3 conv); `head[4]` is the 1x1 classifier,
+    the only layer the linear probe trains.
+    """
+
+    def __init__(self, backbone: nn.Module, head: nn.Sequential, output_stride: int):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.output_stride = output_stride
+
+    @property
+    def classifier(self) -> nn.Conv2d:
+        return self.head[4]
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Pixel embeddings at 1/output_stride resolution, shape (B, C, h, w)."""
+        features = self.backbone(images)["out"]
+        for layer in list(self.head)[:4]:  # slicing DeepLabHead itself would call its constructor
+            features = layer(features)
+        return features
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        logits = self.classifier(self.embed(images))
+        return F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)
+
+
+def _resnet_body(name: str, output_stride: int) -> tuple[nn.Module, int]:
+    if output_stride not in (8, 16, 32):
+        raise UserError(f"model.output_stride must be 8, 16 or 32, not {output_stride}")
+    dilate = {8: [False, True, True], 16: [False, False, True], 32: [False, False, False]}[output_stride]
+    if name in ("resnet50", "resnet101"):
+        net = getattr(resnet, name)(weights=None, replace_stride_with_dilation=dilate)
+        return net, 2048
+    if name == "resnet18":
+        net = resnet.resnet18(weights=None)
+    elif name == "tiny":
+        net = resnet.ResNet(resnet.BasicBlock, [1, 1, 1, 1])
+    else:
+        raise UserError(f"unknown backbone {name!r}; choose from {', '.join(BACKBONES)}")
+    for layer, drop in zip((net.layer3, net.layer4), dilate[1:]):
+        if drop:  # keep the resolution without dilation (BasicBlock does not support it)
+            layer[0].conv1.stride = (1, 1)
+            if layer[0].downsample is not None:
+                layer[0].downsample[0].stride = (1, 1)
+    return net, 512
+
+
+def _head(in_channels: int, num_classes: int, channels: int, atrous_rates: list[int]) -> nn.Sequential:
+    if channels == 256:
+        return DeepLabHead(in_channels, num_classes, atrous_rates)
+    # Same layout as DeepLabHead (so state dicts line up), with a narrower ASPP for small models.
+    return nn.Sequential(
+        ASPP(in_channels, atrous_rates, channels),
+        nn.Conv2d(channels, channels, 3, padding=1, bias=False),
+        nn.BatchNorm2d(channels),
+        nn.ReLU(),
+        nn.Conv2d(channels, num_classes, 1),
+    )
+
+
+def load_backbone_weights(body: nn.Module, weights: str | None, name: str) -> None:
+    """`none`, `imagenet` (torchvision's official URL) or a path to an ImageNet/DINO/MoCo checkpoint."""
+    if weights in (None, "", "none"):
+        return
+    if weights == "imagenet":
+        enums = {"resnet50": resnet.ResNet50_Weights, "resnet101": resnet.ResNet101_Weights,
+                 "resnet18": resnet.ResNet18_Weights}
+        if name not in enums:
+            raise UserError(f"no ImageNet weights for backbone {name!r}")
+        try:
+            state = enums[name].IMAGENET1K_V1.get_state_dict(progress=False)
+        except Exception as exc:  # no network, proxy errors, ...
+            raise UserError(f"cannot download ImageNet weights for {name} ({exc}); pass a local file path") from None
+        state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+        source = "torchvision ImageNet weights"
+    else:
+        state = load_resnet_state_dict(weights)
+        source = str(weights)
+    expected = {k for k in body.state_dict() if not k.startswith("fc.")}
+    missing = sorted(expected - set(state))
+    if missing:
+        raise UserError(f"backbone weights {source} do not fit a {name}: missing {missing[0]} "
+                        f"and {len(missing) - 1} more")
+    try:
+        body.load_state_dict(state, strict=False)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[-1].strip()
+        raise UserError(f"backbone weights {source} do not fit a {name}: {first}") from None
+
+
+def build_deeplab(num_classes: int = 21, backbone: str = "resnet50", output_stride: int = 8,
+                  weights: str | None = "none", head_channels: int = 256,
+                  atrous_rates: list[int] | None = None) -> DeepLabV3:
+    """DeepLab-v3 with a ResNet backbone; `weights` initialises the backbone only."""
+    body, channels = _resnet_body(backbone, output_stride)
+    load_backbone_weights(body, weights, backbone)
+    rates = list(atrous_rates) if atrous_rates else ([12, 24, 36] if output_stride == 8 else [6, 12, 18])
+    return DeepLabV3(IntermediateLayerGetter(body, {"layer4": "out"}),
+                     _head(channels, num_classes, head_channels, rates), output_stride)
+
+
+def build_from_config(config: dict) -> DeepLabV3:
+    """The model described by a config's `model` section and `data.num_classes`."""
+    m = config.get("model", {})
+    return build_deeplab(num_classes=int(config["data"]["num_classes"]), backbone=m.get("backbone", "resnet50"),
+                         output_stride=int(m.get("output_stride", 8)), weights=m.get("weights", "none"),
+                         head_channels=int(m.get("head_channels", 256)), atrous_rates=m.get("atrous_rates"))

@@ -1,0 +1,135 @@
+"""Instance predictions (COCO results) -> semantic pseudo-labels (VOC-palette PNGs) and an image list."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from utils.coco_io import (annotations_by_image, check_image_ids, decode_segmentation, image_index,
+                           load_coco_dataset, load_predictions, write_json, write_text)
+from utils.errors import UserError
+from utils.label_png import IGNORE_INDEX, write_label_png
+
+
+def select_predictions(preds: list[dict], threshold: float) -> tuple[list[dict], list[dict]]:
+    """Split predictions into (confident, uncertain).
+
+    Confident ones have score >= threshold. When none passes, the single best prediction is kept as
+    confident (as in MaskDistill), so that every image with predictions gets a foreground label.
+    """
+    confident = [p for p in preds if p["score"] >= threshold]
+    if not confident and preds:
+        best = max(preds, key=lambda p: p["score"])
+        confident = [best]
+    chosen = {id(p) for p in confident}
+    uncertain = [p for p in preds if id(p) not in chosen]
+    return confident, uncertain
+
+
+def paint_semantic(preds: list[dict], height: int, width: int, threshold: float = 0.0,
+                   ignore_uncertain: bool = False, class_of: dict[int, int] | None = None) -> np.ndarray:
+    """Paint the predictions of one image into an HxW uint8 class map (0 = background).
+
+    Masks are painted in increasing score order, so the most confident prediction wins where masks
+    overlap. With `ignore_uncertain`, pixels covered only by predictions below the threshold become 255.
+    `class_of` maps category ids to label values (identity when None).
+    """
+    label = np.zeros((height, width), dtype=np.uint8)
+    confident, uncertain = select_predictions(preds, threshold)
+    if ignore_uncertain:
+        for pred in uncertain:
+            label[_mask(pred, height, width) > 0] = IGNORE_INDEX
+    for pred in sorted(confident, key=lambda p: p["score"]):  # stable: ties keep file order
+        category = int(pred["category_id"])
+        value = class_of[category] if class_of is not None else category
+        label[_mask(pred, height, width) > 0] = value
+    return label
+
+
+def _mask(pred: dict, height: int, width: int) -> np.ndarray:
+    segm = pred.get("segmentation")
+    if segm is None:  # box-only prediction: fill the box
+        x, y, w, h = pred["bbox"]
+        mask = np.zeros((height, width), dtype=np.uint8)
+        mask[max(int(round(y)), 0):int(round(y + h)), max(int(round(x)), 0):int(round(x + w))] = 1
+        return mask
+    if isinstance(segm, dict) and "size" in segm and list(segm["size"]) != [height, width]:
+        raise UserError(f"prediction for image {pred['image_id']} has a mask of size {segm['size']} "
+                        f"but the image is {height}x{width}")
+    return decode_segmentation(segm, height, width)
+
+
+def category_values(category_ids: list[int], mode: str) -> dict[int, int] | None:
+    """How category ids become label values: `category_id` (identity) or `contiguous` (1..K in id order)."""
+    if mode == "category_id":
+        bad = [c for c in category_ids if not 1 <= int(c) <= 254]
+        if bad:
+            raise UserError(f"category id {bad[0]} cannot be a label value (need 1..254); use --class_ids contiguous")
+        return None
+    if mode == "contiguous":
+        ordered = sorted({int(c) for c in category_ids})
+        if len(ordered) > 254:
+            raise UserError(f"{len(ordered)} categories do not fit in a PNG label map (at most 254)")
+        return {c: i + 1 for i, c in enumerate(ordered)}
+    raise UserError(f"unknown --class_ids mode {mode!r}; use category_id or contiguous")
+
+
+def label_name(file_name: str) -> str:
+    """The list entry of an image: its path relative to the image root, without extension."""
+    return Path(file_name).with_suffix("").as_posix()
+
+
+def generate_segmentation(results_path: str | os.PathLike, dataset_path: str | os.PathLike,
+                          out_dir: str | os.PathLike, list_path: str | os.PathLike | None = None,
+                          threshold: float = 0.5, ignore_uncertain: bool = False,
+                          class_ids: str = "category_id", overwrite: bool = False) -> dict:
+    """Write one label PNG per image of the dataset, plus the image list. Returns a summary.
+
+    Already written PNGs are kept (the job resumes) unless `overwrite` is set.
+    """
+    preds, _ = load_predictions(results_path)
+    dataset = load_coco_dataset(dataset_path)
+    check_image_ids(preds, dataset, str(results_path), str(dataset_path))
+    for i, pred in enumerate(preds):
+        if "category_id" not in pred:
+            raise UserError(f"{results_path}: annotation #{i} has no 'category_id'")
+    category_ids = [c["id"] for c in dataset["categories"]] or sorted({p["category_id"] for p in preds})
+    unknown = {p["category_id"] for p in preds} - set(category_ids)
+    if unknown:
+        raise UserError(f"{results_path}: category_id {sorted(unknown)[0]} is not among the categories of {dataset_path}")
+    class_of = category_values(category_ids, class_ids)
+
+    out_dir = Path(out_dir)
+    list_path = Path(list_path) if list_path is not None else out_dir / "train.txt"
+    by_image = annotations_by_image(preds)
+    images = image_index(dataset)
+    names, stats = [], {"images": 0, "written": 0, "skipped": 0, "fallback": 0, "empty": 0}
+    seen: dict[str, int] = {}
+    for image_id, info in tqdm(sorted(images.items()), desc="painting", unit="img", disable=None):
+        name = label_name(info.get("file_name", str(image_id)))
+        if name in seen:
+            raise UserError(f"{dataset_path}: images {seen[name]} and {image_id} would both write {name}.png")
+        seen[name] = image_id
+        names.append(name)
+        stats["images"] += 1
+        image_preds = by_image.get(image_id, [])
+        if not image_preds:
+            stats["empty"] += 1
+        elif not any(p["score"] >= threshold for p in image_preds):
+            stats["fallback"] += 1
+        target = out_dir / f"{name}.png"
+        if target.exists() and not overwrite:
+            stats["skipped"] += 1
+            continue
+        label = paint_semantic(image_preds, int(info["height"]), int(info["width"]), threshold,
+                               ignore_uncertain, class_of)
+        write_label_png(target, label)
+        stats["written"] += 1
+    write_text(list_path, "".join(f"{n}\n" for n in names))
+    stats["list"] = str(list_path)
+    if class_of is not None:  # record which category became which label value
+        write_json(out_dir / "class_map.json", {str(k): v for k, v in class_of.items()}, indent=1)
+        stats["class_map"] = str(out_dir / "class_map.json")
+    return stats

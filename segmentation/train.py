@@ -1,0 +1,56 @@
+"""Train DeepLab-v3 on images + pseudo-label PNGs.
+
+Single process:   python segmentation/train.py --config configs/segmentation/deeplab_voc.yml
+Several GPUs:     torchrun --nproc_per_node 4 segmentation/train.py --config ... --set solver.batch_size=16
+Resume:           add --resume (continues from the latest model_XXXXXXX.pth in the output folder)
+"""
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script from the repo root
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+import argparse
+
+from segmentation.engine import DEFAULTS, train
+from utils.config import load_config
+from utils.distributed import cleanup, init_distributed
+from utils.errors import run_cli
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Train DeepLab-v3 (dilated ResNet, ASPP head) on semantic "
+                                                 "pseudo-labels; launch with torchrun for several processes.")
+    parser.add_argument("--config", required=True, help="YAML config (e.g. configs/segmentation/deeplab_voc.yml)")
+    parser.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="override config keys, e.g. --set solver.max_iter=1000 model.weights=none")
+    parser.add_argument("--output_dir", default=None, help="output folder (overrides the config's output_dir)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the latest checkpoint in the output folder (exact: same result as "
+                             "an uninterrupted run); starts fresh when there is none")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="delete the checkpoints and metrics already in the output folder and start over")
+    parser.add_argument("--device", default=None,
+                        help="auto (default: CUDA when available), cpu, cuda; overrides the config's device")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    config = load_config(args.config, args.overrides, defaults=DEFAULTS)
+    if args.output_dir:
+        config["output_dir"] = args.output_dir
+    if args.device:
+        config["device"] = args.device
+    dist = init_distributed(config["device"])
+    try:
+        result = train(config, dist, resume=args.resume, overwrite=args.overwrite)
+    finally:
+        cleanup()
+    if dist.is_main:
+        print(f"finished at iteration {result['iteration']}; model: {result['checkpoint']}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

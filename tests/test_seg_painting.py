@@ -1,0 +1,91 @@
+"""gen_segmentation: instance predictions painted into class maps (overlaps, threshold, fallback, ignore)."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+from PIL import Image
+
+from segmentation.painting import generate_segmentation, paint_semantic
+from utils.coco_io import make_annotation
+from utils.label_png import read_label_png, voc_palette
+
+
+def _box_mask(h, w, y0, y1, x0, x1):
+    m = np.zeros((h, w), dtype=np.uint8)
+    m[y0:y1, x0:x1] = 1
+    return m
+
+
+def _pred(mask, category, score, image_id=1):
+    return make_annotation(mask, image_id, category, score)
+
+
+def test_overlap_most_confident_wins_regardless_of_file_order():
+    a = _box_mask(6, 8, 0, 4, 0, 5)   # class 3, score 0.9
+    b = _box_mask(6, 8, 2, 6, 3, 8)   # class 7, score 0.6, overlaps a on rows 2-3, cols 3-4
+    expected = np.zeros((6, 8), dtype=np.uint8)
+    expected[2:6, 3:8] = 7
+    expected[0:4, 0:5] = 3  # the confident mask is painted last
+    for order in ([_pred(a, 3, 0.9), _pred(b, 7, 0.6)], [_pred(b, 7, 0.6), _pred(a, 3, 0.9)]):
+        np.testing.assert_array_equal(paint_semantic(order, 6, 8, threshold=0.5), expected)
+
+
+def test_threshold_drops_low_scores_and_falls_back_to_the_best():
+    a = _box_mask(4, 4, 0, 2, 0, 2)
+    b = _box_mask(4, 4, 2, 4, 2, 4)
+    preds = [_pred(a, 1, 0.8), _pred(b, 2, 0.3)]
+    out = paint_semantic(preds, 4, 4, threshold=0.5)
+    assert out[0, 0] == 1 and out[3, 3] == 0  # b is below the threshold
+    # No prediction passes 0.9: only the single best one (a, 0.8) is kept.
+    out = paint_semantic(preds, 4, 4, threshold=0.9)
+    expected = np.zeros((4, 4), dtype=np.uint8)
+    expected[0:2, 0:2] = 1
+    np.testing.assert_array_equal(out, expected)
+    assert not paint_semantic([], 4, 4, threshold=0.5).any()
+
+
+def test_ignore_uncertain_marks_pixels_covered_only_by_low_scores():
+    a = _box_mask(4, 6, 0, 4, 0, 3)   # confident, class 5
+    b = _box_mask(4, 6, 0, 4, 2, 6)   # uncertain, overlaps a on column 2
+    out = paint_semantic([_pred(a, 5, 0.9), _pred(b, 6, 0.2)], 4, 6, threshold=0.5, ignore_uncertain=True)
+    assert (out[:, 0:3] == 5).all()      # the confident mask wins where both cover
+    assert (out[:, 3:6] == 255).all()    # covered only by the low-score mask
+    out = paint_semantic([_pred(a, 5, 0.9), _pred(b, 6, 0.2)], 4, 6, threshold=0.5)
+    assert (out[:, 3:6] == 0).all()
+
+
+def _write_coco(tmp_path, preds):
+    dataset = {"images": [{"id": 1, "file_name": "sub/a.jpg", "height": 6, "width": 8},
+                          {"id": 2, "file_name": "b.jpg", "height": 5, "width": 5}],
+               "annotations": [], "categories": [{"id": 3, "name": "x"}, {"id": 7, "name": "y"}]}
+    (tmp_path / "dataset.json").write_text(json.dumps(dataset))
+    (tmp_path / "results.json").write_text(json.dumps(preds))
+    return tmp_path / "results.json", tmp_path / "dataset.json"
+
+
+def test_generate_writes_palette_pngs_and_list(tmp_path):
+    a = _box_mask(6, 8, 0, 4, 0, 5)
+    results, dataset = _write_coco(tmp_path, [_pred(a, 7, 0.3, image_id=1)])
+    stats = generate_segmentation(results, dataset, tmp_path / "out", threshold=0.5)
+    assert stats["written"] == 2 and stats["fallback"] == 1 and stats["empty"] == 1
+    img = Image.open(tmp_path / "out" / "sub" / "a.png")
+    assert img.mode == "P"
+    assert np.array(img.getpalette()[:3 * 256]).reshape(256, 3).tolist() == voc_palette().tolist()
+    np.testing.assert_array_equal(read_label_png(tmp_path / "out" / "sub" / "a.png"), a * 7)
+    assert not read_label_png(tmp_path / "out" / "b.png").any()
+    assert (tmp_path / "out" / "train.txt").read_text().split() == ["sub/a", "b"]
+    # contiguous ids: 3 -> 1, 7 -> 2
+    generate_segmentation(results, dataset, tmp_path / "c", threshold=0.5, class_ids="contiguous")
+    assert read_label_png(tmp_path / "c" / "sub" / "a.png").max() == 2
+
+
+def test_cli_rejects_unknown_image_id_with_one_line(tmp_path, repo_root):
+    a = _box_mask(6, 8, 0, 4, 0, 5)
+    results, dataset = _write_coco(tmp_path, [_pred(a, 7, 0.9, image_id=42)])
+    proc = subprocess.run([sys.executable, "segmentation/gen_segmentation.py", "--results", str(results),
+                           "--dataset", str(dataset), "--out_dir", str(tmp_path / "out")],
+                          cwd=repo_root, capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "image_id 42" in proc.stderr
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,115 @@
+"""Linear probe (linear_finetune.py), clustering evaluation and CRF rounds, end to end on tiny configurations."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from segmentation import eval_cluster, linear_finetune
+from seg_helpers import make_synthetic_set, tiny_overrides
+from segmentation.engine import DEFAULTS
+from segmentation.kmeans_eval import hungarian_from_counts
+from segmentation.model import build_from_config
+from segmentation.rounds import train_plus_crf
+from utils.checkpoint import save_checkpoint
+from utils.config import load_config
+from utils.distributed import DistInfo
+from utils.errors import UserError
+from utils.label_png import read_label_png
+from utils.metrics import hungarian_match
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture
+def voc_tiny(tmp_path, voc_mini, repo_root):
+    """A tiny experiment on voc_mini's 3 images (train = val) and a test-made 'trained' DeepLab checkpoint."""
+    voc = voc_mini / "VOC2012"
+    exp = {
+        "_base_": str(repo_root / "configs/segmentation/tiny_test.yml"),
+        "pretrained": str(tmp_path / "deeplab" / "model_final.pth"),
+        "data": {"image_dir": str(voc / "JPEGImages"), "label_dir": str(voc / "SegmentationClass"),
+                 "train_list": str(voc / "ImageSets/Segmentation/trainval.txt"),
+                 "val_image_dir": str(voc / "JPEGImages"), "val_label_dir": str(voc / "SegmentationClass"),
+                 "val_list": str(voc / "ImageSets/Segmentation/val.txt"), "num_classes": 21},
+        "solver": {"max_iter": 4, "batch_size": 2, "base_lr": 0.1, "checkpoint_period": 2},
+    }
+    (tmp_path / "linear_tiny.yml").write_text(yaml.safe_dump(exp))
+    (tmp_path / "one.txt").write_text("2011_000003\n")  # one val image keeps the 21-class CRF quick
+    (tmp_path / "env.yml").write_text(yaml.safe_dump({"root_dir": str(tmp_path / "results")}))
+    config = load_config(tmp_path / "linear_tiny.yml", defaults=DEFAULTS)
+    torch.manual_seed(0)
+    save_checkpoint(exp["pretrained"], build_from_config(config), iteration=0, config=config)
+    return tmp_path
+
+
+def _run(repo_root, *args):
+    return subprocess.run([sys.executable, *args], cwd=repo_root, capture_output=True, text=True, timeout=300)
+
+
+def test_linear_finetune_end_to_end_prints_miou(voc_tiny, repo_root):
+    proc = _run(repo_root, "segmentation/linear_finetune.py", "--config_env", str(voc_tiny / "env.yml"),
+                "--config_exp", str(voc_tiny / "linear_tiny.yml"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "mIoU" in proc.stdout and "aeroplane" in proc.stdout
+    out = voc_tiny / "results" / "linear_tiny"
+    result = json.loads((out / "results.json").read_text())
+    assert 0.0 <= result["mIoU"] <= 1.0 and f"mIoU {100 * result['mIoU']:.2f}" in proc.stdout
+    # Only the 1x1 classifier changed.
+    before = torch.load(voc_tiny / "deeplab" / "model_final.pth", weights_only=False)["model"]
+    after = torch.load(out / "probe_final.pth", weights_only=False)["model"]
+    for key in before:
+        if not key.startswith("head.4."):
+            assert torch.equal(before[key], after[key]), key
+    assert not torch.equal(before["head.4.weight"], after["head.4.weight"])
+    # Evaluate the saved probe again, with CRF post-processing (in-process: a second interpreter is slow here).
+    assert linear_finetune.main(["--config_env", str(voc_tiny / "env.yml"), "--config_exp",
+                                 str(voc_tiny / "linear_tiny.yml"), "--model_path", str(out / "probe_final.pth"),
+                                 "--crf-postprocess", "--set", f"data.val_list={voc_tiny / 'one.txt'}"]) == 0
+    crf = json.loads((out / "results_crf.json").read_text())
+    assert crf["crf_postprocess"] and 0.0 <= crf["mIoU"] <= 1.0
+
+
+def test_linear_finetune_missing_pretrained_names_the_file(voc_tiny):
+    with pytest.raises(UserError, match=r"model checkpoint not found: .*nope\.pth"):
+        linear_finetune.main(["--config_env", str(voc_tiny / "env.yml"), "--config_exp",
+                              str(voc_tiny / "linear_tiny.yml"), "--set", f"pretrained={voc_tiny / 'nope.pth'}"])
+    assert not (voc_tiny / "results").exists()  # nothing written on bad input
+
+
+def test_hungarian_from_counts_agrees_with_shared_matcher():
+    rng = np.random.default_rng(0)
+    pred, target = rng.integers(0, 5, 500), rng.integers(0, 5, 500)
+    counts = np.zeros((5, 5), np.int64)
+    np.add.at(counts, (pred, target), 1)
+    assert hungarian_from_counts(counts) == hungarian_match(pred, target, 5, 5)
+
+
+def test_eval_cluster_runs_on_voc_mini(voc_tiny, capsys):
+    assert eval_cluster.main(["--config", str(voc_tiny / "linear_tiny.yml"), "--device", "cpu",
+                              "--model_path", str(voc_tiny / "deeplab" / "model_final.pth"),
+                              "--output", str(voc_tiny / "c.json")]) == 0
+    assert "mIoU" in capsys.readouterr().out
+    result = json.loads((voc_tiny / "c.json").read_text())
+    assert 0.0 <= result["mIoU"] <= 1.0
+    assert sorted(result["mapping"].values()) == list(range(21))
+
+
+def test_train_plus_crf_writes_each_rounds_labels_and_resumes(tmp_path, repo_root):
+    data = make_synthetic_set(tmp_path / "data", count=4)
+    overrides = tiny_overrides(data) + [f"output_dir={tmp_path / 'rounds'}", "solver.max_iter=3",
+                                        "solver.checkpoint_period=0", "data.val_list=null"]
+    config = load_config(repo_root / "configs/segmentation/tiny_test.yml", overrides, defaults=DEFAULTS)
+    result = train_plus_crf(config, DistInfo(), rounds=1, workers=2)
+    labels = tmp_path / "rounds" / "round_1" / "labels"
+    for name in data["names"]:
+        label = read_label_png(labels / f"{name}.png")
+        assert label.shape == (64, 64) and label.max() < 3
+    assert result["checkpoint"] == str(tmp_path / "rounds" / "round_1" / "model_final.pth")
+    assert (tmp_path / "rounds" / "round_0" / "model_final.pth").exists()
+    stamp = (labels / "img_000.png").stat().st_mtime_ns
+    train_plus_crf(config, DistInfo(), rounds=1, workers=2)  # everything done: nothing is redone
+    assert (labels / "img_000.png").stat().st_mtime_ns == stamp

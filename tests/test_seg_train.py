@@ -1,0 +1,111 @@
+"""DeepLab-v3 training: the model, backbone weights, loss goes down, exact resume, two-process gloo torchrun."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from torchvision.models import resnet
+
+from seg_helpers import make_synthetic_set, tiny_overrides
+from segmentation.engine import DEFAULTS, build_val_dataset, load_trained_model, segmentation_loss, train
+from segmentation.model import build_deeplab, build_from_config
+from utils.config import load_config
+from utils.distributed import DistInfo
+from utils.errors import UserError
+
+torch.set_num_threads(1)
+
+
+def _config(repo_root, data, out, *extra):
+    overrides = tiny_overrides(data) + [f"output_dir={out}", *extra]
+    return load_config(repo_root / "configs/segmentation/tiny_test.yml", overrides, defaults=DEFAULTS)
+
+
+def test_resnet50_is_dilated_to_output_stride_8():
+    model = build_deeplab(num_classes=5, backbone="resnet50", output_stride=8).eval()
+    with torch.no_grad():
+        x = torch.zeros(1, 3, 64, 96)
+        assert model.embed(x).shape == (1, 256, 8, 12)
+        assert model(x).shape == (1, 5, 64, 96)
+    assert model.backbone.layer4[0].conv2.dilation == (2, 2)
+
+
+def test_backbone_weights_from_a_moco_style_checkpoint(tmp_path):
+    source = resnet.ResNet(resnet.BasicBlock, [1, 1, 1, 1])
+    torch.save({"state_dict": {f"module.encoder_q.{k}": v for k, v in source.state_dict().items()}},
+               tmp_path / "moco.pth.tar")
+    model = build_deeplab(3, "tiny", 8, weights=str(tmp_path / "moco.pth.tar"), head_channels=8)
+    assert torch.equal(model.backbone.layer2[0].conv1.weight, source.layer2[0].conv1.weight)
+    with pytest.raises(UserError, match="do not fit a resnet50"):
+        build_deeplab(3, "resnet50", 8, weights=str(tmp_path / "moco.pth.tar"))
+    with pytest.raises(UserError, match="not found"):
+        build_deeplab(3, "tiny", 8, weights=str(tmp_path / "missing.pth"))
+
+
+def _dataset_loss(model, config):
+    dataset = build_val_dataset(config)
+    model.eval()
+    with torch.no_grad():
+        return sum(segmentation_loss(model(item["image"][None]), item["label"][None]).item()
+                   for item in (dataset[i] for i in range(len(dataset)))) / len(dataset)
+
+
+def test_training_lowers_the_loss(tmp_path, repo_root):
+    data = make_synthetic_set(tmp_path / "data")
+    config = _config(repo_root, data, tmp_path / "out", "solver.max_iter=30", "solver.base_lr=0.02",
+                     "solver.checkpoint_period=0")
+    torch.manual_seed(0)
+    before = _dataset_loss(build_from_config(config), config)
+    result = train(config, DistInfo())
+    after = _dataset_loss(load_trained_model(config, result["checkpoint"], torch.device("cpu")), config)
+    assert after < 0.7 * before, (before, after)
+    records = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in records if "loss" in r] == list(range(1, 31))
+    assert records[-1]["iteration"] == 30 and 0 <= records[-1]["mIoU"] <= 1
+    assert (tmp_path / "out" / "config.yaml").exists()
+
+
+def test_resume_is_exact(tmp_path, repo_root):
+    data = make_synthetic_set(tmp_path / "data", count=5)
+    extra = ["solver.max_iter=6", "solver.checkpoint_period=3", "data.val_list=null"]
+    straight = train(_config(repo_root, data, tmp_path / "a", *extra), DistInfo())
+    # Run again, then "crash" after the checkpoint at iteration 3: drop everything written later.
+    train(_config(repo_root, data, tmp_path / "b", *extra), DistInfo())
+    for name in ("model_0000006.pth", "model_final.pth"):
+        (tmp_path / "b" / name).unlink()
+    with pytest.raises(UserError, match="--resume"):
+        train(_config(repo_root, data, tmp_path / "b", *extra), DistInfo())
+    resumed = train(_config(repo_root, data, tmp_path / "b", *extra), DistInfo(), resume=True)
+    a = torch.load(straight["checkpoint"], weights_only=False)["model"]
+    b = torch.load(resumed["checkpoint"], weights_only=False)["model"]
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    straight_losses = [json.loads(line)["loss"] for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert losses == straight_losses
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_gloo_torchrun_trains(tmp_path, repo_root):
+    data = make_synthetic_set(tmp_path / "data", count=3)  # uneven validation shards (2 + 1 images)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(_free_port()), "segmentation/train.py", "--config", "configs/segmentation/tiny_test.yml",
+           "--output_dir", str(tmp_path / "ddp"), "--device", "cpu",
+           "--set", *tiny_overrides(data), "solver.batch_size=4", "solver.max_iter=3", "solver.checkpoint_period=0"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, cwd=repo_root, capture_output=True, text=True, env=env, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "ddp" / "model_final.pth").exists()
+    records = [json.loads(line) for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in records if "loss" in r] == [1, 2, 3]  # rank 0 alone writes the log
+    assert "mIoU" in records[-1]
+    assert proc.stdout.count("finished at iteration 3") == 1
