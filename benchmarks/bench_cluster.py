@@ -1,4 +1,5 @@
-"""Benchmark utils/cluster.py: CLS-feature extraction of box crops (crops/s) and K-means (s).
+"""Benchmark utils/cluster.py: CLS-feature extraction of box crops (utils/crop_features.py, crops/s)
+and K-means (s).
 
     python benchmarks/bench_cluster.py                       # tiny_coco val2017 GT boxes, random ViT-S/16, CPU
     python benchmarks/bench_cluster.py --device cuda --patch_size 8 --max_masks 400 --half
@@ -20,7 +21,7 @@ import time
 import numpy as np
 import torch
 
-from utils import cluster
+from utils import cluster, crop_features
 
 
 def main() -> None:
@@ -56,15 +57,20 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "masks.json"
         path.write_text(json.dumps({"images": gt["images"], "annotations": anns, "categories": gt["categories"]}))
-        mask_set = cluster.load_mask_set("bench", path, data / "val2017")
+        mask_set = crop_features.load_mask_set("bench", path, data / "val2017")
         device = resolve_device(args.device)
         torch.manual_seed(0)
         model = build_vit(args.arch, args.patch_size, "random").to(device)
-        cluster.extract_features(mask_set, model, device, args.patch_size, args.batch_size, 0, args.half, progress=False)
+
+        def extract() -> np.ndarray:
+            return crop_features.extract_features(mask_set, model, device, args.patch_size, args.batch_size, 0,
+                                                  args.half, progress=False)
+
+        extract()  # warm-up
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        feats = cluster.extract_features(mask_set, model, device, args.patch_size, args.batch_size, 0, args.half, progress=False)
+        feats = extract()
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start

@@ -25,8 +25,8 @@ def main() -> None:
     p.add_argument("--copies", type=int, default=4, help="perturbed copies of the GT used as predictions (default: %(default)s)")
     args = p.parse_args()
 
-    from tests.test_eval_instances import perturbed_predictions
     from utils.coco_eval import EvalOptions, evaluate_instances
+    from utils.coco_perturb import perturbed_predictions
     from utils.corloc import evaluate_corloc
 
     gt_path = Path(args.data) / "annotations" / "instances_val2017.json"

@@ -59,6 +59,9 @@ def run_baseline(args: argparse.Namespace) -> dict:
         t1 = time.perf_counter()
         with torch.no_grad():
             qk = explicit_last_qk(model, x)
+            # DINO's get_last_selfattention, which straightforward code calls, also builds the
+            # last block's attention matrix.
+            (qk.query @ qk.key.transpose(-2, -1) * model.vit.blocks[-1].attn.scale).softmax(dim=-1)
         if device.type == "cuda":
             torch.cuda.synchronize()
         t2 = time.perf_counter()
@@ -95,11 +98,35 @@ def run_pipeline(args: argparse.Namespace) -> dict:
             "s_per_image": per_image, **peak_memory_mb(device)}
 
 
+def half_agreement(args: argparse.Namespace) -> dict:
+    """Mask IoU between the pipeline in fp32 and under bf16 autocast (`--half`), image by image."""
+    from utils.coco_io import decode_segmentation
+
+    masks = {}
+    for half in (False, True):
+        with tempfile.TemporaryDirectory() as tmp:
+            run_args = argparse.Namespace(**{**vars(args), "half": half, "keep_json": str(Path(tmp) / "m.json")})
+            timing = run_pipeline(run_args)
+            data = json.loads(Path(run_args.keep_json).read_text())
+        sizes = {img["id"]: (img["height"], img["width"]) for img in data["images"]}
+        masks[half] = ({a["image_id"]: decode_segmentation(a["segmentation"], *sizes[a["image_id"]])
+                        for a in data["annotations"]}, timing["images_per_s"])
+    ious = []
+    for image_id, fp32 in masks[False][0].items():
+        bf16 = masks[True][0][image_id]
+        union = np.logical_or(fp32, bf16).sum()
+        ious.append(np.logical_and(fp32, bf16).sum() / union if union else 1.0)
+    return {"images": len(ious), "mean_iou": float(np.mean(ious)), "median_iou": float(np.median(ious)),
+            "identical_masks": int(sum(i == 1.0 for i in ious)), "fp32_images_per_s": masks[False][1],
+            "bf16_images_per_s": masks[True][1]}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--folder", default=str(Path(__file__).resolve().parents[2] / "shared/data/tiny_coco/val2017"),
                    help="folder of images (default: ../shared/data/tiny_coco/val2017)")
-    p.add_argument("--mode", default="both", choices=["both", "pipeline", "baseline"], help="what to time")
+    p.add_argument("--mode", default="both", choices=["both", "pipeline", "baseline", "half_agreement"],
+                   help="what to run: both timings, one of them, or the mask IoU of --half against fp32")
     p.add_argument("--max_images", type=int, default=8, help="images per run (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=3, help="runs per mode with --mode both; medians are reported")
     p.add_argument("--arch", default="vit_small", help="vit_small or vit_base")
@@ -114,6 +141,9 @@ def main() -> None:
     p.add_argument("--keep_json", help="pipeline: copy the output masks JSON here (for agreement checks)")
     args = p.parse_args()
 
+    if args.mode == "half_agreement":
+        print(json.dumps(half_agreement(args)))
+        return
     if args.mode != "both":
         result = run_pipeline(args) if args.mode == "pipeline" else run_baseline(args)
         print(json.dumps(result))

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import io
 import json
 import random
 import time
@@ -22,10 +21,11 @@ from tqdm import tqdm
 from detectron2_train.data import CocoInstances, categories_of, inference_loader, train_loader
 from detectron2_train.modeling import MODEL_DEFAULTS, build_model, set_image_sizes
 from detectron2_train.splits import read_class_list
-from utils.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, unwrap
+from utils.checkpoint import latest_checkpoint, load_checkpoint, read_torch_file, save_checkpoint, unwrap
+from utils.coco_eval import EvalOptions, evaluate_predictions
 from utils.coco_io import load_coco_dataset, load_json, make_annotation, write_json, write_text
 from utils.config import save_config
-from utils.distributed import DistInfo, barrier
+from utils.distributed import DistInfo, all_reduce_mean, barrier
 from utils.errors import UserError
 
 DEFAULTS = {
@@ -135,21 +135,9 @@ def _next_batch(batches):
         raise UserError(lines[-1].split("UserError: ", 1)[-1]) from None
 
 
-def read_weights_file(path: str) -> dict:
-    if not Path(path).is_file():
-        raise UserError(f"weights not found: {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:
-        raise UserError(f"cannot read weights {path}: {exc}") from None
-    if not isinstance(state, dict):
-        raise UserError(f"{path} holds no model state dict")
-    return state
-
-
 def load_weights(model: torch.nn.Module, path: str, state: dict | None = None) -> dict:
     """Model weights from a training checkpoint (or a bare state dict); returns the checkpoint's extra."""
-    state = read_weights_file(path) if state is None else state
+    state = read_torch_file(path, "weights") if state is None else state
     weights = state.get("model", state)
     if not isinstance(weights, dict):
         raise UserError(f"{path} holds no model state dict")
@@ -250,7 +238,7 @@ def train(cfg: dict, info: DistInfo, resume: bool = False, overwrite: bool = Fal
             scheduler.step()
             done = iteration + 1
             if done % log_period == 0 or done == max_iter or iteration == start_iter:
-                reduced = {k: _mean_across(v.detach()) for k, v in loss_dict.items()}
+                reduced = {k: float(all_reduce_mean(v.detach())) for k, v in loss_dict.items()}
                 total = sum(reduced.values())
                 if info.is_main:
                     record = {"iteration": done, "total_loss": total, **reduced, "lr": lr,
@@ -270,14 +258,6 @@ def train(cfg: dict, info: DistInfo, resume: bool = False, overwrite: bool = Fal
             end = time.perf_counter()
     bar.close()
     return output_dir / FINAL_CHECKPOINT
-
-
-def _mean_across(value: torch.Tensor) -> float:
-    if dist.is_available() and dist.is_initialized():
-        value = value.clone()
-        dist.all_reduce(value)
-        value /= dist.get_world_size()
-    return float(value)
 
 
 @torch.no_grad()
@@ -314,40 +294,22 @@ def predict(model: torch.nn.Module, dataset: CocoInstances, categories: list[dic
 
 
 def coco_evaluate(gt_json: str, results: list[dict], class_agnostic: bool = False) -> dict:
-    """Box and mask AP / AP50 / AP75 with pycocotools (all categories merged when class_agnostic)."""
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
+    """Box and mask AP / AP50 / AP75 in percent (all categories merged when class_agnostic).
 
-    gt_data = load_coco_dataset(gt_json)
-    results = copy.deepcopy(results)
-    if class_agnostic:
-        gt_data = {**gt_data, "categories": [{"id": 1, "name": "object"}],
-                   "annotations": [{**a, "category_id": 1} for a in gt_data["annotations"]]}
-        for r in results:
-            r["category_id"] = 1
-    summary = {}
-    with contextlib.redirect_stdout(io.StringIO()):
-        gt = COCO()
-        gt.dataset = gt_data
-        gt.createIndex()
-        for iou_type in ("bbox", "segm"):
-            if not results or not gt_data["annotations"]:
-                summary[iou_type] = {"AP": 0.0, "AP50": 0.0, "AP75": 0.0}
-                continue
-            evaluator = COCOeval(gt, gt.loadRes(copy.deepcopy(results)), iou_type)
-            evaluator.evaluate()
-            evaluator.accumulate()
-            evaluator.summarize()
-            stats = evaluator.stats
-            summary[iou_type] = {"AP": 100 * max(stats[0], 0), "AP50": 100 * max(stats[1], 0),
-                                 "AP75": 100 * max(stats[2], 0)}
-    return summary
+    A quick summary through utils/coco_eval.py; eval_instances.py gives the full report.
+    """
+    options = EvalOptions(iou_types=("bbox", "segm"), class_agnostic=class_agnostic)
+    result = evaluate_predictions(results, load_coco_dataset(gt_json), options, "inference results", gt_json,
+                                  agnostic_recall=False)
+    # pycocotools' -1 (undefined: no GT object) reads as 0 here, as it always has in this summary.
+    return {iou_type: {k: result.metrics[iou_type][k] or 0.0 for k in ("AP", "AP50", "AP75")}
+            for iou_type in ("bbox", "segm")}
 
 
 def run_inference(cfg: dict, info: DistInfo, weights: str, image_json: str, image_root: str,
                   results_path: Path) -> list[dict]:
     """Load a trained model and write COCO results for the images of `image_json`."""
-    state = read_weights_file(weights)
+    state = read_torch_file(weights, "weights")
     state_extra = state.get("extra") or {}
     categories = state_extra.get("categories")
     if categories is None:  # a bare state dict: fall back on the dataset's categories

@@ -9,13 +9,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import torchvision.transforms.functional as TF
-from PIL import Image, ImageOps
+from PIL import Image
 from torch.utils.data import Dataset
 
 from distill.vit import IMAGENET_MEAN, IMAGENET_STD
 from utils.coco_io import load_coco_dataset
 from utils.errors import UserError
 from utils.images import ImageReadError, list_images, load_rgb
+from utils.voc import voc_image_id  # the image-id convention of convert_voc.py
 
 _EXIF_ORIENTATION = 0x0112
 _ROTATED_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
@@ -30,14 +31,6 @@ class ImageEntry:
 
 
 # ----------------------------------------------------------------------------- image sets
-
-
-def voc_image_id(stem: str) -> int:
-    """VOC ids as integers: `2011_000003` -> 2011000003 (the convention of convert_voc.py)."""
-    digits = stem.replace("_", "")
-    if not digits.isdigit():
-        raise UserError(f"VOC image name {stem!r} is not of the form YYYY_NNNNNN")
-    return int(digits)
 
 
 def voc_entries(root: Path, year: str, image_set: str, split_folder: str = "Segmentation") -> list[ImageEntry]:

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from utils.checkpoint import read_torch_file
 from utils.errors import UserError
 
 ARCHS = {"vit_small": "vit_small_patch{p}_224", "vit_base": "vit_base_patch{p}_224"}
@@ -192,14 +193,7 @@ def build_vit(arch: str = "vit_small", patch_size: int = 16, weights: str = "din
     elif weights == "dino":
         load_weights_into(model, load_dino_state_dict(arch, patch_size), f"dino {arch}/{patch_size}")
     else:
-        path = Path(weights)
-        if not path.is_file():
-            raise UserError(f"--weights {weights}: no such file (use 'dino', 'random' or a checkpoint path)")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as exc:
-            raise UserError(f"--weights {weights}: cannot read checkpoint ({exc})") from None
-        if not isinstance(state, dict):
-            raise UserError(f"--weights {weights}: expected a state dict")
-        load_weights_into(model, state, str(path))
+        state = read_torch_file(weights, "--weights checkpoint",
+                                hint="no such file; use 'dino', 'random' or a checkpoint path")
+        load_weights_into(model, state, str(Path(weights)))
     return model.eval()

@@ -1,4 +1,5 @@
-"""utils/cluster.py: matching on known permutations, crops, whitening, caching and the end-to-end job."""
+"""utils/cluster.py and utils/crop_features.py: matching on known permutations, crops, whitening, caching
+and the end-to-end job."""
 from __future__ import annotations
 
 import json
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from utils import cluster
+from utils import cluster, crop_features
 from utils.errors import UserError
 from utils.metrics import cluster_scores, hungarian_match, majority_match
 
@@ -65,11 +66,11 @@ def test_kmeans_on_separated_blobs_and_whitening():
 
 def test_crop_boxes():
     img = {"width": 100, "height": 50}
-    assert cluster.crop_box({"bbox": [10.4, 5.6, 20.2, 10.0]}, img) == (10, 6, 31, 16)
-    assert cluster.crop_box({"bbox": [-5, -5, 20, 20]}, img) == (0, 0, 15, 15)  # clipped to the image
-    assert "empty box" in cluster.crop_box({"bbox": [10, 10, 0, 5]}, img)
-    assert "outside" in cluster.crop_box({"bbox": [120, 10, 10, 5]}, img)
-    assert "non-finite" in cluster.crop_box({"bbox": [float("nan"), 10, 10, 5]}, img)
+    assert crop_features.crop_box({"bbox": [10.4, 5.6, 20.2, 10.0]}, img) == (10, 6, 31, 16)
+    assert crop_features.crop_box({"bbox": [-5, -5, 20, 20]}, img) == (0, 0, 15, 15)  # clipped to the image
+    assert "empty box" in crop_features.crop_box({"bbox": [10, 10, 0, 5]}, img)
+    assert "outside" in crop_features.crop_box({"bbox": [120, 10, 10, 5]}, img)
+    assert "non-finite" in crop_features.crop_box({"bbox": [float("nan"), 10, 10, 5]}, img)
 
 
 def _masks_from_gt(tiny_coco, tmp_path, num_images=4, per_image=3):
@@ -242,11 +243,11 @@ def test_interrupted_extraction_resumes_from_partial(tiny_coco, tmp_path):
     from distill.vit import build_vit
 
     path, data = _masks_from_gt(tiny_coco, tmp_path, num_images=2, per_image=1)
-    mask_set = cluster.load_mask_set("target", path, tiny_coco / "val2017")
+    mask_set = crop_features.load_mask_set("target", path, tiny_coco / "val2017")
     torch.manual_seed(0)
     model = build_vit("vit_small", 16, "random")
     partial = tmp_path / "f.partial.npz"
-    first = cluster.extract_features(mask_set, model, torch.device("cpu"), 16, batch_size=1, partial_path=partial,
+    first = crop_features.extract_features(mask_set, model, torch.device("cpu"), 16, batch_size=1, partial_path=partial,
                                      save_every_s=0.0, progress=False)
     with np.load(partial) as saved:  # saved after the first image, before the last one finished
         assert saved["done"].sum() >= 1
@@ -258,5 +259,5 @@ def test_interrupted_extraction_resumes_from_partial(tiny_coco, tmp_path):
             raise AssertionError("finished crops must not be recomputed")
 
     np.savez(partial, features=first, done=np.ones(len(first), dtype=bool))
-    resumed = cluster.extract_features(mask_set, Broken(), torch.device("cpu"), 16, partial_path=partial, progress=False)
+    resumed = crop_features.extract_features(mask_set, Broken(), torch.device("cpu"), 16, partial_path=partial, progress=False)
     assert np.array_equal(resumed, first)

@@ -12,53 +12,10 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from utils.coco_eval import STAT_NAMES, EvalOptions, evaluate_instances, format_report
+from utils.coco_eval import STAT_NAMES, EvalOptions, evaluate_instances, evaluate_predictions, format_report
 from utils.coco_io import decode_segmentation, make_annotation, mask_to_rle
+from utils.coco_perturb import perturbed_predictions
 from utils.errors import UserError
-
-
-def perturbed_predictions(gt: dict, seed: int = 0) -> list[dict]:
-    """GT objects jittered (shifted masks, moved boxes, some relabelled), 20% dropped, plus false positives;
-    masks as str-RLE, polygons and uncompressed RLE."""
-    rng = np.random.default_rng(seed)
-    images = {img["id"]: img for img in gt["images"]}
-    cat_ids = [c["id"] for c in gt["categories"]]
-    preds = []
-    for ann in gt["annotations"]:
-        if ann["iscrowd"] or rng.random() < 0.2:  # dropped
-            continue
-        img = images[ann["image_id"]]
-        h, w = img["height"], img["width"]
-        dx, dy = rng.integers(-6, 7, size=2)
-        category = ann["category_id"] if rng.random() > 0.15 else int(rng.choice(cat_ids))
-        score = float(rng.random())
-        x, y, bw, bh = ann["bbox"]
-        box = [x + float(dx), y + float(dy), bw * float(rng.uniform(0.85, 1.15)), bh * float(rng.uniform(0.85, 1.15))]
-        kind = rng.integers(3)
-        if kind == 0:  # shifted polygon
-            polys = [[v + (dx if i % 2 == 0 else dy) for i, v in enumerate(p)] for p in ann["segmentation"]]
-            polys = [[float(min(max(v, 0), (w if i % 2 == 0 else h))) for i, v in enumerate(p)] for p in polys]
-            segm = polys
-        else:
-            mask = np.roll(decode_segmentation(ann["segmentation"], h, w), (int(dy), int(dx)), axis=(0, 1))
-            if kind == 1:
-                segm = mask_to_rle(mask)
-            else:  # uncompressed RLE
-                flat = mask.flatten(order="F")
-                change = np.flatnonzero(np.diff(np.concatenate([[0], flat, [2]])))  # run boundaries
-                runs = np.diff(np.concatenate([[0], change]))
-                segm = {"size": [h, w], "counts": runs.tolist() if flat[0] == 0 else [0] + runs.tolist()}
-                segm["counts"] = [int(c) for c in segm["counts"] if c >= 0]
-        preds.append({"image_id": ann["image_id"], "category_id": category, "segmentation": segm,
-                      "bbox": box, "score": score})
-    for _ in range(60):  # false positives
-        img = gt["images"][int(rng.integers(len(gt["images"])))]
-        h, w = img["height"], img["width"]
-        x0, y0 = int(rng.integers(0, w - 20)), int(rng.integers(0, h - 20))
-        mask = np.zeros((h, w), dtype=np.uint8)
-        mask[y0:y0 + int(rng.integers(5, 200)), x0:x0 + int(rng.integers(5, 200))] = 1
-        preds.append(make_annotation(mask, img["id"], int(rng.choice(cat_ids)), float(rng.random())))
-    return preds
 
 
 def reference_stats(gt_path, preds: list[dict], iou_type: str, agnostic: bool = False, cat_ids=None,
@@ -138,6 +95,25 @@ def test_every_number_equals_pycocotools(perturbed):
     _assert_equal(subset.metrics["bbox"], reference_stats(gt_path, preds, "bbox", cat_ids=[1, 3, 62]))
     with pytest.raises(UserError, match="unicorn"):
         evaluate_instances(pred_path, gt_path, EvalOptions(eval_classes=("unicorn",)))
+
+
+def test_in_memory_entry_point_and_mask_rcnn_summary(perturbed):
+    """evaluate_predictions leaves its inputs alone; the Mask R-CNN engine's summary is pycocotools' AP."""
+    from detectron2_train.engine import coco_evaluate
+
+    gt_path, gt, preds, pred_path = perturbed
+    before = copy.deepcopy((gt, preds))
+    result = evaluate_predictions(preds, gt, EvalOptions(iou_types=("bbox",)), agnostic_recall=False)
+    assert (gt, preds) == before
+    assert "AR_agnostic" not in result.metrics["bbox"] and "class-agnostic" not in format_report(result)
+    _assert_equal(result.metrics["bbox"], reference_stats(gt_path, preds, "bbox"))
+
+    summary = coco_evaluate(str(gt_path), preds)
+    assert sorted(summary) == ["bbox", "segm"] and all(sorted(s) == ["AP", "AP50", "AP75"] for s in summary.values())
+    assert summary["bbox"] == pytest.approx({k: result.metrics["bbox"][k] for k in ("AP", "AP50", "AP75")})
+    segm = reference_stats(gt_path, preds, "segm", agnostic=True)
+    agnostic = coco_evaluate(str(gt_path), preds, class_agnostic=True)
+    assert agnostic["segm"] == pytest.approx({"AP": 100 * segm[0], "AP50": 100 * segm[1], "AP75": 100 * segm[2]})
 
 
 def test_cli_prints_ap50_last_and_writes_json(perturbed, tmp_path, repo_root):

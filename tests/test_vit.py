@@ -55,6 +55,16 @@ def test_wrong_architecture_checkpoint_is_a_clear_error(vit_s16, tmp_path):
         build_vit("vit_small", 16, str(tmp_path / "missing.pth"))
 
 
+def test_unreadable_or_non_dict_checkpoint_names_the_file(tmp_path):
+    corrupt, listed = tmp_path / "corrupt.pth", tmp_path / "listed.pth"
+    corrupt.write_bytes(b"not a torch file")
+    torch.save([1, 2], listed)
+    with pytest.raises(UserError, match=r"cannot read --weights checkpoint .*corrupt\.pth"):
+        build_vit("vit_small", 16, str(corrupt))
+    with pytest.raises(UserError, match=r"--weights checkpoint .*listed\.pth holds a list, not a dict"):
+        build_vit("vit_small", 16, str(listed))
+
+
 def test_offline_without_cache_says_how_to_pass_weights(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
 

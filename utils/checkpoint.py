@@ -49,16 +49,29 @@ def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer: 
         torch.save(state, tmp)
 
 
+def read_torch_file(path: str | os.PathLike, what: str, hint: str = "") -> dict:
+    """The dict saved in a `torch.save` file (on the CPU), or a UserError naming the file.
+
+    `what` names the file in the messages ("checkpoint", "backbone weights", ...): `<what> not
+    found: PATH (<hint>)`, `cannot read <what> PATH: <reason>`, `<what> PATH holds a <type>, not a dict`.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what} not found: {path}" + (f" ({hint})" if hint else ""))
+    try:
+        # Full unpickling: training checkpoints hold RNG states and configs, not only tensors.
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # truncated or foreign files
+        raise UserError(f"cannot read {what} {path}: {exc}") from None
+    if not isinstance(state, dict):
+        raise UserError(f"{what} {path} holds a {type(state).__name__}, not a dict")
+    return state
+
+
 def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer: Any = None,
                     scheduler: Any = None, restore_rng: bool = True) -> dict:
     """Restore a checkpoint in place; returns the whole dict (iteration, config, extra)."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"checkpoint not found: {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # truncated or foreign files
-        raise UserError(f"cannot read checkpoint {path}: {exc}") from None
+    state = read_torch_file(path, "checkpoint")
     unwrap(model).load_state_dict(state["model"])
     if optimizer is not None and state.get("optimizer") is not None:
         optimizer.load_state_dict(state["optimizer"])

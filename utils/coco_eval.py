@@ -225,7 +225,7 @@ def select_most_confident(predictions: list[dict], gt: dict) -> tuple[list[dict]
 # ----------------------------------------------------------------------------- the evaluation
 
 
-def evaluate_instances(pred_path: str | os.PathLike, gt_path: str | os.PathLike, options: EvalOptions) -> EvalResult:
+def check_options(options: EvalOptions) -> None:
     for iou_type in options.iou_types:
         if iou_type not in IOU_TYPES:
             raise UserError(f"unknown IoU type {iou_type!r}; choose from {IOU_TYPES}")
@@ -233,14 +233,32 @@ def evaluate_instances(pred_path: str | os.PathLike, gt_path: str | os.PathLike,
         if not 0.0 < t < 1.0:
             raise UserError(f"--iou_thresholds: {t} is not in (0, 1)")
 
+
+def evaluate_instances(pred_path: str | os.PathLike, gt_path: str | os.PathLike, options: EvalOptions) -> EvalResult:
+    """Evaluate a predictions file (results list or COCO dict) against a COCO GT file."""
+    check_options(options)
     gt = load_coco_dataset(gt_path)
-    gt = {"images": gt["images"], "annotations": gt["annotations"], "categories": gt["categories"]}
-    if not gt["categories"]:
-        raise UserError(f"{gt_path} has no 'categories'")
     anns, _ = load_predictions(pred_path)
-    check_image_ids(anns, gt, str(pred_path), str(gt_path))
+    return evaluate_predictions(anns, gt, options, str(pred_path), str(gt_path))
+
+
+def evaluate_predictions(anns: list[dict], gt_dataset: dict, options: EvalOptions, pred_source: str = "predictions",
+                         gt_source: str = "ground truth", agnostic_recall: bool = True) -> EvalResult:
+    """Evaluate in-memory COCO results against an in-memory COCO dataset (neither is modified).
+
+    `anns` are results as `load_predictions` returns them (checked, with scores); `pred_source` and
+    `gt_source` name them in error messages. `agnostic_recall=False` skips the extra class-agnostic
+    evaluation of class-specific runs (no `AR_agnostic` in the metrics then).
+    """
+    check_options(options)
+    # Annotations copied: pycocotools' COCOeval writes into the GT annotations it evaluates.
+    gt = {"images": gt_dataset["images"], "annotations": [dict(a) for a in gt_dataset["annotations"]],
+          "categories": gt_dataset["categories"]}
+    if not gt["categories"]:
+        raise UserError(f"{gt_source} has no 'categories'")
+    check_image_ids(anns, gt, pred_source, gt_source)
     images = {img["id"]: img for img in gt["images"]}
-    predictions = normalise_predictions(anns, images, str(pred_path), need_category=not options.class_agnostic)
+    predictions = normalise_predictions(anns, images, pred_source, need_category=not options.class_agnostic)
     notes: list[str] = []
 
     # Category subset and class-agnostic folding.
@@ -275,7 +293,7 @@ def evaluate_instances(pred_path: str | os.PathLike, gt_path: str | os.PathLike,
                         num_gt=len(gt["annotations"]), eval_category_ids=list(cat_ids), notes=notes)
     default_thrs = COCOeval(iouType="segm").params.iouThrs
     for iou_type in options.iou_types:
-        preds = for_iou_type(predictions, iou_type, str(pred_path))
+        preds = for_iou_type(predictions, iou_type, pred_source)
         evaluator, table = run_cocoeval(gt_coco, preds, iou_type, cat_ids=cat_ids)
         metrics: dict = {name: _percent(v) for name, v in zip(STAT_NAMES, evaluator.stats)}
 
@@ -287,14 +305,17 @@ def evaluate_instances(pred_path: str | os.PathLike, gt_path: str | os.PathLike,
             }
 
         # Class-agnostic recall (the open-world measure): all categories of the evaluated set in one.
+        agnostic = None
         if options.class_agnostic:
             agnostic = evaluator
-        else:
+        elif agnostic_recall:
             agn_gt = dict(gt)
             agn_gt["annotations"] = fold_categories([a for a in gt["annotations"] if a["category_id"] in cat_ids])
             agn_gt["categories"] = [dict(AGNOSTIC_CATEGORY)]
             agnostic = run_cocoeval(coco_from_dict(agn_gt), fold_categories(preds), iou_type)[0]
-        metrics["AR_agnostic"] = {name: _percent(agnostic.stats[i]) for i, name in ((6, "AR1"), (7, "AR10"), (8, "AR100"))}
+        if agnostic is not None:
+            metrics["AR_agnostic"] = {name: _percent(agnostic.stats[i])
+                                      for i, name in ((6, "AR1"), (7, "AR10"), (8, "AR100"))}
         result.metrics[iou_type] = metrics
         result.summaries[iou_type] = table
     return result
@@ -317,7 +338,8 @@ def format_report(result: EvalResult) -> str:
         lines.append(f"{iou_type}: " + "  ".join(f"{k} {fmt(m[k])}" for k in STAT_NAMES))
         if "mAP^r" in m:
             lines.append(f"{iou_type} mAP^r: " + "  ".join(f"@{k} {fmt(v)}" for k, v in m["mAP^r"].items()))
-        lines.append(f"{iou_type} class-agnostic: " + "  ".join(f"{k} {fmt(v)}" for k, v in m["AR_agnostic"].items()))
+        if "AR_agnostic" in m:
+            lines.append(f"{iou_type} class-agnostic: " + "  ".join(f"{k} {fmt(v)}" for k, v in m["AR_agnostic"].items()))
     main = order[-1]
     lines.append(f"{main} AP50: {fmt(result.metrics[main]['AP50'])}")
     return "\n".join(lines)

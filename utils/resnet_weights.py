@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import torch
 
+from utils.checkpoint import read_torch_file
 from utils.errors import UserError
 
 # Prefixes used by the common self-supervised releases; stripped in this order.
@@ -15,19 +15,11 @@ _PREFIXES = ("module.encoder_q.", "module.base_encoder.", "module.backbone.", "m
 
 def load_resnet_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read a ResNet checkpoint and return torchvision-style keys (`conv1.weight`, `layer1.0...`), no `fc`."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"backbone weights not found: {path} (pass a file path, or 'none')")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:
-        raise UserError(f"cannot read backbone weights {path}: {exc}") from None
+    state = read_torch_file(path, "backbone weights", hint="pass a file path, or 'none'")
     for key in ("state_dict", "model", "teacher", "student"):
-        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+        if key in state and isinstance(state[key], dict):
             state = state[key]
             break
-    if not isinstance(state, dict):
-        raise UserError(f"backbone weights {path}: expected a state dict")
     cleaned = {}
     for key, value in state.items():
         for prefix in _PREFIXES:
