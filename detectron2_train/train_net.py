@@ -18,17 +18,16 @@ if __package__ in (None, ""):  # run as a script from the repo root
 import argparse
 
 from detectron2_train.engine import DEFAULTS, run
-from utils.config import load_config
-from utils.distributed import cleanup, init_distributed
+from utils.config import add_config_args, load_run_config
+from utils.distributed import distributed_session
 from utils.errors import run_cli
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, help="YAML config (configs/detectron2/*.yaml); `_base_` chains are followed")
-    p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
-                   help="override config keys, e.g. --set solver.base_lr=0.01 input.min_size_train=[512]")
-    p.add_argument("--output_dir", help="where checkpoints, metrics.jsonl and config.yaml go (config: output_dir)")
+    add_config_args(p, config_help="YAML config (configs/detectron2/*.yaml); `_base_` chains are followed",
+                    set_example="solver.base_lr=0.01 input.min_size_train=[512]",
+                    output_dir_help="where checkpoints, metrics.jsonl and config.yaml go (config: output_dir)")
     p.add_argument("--train_json", help="COCO dataset to train on: pseudo-labels or ground truth (data.train_json)")
     p.add_argument("--train_root", help="image root of --train_json's file_name entries (data.train_root)")
     p.add_argument("--test_json", help="COCO dataset (or image list) to predict after training / with --eval_only; "
@@ -64,9 +63,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def config_from_args(args: argparse.Namespace) -> dict:
-    """Defaults < YAML file < --set overrides < the explicit flags above."""
-    cfg = load_config(args.config, args.overrides, DEFAULTS)
-    flags = {("output_dir",): args.output_dir, ("data", "train_json"): args.train_json,
+    """Defaults < YAML file < --set overrides < --output_dir and the explicit flags above."""
+    cfg = load_run_config(args, DEFAULTS)
+    flags = {("data", "train_json"): args.train_json,
              ("data", "train_root"): args.train_root, ("data", "test_json"): args.test_json,
              ("data", "test_root"): args.test_root, ("data", "mask_classes"): args.mask_classes,
              ("data", "num_workers"): args.num_workers, ("model", "mask_head"): args.mask_head,
@@ -84,13 +83,10 @@ def config_from_args(args: argparse.Namespace) -> dict:
 def main() -> None:
     args = parse_args()
     cfg = config_from_args(args)
-    info = init_distributed(args.device)
-    try:
+    with distributed_session(args.device) as info:
         run(cfg, info, resume=args.resume, overwrite=args.overwrite, eval_only=args.eval_only,
             weights=args.weights, pseudo_from=args.pseudo_from, score_thresh=args.score_thresh,
             pseudo_only=args.pseudo_only, results_path=args.results, evaluate=not args.no_eval)
-    finally:
-        cleanup()
 
 
 if __name__ == "__main__":

@@ -19,13 +19,14 @@ from tqdm import tqdm
 from segmentation.data import (EvalTransform, SegmentationDataset, ShardedBatchSampler, TrainTransform,
                                read_image_list)
 from segmentation.model import build_from_config
-from utils.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, unwrap
+from utils.checkpoint import latest_checkpoint, load_checkpoint, read_torch_file, save_checkpoint, unwrap
 from utils.coco_io import write_text
 from utils.config import save_config
 from utils.distributed import DistInfo, all_reduce_mean, barrier
 from utils.errors import UserError
-from utils.label_png import IGNORE_INDEX, VOC_CLASSES
+from utils.label_png import IGNORE_INDEX
 from utils.metrics import confusion_matrix, iou_from_confusion
+from utils.voc import VOC_SEGMENTATION_CLASSES
 
 # Every key a segmentation config may set; YAML files and `--set` overrides change these.
 DEFAULTS: dict = {
@@ -76,7 +77,7 @@ def class_names(config: dict) -> list[str]:
     n = int(config["data"]["num_classes"])
     if names:
         return list(names)
-    return list(VOC_CLASSES) if n == len(VOC_CLASSES) else [str(i) for i in range(n)]
+    return list(VOC_SEGMENTATION_CLASSES) if n == len(VOC_SEGMENTATION_CLASSES) else [str(i) for i in range(n)]
 
 
 def _require(config: dict, *keys: str) -> None:
@@ -356,14 +357,7 @@ def load_trained_model(config: dict, checkpoint: str | os.PathLike, device: torc
     The architecture comes from the config stored in the checkpoint when there is one, else from `config`.
     """
     path = Path(checkpoint)
-    if not path.is_file():
-        raise UserError(f"model checkpoint not found: {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:
-        raise UserError(f"cannot read model checkpoint {path}: {exc}") from None
-    if not isinstance(state, dict):
-        raise UserError(f"model checkpoint {path} is not a checkpoint dict")
+    state = read_torch_file(path, "model checkpoint")
     weights = state.get("model", state)
     arch = json.loads(json.dumps(config))  # deep copy
     saved = state.get("config") if isinstance(state.get("config"), dict) else None

@@ -15,7 +15,7 @@ import argparse
 from segmentation.engine import DEFAULTS, build_val_dataset, class_names, format_iou, load_trained_model
 from segmentation.kmeans_eval import evaluate_clusters
 from utils.coco_io import write_json
-from utils.config import load_config
+from utils.config import add_config_args, load_run_config
 from utils.distributed import resolve_device
 from utils.errors import UserError, run_cli
 
@@ -23,10 +23,9 @@ from utils.errors import UserError, run_cli
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="K-means over frozen pixel embeddings on val, Hungarian matching "
                                                  "to the classes, mIoU and per-class IoU.")
-    parser.add_argument("--config", required=True, help="YAML config whose data section names the val images and GT")
+    add_config_args(parser, config_help="YAML config whose data section names the val images and GT",
+                    set_example="data.val_list=...")
     parser.add_argument("--model_path", required=True, help="trained DeepLab-v3 checkpoint (model_final.pth)")
-    parser.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="override config keys, e.g. --set data.val_list=...")
     parser.add_argument("--num_clusters", type=int, default=None,
                         help="K for K-means; must equal data.num_classes for one-to-one matching (default)")
     parser.add_argument("--max_fit_pixels", type=int, default=200_000,
@@ -39,7 +38,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    config = load_config(args.config, args.overrides, defaults=DEFAULTS)
+    config = load_run_config(args, DEFAULTS)
     dataset = build_val_dataset(config)
     if dataset is None:
         raise UserError("config key data.val_list is not set: nothing to cluster")

@@ -16,7 +16,7 @@ if __package__ in (None, ""):  # run as a script from the repo root
 import argparse
 
 from segmentation.probe import load_probe_config, run_linear_probe
-from utils.distributed import init_distributed
+from utils.distributed import distributed_session
 from utils.errors import run_cli
 
 
@@ -43,8 +43,8 @@ def main(argv=None) -> int:
     config = load_probe_config(args.config_env, args.config_exp, args.overrides)
     if args.device:
         config["device"] = args.device
-    dist = init_distributed(config["device"])
-    result = run_linear_probe(config, dist, args.model_path, args.crf_postprocess)
+    with distributed_session(config["device"]) as dist:
+        result = run_linear_probe(config, dist, args.model_path, args.crf_postprocess)
     print(f"results written to {Path(config['output_dir'])}; mIoU {100 * result['mIoU']:.2f}")
     return 0
 

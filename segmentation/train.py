@@ -13,40 +13,31 @@ if __package__ in (None, ""):  # run as a script from the repo root
 import argparse
 
 from segmentation.engine import DEFAULTS, train
-from utils.config import load_config
-from utils.distributed import cleanup, init_distributed
+from utils.config import add_config_args, load_run_config
+from utils.distributed import distributed_session
 from utils.errors import run_cli
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Train DeepLab-v3 (dilated ResNet, ASPP head) on semantic "
                                                  "pseudo-labels; launch with torchrun for several processes.")
-    parser.add_argument("--config", required=True, help="YAML config (e.g. configs/segmentation/deeplab_voc.yml)")
-    parser.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="override config keys, e.g. --set solver.max_iter=1000 model.weights=none")
-    parser.add_argument("--output_dir", default=None, help="output folder (overrides the config's output_dir)")
+    add_config_args(parser, config_help="YAML config (e.g. configs/segmentation/deeplab_voc.yml)",
+                    set_example="solver.max_iter=1000 model.weights=none",
+                    output_dir_help="output folder (overrides the config's output_dir)",
+                    device_help="auto (default: CUDA when available), cpu, cuda; overrides the config's device")
     parser.add_argument("--resume", action="store_true",
                         help="continue from the latest checkpoint in the output folder (exact: same result as "
                              "an uninterrupted run); starts fresh when there is none")
     parser.add_argument("--overwrite", action="store_true",
                         help="delete the checkpoints and metrics already in the output folder and start over")
-    parser.add_argument("--device", default=None,
-                        help="auto (default: CUDA when available), cpu, cuda; overrides the config's device")
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    config = load_config(args.config, args.overrides, defaults=DEFAULTS)
-    if args.output_dir:
-        config["output_dir"] = args.output_dir
-    if args.device:
-        config["device"] = args.device
-    dist = init_distributed(config["device"])
-    try:
+    config = load_run_config(args, DEFAULTS)
+    with distributed_session(config["device"]) as dist:
         result = train(config, dist, resume=args.resume, overwrite=args.overwrite)
-    finally:
-        cleanup()
     if dist.is_main:
         print(f"finished at iteration {result['iteration']}; model: {result['checkpoint']}")
     return 0

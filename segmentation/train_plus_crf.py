@@ -16,39 +16,30 @@ import argparse
 from segmentation.crf import CRFParams
 from segmentation.engine import DEFAULTS
 from segmentation.rounds import train_plus_crf
-from utils.config import get, load_config
-from utils.distributed import cleanup, init_distributed
+from utils.config import add_config_args, get, load_run_config
+from utils.distributed import distributed_session
 from utils.errors import run_cli
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Train DeepLab-v3 in rounds, each on the dense-CRF-refined "
                                                  "predictions of the previous round's model.")
-    parser.add_argument("--config", required=True, help="YAML config, as for segmentation/train.py")
-    parser.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="override config keys, e.g. --set solver.max_iter=1000")
-    parser.add_argument("--output_dir", default=None, help="root folder of the rounds (overrides the config's output_dir)")
+    add_config_args(parser, config_help="YAML config, as for segmentation/train.py",
+                    set_example="solver.max_iter=1000",
+                    output_dir_help="root folder of the rounds (overrides the config's output_dir)",
+                    device_help="auto (default), cpu or cuda; overrides the config's device")
     parser.add_argument("--rounds", type=int, default=None,
                         help="refinement rounds after the first training (default: crf_rounds.rounds of the config, else 1)")
     parser.add_argument("--workers", type=int, default=None, help="CPU processes for the CRF (default: cores / processes)")
-    parser.add_argument("--device", default=None, help="auto (default), cpu or cuda; overrides the config's device")
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    defaults = dict(DEFAULTS, crf_rounds={"rounds": 1})
-    config = load_config(args.config, args.overrides, defaults=defaults)
-    if args.output_dir:
-        config["output_dir"] = args.output_dir
-    if args.device:
-        config["device"] = args.device
+    config = load_run_config(args, dict(DEFAULTS, crf_rounds={"rounds": 1}))
     rounds = args.rounds if args.rounds is not None else int(get(config, "crf_rounds.rounds", 1))
-    dist = init_distributed(config["device"])
-    try:
+    with distributed_session(config["device"]) as dist:
         result = train_plus_crf(config, dist, rounds, args.workers, CRFParams())
-    finally:
-        cleanup()
     if dist.is_main:
         for r in result["rounds"]:
             print(f"round {r['round']}: labels {r['labels']} -> {r['checkpoint']}")

@@ -1,6 +1,7 @@
 """YAML configs with `_base_` inheritance and `--set a.b=value` command-line overrides."""
 from __future__ import annotations
 
+import argparse
 import copy
 import os
 from pathlib import Path
@@ -79,3 +80,33 @@ def get(config: dict, dotted: str, default: Any = None) -> Any:
             return default
         node = node[key]
     return node
+
+
+def add_config_args(parser: argparse.ArgumentParser, config_help: str, set_example: str,
+                    output_dir_help: str | None = None, device_help: str | None = None) -> None:
+    """Add `--config` and `--set KEY=VALUE ...`, plus `--output_dir` / `--device` when given a help text.
+
+    `load_run_config` reads them back. `--set` may be repeated; all the overrides apply, in order.
+    `--output_dir` and `--device` added here set the config keys of the same name.
+    """
+    parser.add_argument("--config", required=True, help=config_help)
+    parser.add_argument("--set", dest="overrides", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
+                        help=f"override config keys (values are parsed as YAML), e.g. --set {set_example}")
+    config_flags = []
+    if output_dir_help is not None:
+        parser.add_argument("--output_dir", default=None, help=output_dir_help)
+        config_flags.append("output_dir")
+    if device_help is not None:
+        parser.add_argument("--device", default=None, help=device_help)
+        config_flags.append("device")
+    # Remember which flags stand for config keys, so that a script's own --device stays its own.
+    parser.set_defaults(_config_flags=tuple(config_flags))
+
+
+def load_run_config(args: argparse.Namespace, defaults: dict | None = None) -> dict:
+    """Defaults < the `--config` YAML (with its `_base_` chain) < `--set` overrides < `--output_dir` / `--device`."""
+    config = load_config(args.config, args.overrides, defaults)
+    for key in getattr(args, "_config_flags", ()):
+        if getattr(args, key) is not None:
+            config[key] = getattr(args, key)
+    return config

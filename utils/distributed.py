@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -57,6 +59,16 @@ def barrier() -> None:
 def cleanup() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+@contextmanager
+def distributed_session(device: str = "auto") -> Iterator[DistInfo]:
+    """`init_distributed` for the length of a `with` block; the process group is torn down on the way out."""
+    info = init_distributed(device)
+    try:
+        yield info
+    finally:
+        cleanup()
 
 
 def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,9 @@
 """Semantic label PNGs: single channel, VOC palette, 0 = background, 255 = ignore (see DESIGN.md).
 
-Readers accept palette (P), grayscale (L) and 1-bit PNGs, plus RGB images drawn in the VOC colours.
+Readers accept palette (P), grayscale (L), 16-bit and 1-bit PNGs, plus RGB images drawn in the VOC
+colours (`index_only=True` limits them to images that store the indices themselves).
 Writers always produce a VOC-palette PNG, written to a temporary name and renamed.
+Class names live in utils/voc.py (`VOC_CLASSES`, `VOC_SEGMENTATION_CLASSES`).
 """
 from __future__ import annotations
 
@@ -15,12 +17,6 @@ from utils.coco_io import atomic_path
 from utils.errors import UserError
 
 IGNORE_INDEX = 255
-
-VOC_CLASSES = (
-    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
-)
-
 
 def voc_palette() -> np.ndarray:
     """The standard 256-entry PASCAL VOC colour map, shape (256, 3), uint8 (255 is (224, 224, 192))."""
@@ -58,8 +54,13 @@ def write_label_png(path: str | os.PathLike, label: np.ndarray) -> None:
         img.save(tmp, format="PNG")
 
 
-def read_label_png(path: str | os.PathLike) -> np.ndarray:
-    """Read a label PNG as an HxW uint8 class map; raise UserError naming the file if it cannot be used."""
+def read_label_png(path: str | os.PathLike, index_only: bool = False) -> np.ndarray:
+    """Read a label PNG as an HxW uint8 class map; raise UserError naming the file if it cannot be used.
+
+    Palette and grayscale PNGs give their raw index values, 16-bit ones too when they fit in [0, 255].
+    Unless `index_only`, a 1-bit PNG gives 0/255 and an RGB(A) image drawn in VOC colours gives the
+    indices of its colours; `index_only=True` refuses both (instance maps, where neither reading is safe).
+    """
     path = Path(path)
     if not path.is_file():
         raise UserError(f"label file not found: {path}")
@@ -72,6 +73,10 @@ def read_label_png(path: str | os.PathLike) -> np.ndarray:
         raise UserError(f"cannot read label file {path}: {exc}") from None
     if mode in ("P", "L"):
         return array.astype(np.uint8)
+    if index_only and mode in ("1", "RGB", "RGBA"):
+        hint = " (was it saved as RGB?)" if mode.startswith("RGB") else ""
+        raise UserError(f"label file {path} has image mode {mode}; expected a palette or grayscale PNG of "
+                        f"class/instance indices{hint}")
     if mode == "1":
         return array.astype(np.uint8) * 255
     if mode in ("I", "I;16", "I;16B", "I;16L"):

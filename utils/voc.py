@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
+from utils import label_png
 from utils.coco_io import make_annotation
 from utils.errors import UserError
 
@@ -22,10 +22,12 @@ VOC_CLASSES = (
     "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
     "tvmonitor",
 )
+# Names by label-PNG pixel value (0 = background), as semantic segmentation reports them.
+VOC_SEGMENTATION_CLASSES = ("background",) + VOC_CLASSES
 VOC_NAME_TO_ID = {name: i + 1 for i, name in enumerate(VOC_CLASSES)}
 VOC_CATEGORIES = [{"id": i + 1, "name": name, "supercategory": ""} for i, name in enumerate(VOC_CLASSES)]
 AGNOSTIC_CATEGORIES = [{"id": 1, "name": "object", "supercategory": ""}]
-VOID = 255
+VOID = label_png.IGNORE_INDEX  # void / object boundary in VOC label PNGs
 
 
 def voc_image_id(name: str) -> int:
@@ -114,17 +116,9 @@ def parse_voc_xml(path: str | os.PathLike) -> VocAnnotation:
 
 
 def read_label_png(path: str | os.PathLike) -> np.ndarray:
-    """A VOC palette (or grayscale) label PNG as its raw index values, HxW uint8."""
-    try:
-        with Image.open(path) as img:
-            if img.mode not in ("P", "L"):
-                raise UserError(f"{path}: expected a palette or grayscale label PNG, got mode {img.mode} "
-                                "(was it saved as RGB?)")
-            return np.array(img, dtype=np.uint8)
-    except FileNotFoundError:
-        raise UserError(f"label PNG not found: {path}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-        raise UserError(f"{path}: cannot read label PNG ({exc})") from None
+    """A VOC SegmentationObject/Class PNG as its raw index values, HxW uint8 (palette or grayscale only:
+    an RGB rendering or a 1-bit image is refused rather than guessed at)."""
+    return label_png.read_label_png(path, index_only=True)
 
 
 def instances_from_pngs(objects: np.ndarray, classes: np.ndarray) -> tuple[list[tuple[int, np.ndarray, int]], list[int]]:
