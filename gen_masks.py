@@ -61,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     speed.add_argument("--batch_size", type=int, default=8, help="images per forward pass; batches hold images of equal padded size (default: %(default)s)")
     speed.add_argument("--num_workers", type=int, default=None, help="DataLoader decoding workers (default: min(4, CPUs - 1))")
     speed.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
-    speed.add_argument("--half", action="store_true", help="bf16 autocast for the ViT (meant for GPUs)")
+    speed.add_argument("--half", action="store_true",
+                       help="bf16 autocast for the ViT; meant for GPUs (slower on CPUs without bf16 instructions)")
     return p
 
 

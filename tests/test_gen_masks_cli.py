@@ -250,3 +250,39 @@ def test_torchrun_two_processes_equal_a_single_run(small_folder, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert out.read_bytes() == (tmp_path / "single.json").read_bytes()
     assert not (tmp_path / "dist.json.parts").exists()
+
+
+def test_coco20k_subset_gt_and_polygon_output(tiny_coco, tmp_path):
+    gt_file = tiny_coco / "annotations" / "instances_val2017.json"
+    gt = json.loads(gt_file.read_text())
+    chosen = gt["images"][:3]
+    file_list = tmp_path / "coco_20k_filenames.txt"
+    file_list.write_text("".join(f"val2017/{img['file_name']}\n" for img in chosen))
+    out = tmp_path / "coco20k" / "masks.json"
+    result = run_cli("--dataset", "COCO20k", "--dataset_root", tiny_coco, "--coco_json", gt_file, "--file_list",
+                     file_list, "--resize", 64, "--mask_format", "polygon", "--pred_json_path", out, *FAST)
+    assert result.returncode == 0, result.stderr
+    data = json.loads(out.read_text())
+    assert [img["id"] for img in data["images"]] == [img["id"] for img in chosen]
+    assert all(isinstance(a["segmentation"], list) and a["segmentation"] for a in data["annotations"])
+    for ann in data["annotations"]:  # polygons trace the same mask: areas agree to within the outline
+        img = next(i for i in data["images"] if i["id"] == ann["image_id"])
+        assert (tiny_coco / img["file_name"]).is_file()
+        polygon_area = decode_segmentation(ann["segmentation"], img["height"], img["width"]).sum()
+        assert abs(polygon_area - ann["area"]) <= 0.05 * ann["area"] + 4 * (img["height"] + img["width"])
+    subset = json.loads((tmp_path / "coco20k" / "coco20k_gt.json").read_text())
+    ids = {img["id"] for img in chosen}
+    assert {img["id"] for img in subset["images"]} == ids
+    assert len(subset["annotations"]) == sum(a["image_id"] in ids for a in gt["annotations"]) > 0
+    agnostic = json.loads((tmp_path / "coco20k" / "coco20k_gt_class_agnostic.json").read_text())
+    assert {a["category_id"] for a in agnostic["annotations"]} == {1} and len(agnostic["categories"]) == 1
+
+
+def test_coco20k_file_list_naming_an_unknown_image_is_one_clear_error(tiny_coco, tmp_path):
+    file_list = tmp_path / "list.txt"
+    file_list.write_text("val2017/not_in_coco.jpg\n")
+    result = run_cli("--dataset", "COCO20k", "--dataset_root", tiny_coco, "--coco_json",
+                     tiny_coco / "annotations" / "instances_val2017.json", "--file_list", file_list,
+                     "--pred_json_path", tmp_path / "m.json", *FAST)
+    assert result.returncode == 2 and "not_in_coco.jpg" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
