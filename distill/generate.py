@@ -10,12 +10,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import shutil
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, TextIO
 
 import torch
 from torch.utils.data import DataLoader
@@ -25,6 +26,7 @@ from distill.data import (ImageEntry, MaskGenDataset, class_agnostic, coco20k_en
                           read_size, size_grouped_batches, upsample_patch_mask, voc_entries, worker_count)
 from distill.maskgen import propose_masks
 from distill.vit import IMAGENET_MEAN, IMAGENET_STD, build_vit
+from distill.visualize import save_overlay, write_gallery
 from utils.coco_io import atomic_path, check_can_write, make_annotation, write_json
 from utils.config import save_config
 from utils.distributed import resolve_device
@@ -266,20 +268,18 @@ def generate(args: argparse.Namespace) -> RunStats:
     else:
         print(f"shard {shard}/{num_shards} done: {final_part}; run with --merge once every shard is done")
     if args.vis_dir:
-        from distill.visualize import write_gallery
-
         write_gallery(Path(args.vis_dir))
     return stats
 
 
-def _skip(part, entry: ImageEntry, reason: str, stats: RunStats) -> None:
+def _skip(part: TextIO, entry: ImageEntry, reason: str, stats: RunStats) -> None:
     print(f"warning: skipping {entry.path}: {reason}", file=sys.stderr)
     part.write(json.dumps({"index": entry.index, "skipped": {"file_name": entry.file_name, "reason": reason}}) + "\n")
     stats.skipped += 1
 
 
 def _run_model(args: argparse.Namespace, dataset: MaskGenDataset, batches: list[list[int]], done: set[int],
-               part, stats: RunStats) -> None:
+               part: TextIO, stats: RunStats) -> None:
     device = resolve_device(args.device)
     model = build_vit(args.arch, args.patch_size, args.weights).to(device)
     entries, sizes = dataset.entries, dataset.sizes
@@ -317,8 +317,6 @@ def _run_model(args: argparse.Namespace, dataset: MaskGenDataset, batches: list[
                     image = {"id": entry.image_id, "file_name": entry.file_name, "height": height, "width": width}
                     lines.append(json.dumps({"index": index, "image": image, "annotation": annotation}))
                     if args.vis_dir:
-                        from distill.visualize import save_overlay
-
                         save_overlay(batch["images"][slot], proposal, resized, patch, entry.file_name,
                                      Path(args.vis_dir), IMAGENET_MEAN, IMAGENET_STD)
                 if lines:
@@ -333,8 +331,6 @@ def _run_model(args: argparse.Namespace, dataset: MaskGenDataset, batches: list[
 
 def run(args: argparse.Namespace) -> RunStats:
     """`generate`, or under `torchrun` one shard per rank followed by a merge on rank 0."""
-    import os
-
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
         return generate(args)
