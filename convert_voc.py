@@ -6,7 +6,7 @@ The result is the ground truth for VOC instance evaluation (eval_instances.py).
 """
 import argparse
 
-from utils.coco_io import check_can_write, write_json
+from utils.coco_io import check_can_write, check_writable, write_json
 from utils.errors import run_cli
 from utils.voc import convert_voc_instances
 
@@ -30,6 +30,7 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     check_can_write(args.out_file, args.overwrite)
+    check_writable(args.out_file)
     dataset = convert_voc_instances(args.voc_root, args.image_set, args.mask_format, args.class_agnostic)
     write_json(args.out_file, dataset)
     print(f"wrote {len(dataset['annotations'])} instances in {len(dataset['images'])} images to {args.out_file}")

@@ -7,7 +7,7 @@ The last line printed is `CorLoc: <percent>`.
 """
 import argparse
 
-from utils.coco_io import write_json
+from utils.coco_io import check_writable, write_json
 from utils.corloc import evaluate_corloc
 from utils.errors import run_cli
 
@@ -17,7 +17,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--input_file", required=True,
                         help="predictions: a COCO results list or a COCO dict (box from 'bbox', else from the mask)")
     gt = parser.add_mutually_exclusive_group(required=True)
-    gt.add_argument("--gt_file", help="ground truth as a COCO JSON; every image in it is counted")
+    gt.add_argument("--gt_file", help="ground truth as a COCO JSON; every image in it that has a GT box is counted")
     gt.add_argument("--voc_root", help="ground truth from VOC XML: a VOC20XX folder with Annotations/ and ImageSets/Main/")
     parser.add_argument("--image_set", default="trainval",
                         help="with --voc_root: list in ImageSets/Main (or a path to a text file) (default: trainval)")
@@ -31,6 +31,8 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
+    if args.out_json:
+        check_writable(args.out_json)
     result = evaluate_corloc(args.input_file, args.gt_file, args.voc_root, args.image_set, args.no_hard,
                              args.iou_threshold)
     if args.out_json:

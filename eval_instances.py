@@ -9,7 +9,7 @@ Prints pycocotools' tables, mAP^r at --iou_thresholds, class-agnostic AR@1/10/10
 import argparse
 
 from utils.coco_eval import EvalOptions, evaluate_instances, format_report
-from utils.coco_io import write_json
+from utils.coco_io import check_writable, write_json
 from utils.errors import run_cli
 
 
@@ -37,6 +37,8 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
+    if args.out_json:
+        check_writable(args.out_json)
     options = EvalOptions(
         iou_types=("bbox", "segm") if args.iou_type == "both" else (args.iou_type,),
         most_confident=args.eval_most_confident,

@@ -78,6 +78,16 @@ def seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def iteration_seed(seed: int, rank: int, iteration: int) -> int:
+    """Seed of the global torch RNG for one training iteration of one process.
+
+    The random draws of an iteration (the multi-scale image size, RPN and RoI sampling) then
+    depend only on (seed, rank, iteration). A resumed run repeats them exactly on every rank,
+    although a checkpoint holds only rank 0's RNG state.
+    """
+    return int(np.random.SeedSequence([seed, rank, iteration]).generate_state(1)[0])
+
+
 def lr_factor(iteration: int, solver: dict) -> float:
     """Linear warm-up from warmup_factor to 1, then multiply by gamma at every step passed."""
     factor = solver["gamma"] ** sum(iteration >= s for s in solver["steps"])
@@ -122,8 +132,14 @@ def _trim_metrics(path: Path, start_iter: int) -> None:
     """On resume, drop metric lines logged after the checkpoint we continue from."""
     if not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("iteration", 0) <= start_iter]
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short when the run was killed
+            continue
+        if isinstance(record, dict) and record.get("iteration", 0) <= start_iter:
+            kept.append(line)
     write_text(path, "".join(line + "\n" for line in kept))
 
 
@@ -185,12 +201,14 @@ def train(cfg: dict, info: DistInfo, resume: bool = False, overwrite: bool = Fal
     seed_all(seed + info.rank)
     ckpt_path = _checkpoint_to_resume(output_dir) if resume else None
     if ckpt_path is not None:
-        state = load_checkpoint(ckpt_path, model, optimizer, scheduler)  # also restores the RNG states
+        try:
+            state = load_checkpoint(ckpt_path, model, optimizer, scheduler)
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise UserError(f"cannot resume from {ckpt_path}: it does not fit the configured model and data "
+                            f"({str(exc).strip().splitlines()[0]}); pass --overwrite to start again") from None
         start_iter = int(state["iteration"])
         if state["extra"].get("scaler"):
             scaler.load_state_dict(state["extra"]["scaler"])
-        if info.rank:  # the checkpoint holds rank 0's RNG; keep the processes' streams distinct
-            seed_all(seed + info.rank + start_iter)
     max_iter = int(solver["max_iter"])
     extra = {"categories": categories, "mask_classes": mask_classes, "world_size": info.world_size}
     metrics_path = output_dir / "metrics.jsonl"
@@ -216,6 +234,7 @@ def train(cfg: dict, info: DistInfo, resume: bool = False, overwrite: bool = Fal
     end = time.perf_counter()
     with open(metrics_path, "a") if info.is_main else contextlib.nullcontext() as metrics_file:
         for iteration in range(start_iter, max_iter):
+            torch.manual_seed(iteration_seed(seed, info.rank, iteration))
             images, targets = _next_batch(batches)
             data_time = time.perf_counter() - end
             images = [img.to(info.device, non_blocking=True) for img in images]
@@ -361,10 +380,9 @@ def run(cfg: dict, info: DistInfo, resume: bool = False, overwrite: bool = False
     if not test_root:
         raise UserError("data.test_json is set but data.test_root is not")
     results_file = Path(results_path) if results_path else output_dir / "inference" / "results.json"
-    if info.is_main:
-        save_config(cfg, results_file.parent / "config.yaml")
     results = run_inference(cfg, info, str(final), test_json, test_root, results_file)
-    if info.is_main:
+    if info.is_main:  # saved once the results are: a failed run leaves no inference folder behind
+        save_config(cfg, results_file.parent / "config.yaml")
         print(f"wrote {len(results)} predictions to {results_file}")
         if evaluate and load_coco_dataset(test_json)["annotations"]:
             summary = coco_evaluate(test_json, results, class_agnostic=cfg["data"]["class_agnostic"])

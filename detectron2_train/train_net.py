@@ -1,8 +1,8 @@
-"""Train Mask R-CNN (torchvision) on COCO-JSON pseudo-masks or ground truth; infer; self-train.
+r"""Train Mask R-CNN (torchvision) on COCO-JSON pseudo-masks or ground truth; infer; self-train.
 
 Examples (from the repository root):
   python detectron2_train/train_net.py --config configs/detectron2/voc_class_agnostic.yaml \
-      --train_json masks.json --train_root VOCdevkit/VOC2012/JPEGImages --output_dir output/voc
+      --train_json output/voc/pseudo_masks.json --train_root VOCdevkit --output_dir output/voc/round1
   torchrun --nproc_per_node 8 detectron2_train/train_net.py --config ... --resume
   python detectron2_train/train_net.py --config ... --eval_only --weights output/voc/model_final.pth \
       --test_json images.json --test_root DIR --results results.json
@@ -30,8 +30,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                     output_dir_help="where checkpoints, metrics.jsonl and config.yaml go (config: output_dir)")
     p.add_argument("--train_json", help="COCO dataset to train on: pseudo-labels or ground truth (data.train_json)")
     p.add_argument("--train_root", help="image root of --train_json's file_name entries (data.train_root)")
-    p.add_argument("--test_json", help="COCO dataset (or image list) to predict after training / with --eval_only; "
-                                       "evaluated with pycocotools when it has annotations (data.test_json)")
+    p.add_argument("--test_json", help="COCO dataset to predict after training / with --eval_only (its 'images' "
+                                       "suffice); evaluated with pycocotools when it has annotations (data.test_json)")
     p.add_argument("--test_root", help="image root of --test_json (data.test_root)")
     p.add_argument("--class_agnostic", action="store_true", help="train one 'object' class (data.class_agnostic)")
     p.add_argument("--mask_head", choices=["standard", "agnostic", "transfer"],

@@ -62,6 +62,9 @@ def test_kmeans_on_separated_blobs_and_whitening():
     assert cluster_scores(assign, labels, 4, 4)["ACC"] == 1.0
     with pytest.raises(UserError, match="only 3 masks"):
         cluster.run_kmeans(white[:3], white[:3], 4, seed=0, backend="sklearn")
+    if not cluster.faiss_available():
+        with pytest.raises(UserError, match="faiss is not installed"):
+            cluster.run_kmeans(white, white, 4, seed=0, backend="faiss")
 
 
 def test_crop_boxes():
@@ -210,29 +213,34 @@ def _downscaled_val2017(tiny_coco, tmp_path, num_images: int, side: int = 128):
     return root, gt_path
 
 
-def test_cluster_end_to_end_on_gen_masks_output(tiny_coco, tmp_path, repo_root):
-    """gen_masks.py (random ViT) on tiny_coco val2017 images, then cluster.py with their GT."""
+def test_cluster_end_to_end_on_gen_masks_output(tiny_coco, tmp_path, repo_root, monkeypatch, capsys):
+    """gen_masks.py (random ViT) on tiny_coco val2017 images, then cluster.py with their GT. Both entry
+    points run in this process (each subprocess would pay ~9 s of torch import on the shared CI cores);
+    the CLI wrapper itself is exercised by test_support_set_and_input_errors."""
     if not (repo_root / "gen_masks.py").is_file():
         pytest.skip("gen_masks.py is not in the repository yet")
+    import gen_masks
+
     image_root, gt_path = _downscaled_val2017(tiny_coco, tmp_path, num_images=6)
     masks = tmp_path / "masks.json"
-    proc = subprocess.run([sys.executable, "gen_masks.py", "--dataset", "folder", "--dataset_root", str(image_root),
-                           "--weights", "random", "--pred_json_path", str(masks), "--arch", "vit_small",
-                           "--patch_size", "16", "--resize", "112", "--num_workers", "0", "--device", "cpu"],
-                          cwd=repo_root, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
+    monkeypatch.setattr(sys, "argv", ["gen_masks.py", "--dataset", "folder", "--dataset_root", str(image_root),
+                                      "--weights", "random", "--pred_json_path", str(masks), "--arch", "vit_small",
+                                      "--patch_size", "16", "--resize", "112", "--num_workers", "0", "--device", "cpu"])
+    assert gen_masks.main() == 0
     num_masks = len(json.loads(masks.read_text())["annotations"])
     assert num_masks >= 2
     out, metrics_json = tmp_path / "labelled.json", tmp_path / "metrics.json"
-    proc = subprocess.run([sys.executable, "utils/cluster.py", "--input_file", str(masks), "--image_root", str(image_root),
-                           "--gt_file", str(gt_path), "--output_file", str(out), "--metrics_json", str(metrics_json),
-                           "--weights", "random", "--patch_size", "16", "--num_classes", "2", "--num_workers", "0",
-                           "--device", "cpu"], cwd=repo_root, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    assert "ACC" in proc.stdout.strip().splitlines()[-1]
+    monkeypatch.setattr(sys, "argv", ["utils/cluster.py", "--input_file", str(masks), "--image_root", str(image_root),
+                                      "--gt_file", str(gt_path), "--output_file", str(out), "--metrics_json",
+                                      str(metrics_json), "--weights", "random", "--patch_size", "16", "--num_classes",
+                                      "2", "--num_workers", "0", "--device", "cpu"])
+    capsys.readouterr()
+    cluster.main()
+    assert "ACC" in capsys.readouterr().out.strip().splitlines()[-1]
     labelled = json.loads(out.read_text())
     metrics = json.loads(metrics_json.read_text())
     assert len(labelled["annotations"]) + metrics["num_skipped"] == num_masks
+    assert labelled["images"] == json.loads(masks.read_text())["images"]
     cat_ids = {c["id"] for c in labelled["categories"]}
     assert len(cat_ids) == 80 and all(a["category_id"] in cat_ids for a in labelled["annotations"])
     for key in ("ACC", "NMI", "ARI"):
@@ -261,3 +269,66 @@ def test_interrupted_extraction_resumes_from_partial(tiny_coco, tmp_path):
     np.savez(partial, features=first, done=np.ones(len(first), dtype=bool))
     resumed = crop_features.extract_features(mask_set, Broken(), torch.device("cpu"), 16, partial_path=partial, progress=False)
     assert np.array_equal(resumed, first)
+
+
+def test_unreadable_image_in_a_worker_is_one_line_and_keeps_finished_crops(tiny_coco, tmp_path):
+    """A corrupt image read in a DataLoader worker gives one clear error line (not the worker's traceback),
+    and the crops finished before it are saved for the next run."""
+    import shutil
+
+    from distill.vit import build_vit
+
+    path, data = _masks_from_gt(tiny_coco, tmp_path, num_images=2, per_image=1)
+    root = tmp_path / "images"
+    root.mkdir()
+    for img in data["images"]:
+        shutil.copy(tiny_coco / "val2017" / img["file_name"], root / img["file_name"])
+    (root / data["images"][1]["file_name"]).write_bytes(b"not a jpeg")
+    mask_set = crop_features.load_mask_set("target", path, root)
+    torch.manual_seed(0)
+    model = build_vit("vit_small", 16, "random")
+    partial = tmp_path / "f.partial.npz"
+    with pytest.raises(UserError) as info:
+        crop_features.extract_features(mask_set, model, torch.device("cpu"), 16, batch_size=8, num_workers=1,
+                                       partial_path=partial, progress=False)
+    message = str(info.value)
+    assert "\n" not in message and message.startswith("cannot read image") and data["images"][1]["file_name"] in message
+    with np.load(partial) as saved:
+        assert saved["done"].tolist() == [True, False]
+
+
+def test_faiss_backend_glue_with_a_stand_in_module(monkeypatch):
+    """faiss is optional and absent here: a stand-in with faiss' Kmeans API (train, index.search, obj) checks
+    how run_kmeans drives it and reads its results."""
+    import types
+
+    from sklearn.cluster import KMeans
+
+    calls = {}
+
+    class Index:
+        def __init__(self, centroids):
+            self.centroids = centroids
+
+        def search(self, x, k):
+            dist = ((x[:, None, :] - self.centroids[None]) ** 2).sum(-1)
+            order = np.argsort(dist, axis=1)[:, :k]
+            return np.take_along_axis(dist, order, axis=1), order
+
+    class Kmeans:
+        def __init__(self, d, k, **kwargs):
+            calls.update(d=d, k=k, **kwargs)
+
+        def train(self, x):
+            assert x.dtype == np.float32 and x.flags["C_CONTIGUOUS"]
+            km = KMeans(calls["k"], n_init=3, random_state=calls["seed"]).fit(x)
+            self.index, self.obj = Index(km.cluster_centers_.astype(np.float32)), [km.inertia_ * 2, km.inertia_]
+
+    monkeypatch.setitem(sys.modules, "faiss", types.SimpleNamespace(Kmeans=Kmeans))
+    rng = np.random.default_rng(2)
+    labels = np.repeat(np.arange(3), 20)
+    feats = cluster.whiten_normalise(rng.normal(size=(3, 8))[labels] * 10 + rng.normal(size=(60, 8)))
+    assign, inertia = cluster.run_kmeans(feats, feats[::2], 3, seed=5, backend="auto")
+    assert calls["d"] == 8 and calls["k"] == 3 and calls["seed"] == 5
+    assert assign.dtype == np.int64 and assign.shape == (30,)
+    assert cluster_scores(assign, labels[::2], 3, 3)["ACC"] == 1.0 and inertia > 0

@@ -97,6 +97,8 @@ def test_corloc_voc_xml(tmp_path):
     assert result.per_image == {"2007_000001": False, "2007_000002": False}
     with pytest.raises(UserError, match="exactly one"):
         evaluate_corloc(pred_path)
+    with pytest.raises(UserError, match="--iou_threshold 1.5"):
+        evaluate_corloc(pred_path, voc_root=str(root), iou_threshold=1.5)
 
 
 def test_corloc_voc_mini_from_converted_gt(voc_mini, tmp_path):

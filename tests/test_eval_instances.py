@@ -14,7 +14,7 @@ from pycocotools.cocoeval import COCOeval
 
 from utils.coco_eval import STAT_NAMES, EvalOptions, evaluate_instances, evaluate_predictions, format_report
 from utils.coco_io import decode_segmentation, make_annotation, mask_to_rle
-from utils.coco_perturb import perturbed_predictions
+from utils.coco_perturb import perturbed_predictions, uncompressed_rle
 from utils.errors import UserError
 
 
@@ -196,3 +196,55 @@ def test_most_confident_protocol_hand_made(tmp_path):
     full = evaluate_instances(pred_path, gt_path, EvalOptions(class_agnostic=True))
     assert full.metrics["segm"]["AR100"] == pytest.approx(75.0)
     assert full.metrics["segm"]["AP50"] != result.metrics["segm"]["AP50"]
+
+
+def test_most_confident_on_perturbed_predictions_equals_pycocotools(perturbed, tmp_path):
+    """The protocol rebuilt by hand with pycocotools' own box IoU, then evaluated by pycocotools directly."""
+    gt_path, gt, preds, pred_path = perturbed
+    best: dict = {}
+    for p in preds:
+        if p["image_id"] not in best or p["score"] > best[p["image_id"]]["score"]:
+            best[p["image_id"]] = p
+    paired = []
+    for image_id, p in best.items():
+        candidates = [a for a in gt["annotations"] if a["image_id"] == image_id and not a["iscrowd"]]
+        if candidates:
+            ious = mask_utils.iou([p["bbox"]], [a["bbox"] for a in candidates], [0] * len(candidates))[0]
+            paired.append(candidates[int(np.argmax(ious))])
+    sel_gt = tmp_path / "gt_sel.json"
+    sel_gt.write_text(json.dumps(dict(gt, annotations=paired)))
+    result = evaluate_instances(pred_path, gt_path, EvalOptions(iou_types=("segm", "bbox"), most_confident=True,
+                                                                class_agnostic=True))
+    assert (result.num_predictions, result.num_gt) == (len(best), len(paired))
+    for iou_type in ("segm", "bbox"):
+        stats = reference_stats(sel_gt, list(best.values()), iou_type, agnostic=True)
+        assert 5 < 100 * stats[1] < 95
+        _assert_equal(result.metrics[iou_type], stats)
+
+
+def test_uncompressed_rle_round_trips_masks_starting_with_a_set_pixel():
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        h, w = (int(v) for v in rng.integers(1, 9, size=2))
+        mask = (rng.random((h, w)) < 0.5).astype(np.uint8)
+        mask[0, 0] = rng.integers(2)
+        decoded = mask_utils.decode(mask_utils.frPyObjects(uncompressed_rle(mask), h, w))
+        assert np.array_equal(decoded, mask)
+
+
+def test_non_finite_numbers_and_unwritable_output_are_one_line_errors(perturbed, tmp_path, repo_root):
+    gt_path, gt, preds, pred_path = perturbed
+    for message, corrupt in {"#2 has a non-finite 'score'": lambda p: p[2].update(score=float("nan")),
+                             "#6 has a 'bbox'": lambda p: p[6].update(bbox=[0, 0, -4, 5])}.items():
+        bad = copy.deepcopy(preds)
+        corrupt(bad)
+        pred_path.write_text(json.dumps(bad))
+        with pytest.raises(UserError, match=message):
+            evaluate_instances(pred_path, gt_path, EvalOptions(iou_types=("bbox",)))
+    pred_path.write_text(json.dumps(preds))
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    proc = subprocess.run([sys.executable, "eval_instances.py", "--input_file", str(pred_path), "--gt_file", str(gt_path),
+                           "--out_json", str(blocker / "m.json")], cwd=repo_root, capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith("error: cannot write output") and "AP" not in proc.stdout

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -11,12 +12,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torchvision
 
 from detectron2_train.data import CocoInstances, TrainingSampler
-from detectron2_train.engine import DEFAULTS, predict, train
+from detectron2_train.engine import DEFAULTS, predict, run, train
 from detectron2_train.modeling import build_model, set_image_sizes
 from detectron2_train.synthetic import make_dataset
+from utils.coco_eval import EvalOptions, evaluate_predictions
 from utils.coco_io import box_iou_xywh, decode_segmentation, load_json
+from utils.checkpoint import rng_states, save_checkpoint
 from utils.config import load_config
 from utils.distributed import DistInfo
 
@@ -94,6 +98,12 @@ def test_tiny_model_learns_synthetic_shapes_with_transfer_head(tmp_path, one_thr
     assert np.mean(mask_ious_b) > 0.5, mask_ious_b
     empty_image = max(img["id"] for img in gt["images"])
     assert not [r for r in by_image.get(empty_image, []) if r["score"] > 0.5]
+    # AP on set A and on set B, reported separately as eval_instances.py --eval_classes does
+    for name, category_id in (("rectangle", 1), ("ellipse", 2)):
+        report = evaluate_predictions(results, gt, EvalOptions(iou_types=("segm",), eval_classes=(name,)),
+                                      agnostic_recall=False)
+        assert report.eval_category_ids == [category_id]
+        assert report.metrics["segm"]["AP50"] > 50, (name, report.metrics["segm"])
 
 
 def test_resume_gives_the_same_weights(tmp_path, one_thread):
@@ -112,12 +122,31 @@ def test_resume_gives_the_same_weights(tmp_path, one_thread):
     resumed["solver"]["max_iter"] = 6
     train(resumed, DistInfo(), resume=True)
 
+    # A process whose RNG state is not in the checkpoint (every rank > 0 under torchrun) must resume
+    # exactly too: resume from a copy whose saved RNG states are someone else's, after a kill that
+    # cut the last metrics line short.
+    other = tiny_cfg(tmp_path / "c", data, **kwargs)
+    other["input"]["min_size_train"] = [56, 64, 72]
+    Path(other["output_dir"]).mkdir(parents=True)
+    state = torch.load(Path(straight["output_dir"]) / "model_0000003.pth", weights_only=False)
+    torch.manual_seed(12345)
+    random.seed(12345)
+    np.random.seed(12345)
+    state["rng"] = rng_states()
+    torch.save(state, Path(other["output_dir"]) / "model_0000003.pth")
+    (Path(other["output_dir"]) / "metrics.jsonl").write_text('{"iteration": 3, "total_loss": 1.0}\n{"itera')
+    train(other, DistInfo(), resume=True)
+
     a = torch.load(Path(straight["output_dir"]) / "model_final.pth", weights_only=False)
     b = torch.load(Path(resumed["output_dir"]) / "model_final.pth", weights_only=False)
-    assert a["iteration"] == b["iteration"] == 6
-    assert a["model"].keys() == b["model"].keys()
+    c = torch.load(Path(other["output_dir"]) / "model_final.pth", weights_only=False)
+    assert a["iteration"] == b["iteration"] == c["iteration"] == 6
+    assert a["model"].keys() == b["model"].keys() == c["model"].keys()
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
+        assert torch.equal(a["model"][key], c["model"][key]), key
+    other_lines = (Path(other["output_dir"]) / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["iteration"] for line in other_lines] == [3, 4, 5, 6]
     start = build_model(straight, 2).state_dict()
     changed = sum(not torch.equal(start[k], a["model"][k]) for k in start if start[k].is_floating_point())
     assert changed > 10  # training did move the weights
@@ -170,6 +199,45 @@ def test_bad_inputs_give_clear_errors(tmp_path):
                                               "--mask_classes", str(tmp_path / "A.txt")]))
     with pytest.raises(UserError, match="triangle"):
         train(cfg, DistInfo())
+    # --resume in a folder whose checkpoint belongs to another model: one clear line, not a traceback
+    cfg = config_from_args(parse_args(args + ["--train_json", str(data), "--train_root", str(images)]))
+    Path(cfg["output_dir"]).mkdir(parents=True, exist_ok=True)
+    save_checkpoint(Path(cfg["output_dir"]) / "model_0000002.pth", build_model(cfg, 5), iteration=2, config=cfg)
+    with pytest.raises(UserError, match="cannot resume from .*model_0000002.pth"):
+        train(cfg, DistInfo(), resume=True)
+    # --eval_only with a missing checkpoint: a clear error and no inference folder
+    cfg["data"].update(test_json=str(data), test_root=str(images))
+    cfg["output_dir"] = str(tmp_path / "eval")
+    with pytest.raises(UserError, match="weights not found: .*nope.pth"):
+        run(cfg, DistInfo(), eval_only=True, weights=str(tmp_path / "nope.pth"))
+    assert not (tmp_path / "eval").exists()
+
+
+def test_backbone_weights_from_torchvision_and_dino_checkpoints(tmp_path):
+    from detectron2_train.modeling import build_backbone
+    from utils.errors import UserError
+
+    cfg = load_config(TINY, ["model.backbone=resnet18", "model.norm=frozen_bn", "model.trainable_layers=3"],
+                      DEFAULTS)["model"]
+    torch.manual_seed(7)
+    reference = torchvision.models.resnet18(weights=None)
+    with torch.no_grad():
+        reference.bn1.running_mean.uniform_()  # a buffer the frozen BN must take over too
+    plain = {k: v for k, v in reference.state_dict().items()}
+    torch.save(plain, tmp_path / "torchvision_r18.pth")
+    # DINO's full training checkpoint: the teacher's weights under module.backbone.
+    torch.save({"teacher": {f"module.backbone.{k}": v for k, v in plain.items() if not k.startswith("fc.")},
+                "epoch": 100}, tmp_path / "dino_checkpoint.pth")
+    for name in ("torchvision_r18.pth", "dino_checkpoint.pth"):
+        body = build_backbone({**cfg, "backbone_weights": str(tmp_path / name)}).body
+        assert torch.equal(body["conv1"].weight, plain["conv1.weight"]), name
+        assert torch.equal(body["layer4"][1].conv2.weight, plain["layer4.1.conv2.weight"]), name
+        assert torch.equal(body["bn1"].running_mean, plain["bn1.running_mean"]), name
+        assert not body["layer1"][0].conv1.weight.requires_grad and body["layer2"][0].conv1.weight.requires_grad
+    with pytest.raises(UserError, match="do not fit resnet50"):
+        build_backbone({**cfg, "backbone": "resnet50", "backbone_weights": str(tmp_path / "torchvision_r18.pth")})
+    with pytest.raises(UserError, match="not found"):
+        build_backbone({**cfg, "backbone_weights": str(tmp_path / "missing.pth")})
 
 
 def test_cli_corrupt_image_is_one_line_and_writes_nothing(tmp_path):

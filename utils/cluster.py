@@ -27,7 +27,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from utils.coco_io import box_iou_xywh, check_can_write, load_coco_dataset, segmentation_to_rle, write_json
+from utils.coco_io import (box_iou_xywh, check_can_write, check_writable, load_coco_dataset, segmentation_to_rle,
+                           write_json)
 from utils.crop_features import MaskSet, cached_features, load_mask_set
 from utils.errors import UserError, run_cli
 
@@ -66,6 +67,9 @@ def run_kmeans(fit: np.ndarray, predict: np.ndarray, num_clusters: int, seed: in
     if backend == "auto":
         backend = "faiss" if faiss_available() else "sklearn"
     if backend == "faiss":
+        if not faiss_available():
+            raise UserError("--kmeans faiss: faiss is not installed (pip install faiss-cpu or faiss-gpu), "
+                            "or use --kmeans sklearn")
         import faiss
 
         kmeans = faiss.Kmeans(fit.shape[1], num_clusters, niter=20, seed=seed, verbose=False,
@@ -203,9 +207,12 @@ def cluster_masks(args: argparse.Namespace) -> dict:
                         "give one root per support file")
     if args.gt_file and args.gt_voc_root:
         raise UserError("give at most one of --gt_file and --gt_voc_root")
-    if args.overcluster < 1 or args.trials < 1 or args.batch_size < 1:
-        raise UserError("--overcluster, --trials and --batch_size must be >= 1")
+    if args.overcluster < 1 or args.trials < 1 or args.batch_size < 1 or (args.num_classes is not None and args.num_classes < 1):
+        raise UserError("--num_classes, --overcluster, --trials and --batch_size must be >= 1")
     check_can_write(args.output_file, args.overwrite)
+    for path in (args.output_file, args.metrics_json):
+        if path:
+            check_writable(path)
 
     gt_dataset = load_coco_dataset(args.gt_file) if args.gt_file else None
     target = load_mask_set("target", args.input_file, args.image_root, gt_dataset, str(args.gt_file))
@@ -219,6 +226,7 @@ def cluster_masks(args: argparse.Namespace) -> dict:
     # Features (cached), for the target and every support set.
     output = Path(args.output_file)
     cache_dir = Path(args.cache_dir) if args.cache_dir else output.parent
+    check_writable(cache_dir / f"{output.stem}.features.npy")
     model_holder: list = []
 
     def get_model():

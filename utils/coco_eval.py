@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from typing import Iterable
@@ -152,6 +153,10 @@ def normalise_predictions(anns: list[dict], images: dict[int, dict], source: str
         where = f"{source}: annotation #{i}"
         if need_category and "category_id" not in ann:
             raise UserError(f"{where} has no 'category_id' (pass --class_agnostic to ignore categories)")
+        if not math.isfinite(ann["score"]):
+            raise UserError(f"{where} has a non-finite 'score' {ann['score']!r}")
+        if "bbox" in ann and not (all(math.isfinite(v) for v in ann["bbox"]) and min(ann["bbox"][2:]) >= 0):
+            raise UserError(f"{where} has a 'bbox' {ann['bbox']!r} with a non-finite value or a negative size")
         img = images[ann["image_id"]]
         ann = dict(ann)
         if "segmentation" in ann:

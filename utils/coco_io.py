@@ -240,3 +240,17 @@ def check_image_ids(pred_anns: list[dict], dataset: dict, pred_name: str, gt_nam
     for i, ann in enumerate(pred_anns):
         if ann["image_id"] not in known:
             raise UserError(f"{pred_name}: annotation #{i} has image_id {ann['image_id']} which is not in {gt_name}")
+
+
+def check_writable(path: str | os.PathLike) -> None:
+    """Fail early, in one line, when an output cannot be written (its folder cannot be created, or it
+    is a folder), so that a long job does not end in a traceback after all its work."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"output {path} is a folder, not a file")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".probe"):
+            pass
+    except OSError as exc:
+        raise UserError(f"cannot write output {path}: {exc.strerror or exc}") from None

@@ -11,6 +11,18 @@ import numpy as np
 from utils.coco_io import decode_segmentation, make_annotation, mask_to_rle
 
 
+def uncompressed_rle(mask: np.ndarray) -> dict:
+    """Binary HxW mask -> uncompressed COCO RLE: column-major run lengths, starting with a run of 0s
+    (of length 0 when the first pixel is set)."""
+    flat = mask.flatten(order="F").astype(np.int64)
+    starts = np.flatnonzero(np.diff(flat)) + 1  # where a new run begins
+    bounds = np.concatenate([[0], starts, [flat.size]])
+    runs = np.diff(bounds).tolist()
+    if flat.size and flat[0] == 1:
+        runs = [0] + runs
+    return {"size": [int(mask.shape[0]), int(mask.shape[1])], "counts": [int(r) for r in runs]}
+
+
 def perturbed_predictions(gt: dict, seed: int = 0) -> list[dict]:
     """GT objects jittered (shifted masks, moved boxes, some relabelled), 20% dropped, plus false positives;
     masks as str-RLE, polygons and uncompressed RLE."""
@@ -38,11 +50,7 @@ def perturbed_predictions(gt: dict, seed: int = 0) -> list[dict]:
             if kind == 1:
                 segm = mask_to_rle(mask)
             else:  # uncompressed RLE
-                flat = mask.flatten(order="F")
-                change = np.flatnonzero(np.diff(np.concatenate([[0], flat, [2]])))  # run boundaries
-                runs = np.diff(np.concatenate([[0], change]))
-                segm = {"size": [h, w], "counts": runs.tolist() if flat[0] == 0 else [0] + runs.tolist()}
-                segm["counts"] = [int(c) for c in segm["counts"] if c >= 0]
+                segm = uncompressed_rle(mask)
         preds.append({"image_id": ann["image_id"], "category_id": category, "segmentation": segm,
                       "bbox": box, "score": score})
     for _ in range(60):  # false positives

@@ -143,6 +143,8 @@ def evaluate_corloc(pred_path: str | os.PathLike, gt_file: str | None = None, vo
                     image_set: str = "trainval", no_hard: bool = False, iou_threshold: float = 0.5) -> CorLocResult:
     if (gt_file is None) == (voc_root is None):
         raise UserError("give exactly one of --gt_file (COCO JSON) and --voc_root (VOC XML)")
+    if not 0.0 < iou_threshold <= 1.0:
+        raise UserError(f"--iou_threshold {iou_threshold} is not in (0, 1]")
     gt = gt_from_coco(gt_file, no_hard) if gt_file else gt_from_voc(voc_root, image_set, no_hard)
     boxes = most_confident_boxes(pred_path, gt, keyed_by_name=voc_root is not None)
     return corloc(boxes, gt, iou_threshold)

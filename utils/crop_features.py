@@ -136,14 +136,19 @@ class CropDataset:
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, i: int) -> list:
+    def __getitem__(self, i: int) -> list | str:
+        """The image's crops, or the one-line reason it cannot be read: a UserError raised inside a
+        DataLoader worker would reach the user wrapped in the worker's traceback."""
         import torch
         import torchvision.transforms.functional as TF
 
         from distill.vit import IMAGENET_MEAN, IMAGENET_STD
 
         img, crops = self.items[i]
-        image = load_image_checked(resolve_image_path(self.image_root, img["file_name"]), img["width"], img["height"])
+        try:
+            image = load_image_checked(resolve_image_path(self.image_root, img["file_name"]), img["width"], img["height"])
+        except UserError as exc:
+            return str(exc)
         tensor = TF.normalize(TF.to_tensor(image), IMAGENET_MEAN, IMAGENET_STD)
         p = self.patch_size
         out = []
@@ -233,8 +238,11 @@ def extract_features(mask_set: MaskSet, model, device, patch_size: int, batch_si
 
     last_save = time.monotonic()
     total = sum(len(c) for _, c in per_image.values())
-    with tqdm(total=total, desc=f"features ({mask_set.name})", unit="crop", disable=None if progress is None else not progress) as bar:
+    bar = tqdm(total=total, desc=f"features ({mask_set.name})", unit="crop", disable=None if progress is None else not progress)
+    try:
         for crops in loader:
+            if isinstance(crops, str):  # an unreadable image: one clear error (finished crops are kept)
+                raise UserError(crops)
             for index, crop in crops:
                 shape = tuple(crop.shape[1:])
                 buckets.setdefault(shape, []).append((index, crop))
@@ -250,6 +258,17 @@ def extract_features(mask_set: MaskSet, model, device, patch_size: int, batch_si
                 last_save = time.monotonic()
         for shape in list(buckets):
             run(shape)
+    except (UserError, KeyboardInterrupt) as exc:
+        # Keep what is finished so that the next run resumes after the fix instead of starting over.
+        if partial_path is not None:
+            if isinstance(exc, UserError):  # crops already decoded are cheap to finish
+                for shape in list(buckets):
+                    run(shape)
+            if done.any():
+                _save_partial(partial_path, features, done)
+        raise
+    finally:
+        bar.close()
     return features
 
 
