@@ -21,10 +21,12 @@ import argparse
 import multiprocessing
 import os
 from dataclasses import asdict, dataclass
+from typing import Callable
 
 import numpy as np
 from tqdm import tqdm
 
+from segmentation.data import check_pair_sizes, find_image
 from utils.errors import UserError, run_cli
 from utils.images import ImageReadError, load_rgb
 from utils.label_png import IGNORE_INDEX, read_label_png, write_label_png
@@ -140,12 +142,6 @@ def _refine_file(job: tuple) -> str:
     return str(mask_path)
 
 
-def _find_image_for(image_dir: Path, name: str) -> Path:
-    from segmentation.data import find_image
-
-    return find_image(image_dir, name)
-
-
 def refine_folder(image_dir: str | os.PathLike, mask_dir: str | os.PathLike, out_dir: str | os.PathLike,
                   workers: int | None = None, mask_type: str = "auto", gt_prob: float = 0.8,
                   fill_ignore: bool = False, overwrite: bool = False, params: CRFParams = CRFParams()) -> dict:
@@ -168,25 +164,30 @@ def refine_folder(image_dir: str | os.PathLike, mask_dir: str | os.PathLike, out
         if out_path.exists() and not overwrite:
             skipped += 1
             continue
-        jobs.append((str(_find_image_for(image_dir, name)), str(mask), str(out_path), mask_type, gt_prob,
-                     fill_ignore, asdict(params)))
+        image = find_image(image_dir, name)
+        check_pair_sizes(image, mask, "mask")  # from the headers: bad pairs stop the job before any output
+        jobs.append((str(image), str(mask), str(out_path), mask_type, gt_prob, fill_ignore, asdict(params)))
     run_pool(_refine_file, jobs, workers, desc="crf")
     return {"masks": len(masks), "refined": len(jobs), "skipped": skipped}
 
 
-def run_pool(function, jobs: list, workers: int | None, desc: str) -> list:
-    """Map `function` over `jobs` with a pool of CPU processes (in-process for one worker), with a progress bar."""
+def run_pool(function: Callable, jobs: list, workers: int | None, desc: str, progress: bool = True) -> list:
+    """Map `function` over `jobs` with a pool of CPU processes (in-process for one worker), with a progress bar.
+
+    Results come in completion order. `progress=False` hides the bar (for callers that keep their own).
+    """
     workers = default_workers() if workers is None else max(1, int(workers))
     results = []
+    disable = None if progress else True
     if workers == 1 or len(jobs) <= 1:
-        for job in tqdm(jobs, desc=desc, unit="img", disable=None):
+        for job in tqdm(jobs, desc=desc, unit="img", disable=disable):
             results.append(function(job))
         return results
     # fork starts workers without re-importing anything (as DataLoader workers do); spawn where there is no fork.
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
     with multiprocessing.get_context(method).Pool(min(workers, len(jobs))) as pool:
         for result in tqdm(pool.imap_unordered(function, jobs, chunksize=1), total=len(jobs), desc=desc,
-                           unit="img", disable=None):
+                           unit="img", disable=disable):
             results.append(result)
     return results
 

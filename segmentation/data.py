@@ -13,6 +13,7 @@ from typing import Iterator, Sequence
 import cv2
 import numpy as np
 import torch
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, Sampler
 
 from utils.errors import UserError
@@ -53,12 +54,38 @@ def find_image(image_dir: Path, name: str) -> Path:
     raise UserError(f"image for list entry {name!r} not found in {image_dir} (tried {name}.jpg, .png, ...)")
 
 
+def stored_size(path: Path, what: str = "image", exif_rotation: bool = True) -> tuple[int, int]:
+    """(height, width) of a file from its header alone; with `exif_rotation`, as load_rgb will see it
+    (labels are read as stored, without EXIF rotation)."""
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+            orientation = img.getexif().get(0x0112, 1) if exif_rotation else 1
+    except FileNotFoundError:
+        raise UserError(f"{what} file not found: {path}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise UserError(f"cannot read {what} file {path}: {exc}") from None
+    if orientation in (5, 6, 7, 8):  # rotated by 90 degrees
+        height, width = width, height
+    return height, width
+
+
+def check_pair_sizes(image_path: Path, label_path: Path, label_what: str = "label file") -> None:
+    """Fail before any work when a label's size differs from its image's (headers only, so it is cheap)."""
+    image_hw = stored_size(image_path, "image")
+    label_hw = stored_size(label_path, "label", exif_rotation=False)
+    if image_hw != label_hw:
+        raise UserError(f"{label_what} {label_path} is {label_hw[1]}x{label_hw[0]} but its image {image_path} "
+                        f"is {image_hw[1]}x{image_hw[0]}")
+
+
 class SegmentationDataset(Dataset):
     """Images named by a list, with their label PNGs (or without labels, for prediction).
 
     Each item is a dict: `image` (3xHxW normalised float tensor), `label` (HxW int64, 255 = ignore;
-    absent when there is no label folder), `index`. Labels are checked against the image size and
-    the class range, naming the file on failure.
+    absent when there is no label folder), `index`. Missing files and label sizes that differ from
+    their images are found when the dataset is built (from the file headers); class ids outside the range
+    when an item loads. Every failure names the file.
     """
 
     def __init__(self, image_dir: str | os.PathLike, names: Sequence[str], label_dir: str | os.PathLike | None,
@@ -72,9 +99,10 @@ class SegmentationDataset(Dataset):
         self.labels: list[Path] | None = None
         if self.label_dir is not None:
             self.labels = [self.label_dir / f"{n}.png" for n in self.names]
-            for path in self.labels:
+            for image_path, path in zip(self.images, self.labels):
                 if not path.is_file():
                     raise UserError(f"label file not found: {path}")
+                check_pair_sizes(image_path, path)
         self.num_classes = num_classes
         self.transform = transform
         self.seed = seed
@@ -130,7 +158,8 @@ class TrainTransform:
         self.scale_range = (float(scale_range[0]), float(scale_range[1]))
         self.flip = flip
 
-    def __call__(self, image: np.ndarray, label: np.ndarray | None, rng: np.random.Generator):
+    def __call__(self, image: np.ndarray, label: np.ndarray | None,
+                 rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
         if label is None:
             raise ValueError("training needs labels")
         scale = rng.uniform(*self.scale_range)
@@ -156,7 +185,8 @@ class TrainTransform:
 class EvalTransform:
     """No geometric change: the network sees the full image and is scored at the label's resolution."""
 
-    def __call__(self, image: np.ndarray, label: np.ndarray | None, rng: np.random.Generator):
+    def __call__(self, image: np.ndarray, label: np.ndarray | None,
+                 rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
         label_t = torch.from_numpy(label.astype(np.int64)) if label is not None else None
         return normalise(image), label_t
 

@@ -7,7 +7,7 @@ import os
 import random
 import time
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -126,7 +126,8 @@ def worker_batches(loader: Iterable) -> Iterator:
         yield batch
 
 
-def poly_schedule(max_iter: int, power: float):
+def poly_schedule(max_iter: int, power: float) -> Callable[[int], float]:
+    """LambdaLR factor (1 - it / max_iter) ** power, 0 from max_iter on."""
     return lambda it: max(0.0, 1.0 - it / max_iter) ** power
 
 
@@ -158,7 +159,7 @@ def _append_jsonl(path: Path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-def _truncate_metrics(path: Path, iteration: int) -> None:
+def truncate_metrics(path: Path, iteration: int) -> None:
     """On resume, drop records written after the checkpoint so the log reads like one straight run."""
     if not path.exists():
         return
@@ -166,7 +167,7 @@ def _truncate_metrics(path: Path, iteration: int) -> None:
     write_text(path, "".join(ln + "\n" for ln in kept))
 
 
-def _prune_checkpoints(output_dir: Path, keep: int) -> None:
+def prune_checkpoints(output_dir: Path, keep: int) -> None:
     if keep <= 0:
         return
     periodic = sorted(p for p in output_dir.glob("model_*.pth") if p.stem[6:].isdigit())
@@ -226,7 +227,7 @@ def train(config: dict, dist: DistInfo, resume: bool = False, overwrite: bool = 
         output_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, output_dir / "config.yaml")
         if checkpoint is not None:
-            _truncate_metrics(metrics_path, start_iter)
+            truncate_metrics(metrics_path, start_iter)
     if dist.distributed:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
@@ -270,7 +271,7 @@ def train(config: dict, dist: DistInfo, resume: bool = False, overwrite: bool = 
                 path = output_dir / f"model_{iteration:07d}.pth"
                 save_checkpoint(path, model, optimizer, scheduler, iteration, config,
                                 extra={"scaler": scaler.state_dict() if amp else None})
-                _prune_checkpoints(output_dir, int(solver["keep_checkpoints"]))
+                prune_checkpoints(output_dir, int(solver["keep_checkpoints"]))
             eval_period = int(solver["eval_period"])
             if val_dataset is not None and eval_period > 0 and iteration % eval_period == 0 and iteration < max_iter:
                 last_eval = _evaluate_and_log(model, val_dataset, config, dist, iteration, metrics_path)

@@ -15,19 +15,20 @@ from tqdm import tqdm
 
 from segmentation.data import SegmentationDataset
 from segmentation.engine import iou_result, worker_batches
+from segmentation.model import DeepLabV3
 from utils.label_png import IGNORE_INDEX
 from utils.metrics import confusion_matrix
 
 
 @torch.no_grad()
-def _embeddings(model, image: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+def _embeddings(model: DeepLabV3, image: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
     features = model.embed(image).float()
     if size is not None:
         features = F.interpolate(features, size=size, mode="bilinear", align_corners=False)
     return F.normalize(features[0], dim=0)  # (C, h, w)
 
 
-def fit_kmeans(model, dataset: SegmentationDataset, num_clusters: int, device: torch.device,
+def fit_kmeans(model: DeepLabV3, dataset: SegmentationDataset, num_clusters: int, device: torch.device,
                max_fit_pixels: int = 200_000, seed: int = 0, num_workers: int = 0) -> np.ndarray:
     """Centroids (K, C) from a uniform subsample of the embedding pixels of the whole dataset."""
     from sklearn.cluster import KMeans
@@ -58,7 +59,7 @@ def hungarian_from_counts(counts: np.ndarray) -> dict[int, int]:
 
 
 @torch.no_grad()
-def evaluate_clusters(model, dataset: SegmentationDataset, num_classes: int, class_names: list[str],
+def evaluate_clusters(model: DeepLabV3, dataset: SegmentationDataset, num_classes: int, class_names: list[str],
                       device: torch.device, num_clusters: int | None = None, max_fit_pixels: int = 200_000,
                       seed: int = 0, num_workers: int = 0) -> dict:
     """K-means + Hungarian matching; returns the mIoU table plus the cluster -> class mapping."""

@@ -30,6 +30,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="experiment YAML: data, model, solver and 'pretrained' (the trained DeepLab-v3 checkpoint)")
     parser.add_argument("--crf-postprocess", dest="crf_postprocess", action="store_true",
                         help="refine the val softmax with the dense CRF before scoring")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="CPU processes for --crf-postprocess (default: available cores, at most 16)")
     parser.add_argument("--model_path", default=None,
                         help="evaluate these saved probe weights (probe_final.pth) instead of training")
     parser.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="KEY=VALUE",
@@ -44,8 +46,9 @@ def main(argv=None) -> int:
     if args.device:
         config["device"] = args.device
     with distributed_session(config["device"]) as dist:
-        result = run_linear_probe(config, dist, args.model_path, args.crf_postprocess)
-    print(f"results written to {Path(config['output_dir'])}; mIoU {100 * result['mIoU']:.2f}")
+        result = run_linear_probe(config, dist, args.model_path, args.crf_postprocess, args.workers)
+    if dist.is_main:
+        print(f"results written to {Path(config['output_dir'])}; mIoU {100 * result['mIoU']:.2f}")
     return 0
 
 

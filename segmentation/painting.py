@@ -1,6 +1,7 @@
 """Instance predictions (COCO results) -> semantic pseudo-labels (VOC-palette PNGs) and an image list."""
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -55,10 +56,19 @@ def _mask(pred: dict, height: int, width: int) -> np.ndarray:
         mask = np.zeros((height, width), dtype=np.uint8)
         mask[max(int(round(y)), 0):int(round(y + h)), max(int(round(x)), 0):int(round(x + w))] = 1
         return mask
-    if isinstance(segm, dict) and "size" in segm and list(segm["size"]) != [height, width]:
-        raise UserError(f"prediction for image {pred['image_id']} has a mask of size {segm['size']} "
-                        f"but the image is {height}x{width}")
     return decode_segmentation(segm, height, width)
+
+
+def check_mask_sizes(preds: list[dict], images: dict[int, dict], source: str) -> None:
+    """Every RLE mask must have its image's size; checked before any PNG is written."""
+    for i, pred in enumerate(preds):
+        segm = pred.get("segmentation")
+        if not isinstance(segm, dict):
+            continue
+        info = images[pred["image_id"]]
+        if list(segm["size"]) != [int(info["height"]), int(info["width"])]:
+            raise UserError(f"{source}: annotation #{i} (image_id {pred['image_id']}) has a mask of size "
+                            f"{list(segm['size'])} (h, w) but the image is {info['height']}x{info['width']} (h x w)")
 
 
 def category_values(category_ids: list[int], mode: str) -> dict[int, int] | None:
@@ -81,6 +91,40 @@ def label_name(file_name: str) -> str:
     return Path(file_name).with_suffix("").as_posix()
 
 
+SETTINGS_FILE = "gen_segmentation.json"
+
+
+def check_settings(path: Path, settings: dict, overwrite: bool) -> None:
+    """A resumed run must paint like the one that wrote the folder, else the PNGs would mix two settings."""
+    if overwrite or not path.is_file():
+        return
+    try:
+        previous = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return
+    changed = [k for k in settings if k in previous and previous[k] != settings[k]]
+    if changed:
+        key = changed[0]
+        raise UserError(f"{path.parent} was painted with {key}={previous[key]!r}, not {settings[key]!r}; "
+                        f"pass --overwrite to repaint it, or choose another --out_dir")
+
+
+def label_names(images: dict[int, dict], source: str) -> dict[int, str]:
+    """image id -> list entry; refuses names that leave the output folder or that two images share."""
+    names: dict[int, str] = {}
+    seen: dict[str, int] = {}
+    for image_id, info in sorted(images.items()):
+        name = label_name(info.get("file_name", str(image_id)))
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise UserError(f"{source}: image {image_id} has file_name {info.get('file_name')!r}; "
+                            f"it must be relative to the image root")
+        if name in seen:
+            raise UserError(f"{source}: images {seen[name]} and {image_id} would both write {name}.png")
+        seen[name] = image_id
+        names[image_id] = name
+    return names
+
+
 def generate_segmentation(results_path: str | os.PathLike, dataset_path: str | os.PathLike,
                           out_dir: str | os.PathLike, list_path: str | os.PathLike | None = None,
                           threshold: float = 0.5, ignore_uncertain: bool = False,
@@ -100,19 +144,20 @@ def generate_segmentation(results_path: str | os.PathLike, dataset_path: str | o
     if unknown:
         raise UserError(f"{results_path}: category_id {sorted(unknown)[0]} is not among the categories of {dataset_path}")
     class_of = category_values(category_ids, class_ids)
+    images = image_index(dataset)
+    check_mask_sizes(preds, images, str(results_path))
+    names = label_names(images, str(dataset_path))  # all checks come before anything is written
 
     out_dir = Path(out_dir)
     list_path = Path(list_path) if list_path is not None else out_dir / "train.txt"
+    settings = {"results": str(Path(results_path).resolve()), "threshold": float(threshold),
+                "ignore_uncertain": bool(ignore_uncertain), "class_ids": class_ids}
+    check_settings(out_dir / SETTINGS_FILE, settings, overwrite)
+    write_json(out_dir / SETTINGS_FILE, settings, indent=1)  # before painting: an interrupted run is covered too
     by_image = annotations_by_image(preds)
-    images = image_index(dataset)
-    names, stats = [], {"images": 0, "written": 0, "skipped": 0, "fallback": 0, "empty": 0}
-    seen: dict[str, int] = {}
+    stats = {"images": 0, "written": 0, "skipped": 0, "fallback": 0, "empty": 0}
     for image_id, info in tqdm(sorted(images.items()), desc="painting", unit="img", disable=None):
-        name = label_name(info.get("file_name", str(image_id)))
-        if name in seen:
-            raise UserError(f"{dataset_path}: images {seen[name]} and {image_id} would both write {name}.png")
-        seen[name] = image_id
-        names.append(name)
+        name = names[image_id]
         stats["images"] += 1
         image_preds = by_image.get(image_id, [])
         if not image_preds:
@@ -127,7 +172,7 @@ def generate_segmentation(results_path: str | os.PathLike, dataset_path: str | o
                                ignore_uncertain, class_of)
         write_label_png(target, label)
         stats["written"] += 1
-    write_text(list_path, "".join(f"{n}\n" for n in names))
+    write_text(list_path, "".join(f"{names[i]}\n" for i in sorted(images)))
     stats["list"] = str(list_path)
     if class_of is not None:  # record which category became which label value
         write_json(out_dir / "class_map.json", {str(k): v for k, v in class_of.items()}, indent=1)

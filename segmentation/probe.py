@@ -8,24 +8,31 @@ from __future__ import annotations
 import copy
 import json
 import time
+from dataclasses import asdict
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from segmentation.crf import CRFParams, dense_crf
-from segmentation.data import ShardedBatchSampler
-from segmentation.engine import (DEFAULTS, build_train_dataset, build_val_dataset, evaluate, format_iou,
-                                 load_trained_model, poly_schedule, segmentation_loss, worker_batches)
-from utils.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from segmentation.crf import CRFParams, default_workers, dense_crf, run_pool
+from segmentation.data import SegmentationDataset, ShardedBatchSampler
+from segmentation.engine import (DEFAULTS, build_train_dataset, build_val_dataset, class_names, evaluate,
+                                 format_iou, iou_result, load_trained_model, poly_schedule, predict_logits,
+                                 prune_checkpoints, segmentation_loss, truncate_metrics, worker_batches)
+from utils.checkpoint import latest_checkpoint, load_checkpoint, read_torch_file, save_checkpoint
 from utils.coco_io import write_json
 from utils.config import load_config, load_yaml, save_config
 from utils.distributed import DistInfo
 from utils.errors import UserError
+from utils.images import ImageReadError, load_rgb
+from utils.label_png import IGNORE_INDEX
+from utils.metrics import confusion_matrix
 
+PROBE_MARK = "linear_probe"  # in the `extra` of probe checkpoints, to tell them from DeepLab-v3 ones
 PROBE_DEFAULTS = copy.deepcopy(DEFAULTS)
 PROBE_DEFAULTS["pretrained"] = None  # the trained DeepLab-v3 checkpoint to probe
 PROBE_DEFAULTS["solver"].update(base_lr=0.1, max_iter=20000, checkpoint_period=1000, eval_period=0)
@@ -54,18 +61,84 @@ def build_probe_model(config: dict, device: torch.device) -> nn.Module:
     return model.to(device).eval()
 
 
-def crf_postprocessor(dataset):
-    """`evaluate` hook: dense CRF on the softmax with the original image, then argmax."""
+def crf_postprocessor(dataset: SegmentationDataset) -> Callable[[int, np.ndarray], np.ndarray]:
+    """`evaluate` hook: dense CRF on the softmax with the original image, then argmax (in-process;
+    `evaluate_with_crf` does the same with a pool of CPU processes)."""
     def postprocess(index: int, probs: np.ndarray) -> np.ndarray:
         image, _ = dataset.load(index)
         return dense_crf(image, probs, CRFParams()).argmax(axis=0)
     return postprocess
 
 
+def check_probe_output_dir(config: dict) -> None:
+    """The probe resumes from model_*.pth in its folder: refuse a folder holding another run's checkpoints."""
+    output_dir = Path(config["output_dir"])
+    pretrained = Path(config["pretrained"]) if config.get("pretrained") else None
+    if pretrained is not None and output_dir.resolve() == pretrained.resolve().parent:
+        raise UserError(f"the probe's output folder {output_dir} is the folder of the network it probes; "
+                        f"set --config_env (root_dir) or output_dir to another folder")
+    checkpoint = latest_checkpoint(output_dir)
+    if checkpoint is not None:
+        extra = read_torch_file(checkpoint, "checkpoint").get("extra") or {}
+        if not extra.get(PROBE_MARK):
+            raise UserError(f"{checkpoint} is not a linear-probe checkpoint (a DeepLab-v3 training folder?); "
+                            f"set --config_env (root_dir) or output_dir to another folder")
+
+
+def _crf_argmax_job(job: tuple) -> tuple[int, np.ndarray]:
+    """Worker: dense CRF on one softmax map with its image; returns (index, refined class map)."""
+    index, image_path, probs, params = job
+    try:
+        image = np.array(load_rgb(image_path))
+    except ImageReadError as exc:
+        raise UserError(f"cannot read image {image_path}: {exc}") from None
+    return index, dense_crf(image, probs.astype(np.float32), CRFParams(**params)).argmax(axis=0).astype(np.uint8)
+
+
+@torch.no_grad()
+def evaluate_with_crf(model: nn.Module, dataset: SegmentationDataset, config: dict, dist: DistInfo,
+                      workers: int | None = None, chunk: int = 16) -> dict:
+    """`evaluate` with the dense CRF on every softmax, refined by a pool of CPU processes.
+
+    The network predicts a chunk of images (softmax kept as float16 to halve the transfer), the pool
+    refines that chunk, and the confusion matrix accumulates at label resolution (255 ignored).
+    Under torchrun the ranks split the images and their matrices are summed.
+    """
+    num_classes = int(config["data"]["num_classes"])
+    amp = bool(config["solver"].get("amp")) and dist.device.type == "cuda"
+    workers = workers or max(1, default_workers() // dist.world_size)
+    shard = list(range(dist.rank, len(dataset), dist.world_size))
+    conf = np.zeros((num_classes, num_classes), dtype=np.int64)
+    params = asdict(CRFParams())
+    model.eval()
+    progress = tqdm(total=len(shard), desc="eval+crf", unit="img", disable=None if dist.is_main else True)
+    for start in range(0, len(shard), chunk):
+        loader = DataLoader(Subset(dataset, shard[start:start + chunk]), batch_size=1,
+                            num_workers=int(config["data"]["num_workers"]))
+        jobs, labels = [], {}
+        for batch in worker_batches(loader):
+            index = int(batch["index"][0])
+            probs = torch.softmax(predict_logits(model, batch["image"].to(dist.device), amp), dim=1)
+            jobs.append((index, str(dataset.images[index]), probs[0].cpu().numpy().astype(np.float16), params))
+            labels[index] = batch["label"][0].numpy()
+        for index, pred in run_pool(_crf_argmax_job, jobs, workers, desc="crf", progress=False):
+            conf += confusion_matrix(pred, labels.pop(index), num_classes, IGNORE_INDEX)
+            progress.update(1)
+    progress.close()
+    if dist.distributed:
+        total = torch.from_numpy(conf).to(dist.device)
+        torch.distributed.all_reduce(total)
+        conf = total.cpu().numpy()
+    return iou_result(conf, class_names(config))
+
+
 def train_probe(config: dict, dist: DistInfo) -> Path:
     """Train the 1x1 classifier; returns the path of the final probe weights (probe_final.pth)."""
+    if dist.distributed:
+        raise UserError("the linear probe trains in a single process; run linear_finetune.py without torchrun")
     solver = config["solver"]
     output_dir = Path(config["output_dir"])
+    check_probe_output_dir(config)
     torch.manual_seed(int(solver["seed"]))
     model = build_probe_model(config, dist.device)
     dataset = build_train_dataset(config)
@@ -84,6 +157,7 @@ def train_probe(config: dict, dist: DistInfo) -> Path:
     checkpoint = latest_checkpoint(output_dir)
     if checkpoint is not None:
         iteration = int(load_checkpoint(checkpoint, model, optimizer, scheduler)["iteration"])
+        truncate_metrics(output_dir / "metrics.jsonl", iteration)
         print(f"resuming the probe from {checkpoint} at iteration {iteration}")
     amp = bool(solver["amp"]) and dist.device.type == "cuda"
     progress = tqdm(total=max_iter, initial=iteration, desc="probe", unit="it", disable=None)
@@ -113,41 +187,54 @@ def train_probe(config: dict, dist: DistInfo) -> Path:
                                         "lr": optimizer.param_groups[0]["lr"], "time": time.time()}) + "\n")
             period = int(solver["checkpoint_period"])
             if iteration == max_iter or (period > 0 and iteration % period == 0):
-                save_checkpoint(output_dir / f"model_{iteration:07d}.pth", model, optimizer, scheduler, iteration, config)
+                save_checkpoint(output_dir / f"model_{iteration:07d}.pth", model, optimizer, scheduler, iteration,
+                                config, extra={PROBE_MARK: True})
+                prune_checkpoints(output_dir, int(solver["keep_checkpoints"]))
             if iteration >= max_iter:
                 break
     progress.close()
     final = output_dir / "probe_final.pth"
-    save_checkpoint(final, model, None, None, iteration, config)
+    save_checkpoint(final, model, None, None, iteration, config, extra={PROBE_MARK: True})
     return final
 
 
-def evaluate_probe(config: dict, dist: DistInfo, model_path: str | Path, crf_postprocess: bool = False) -> dict:
-    """mIoU and per-class IoU of a saved probe on the validation set (optionally with dense CRF)."""
+def build_probe_val_dataset(config: dict) -> SegmentationDataset:
     val = build_val_dataset(config)
     if val is None:
         raise UserError("config key data.val_list is not set: nothing to evaluate on")
-    model = build_probe_model(config, torch.device("cpu"))
-    try:
-        load_checkpoint(model_path, model, restore_rng=False)
-    except (RuntimeError, KeyError) as exc:
-        raise UserError(f"probe weights {model_path} do not fit the configured model: "
-                        f"{str(exc).strip().splitlines()[0]}") from None
-    model.to(dist.device).eval()
-    result = evaluate(model, val, config, dist, crf_postprocessor(val) if crf_postprocess else None)
+    return val
+
+
+def evaluate_probe(config: dict, dist: DistInfo, model_path: str | Path, crf_postprocess: bool = False,
+                   val: SegmentationDataset | None = None, workers: int | None = None) -> dict:
+    """mIoU and per-class IoU of a saved probe on the validation set (optionally with dense CRF).
+
+    The probe checkpoint holds the whole network and its architecture, so `pretrained` is not needed here.
+    """
+    val = val if val is not None else build_probe_val_dataset(config)
+    model = load_trained_model(config, model_path, dist.device)
+    if model.classifier.out_channels != int(config["data"]["num_classes"]):
+        raise UserError(f"probe weights {model_path} predict {model.classifier.out_channels} classes but "
+                        f"data.num_classes is {config['data']['num_classes']}")
+    if crf_postprocess:
+        result = evaluate_with_crf(model, val, config, dist, workers)
+    else:
+        result = evaluate(model, val, config, dist)
     result["crf_postprocess"] = crf_postprocess
     result["model_path"] = str(model_path)
     return result
 
 
 def run_linear_probe(config: dict, dist: DistInfo, model_path: str | None = None,
-                     crf_postprocess: bool = False) -> dict:
+                     crf_postprocess: bool = False, workers: int | None = None) -> dict:
     """Train (unless `model_path` is given) and evaluate; writes results.json and prints the IoU table."""
     config = copy.deepcopy(config)
+    val = build_probe_val_dataset(config)  # checked before training, not after it
     path = Path(model_path) if model_path else train_probe(config, dist)
-    result = evaluate_probe(config, dist, path, crf_postprocess)
-    out = Path(config["output_dir"])
-    name = "results_crf.json" if crf_postprocess else "results.json"
-    write_json(out / name, result, indent=1)
-    print(format_iou(result))
+    result = evaluate_probe(config, dist, path, crf_postprocess, val, workers)
+    if dist.is_main:
+        out = Path(config["output_dir"])
+        name = "results_crf.json" if crf_postprocess else "results.json"
+        write_json(out / name, result, indent=1)
+        print(format_iou(result))
     return result

@@ -21,14 +21,17 @@ from segmentation.data import EvalTransform, SegmentationDataset, read_image_lis
 from segmentation.engine import load_trained_model, predict_logits, train, worker_batches
 from utils.distributed import DistInfo, barrier
 from utils.errors import UserError
-from utils.images import load_rgb
+from utils.images import ImageReadError, load_rgb
 from utils.label_png import write_label_png
 
 
 def _crf_job(job: tuple) -> str:
     """Worker: CRF-refine one softmax map and write the argmax as a label PNG."""
     image_path, probs, out_path, params = job
-    image = np.array(load_rgb(image_path))
+    try:
+        image = np.array(load_rgb(image_path))
+    except ImageReadError as exc:
+        raise UserError(f"cannot read image {image_path}: {exc}") from None
     refined = dense_crf(image, probs.astype(np.float32), CRFParams(**params))
     write_label_png(out_path, refined.argmax(axis=0).astype(np.uint8))
     return out_path

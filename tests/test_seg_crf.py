@@ -78,7 +78,9 @@ def test_cli_refines_binary_masks_with_a_pool(tmp_path, voc_mini, repo_root):
 
 def test_cli_size_mismatch_is_one_clear_line(tmp_path, repo_root):
     (tmp_path / "img").mkdir()
-    Image.fromarray(np.zeros((10, 12, 3), np.uint8)).save(tmp_path / "img" / "a.jpg")
+    for name in ("0", "a"):
+        Image.fromarray(np.zeros((10, 12, 3), np.uint8)).save(tmp_path / "img" / f"{name}.jpg")
+    write_label_png(tmp_path / "masks" / "0.png", np.zeros((10, 12), np.uint8))  # good, and refined first
     write_label_png(tmp_path / "masks" / "a.png", np.zeros((10, 10), np.uint8))
     proc = subprocess.run([sys.executable, "segmentation/crf.py", "--image_dir", str(tmp_path / "img"),
                            "--mask_dir", str(tmp_path / "masks"), "--out_dir", str(tmp_path / "out"),
@@ -86,4 +88,4 @@ def test_cli_size_mismatch_is_one_clear_line(tmp_path, repo_root):
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: mask ") and "masks/a.png" in proc.stderr
     assert proc.stderr.strip().count("\n") == 0
-    assert not (tmp_path / "out" / "a.png").exists()
+    assert not (tmp_path / "out").exists()  # the sizes are checked before any mask is refined

@@ -57,9 +57,25 @@ def test_miou_matches_hand_computed_confusion(tmp_path):
 
 
 def test_label_size_mismatch_names_the_file(tmp_path):
-    dataset = _set(tmp_path, TARGET, image_size=(5, 4))
-    with pytest.raises(UserError, match=r"lab/a\.png.*4x4.*4x5"):
+    # Found from the file headers when the dataset is built, before any (long) training or evaluation.
+    with pytest.raises(UserError, match=r"label file .*lab/a\.png is 4x4 but its image .*img/a\.png is 4x5"):
+        _set(tmp_path, TARGET, image_size=(5, 4))
+    # A label that goes bad after the dataset was built is still caught when it is read.
+    dataset = _set(tmp_path, TARGET)
+    write_label_png(tmp_path / "lab" / "a.png", np.zeros((4, 5), np.uint8))
+    with pytest.raises(UserError, match=r"lab/a\.png is 5x4 but its image"):
         evaluate(FixedPrediction(), dataset, _config())
+
+
+def test_exif_rotated_image_is_compared_upright(tmp_path):
+    """A JPEG stored 6x4 with EXIF 'rotate 90' is 4 wide and 6 high once loaded, like its label."""
+    (tmp_path / "img").mkdir()
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(np.zeros((4, 6, 3), np.uint8)).save(tmp_path / "img" / "a.jpg", exif=exif)
+    write_label_png(tmp_path / "lab" / "a.png", np.zeros((6, 4), np.uint8))
+    dataset = SegmentationDataset(tmp_path / "img", ["a"], tmp_path / "lab", 3, EvalTransform())
+    assert dataset[0]["label"].shape == (6, 4) and dataset[0]["image"].shape == (3, 6, 4)
 
 
 def test_class_id_out_of_range_names_the_file(tmp_path):

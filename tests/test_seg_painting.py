@@ -4,10 +4,12 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from segmentation.painting import generate_segmentation, paint_semantic
 from utils.coco_io import make_annotation
+from utils.errors import UserError
 from utils.label_png import read_label_png, voc_palette
 
 
@@ -89,3 +91,33 @@ def test_cli_rejects_unknown_image_id_with_one_line(tmp_path, repo_root):
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "image_id 42" in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_bad_mask_size_is_found_before_any_png_is_written(tmp_path):
+    good = _pred(_box_mask(6, 8, 0, 4, 0, 5), 3, 0.9, image_id=1)
+    bad = _pred(_box_mask(4, 4, 0, 2, 0, 2), 7, 0.9, image_id=2)  # image 2 is 5x5
+    results, dataset = _write_coco(tmp_path, [good, bad])
+    with pytest.raises(UserError, match=r"results\.json: annotation #1 \(image_id 2\) has a mask of size \[4, 4\]"):
+        generate_segmentation(results, dataset, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_file_name_outside_the_output_folder_is_refused(tmp_path):
+    results, dataset = _write_coco(tmp_path, [])
+    data = json.loads(dataset.read_text())
+    data["images"][1]["file_name"] = "../escape.jpg"
+    dataset.write_text(json.dumps(data))
+    with pytest.raises(UserError, match=r"image 2 has file_name '\.\./escape\.jpg'"):
+        generate_segmentation(results, dataset, tmp_path / "out")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "escape.png").exists()
+
+
+def test_resume_with_other_settings_is_refused_unless_overwrite(tmp_path):
+    a = _box_mask(6, 8, 0, 4, 0, 5)
+    results, dataset = _write_coco(tmp_path, [_pred(a, 7, 0.3, image_id=1)])
+    generate_segmentation(results, dataset, tmp_path / "out", threshold=0.5)
+    assert generate_segmentation(results, dataset, tmp_path / "out", threshold=0.5)["skipped"] == 2
+    with pytest.raises(UserError, match=r"painted with threshold=0\.5, not 0\.2"):
+        generate_segmentation(results, dataset, tmp_path / "out", threshold=0.2, ignore_uncertain=True)
+    stats = generate_segmentation(results, dataset, tmp_path / "out", threshold=0.2, overwrite=True)
+    assert stats["written"] == 2 and stats["fallback"] == 0

@@ -113,3 +113,63 @@ def test_train_plus_crf_writes_each_rounds_labels_and_resumes(tmp_path, repo_roo
     stamp = (labels / "img_000.png").stat().st_mtime_ns
     train_plus_crf(config, DistInfo(), rounds=1, workers=2)  # everything done: nothing is redone
     assert (labels / "img_000.png").stat().st_mtime_ns == stamp
+
+
+@pytest.fixture
+def synthetic_probe(tmp_path, repo_root):
+    """A tiny probe experiment on a test-made set, with a test-made 'trained' DeepLab-v3 in its own folder."""
+    data = make_synthetic_set(tmp_path / "data", count=4)
+    config = load_config(repo_root / "configs/segmentation/tiny_test.yml", tiny_overrides(data), defaults=DEFAULTS)
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "deeplab" / "model_final.pth", build_from_config(config), iteration=0, config=config)
+    exp = tmp_path / "probe_exp.yml"
+    exp.write_text(yaml.safe_dump({"_base_": str(repo_root / "configs/segmentation/tiny_test.yml"),
+                                   "pretrained": str(tmp_path / "deeplab" / "model_final.pth"),
+                                   "solver": {"max_iter": 2, "checkpoint_period": 1, "keep_checkpoints": 1}}))
+    args = ["--config_exp", str(exp), "--set", *tiny_overrides(data)]
+    return tmp_path, args
+
+
+def test_probe_checks_the_val_set_before_training(synthetic_probe):
+    tmp_path, args = synthetic_probe
+    with pytest.raises(UserError, match=r"label file not found: .*nope/img_000\.png"):
+        linear_finetune.main(args + [f"output_dir={tmp_path / 'probe'}", f"data.val_label_dir={tmp_path / 'nope'}"])
+    assert not (tmp_path / "probe").exists()  # no training ran
+
+
+def test_probe_refuses_a_folder_of_deeplab_checkpoints(synthetic_probe):
+    tmp_path, args = synthetic_probe
+    with pytest.raises(UserError, match="is the folder of the network it probes"):
+        linear_finetune.main(args + [f"output_dir={tmp_path / 'deeplab'}"])
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "model_0000100.pth").write_bytes((tmp_path / "deeplab" / "model_final.pth").read_bytes())
+    with pytest.raises(UserError, match=r"model_0000100\.pth is not a linear-probe checkpoint"):
+        linear_finetune.main(args + [f"output_dir={tmp_path / 'other'}"])
+    assert sorted(p.name for p in (tmp_path / "other").iterdir()) == ["model_0000100.pth"]
+
+
+def test_probe_prunes_checkpoints_and_evaluates_a_saved_probe_alone(synthetic_probe):
+    tmp_path, args = synthetic_probe
+    out = tmp_path / "probe"
+    assert linear_finetune.main(args + [f"output_dir={out}"]) == 0
+    assert sorted(p.name for p in out.glob("*.pth")) == ["model_0000002.pth", "probe_final.pth"]  # keep 1
+    trained = json.loads((out / "results.json").read_text())
+    # The probe checkpoint holds the whole network: no `pretrained` is needed to evaluate it.
+    (out / "results.json").unlink()
+    assert linear_finetune.main(args + [f"output_dir={out}", "pretrained=null",
+                                        "--model_path", str(out / "probe_final.pth")]) == 0
+    assert json.loads((out / "results.json").read_text())["confusion"] == trained["confusion"]
+
+
+def test_pooled_crf_evaluation_matches_the_in_process_one(synthetic_probe):
+    from segmentation.engine import evaluate, load_trained_model
+    from segmentation.probe import build_probe_val_dataset, crf_postprocessor, evaluate_with_crf
+
+    tmp_path, args = synthetic_probe
+    config = load_config(tmp_path / "probe_exp.yml", args[3:], defaults=DEFAULTS)
+    model = load_trained_model(config, tmp_path / "deeplab" / "model_final.pth", torch.device("cpu"))
+    val = build_probe_val_dataset(config)
+    serial = evaluate(model, val, config, DistInfo(), crf_postprocessor(val))
+    pooled = evaluate_with_crf(model, val, config, DistInfo(), workers=2, chunk=3)  # chunks of 3 + 1
+    assert pooled["confusion"] == serial["confusion"]
+    assert sum(map(sum, pooled["confusion"])) == 4 * 64 * 64
