@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torchvision.transforms.functional as TF
-from PIL import Image
 from torch.utils.data import Dataset
 
 from distill.vit import IMAGENET_MEAN, IMAGENET_STD
@@ -17,9 +16,6 @@ from utils.coco_io import load_coco_dataset
 from utils.errors import UserError
 from utils.images import ImageReadError, list_images, load_rgb
 from utils.voc import voc_image_id  # the image-id convention of convert_voc.py
-
-_EXIF_ORIENTATION = 0x0112
-_ROTATED_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 
 
 @dataclass
@@ -112,20 +108,6 @@ def resized_size(height: int, width: int, resize: int, max_size: int) -> tuple[i
 
 def padded_size(height: int, width: int, patch_size: int) -> tuple[int, int]:
     return math.ceil(height / patch_size) * patch_size, math.ceil(width / patch_size) * patch_size
-
-
-def read_size(path: Path) -> tuple[int, int]:
-    """(height, width) after EXIF rotation, from the header only."""
-    try:
-        with Image.open(path) as img:
-            width, height = img.size
-            if img.getexif().get(_EXIF_ORIENTATION, 1) in _ROTATED_ORIENTATIONS:
-                width, height = height, width
-    except FileNotFoundError:
-        raise ImageReadError("file not found") from None
-    except Exception as exc:  # PIL raises many types for damaged headers
-        raise ImageReadError(f"not a readable image ({type(exc).__name__})") from None
-    return height, width
 
 
 # ----------------------------------------------------------------------------- dataset

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from distill.data import (ImageEntry, MaskGenDataset, class_agnostic, coco20k_entries, collate, folder_entries,
-                          read_size, size_grouped_batches, upsample_patch_mask, voc_entries, worker_count)
+                          size_grouped_batches, upsample_patch_mask, voc_entries, worker_count)
 from distill.maskgen import propose_masks
 from distill.vit import IMAGENET_MEAN, IMAGENET_STD, build_vit
 from distill.visualize import save_overlay, write_gallery
@@ -31,7 +31,7 @@ from utils.coco_io import atomic_path, check_can_write, make_annotation, write_j
 from utils.config import save_config
 from utils.distributed import resolve_device
 from utils.errors import UserError
-from utils.images import ImageReadError
+from utils.images import ImageReadError, read_size
 
 CATEGORIES = [{"id": 1, "name": "object", "supercategory": "object"}]
 # Settings that change the masks: a resumed run or a merged shard must agree on all of them.

@@ -13,11 +13,10 @@ from typing import Iterator, Sequence
 import cv2
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, Sampler
 
 from utils.errors import UserError
-from utils.images import IMAGE_EXTENSIONS, ImageReadError, load_rgb
+from utils.images import IMAGE_EXTENSIONS, ImageReadError, load_rgb, read_size
 from utils.label_png import IGNORE_INDEX, check_label_values, read_label_png
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -55,19 +54,14 @@ def find_image(image_dir: Path, name: str) -> Path:
 
 
 def stored_size(path: Path, what: str = "image", exif_rotation: bool = True) -> tuple[int, int]:
-    """(height, width) of a file from its header alone; with `exif_rotation`, as load_rgb will see it
-    (labels are read as stored, without EXIF rotation)."""
+    """(height, width) of a file from its header alone (`utils.images.read_size`), as a UserError
+    naming the file when it cannot be read."""
     try:
-        with Image.open(path) as img:
-            width, height = img.size
-            orientation = img.getexif().get(0x0112, 1) if exif_rotation else 1
-    except FileNotFoundError:
-        raise UserError(f"{what} file not found: {path}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        return read_size(path, exif_rotation)
+    except ImageReadError as exc:
+        if str(exc) == "file not found":
+            raise UserError(f"{what} file not found: {path}") from None
         raise UserError(f"cannot read {what} file {path}: {exc}") from None
-    if orientation in (5, 6, 7, 8):  # rotated by 90 degrees
-        height, width = width, height
-    return height, width
 
 
 def check_pair_sizes(image_path: Path, label_path: Path, label_what: str = "label file") -> None:

@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+_EXIF_ORIENTATION = 0x0112
+_ROTATED_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
 
@@ -27,6 +29,22 @@ def load_rgb(path: str | os.PathLike) -> Image.Image:
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageReadError(f"corrupt image ({exc})") from None
     return to_rgb(img)
+
+
+def read_size(path: str | os.PathLike, exif_rotation: bool = True) -> tuple[int, int]:
+    """(height, width) from the file header alone; with `exif_rotation`, as `load_rgb` will see it
+    (label PNGs are read as stored, so they pass False)."""
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+            orientation = img.getexif().get(_EXIF_ORIENTATION, 1) if exif_rotation else 1
+    except FileNotFoundError:
+        raise ImageReadError("file not found") from None
+    except Exception as exc:  # PIL raises many types for damaged headers
+        raise ImageReadError(f"not a readable image ({type(exc).__name__}: {exc})") from None
+    if orientation in _ROTATED_ORIENTATIONS:
+        height, width = width, height
+    return height, width
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
