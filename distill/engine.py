@@ -29,7 +29,7 @@ from distill.data import (Geometry, ImageEntry, InputPolicy, MaskGenDataset, col
                           upsample_patch_mask, worker_count)
 from distill.cli import settings_from
 from distill.generate import PartWriter, RunStats, merge, run
-from distill.methods import METHODS, backbone_features, method_params, resolve_method_args
+from distill.methods import METHODS, backbone_features, method_params, propose, resolve_method_args
 from distill.patches import PatchMask
 from distill.visualize import overlay_name, save_overlay
 from distill.vit import build_vit
@@ -164,15 +164,29 @@ class ViTMaskSource:
         return size_grouped_batches(self.dataset, sorted(sizes), self.args.batch_size)
 
     def run(self, batches: list[list[int]], writer: PartWriter) -> None:
-        args, dataset, device = self.args, self.dataset, self.device
+        args, device = self.args, self.device
         workers = worker_count(args.num_workers)
-        loader = DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate,
+        loader = DataLoader(self.dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate,
                             pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None)
         autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.half else contextlib.nullcontext()
         sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         vis_dir = Path(args.vis_dir) if args.vis_dir else None
+        post_workers = post_worker_count(args.post_workers)
+        threads = torch.get_num_threads()
+        if device.type == "cpu" and self.method.refine is not None and post_workers:
+            # The CRF workers keep their cores busy: threads of the main process beyond the cores left
+            # over would only contend with them (OpenMP threads spin when they cannot run).
+            torch.set_num_threads(max(1, threads - post_workers))
+        try:
+            self._run_batches(loader, batches, writer, post_workers, autocast, sync, vis_dir)
+        finally:
+            torch.set_num_threads(threads)
+
+    def _run_batches(self, loader: DataLoader, batches: list[list[int]], writer: PartWriter, post_workers: int,
+                     autocast, sync, vis_dir: Path | None) -> None:
+        args, dataset, device = self.args, self.dataset, self.device
         seconds = writer.stats.seconds
-        with PostProcessing(post_worker_count(args.post_workers), writer) as post, \
+        with PostProcessing(post_workers, writer) as post, \
                 tqdm(total=sum(map(len, batches)), desc=args.method, unit="img", disable=None, dynamic_ncols=True) as bar:
             for batch in loader:
                 for index, reason in batch["failed"]:
@@ -185,7 +199,7 @@ class ViTMaskSource:
                     sync()
                     t1 = time.perf_counter()
                     with torch.inference_mode():
-                        proposals = self.method.propose(features, self.params)
+                        proposals = propose(self.method, features, self.params)
                     t2 = time.perf_counter()
                     jobs = [self._job(index, masks, working, vis_dir)
                             for index, masks, working in zip(batch["indices"], proposals, batch["working"])

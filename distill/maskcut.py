@@ -130,13 +130,16 @@ def refine_masks(working: np.ndarray, proposals: list[PatchMask], geometry: Geom
     if not proposals:
         return []
     rows, cols = working_to_patch(geometry)
-    crf = PairwiseCRF(working, 2, params)
+    crf = PairwiseCRF(working, 2, params)  # the pairwise terms of the image, built once for its masks
     height, width = geometry.original
     taken = np.zeros(geometry.working, dtype=bool)
     refined_masks: list[np.ndarray | None] = []
     for proposal in proposals:
         cut = proposal.mask[rows[:, None], cols[None, :]] & ~taken
         taken |= cut
+        if not cut.any():  # all its pixels went to earlier masks: the CRF would return nothing either
+            refined_masks.append(None)
+            continue
         labels = crf.infer(_softmax_unary(cut)).argmax(axis=0)
         refined = ndimage.binary_fill_holes(labels == 1)
         if _iou(cut, refined) < MIN_CRF_IOU:

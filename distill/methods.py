@@ -104,6 +104,21 @@ def method_params(args: argparse.Namespace) -> dict:
     return {name: getattr(args, name) for name in METHODS[args.method].params}
 
 
+GRAPH_BUDGET = 2**30  # bytes of N x N float64 patch graphs a method may hold at once
+
+
+def propose(method: Method, features: PatchFeatures, params: dict) -> list[list[PatchMask]]:
+    """`method.propose` over the batch, in chunks of images whose patch graphs fit in `GRAPH_BUDGET`
+    (full-resolution LOST/TokenCut on large images have graphs of 1 GB and more per image)."""
+    batch, num_patches = features.key.shape[0], features.grid[0] * features.grid[1]
+    chunk = max(1, GRAPH_BUDGET // (16 * num_patches * num_patches))
+    if chunk >= batch:
+        return method.propose(features, params)
+    return [masks for start in range(0, batch, chunk)
+            for masks in method.propose(PatchFeatures(features.query[start:start + chunk],
+                                                      features.key[start:start + chunk], features.grid), params)]
+
+
 def backbone_features(model: torch.nn.Module, images: torch.Tensor) -> PatchFeatures:
     """Backbone output -> the methods' input: the one place where a backbone's features are taken
     (and where a per-backbone transform of them belongs)."""

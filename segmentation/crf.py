@@ -58,7 +58,7 @@ class PairwiseCRF:
         self._crf = dcrf.DenseCRF2D(w, h, num_labels)
         self._crf.addPairwiseGaussian(sxy=params.gauss_sxy, compat=params.gauss_compat)
         self._crf.addPairwiseBilateral(sxy=params.bilateral_sxy, srgb=params.bilateral_srgb,
-                                       rgbim=np.ascontiguousarray(image, dtype=np.uint8),
+                                       rgbim=np.array(image, dtype=np.uint8, order="C"),  # a writable copy
                                        compat=params.bilateral_compat)
 
     def infer(self, unary: np.ndarray) -> np.ndarray:

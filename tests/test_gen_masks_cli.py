@@ -312,7 +312,7 @@ def test_coco20k_file_list_naming_an_unknown_image_is_one_clear_error(tiny_coco,
 
 
 @pytest.mark.parametrize("method,flags", [("lost", ["--resize", 96]), ("tokencut", ["--resize", 96]),
-                                          ("maskcut", ["--fixed_size", 96])])
+                                          ("maskcut", ["--fixed_size", 96, "--post_workers", 0])])
 def test_each_method_on_voc_mini_writes_scored_masks_that_loadres_accepts(voc_mini, tmp_path, method, flags):
     from pycocotools.coco import COCO
 
