@@ -12,9 +12,7 @@ if __package__ in (None, ""):  # run as a script from the repo root
 
 import argparse
 
-from segmentation.engine import DEFAULTS, train
 from utils.config import add_config_args, load_run_config
-from utils.distributed import distributed_session
 from utils.errors import run_cli
 
 
@@ -27,7 +25,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                     device_help="auto (default: CUDA when available), cpu, cuda; overrides the config's device")
     parser.add_argument("--resume", action="store_true",
                         help="continue from the latest checkpoint in the output folder (exact: same result as "
-                             "an uninterrupted run); starts fresh when there is none")
+                             "an uninterrupted run); starts fresh when there is none; refused when the "
+                             "checkpoint was made with other settings, weights or data")
     parser.add_argument("--overwrite", action="store_true",
                         help="delete the checkpoints and metrics already in the output folder and start over")
     return parser.parse_args(argv)
@@ -35,6 +34,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    # torch is imported only now, so that --help stays quick
+    from segmentation.engine import DEFAULTS, train
+    from utils.distributed import distributed_session
+
     config = load_run_config(args, DEFAULTS)
     with distributed_session(config["device"]) as dist:
         result = train(config, dist, resume=args.resume, overwrite=args.overwrite)

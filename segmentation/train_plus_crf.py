@@ -2,7 +2,8 @@
 
     python segmentation/train_plus_crf.py --config configs/segmentation/deeplab_voc.yml --rounds 1
 
-Each round lives in OUTPUT_DIR/round_<r>/ (its labels in round_<r>/labels/); rerunning resumes where it stopped.
+Each round lives in OUTPUT_DIR/round<r>/ (its labels in round<r>/labels/); rerunning skips finished rounds
+and resumes where it stopped, and refuses rounds recorded with other settings (--overwrite reruns them).
 Works under torchrun like segmentation/train.py.
 """
 import sys
@@ -13,11 +14,7 @@ if __package__ in (None, ""):  # run as a script from the repo root
 
 import argparse
 
-from segmentation.crf import CRFParams
-from segmentation.engine import DEFAULTS
-from segmentation.rounds import train_plus_crf
 from utils.config import add_config_args, get, load_run_config
-from utils.distributed import distributed_session
 from utils.errors import run_cli
 
 
@@ -31,15 +28,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=None,
                         help="refinement rounds after the first training (default: crf_rounds.rounds of the config, else 1)")
     parser.add_argument("--workers", type=int, default=None, help="CPU processes for the CRF (default: cores / processes)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="rerun rounds recorded with other settings (their folders are deleted) instead of refusing")
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    # torch is imported only now, so that --help stays quick
+    from segmentation.crf import CRFParams
+    from segmentation.engine import DEFAULTS
+    from segmentation.rounds import train_plus_crf
+    from utils.distributed import distributed_session
+
     config = load_run_config(args, dict(DEFAULTS, crf_rounds={"rounds": 1}))
     rounds = args.rounds if args.rounds is not None else int(get(config, "crf_rounds.rounds", 1))
     with distributed_session(config["device"]) as dist:
-        result = train_plus_crf(config, dist, rounds, args.workers, CRFParams())
+        result = train_plus_crf(config, dist, rounds, args.workers, CRFParams(), args.overwrite)
     if dist.is_main:
         for r in result["rounds"]:
             print(f"round {r['round']}: labels {r['labels']} -> {r['checkpoint']}")
