@@ -13,6 +13,7 @@ SCORE_THRESH=${SCORE_THRESH:-0.7}                  # self-training: keep predict
 VIT_WEIGHTS=${VIT_WEIGHTS:-dino}                   # gen_masks.py --weights: dino, PATH or random
 BACKBONE_WEIGHTS=${BACKBONE_WEIGHTS:-none}         # Mask R-CNN backbone: none, imagenet or PATH (e.g. DINO R50)
 EXTRA=${EXTRA:-}                                   # more --set overrides, e.g. "solver.max_iter=40000"
+OVERWRITE=${OVERWRITE:-0}                          # 1: rerun rounds recorded with other settings (else refused)
 
 if [ "$TINY" = 1 ]; then
     CONFIG=configs/detectron2/tiny_test.yaml
@@ -35,8 +36,12 @@ fi
 #   (train_results.json) and TEST_JSON, and evaluates the latter (eval.json: masks and boxes, IoU 0.5
 #   and 0.7). A rerun skips finished rounds and resumes an interrupted one.
 self_train() {
+    _overwrite=""
+    if [ "$OVERWRITE" = 1 ]; then
+        _overwrite="--overwrite"
+    fi
     $LAUNCH detectron2_train/train_net.py --config "$CONFIG" --output_dir "$OUTPUT" --rounds "$ROUNDS" \
-        --score_thresh $SCORE_THRESH --class_agnostic \
+        --score_thresh $SCORE_THRESH --class_agnostic $_overwrite \
         --train_json "$OUTPUT/pseudo_masks.json" --train_root "$IMAGES" --test_json "$1" --test_root "$IMAGES" \
         --set model.backbone_weights="$BACKBONE_WEIGHTS" $EXTRA
 }

@@ -9,7 +9,7 @@
 #   TINY=1 ... smoke test with a tiny model and a random ViT; NPROC=8 ... trains through torchrun.
 #
 # Every path and setting below and in _common.sh (TINY, NPROC, ROUNDS, SCORE_THRESH, VIT_WEIGHTS,
-# BACKBONE_WEIGHTS, EXTRA, PYTHON) can be set from the environment (VAR=value sh train_coco.sh).
+# BACKBONE_WEIGHTS, EXTRA, OVERWRITE, PYTHON) can be set from the environment (VAR=value sh train_coco.sh).
 # The rounds run in Python: detectron2_train/train_net.py --rounds (see docs/mask_rcnn.md).
 set -eu
 

@@ -7,7 +7,7 @@
 #   NPROC=8 sh detectron2_train/train_voc.sh /data/VOCdevkit output/voc   (8 GPUs through torchrun)
 #
 # Every path and setting below and in _common.sh (TINY, NPROC, ROUNDS, SCORE_THRESH, VIT_WEIGHTS,
-# BACKBONE_WEIGHTS, EXTRA, PYTHON) can be set from the environment (VAR=value sh train_voc.sh).
+# BACKBONE_WEIGHTS, EXTRA, OVERWRITE, PYTHON) can be set from the environment (VAR=value sh train_voc.sh).
 # The rounds run in Python: detectron2_train/train_net.py --rounds (see docs/mask_rcnn.md).
 set -eu
 

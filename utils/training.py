@@ -47,8 +47,13 @@ metrics.jsonl back to the checkpoint's iteration (a line torn by a kill is dropp
 
 Plugging in a new trainer: write its `step` (and `evaluate`, if it validates while training); give its
 fingerprint a kind of its own and the config keys that cannot change the weights (`HARMLESS_KEYS` plus its
-own); put in `extra` what inference needs later. Options such as loss weights live in the step; solver keys
-that the loop reads are the fields of `LoopSettings`.
+own), and name in `files=` the inputs that are not config values (initial weights); put in `extra` what
+inference needs later. Options such as loss weights or a loss that drops terms live in the step; the solver
+keys the loop reads are the fields of `LoopSettings`. The loop never switches train/eval modes (the linear
+probe trains a head on a frozen model kept in eval mode): call `model.train()` before `run.train`. Training
+in stages is one `TrainingRun` per stage, each in its own folder (utils/rounds.py runs such sequences
+resumably); a stage that starts from the previous stage's weights loads them before `prepare` and names
+them in `files=`.
 """
 from __future__ import annotations
 
