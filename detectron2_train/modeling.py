@@ -52,7 +52,8 @@ IMAGENET_WEIGHTS = {  # torchvision's official ImageNet checkpoints, for `backbo
 MODEL_DEFAULTS = {
     "backbone": "resnet50",
     "backbone_weights": "none",  # none | imagenet | PATH
-    "norm": "frozen_bn",  # frozen_bn | bn | gn
+    "norm": "frozen_bn",  # frozen_bn | bn | syncbn | gn
+    "fpn_norm": False,  # also normalise the FPN's convolutions with model.norm
     "trainable_layers": 3,  # ResNet stages trained, counted from the top (0..5)
     "tiny_widths": [16, 32, 64, 128],
     "fpn_channels": 256,
@@ -97,9 +98,11 @@ def norm_layer_factory(name: str) -> Callable[[int], nn.Module]:
         return FrozenBatchNorm2d
     if name == "bn":
         return nn.BatchNorm2d
+    if name == "syncbn":  # statistics over all processes under torchrun (plain BatchNorm in one process)
+        return nn.SyncBatchNorm
     if name == "gn":
         return lambda channels: nn.GroupNorm(min(32, max(channels // 4, 1)), channels)
-    raise UserError(f"model.norm must be frozen_bn, bn or gn, got {name!r}")
+    raise UserError(f"model.norm must be frozen_bn, bn, syncbn or gn, got {name!r}")
 
 
 class TinyResNet(nn.Module):
@@ -175,7 +178,8 @@ def build_backbone(cfg: dict) -> BackboneWithFPN:
             param.requires_grad_(False)
     stages = [f"layer{i}" for i in range(1, 5)]
     in_channels = [_stage_channels(getattr(body, s)) for s in stages]
-    return BackboneWithFPN(body, {s: str(i) for i, s in enumerate(stages)}, in_channels, int(cfg["fpn_channels"]))
+    return BackboneWithFPN(body, {s: str(i) for i, s in enumerate(stages)}, in_channels, int(cfg["fpn_channels"]),
+                           norm_layer=norm if cfg["fpn_norm"] else None)
 
 
 def transfer_class_vectors(cfg: dict, num_classes: int, class_names: list[str] | None) -> torch.Tensor | None:
