@@ -96,7 +96,7 @@ def test_detections_average_stage_scores_and_use_the_last_stage_boxes():
         assert torch.allclose(got[key].float(), expected[key].float()), key
 
 
-def test_cascade_mask_rcnn_trains_with_masks_and_droploss(tmp_path):
+def test_cascade_mask_rcnn_trains_with_masks_and_droploss(tmp_path, one_thread):
     data = make_dataset(tmp_path / "syn", num_images=3, seed=6)
     cfg = load_config(TINY, ["model.roi_heads=cascade", "model.droploss=true", "model.mask_head=agnostic"], DEFAULTS)
     cfg["output_dir"] = str(tmp_path / "out")

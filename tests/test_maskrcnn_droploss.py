@@ -73,7 +73,7 @@ def _box_loss(droploss: bool, with_unlabelled_roi: bool, roi_heads: str = "stand
 
 
 @pytest.mark.parametrize("roi_heads", ["standard", "cascade"])
-def test_unlabelled_object_costs_no_loss_with_droploss_only(roi_heads):
+def test_unlabelled_object_costs_no_loss_with_droploss_only(roi_heads, one_thread):
     without_roi = _box_loss(True, with_unlabelled_roi=False, roi_heads=roi_heads)
     with_roi = _box_loss(True, with_unlabelled_roi=True, roi_heads=roi_heads)
     assert torch.allclose(with_roi, without_roi, rtol=1e-6, atol=0)  # the RoI on the missed object adds nothing
