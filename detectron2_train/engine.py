@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from detectron2_train.copy_paste import CopyPaste
 from detectron2_train.data import CocoInstances, categories_of, inference_loader, train_loader
 from detectron2_train.modeling import MODEL_DEFAULTS, build_model, set_image_sizes
 from detectron2_train.splits import read_class_list
@@ -46,6 +47,12 @@ DEFAULTS = {
         "min_size_test": 800,
         "max_size_test": 1333,
         "hflip_prob": 0.5,
+        "copy_paste": {  # CutLER's copy-paste augmentation (copy_paste.py); rate 0 = off
+            "rate": 0.0,  # probability that a training image receives pasted objects
+            "min_ratio": 0.5,  # the source image is rescaled to ratio x the target's size,
+            "max_ratio": 1.0,  # ratio drawn uniformly from [min_ratio, max_ratio]
+            "random_num": True,  # paste 1..n-1 of the source's n objects (else all of them)
+        },
     },
     "solver": {
         "base_lr": 0.02,
@@ -177,16 +184,20 @@ def train(cfg: dict, info: DistInfo, resume: bool = False, overwrite: bool = Fal
         raise UserError(f"solver.ims_per_batch ({solver['ims_per_batch']}) must be divisible by the "
                         f"number of processes ({info.world_size})")
     per_process = solver["ims_per_batch"] // info.world_size
+    if cfg["model"]["stage"] == "mask" and not init_weights and not (resume and _checkpoint_to_resume(output_dir)):
+        raise UserError("model.stage mask trains the mask branch of a trained detector: pass --weights with the "
+                        "box stage's checkpoint (model.stage box)")
     prepare_output_dir(output_dir, resume, overwrite, info.is_main)
 
     seed = int(solver["seed"])
     dataset = CocoInstances(data_cfg["train_json"], data_cfg["train_root"],
                             class_agnostic=data_cfg["class_agnostic"], filter_empty=data_cfg["filter_empty"],
-                            flip_prob=cfg["input"]["hflip_prob"], seed=seed)
+                            flip_prob=cfg["input"]["hflip_prob"], seed=seed,
+                            augment=CopyPaste.from_config(cfg["input"]["copy_paste"], seed))
     categories = dataset.categories
     mask_classes = mask_labels(cfg, categories)
     seed_all(seed)  # identical initial weights on every process
-    model = build_model(cfg, len(categories), mask_classes).to(info.device)
+    model = build_model(cfg, len(categories), mask_classes, [c["name"] for c in categories]).to(info.device)
     set_image_sizes(model, cfg, training=True)
     if init_weights:
         load_weights(model, init_weights)
@@ -335,7 +346,8 @@ def run_inference(cfg: dict, info: DistInfo, weights: str, image_json: str, imag
         categories = categories_of(load_json(image_json, "COCO dataset"), cfg["data"]["class_agnostic"])
     model_cfg = copy.deepcopy(cfg)
     model_cfg["model"]["backbone_weights"] = "none"  # the checkpoint holds the whole model
-    model = build_model(model_cfg, len(categories), state_extra.get("mask_classes")).to(info.device)
+    model = build_model(model_cfg, len(categories), state_extra.get("mask_classes"),
+                        [c["name"] for c in categories]).to(info.device)
     load_weights(model, weights, state)
     del state
     set_image_sizes(model, cfg, training=False)

@@ -18,6 +18,7 @@ if __package__ in (None, ""):  # run as a script from the repo root
 import argparse
 
 from detectron2_train.engine import DEFAULTS, run
+from detectron2_train.modeling import MASK_HEADS, STAGES
 from utils.config import add_config_args, load_run_config
 from utils.distributed import distributed_session
 from utils.errors import run_cli
@@ -34,8 +35,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                                        "suffice); evaluated with pycocotools when it has annotations (data.test_json)")
     p.add_argument("--test_root", help="image root of --test_json (data.test_root)")
     p.add_argument("--class_agnostic", action="store_true", help="train one 'object' class (data.class_agnostic)")
-    p.add_argument("--mask_head", choices=["standard", "agnostic", "transfer"],
-                   help="class-specific (fully supervised), class-agnostic, or MaskX R-CNN weight transfer (model.mask_head)")
+    p.add_argument("--mask_head", choices=MASK_HEADS,
+                   help="class-specific (fully supervised), class-agnostic, class-agnostic + fused MLP, or MaskX "
+                        "R-CNN weight transfer (model.mask_head)")
+    p.add_argument("--stage", choices=STAGES,
+                   help="e2e: train everything (default); box: Faster R-CNN only (no mask loss); mask: load --weights "
+                        "from the box stage, freeze backbone, RPN and box head, train the mask branch (model.stage)")
     p.add_argument("--mask_classes", metavar="A.txt",
                    help="class list of set A (one name or id per line): only these classes get a mask loss; "
                         "the others train boxes only (data.mask_classes)")
@@ -69,6 +74,7 @@ def config_from_args(args: argparse.Namespace) -> dict:
              ("data", "train_root"): args.train_root, ("data", "test_json"): args.test_json,
              ("data", "test_root"): args.test_root, ("data", "mask_classes"): args.mask_classes,
              ("data", "num_workers"): args.num_workers, ("model", "mask_head"): args.mask_head,
+             ("model", "stage"): args.stage,
              ("data", "class_agnostic"): True if args.class_agnostic else None,
              ("model", "transfer", "grad"): True if args.transfer_grad else None}
     for keys, value in flags.items():
