@@ -34,7 +34,8 @@ length-weighted mean instead of the plain mean of the two.
 from __future__ import annotations
 
 import heapq
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 import numpy as np
 from scipy import ndimage as ndi
@@ -78,6 +79,7 @@ class Proposals:
     scores: np.ndarray  # (K,) float in [0, 1]
     num_superpixels: int = 0
     num_candidates: int = 0
+    seconds: dict = field(default_factory=dict)  # per stage: superpixels, graph, hierarchy, ranking
 
 
 # ----------------------------------------------------------------------------- oracle
@@ -177,14 +179,64 @@ def region_borders(labels: np.ndarray, num_regions: int, boundary: np.ndarray,
 # ----------------------------------------------------------------------------- 3. hierarchy
 
 
-def merge_hierarchy(num_regions: int, borders: RegionBorders) -> np.ndarray:
-    """Membership matrix (candidates x superpixels, bool) of every region of the merge hierarchy:
-    the superpixels themselves, then each merge in the order it happened.
+@dataclass
+class MergeTree:
+    """The merge hierarchy. Nodes 0..N-1 are the superpixels; node N + k is the k-th merge, of the
+    two nodes `children[k]`, so a parent's id is always larger than its children's. Every node is
+    a candidate; two candidates are either nested or disjoint."""
 
-    The weakest border is merged first; the merged region's border with a neighbour keeps the
-    length-weighted mean of its parts' borders (the agglomeration of skimage's
-    `merge_hierarchical`, on plain dicts: networkx's bookkeeping cost ten times more here)."""
-    # neighbours[node] = {neighbour: [strength x length, length]}; merged node k gets id num_regions + k.
+    num_leaves: int
+    children: np.ndarray  # (merges, 2) int
+
+    @property
+    def num_nodes(self) -> int:
+        return self.num_leaves + len(self.children)
+
+    def parents(self) -> np.ndarray:
+        parent = np.full(self.num_nodes, -1, dtype=np.int64)
+        merged = np.arange(self.num_leaves, self.num_nodes)
+        parent[self.children[:, 0]], parent[self.children[:, 1]] = merged, merged
+        return parent
+
+    def subtree_sums(self, values: np.ndarray) -> np.ndarray:
+        """Per node, the sum of `values` (num_nodes x ...) over the node and all its descendants."""
+        out = np.array(values, dtype=np.float64)
+        for k, (a, b) in enumerate(self.children.tolist()):
+            out[self.num_leaves + k] += out[a] + out[b]
+        return out
+
+    def leaf_spans(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(leaf order, first, end): the leaves of node x are order[first[x]:end[x]], a depth-first
+        order in which every node's leaves are contiguous."""
+        count = self.subtree_sums(np.r_[np.ones(self.num_leaves), np.zeros(len(self.children))]).astype(np.int64)
+        first = np.zeros(self.num_nodes, dtype=np.int64)
+        roots = np.flatnonzero(self.parents() < 0)
+        first[roots] = np.r_[0, np.cumsum(count[roots])[:-1]]
+        for k in range(len(self.children) - 1, -1, -1):  # parents before children
+            a, b = self.children[k]
+            first[a] = first[self.num_leaves + k]
+            first[b] = first[a] + count[a]
+        order = np.empty(self.num_leaves, dtype=np.int64)
+        order[first[:self.num_leaves]] = np.arange(self.num_leaves)
+        return order, first, first + count
+
+    def common_ancestor(self, a: np.ndarray, b: np.ndarray, parent: np.ndarray) -> np.ndarray:
+        """Elementwise lowest common ancestor of nodes of one tree: the smaller id climbs until they meet."""
+        a, b = a.copy(), b.copy()
+        apart = np.flatnonzero(a != b)
+        while apart.size:
+            lower_a = a[apart] < b[apart]
+            a[apart[lower_a]] = parent[a[apart[lower_a]]]
+            b[apart[~lower_a]] = parent[b[apart[~lower_a]]]
+            apart = apart[a[apart] != b[apart]]
+        return a
+
+
+def merge_hierarchy(num_regions: int, borders: RegionBorders) -> MergeTree:
+    """Merge the weakest border first until no border is left; the merged region's border with a
+    neighbour keeps the length-weighted mean of its parts' borders (the agglomeration of
+    skimage's `merge_hierarchical`, on plain dicts: networkx's bookkeeping cost ten times more)."""
+    # neighbours[node] = {neighbour: [strength x length, length]}; merge k creates node num_regions + k.
     neighbours: list[dict | None] = [{} for _ in range(num_regions)]
     heap = []
     for (a, b), w, n in zip(borders.pairs.tolist(), borders.weight.tolist(), borders.length.tolist()):
@@ -212,11 +264,7 @@ def merge_hierarchy(num_regions: int, borders: RegionBorders) -> np.ndarray:
             heapq.heappush(heap, (entry[0] / entry[1], other, new))
         neighbours.append(merged)
         children.append((a, b))
-    membership = np.zeros((num_regions + len(children), num_regions), dtype=bool)
-    membership[np.arange(num_regions), np.arange(num_regions)] = True
-    for k, (a, b) in enumerate(children):
-        np.logical_or(membership[a], membership[b], out=membership[num_regions + k])
-    return membership
+    return MergeTree(num_regions, np.array(children, dtype=np.int64).reshape(-1, 2))
 
 
 # ----------------------------------------------------------------------------- 4. ranking
@@ -224,16 +272,14 @@ def merge_hierarchy(num_regions: int, borders: RegionBorders) -> np.ndarray:
 
 @dataclass
 class _SuperpixelStats:
-    """Per-superpixel sums, and the boundary pixels grouped by (own label, labels in the 4-neighbourhood)."""
+    """Per-superpixel sums, and the boundary pixels grouped by (own label, labels of the cross neighbourhood)."""
 
     pa_sum: np.ndarray  # (N,)
     area: np.ndarray  # (N,)
     frame: np.ndarray  # (N,) pixels on the image's first/last row/column (corners twice)
-    group_members: sparse.csr_matrix  # (G, N): labels present in each group's neighbourhood
-    group_size: np.ndarray  # (G,) number of distinct labels in the neighbourhood
+    group_labels: np.ndarray  # (G, 5) the labels of the pixel and its 4 neighbours, sorted (repeats kept)
     group_own: np.ndarray  # (G,) the label of the pixels themselves
-    group_pa_sum: np.ndarray  # (G,)
-    group_count: np.ndarray  # (G,)
+    group_sums: np.ndarray  # (G, 2) PA sum and pixel count
 
 
 def _superpixel_stats(labels: np.ndarray, num_regions: int, pa: np.ndarray) -> _SuperpixelStats:
@@ -256,50 +302,57 @@ def _superpixel_stats(labels: np.ndarray, num_regions: int, pa: np.ndarray) -> _
     first_of_group[1:] = (keys[1:] != keys[:-1]).any(axis=1)
     group_of = np.cumsum(first_of_group) - 1
     groups = keys[first_of_group]
-    num_groups = groups.shape[0]
-    group_pa_sum = np.bincount(group_of, pa[on_border][order], minlength=num_groups)
-    group_count = np.bincount(group_of, minlength=num_groups).astype(np.float64)
-    rows = np.repeat(np.arange(num_groups), 5)
-    members = sparse.csr_matrix((np.ones(rows.size, dtype=np.float32), (rows, groups[:, 1:].ravel())),
-                                shape=(num_groups, num_regions))
-    members.data[:] = 1.0  # duplicates were summed: presence only
-    group_size = np.diff(members.indptr).astype(np.float32)
-    return _SuperpixelStats(pa_sum, area, frame, members, group_size, groups[:, 0], group_pa_sum, group_count)
+    sums = np.stack([np.bincount(group_of, pa[on_border][order], minlength=len(groups)),
+                     np.bincount(group_of, minlength=len(groups)).astype(np.float64)], axis=1)
+    return _SuperpixelStats(pa_sum, area, frame, groups[:, 1:], groups[:, 0], sums)
 
 
-def rank_candidates(membership: np.ndarray, stats: _SuperpixelStats, chunk: int = 512) -> dict[str, np.ndarray]:
-    """Per candidate: `rank` (band PA - inside PA; nan when the band or the inside is empty),
-    `area`, `contour` (inner band pixels) and `frame` (pixels on the image frame)."""
-    weights = membership.astype(np.float32)
-    per_region = np.stack([stats.pa_sum, stats.area, stats.frame], axis=1)
-    pa_sum, area, frame = (weights.astype(np.float64) @ per_region).T
-    per_group = np.stack([stats.group_pa_sum, stats.group_count], axis=1).astype(np.float32)
-    band, inner = np.zeros((len(membership), 2)), np.zeros((len(membership), 2))
-    for start in range(0, len(membership), chunk):
-        block = slice(start, start + chunk)
-        present = (stats.group_members @ weights[block].T).T  # (chunk, G): neighbourhood labels in the candidate
-        in_band = (present > 0) & (present < stats.group_size)
-        band[block] = in_band.astype(np.float32) @ per_group
-        in_band &= membership[block][:, stats.group_own]  # the pixels themselves are in the candidate
-        inner[block] = in_band.astype(np.float32) @ per_group
+def rank_candidates(tree: MergeTree, stats: _SuperpixelStats) -> dict[str, np.ndarray]:
+    """Per node of the tree: `rank` (band PA - inside PA; nan when the band or the inside is
+    empty), `area`, `contour` (band pixels inside the node) and `frame` (pixels on the image frame).
+
+    A pixel group is on the band of exactly the nodes that hold some but not all of its labels:
+    the union of the paths from its labels up to (not including) their common ancestor. Adding
+    its sums at the labels and subtracting them at the common ancestors of neighbours in leaf
+    order (the union of root paths) and at the common ancestor of all, a subtree sum gives every
+    node its band in one pass; the inner band is the path from the group's own label alone."""
+    parent = tree.parents()
+    order, first, _ = tree.leaf_spans()
+    labels = np.take_along_axis(stats.group_labels, np.argsort(first[stats.group_labels], axis=1), axis=1)
+    pair_ancestors = [tree.common_ancestor(labels[:, i], labels[:, i + 1], parent) for i in range(labels.shape[1] - 1)]
+    top = pair_ancestors[0]
+    for ancestor in pair_ancestors[1:]:
+        top = tree.common_ancestor(top, ancestor, parent)
+    band = np.zeros((tree.num_nodes, 2))
+    inner = np.zeros((tree.num_nodes, 2))
+    for column in labels.T:
+        np.add.at(band, column, stats.group_sums)
+    for ancestor in pair_ancestors + [top]:
+        np.subtract.at(band, ancestor, stats.group_sums)
+    np.add.at(inner, stats.group_own, stats.group_sums)
+    np.subtract.at(inner, top, stats.group_sums)
+    band, inner = tree.subtree_sums(band), tree.subtree_sums(inner)
+    leaves = np.zeros((tree.num_nodes, 3))
+    leaves[:tree.num_leaves] = np.stack([stats.pa_sum, stats.area, stats.frame], axis=1)
+    pa_sum, area, frame = tree.subtree_sums(leaves).T
     inside_sum, inside_count = pa_sum - inner[:, 0], area - inner[:, 1]
-    valid = (band[:, 1] > 0) & (inside_count > 0)
+    valid = (band[:, 1] > 0.5) & (inside_count > 0.5)  # counts are whole numbers in floating point
     with np.errstate(invalid="ignore", divide="ignore"):
         rank = np.where(valid, band[:, 0] / band[:, 1] - inside_sum / inside_count, np.nan)
-    return {"rank": rank, "area": area, "contour": inner[:, 1], "frame": frame}
+    return {"rank": rank, "area": area, "contour": np.round(inner[:, 1]), "frame": frame}
 
 
-def mask_nms(order: np.ndarray, membership: np.ndarray, superpixel_area: np.ndarray, iou_threshold: float,
+def mask_nms(order: np.ndarray, first: np.ndarray, end: np.ndarray, area: np.ndarray, iou_threshold: float,
              topk: int) -> list[int]:
-    """Greedy NMS over candidates in `order` (best first), IoU from superpixel areas; at most topk kept."""
+    """Greedy NMS over tree nodes in `order` (best first); at most topk kept. Two nodes overlap only
+    when nested (their leaf spans nest), with IoU = smaller area / larger area."""
     kept: list[int] = []
-    for candidate in order:
-        if kept:
-            inter = (membership[kept] & membership[candidate]) @ superpixel_area
-            union = membership[kept] @ superpixel_area + membership[candidate] @ superpixel_area - inter
-            if (inter > iou_threshold * union).any():
-                continue
-        kept.append(int(candidate))
+    for node in order.tolist():
+        nested = [k for k in kept if (first[k] <= first[node] and end[node] <= end[k])
+                  or (first[node] <= first[k] and end[k] <= end[node])]
+        if any(min(area[k], area[node]) > iou_threshold * max(area[k], area[node]) for k in nested):
+            continue
+        kept.append(node)
         if len(kept) == topk:
             break
     return kept
@@ -314,16 +367,32 @@ def group(pa: np.ndarray, options: GroupingOptions = GroupingOptions()) -> Propo
     pa = np.clip(np.asarray(pa, dtype=np.float32), 0.0, 1.0)
     if pa.ndim != 2:
         raise ValueError(f"expected an H x W affinity map, got shape {pa.shape}")
+    seconds: dict[str, float] = {}
+    start = time.perf_counter()
+
+    def lap(stage: str) -> None:
+        nonlocal start
+        now = time.perf_counter()
+        seconds[stage], start = now - start, now
+
     labels, num_regions = watershed_superpixels(pa, options.peak_radius)
+    lap("superpixels")
     borders = region_borders(labels, num_regions, 1.0 - pa, options)
-    membership = merge_hierarchy(num_regions, borders)
-    stats = _superpixel_stats(labels, num_regions, pa)
-    ranked = rank_candidates(membership, stats)
+    lap("graph")
+    tree = merge_hierarchy(num_regions, borders)
+    lap("hierarchy")
+    ranked = rank_candidates(tree, _superpixel_stats(labels, num_regions, pa))
     eligible = (~np.isnan(ranked["rank"]) & (ranked["area"] >= max(options.min_area, 1))
                 & (ranked["frame"] <= options.border_ratio * ranked["contour"]))
     candidates = np.flatnonzero(eligible)
-    order = candidates[np.argsort(ranked["rank"][candidates], kind="stable")]
-    kept = mask_nms(order, membership, stats.area, options.nms_iou, options.topk)
-    masks = membership[kept][:, labels] if kept else np.zeros((0,) + pa.shape, dtype=bool)
+    leaf_order, first, end = tree.leaf_spans()
+    best_first = candidates[np.argsort(ranked["rank"][candidates], kind="stable")]
+    kept = mask_nms(best_first, first, end, ranked["area"], options.nms_iou, options.topk)
+    masks = np.zeros((len(kept),) + pa.shape, dtype=bool)
+    for k, node in enumerate(kept):
+        chosen = np.zeros(num_regions, dtype=bool)
+        chosen[leaf_order[first[node]:end[node]]] = True
+        masks[k] = chosen[labels]
     scores = np.clip((1.0 - ranked["rank"][kept]) / 2.0, 0.0, 1.0)
-    return Proposals(masks, scores.astype(np.float32), num_regions, membership.shape[0])
+    lap("ranking")
+    return Proposals(masks, scores.astype(np.float32), num_regions, tree.num_nodes, seconds)

@@ -9,8 +9,8 @@ import pytest
 from pycocotools import mask as mask_utils
 from skimage.segmentation import find_boundaries
 
-from distill.grouping import (GroupingOptions, RegionBorders, _superpixel_stats, group, merge_hierarchy,
-                              oracle_affinity, rank_candidates, watershed_superpixels)
+from distill.grouping import (GroupingOptions, MergeTree, RegionBorders, _superpixel_stats, group, merge_hierarchy,
+                              oracle_affinity, rank_candidates, region_borders, watershed_superpixels)
 from utils.affinity import instance_label_map, pairwise_affinity
 from utils.coco_io import annotations_by_image, make_annotation, segmentation_to_rle
 
@@ -73,40 +73,49 @@ def test_merge_hierarchy_weakest_border_first_with_length_weighted_borders():
     # Chain 0 - 1 - 2 - 3 plus 0 - 2. Borders: (0,1) 0.1 x 2 px, (1,2) 0.5 x 2, (2,3) 0.3 x 4, (0,2) 0.9 x 2.
     borders = RegionBorders(np.array([[0, 1], [1, 2], [2, 3], [0, 2]]), np.array([0.1, 0.5, 0.3, 0.9]),
                             np.array([2.0, 2.0, 4.0, 2.0]))
-    membership = merge_hierarchy(4, borders)
-    # Merge 1: {0,1} (0.1). Merge 2: {2,3} (0.3). {0,1}-{2,3} border = (0.5 x 2 + 0.9 x 2) / 4 = 0.7: merge 3.
-    expected = [[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1], [1, 1, 0, 0], [0, 0, 1, 1], [1, 1, 1, 1]]
-    assert membership.astype(int).tolist() == expected
-    # With (0,1) at 0.6 instead: {2,3} (0.3) first, then {1} + {2,3}: (0.5 x 2) / 2 = 0.5 < (0.6 x 2 + 0.9 x 2) / 4.
+    tree = merge_hierarchy(4, borders)
+    # Merge 1: 4 = {0,1} (0.1). Merge 2: 5 = {2,3} (0.3). 4-5 border = (0.5 x 2 + 0.9 x 2) / 4 = 0.7: merge 3.
+    assert tree.children.tolist() == [[0, 1], [2, 3], [4, 5]] and tree.num_nodes == 7
+    assert tree.parents().tolist() == [4, 4, 5, 5, 6, 6, -1]
+    order, first, end = tree.leaf_spans()
+    assert [sorted(order[first[n]:end[n]].tolist()) for n in range(7)] == [[0], [1], [2], [3], [0, 1], [2, 3],
+                                                                           [0, 1, 2, 3]]
+    # With (0,1) at 0.6 instead: 4 = {2,3} (0.3), then 1 + 4: (0.5 x 2) / 2 = 0.5 < 0, 1: 0.6.
     borders.weight[0] = 0.6
-    assert merge_hierarchy(4, borders).astype(int).tolist()[4:] == [[0, 0, 1, 1], [0, 1, 1, 1], [1, 1, 1, 1]]
+    assert merge_hierarchy(4, borders).children.tolist() == [[2, 3], [1, 4], [0, 5]]
+    # Two components never meet: two roots.
+    apart = merge_hierarchy(4, RegionBorders(np.array([[0, 1], [2, 3]]), np.array([0.2, 0.1]), np.array([1.0, 1.0])))
+    assert apart.children.tolist() == [[2, 3], [0, 1]] and (apart.parents() < 0).sum() == 2
+    assert sorted(apart.leaf_spans()[0][:2].tolist()) in ([0, 1], [2, 3])
 
 
 def test_ranking_statistics_equal_a_per_mask_reference():
-    """Band (find_boundaries 'thick') and inside PA, contour and frame contact of random unions of
-    superpixels, against the direct per-mask computation of GGN's ranking method 3."""
+    """Band (find_boundaries 'thick') and inside PA, contour and frame contact of every node of a
+    merge tree of random regions, against the direct per-mask computation of GGN's ranking method 3."""
     rng = np.random.default_rng(0)
-    labels = np.repeat(np.repeat(rng.integers(0, 6, size=(6, 8)), 5, axis=0), 4, axis=1)[:27, :31]
+    blocks = rng.integers(0, 12, size=(6, 8))
+    labels = np.repeat(np.repeat(blocks, 5, axis=0), 4, axis=1)[:27, :31]
     labels = np.unique(labels, return_inverse=True)[1].reshape(labels.shape).astype(np.int32)
-    count = int(labels.max()) + 1
+    count = int(labels.max()) + 1  # labels may be split in several pieces: the statistics do not care
     pa = rng.random(labels.shape).astype(np.float32)
-    membership = rng.random((40, count)) < 0.4
-    membership[0] = True  # the whole image: no band
-    membership[1] = np.arange(count) == 0
-    ranked = rank_candidates(membership, _superpixel_stats(labels, count, pa), chunk=7)
-    for k, row in enumerate(membership):
-        mask = row[labels]
+    pa64 = pa.astype(np.float64)
+    tree = merge_hierarchy(count, region_borders(labels, count, rng.random(labels.shape), GroupingOptions(globalization=0)))
+    assert tree.num_nodes == 2 * count - 1
+    ranked = rank_candidates(tree, _superpixel_stats(labels, count, pa))
+    order, first, end = tree.leaf_spans()
+    for node in range(tree.num_nodes):
+        mask = np.isin(labels, order[first[node]:end[node]])
         band = find_boundaries(mask, mode="thick")
         contour = find_boundaries(mask, mode="inner")
         inside = mask & ~band
         frame = mask[0].sum() + mask[-1].sum() + mask[:, 0].sum() + mask[:, -1].sum()
-        assert ranked["area"][k] == mask.sum() and ranked["frame"][k] == frame
-        assert ranked["contour"][k] == contour.sum()
+        assert ranked["area"][node] == mask.sum() and ranked["frame"][node] == frame
+        assert ranked["contour"][node] == contour.sum()
         if band.any() and inside.any():
-            assert ranked["rank"][k] == pytest.approx(pa[band].mean() - pa[inside].mean(), abs=1e-5)
+            assert ranked["rank"][node] == pytest.approx(pa64[band].mean() - pa64[inside].mean(), abs=1e-9)
         else:
-            assert np.isnan(ranked["rank"][k])
-    assert np.isnan(ranked["rank"][0]) and not np.isnan(ranked["rank"][1:]).all()
+            assert np.isnan(ranked["rank"][node])
+    assert np.isnan(ranked["rank"][-1])  # the root is the whole image: no band
 
 
 @pytest.mark.parametrize("globalization", [0.0, 0.5])
