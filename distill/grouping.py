@@ -34,6 +34,7 @@ length-weighted mean instead of the plain mean of the two.
 from __future__ import annotations
 
 import heapq
+import json
 import time
 from dataclasses import dataclass, field
 
@@ -47,7 +48,7 @@ from skimage.segmentation import watershed
 from threadpoolctl import threadpool_limits
 
 from utils.affinity import instance_label_map, pairwise_affinity
-from utils.coco_io import decode_segmentation
+from utils.coco_io import decode_segmentation, make_annotation
 
 
 @dataclass(frozen=True)
@@ -396,3 +397,18 @@ def group(pa: np.ndarray, options: GroupingOptions = GroupingOptions()) -> Propo
     scores = np.clip((1.0 - ranked["rank"][kept]) / 2.0, 0.0, 1.0)
     lap("ranking")
     return Proposals(masks, scores.astype(np.float32), num_regions, tree.num_nodes, seconds)
+
+
+def image_record(job: dict) -> str | tuple[int, str]:
+    """The record line (`{"index", "image", "annotations"}`) of one image of a generation job: its PA
+    map (`pa`, or the oracle's from `annotations`) grouped with `options` (a GroupingOptions dict) into
+    scored masks. A job with an `error` (an unreadable image) comes back as (index, reason). Runs in
+    the worker processes of distill/pa_source.py, so this module stays free of torch."""
+    if "error" in job:
+        return job["index"], job["error"]
+    image = job["image"]
+    pa = job["pa"] if "pa" in job else oracle_affinity(job["annotations"], image["height"], image["width"])
+    proposals = group(pa, GroupingOptions(**job["options"]))
+    annotations = [make_annotation(mask, image["id"], 1, float(score), job["mask_format"])
+                   for mask, score in zip(proposals.masks, proposals.scores)]
+    return json.dumps({"index": job["index"], "image": image, "annotations": annotations})

@@ -9,7 +9,7 @@ import pytest
 from pycocotools import mask as mask_utils
 from skimage.segmentation import find_boundaries
 
-from distill.grouping import (GroupingOptions, MergeTree, RegionBorders, _superpixel_stats, group, merge_hierarchy,
+from distill.grouping import (GroupingOptions, RegionBorders, _superpixel_stats, group, merge_hierarchy,
                               oracle_affinity, rank_candidates, region_borders, watershed_superpixels)
 from utils.affinity import instance_label_map, pairwise_affinity
 from utils.coco_io import annotations_by_image, make_annotation, segmentation_to_rle
