@@ -164,11 +164,11 @@ def generate_pa_masks(args: argparse.Namespace, settings: dict) -> int:
     out = Path(args.pred_json_path)
     check_can_write(out, args.overwrite)
     check_writable(out)
+    source = PAMaskSource(args.affinity, grouping_options(args), args.mask_format, args.gt_json, args.device,
+                          args.num_workers)
     entries = dataset_entries(args)
     if args.max_images:
         entries = entries[: args.max_images]
-    source = PAMaskSource(args.affinity, grouping_options(args), args.mask_format, args.gt_json, args.device,
-                          args.num_workers)
     collector = _Collector()
     sizes: dict[int, tuple[int, int]] = {}
     for entry in entries:
