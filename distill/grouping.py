@@ -111,7 +111,7 @@ def watershed_superpixels(pa: np.ndarray, peak_radius: int) -> tuple[np.ndarray,
     return (labels - 1).astype(np.int32), count
 
 
-# ----------------------------------------------------------------------------- 2. globalisation
+# ----------------------------------------------------------------------------- 2. region graph and globalisation
 
 
 def spectral_embedding(labels: np.ndarray, num_regions: int, boundary: np.ndarray, num_vectors: int = 16,
