@@ -47,6 +47,7 @@ AFFINITY_MODEL_DEFAULTS = {
     "trainable_layers": 5,  # GGN trains every stage
     "tiny_widths": [16, 32, 64, 128],
     "fpn_channels": 256,
+    "fpn_norm": False,  # also normalise the FPN convolutions with model.norm (build_backbone)
     "head_channels": 128,
     "head_norm": "gn",  # bn | gn (head)
 }

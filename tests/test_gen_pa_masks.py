@@ -101,7 +101,10 @@ def test_bad_input_is_one_line_and_writes_nothing(val, tmp_path, monkeypatch, ca
     partial.write_text(json.dumps({**gt, "images": gt["images"][1:],
                                    "annotations": [a for a in gt["annotations"] if a["image_id"] != missing]}))
     resized = tmp_path / "resized.json"
-    resized.write_text(json.dumps({**gt, "images": [dict(i, height=i["height"] + 1) for i in gt["images"]]}))
+    # Polygon annotations only: an RLE would already disagree with its own file's image size.
+    polygons = [a for a in gt["annotations"] if isinstance(a["segmentation"], list)]
+    resized.write_text(json.dumps({**gt, "annotations": polygons,
+                                   "images": [dict(i, height=i["height"] + 1) for i in gt["images"]]}))
     out = tmp_path / "pa.json"
     base = ["--dataset", "folder", "--dataset_root", images, "--pred_json_path", out, "--num_workers", 0]
     cases = {
