@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -38,13 +39,14 @@ class CocoInstances(Dataset):
     `boxes` (xyxy), `labels`, `masks` (uint8, N x H x W) and `image_id`. Crowd regions and
     degenerate boxes are skipped; images without instances are kept (negatives) unless
     `filter_empty`. The index may be `(index, position)` from `utils.samplers`; the position
-    seeds the horizontal flip.
+    seeds the horizontal flip and `augment(dataset, image, target, position)` (e.g. copy_paste.CopyPaste),
+    which run on such training samples only.
     """
 
     def __init__(self, json_path: str | os.PathLike, image_root: str | os.PathLike,
                  categories: list[dict] | None = None, class_agnostic: bool = False,
                  filter_empty: bool = False, flip_prob: float = 0.0, seed: int = 0,
-                 with_targets: bool = True):
+                 with_targets: bool = True, augment: Callable | None = None):
         self.json_path = str(json_path)
         self.image_root = Path(image_root)
         if not self.image_root.is_dir():
@@ -56,6 +58,7 @@ class CocoInstances(Dataset):
         self.with_targets = with_targets
         self.flip_prob = float(flip_prob)
         self.seed = int(seed)
+        self.augment = augment
         anns_by_image: dict[int, list[dict]] = {}
         for i, ann in enumerate(data["annotations"]):
             if ann.get("iscrowd", 0):
@@ -123,6 +126,8 @@ class CocoInstances(Dataset):
         if position is not None and self.flip_prob > 0:
             if np.random.default_rng([self.seed, position]).random() < self.flip_prob:
                 image, target = hflip(image, target)
+        if position is not None and self.augment is not None:
+            image, target = self.augment(self, image, target, position)
         return image, target
 
 

@@ -12,10 +12,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from detectron2_train.copy_paste import CopyPaste
 from detectron2_train.data import CocoInstances, categories_of, collate_lists, inference_loader
 from detectron2_train.modeling import MODEL_DEFAULTS, build_model, set_image_sizes
 from detectron2_train.splits import read_class_list
-from utils.checkpoint import read_torch_file, unwrap
+from utils.checkpoint import latest_checkpoint, read_torch_file, unwrap
 from utils.coco_eval import EvalOptions, evaluate_predictions
 from utils.coco_io import load_coco_dataset, load_json, make_annotation, write_json
 from utils.config import save_config
@@ -44,6 +45,12 @@ DEFAULTS = {
         "min_size_test": 800,
         "max_size_test": 1333,
         "hflip_prob": 0.5,
+        "copy_paste": {  # CutLER's copy-paste augmentation (copy_paste.py); rate 0 = off
+            "rate": 0.0,  # probability that a training image receives pasted objects
+            "min_ratio": 0.5,  # the source image is rescaled to ratio x the target's size,
+            "max_ratio": 1.0,  # ratio drawn uniformly from [min_ratio, max_ratio]
+            "random_num": True,  # paste 1..n-1 of the source's n objects (else all of them)
+        },
     },
     "solver": {
         "base_lr": 0.02,
@@ -99,6 +106,11 @@ def mask_labels(cfg: dict, categories: list[dict]) -> list[int] | None:
     return [label_of[i] for i in ids]
 
 
+def has_checkpoint(output_dir: Path) -> bool:
+    """Whether --resume would find a checkpoint in `output_dir`."""
+    return (output_dir / FINAL_CHECKPOINT).is_file() or latest_checkpoint(output_dir) is not None
+
+
 def load_weights(model: torch.nn.Module, path: str, state: dict | None = None) -> dict:
     """Model weights from a training checkpoint (or a bare state dict); returns the checkpoint's extra."""
     state = read_torch_file(path, "weights") if state is None else state
@@ -123,13 +135,18 @@ def train(cfg: dict, info: DistInfo, resume: bool = False, overwrite: bool = Fal
     per_process = split_batch(solver["ims_per_batch"], info.world_size, "solver.ims_per_batch")
     loop = LoopSettings.from_solver(solver, final_name=FINAL_CHECKPOINT,
                                     nonfinite_hint="lower solver.base_lr or raise solver.warmup_iters")
+    resumable = resume and has_checkpoint(Path(cfg["output_dir"]))
+    if cfg["model"]["stage"] == "mask" and not init_weights and not resumable:
+        raise UserError("model.stage mask trains the mask branch of a trained detector: pass --weights with the "
+                        "box stage's checkpoint (model.stage box)")
     dataset = CocoInstances(data_cfg["train_json"], data_cfg["train_root"],
                             class_agnostic=data_cfg["class_agnostic"], filter_empty=data_cfg["filter_empty"],
-                            flip_prob=cfg["input"]["hflip_prob"], seed=loop.seed)
+                            flip_prob=cfg["input"]["hflip_prob"], seed=loop.seed,
+                            augment=CopyPaste.from_config(cfg["input"]["copy_paste"], loop.seed))
     categories = dataset.categories
     mask_classes = mask_labels(cfg, categories)
     seed_all(loop.seed)  # identical initial weights on every process
-    model = build_model(cfg, len(categories), mask_classes).to(info.device)
+    model = build_model(cfg, len(categories), mask_classes, [c["name"] for c in categories]).to(info.device)
     set_image_sizes(model, cfg, training=True)
     if init_weights:
         load_weights(model, init_weights)
@@ -210,7 +227,8 @@ def run_inference(cfg: dict, info: DistInfo, weights: str, image_json: str, imag
         categories = categories_of(load_json(image_json, "COCO dataset"), cfg["data"]["class_agnostic"])
     model_cfg = copy.deepcopy(cfg)
     model_cfg["model"]["backbone_weights"] = "none"  # the checkpoint holds the whole model
-    model = build_model(model_cfg, len(categories), state_extra.get("mask_classes")).to(info.device)
+    model = build_model(model_cfg, len(categories), state_extra.get("mask_classes"),
+                        [c["name"] for c in categories]).to(info.device)
     load_weights(model, weights, state)
     del state
     set_image_sizes(model, cfg, training=False)

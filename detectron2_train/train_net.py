@@ -20,8 +20,13 @@ if __package__ in (None, ""):  # run as a script from the repo root
 
 import argparse
 
+from detectron2_train.engine import DEFAULTS, run
+from detectron2_train.modeling import MASK_HEADS, STAGES
+from detectron2_train.self_training import RoundSettings, self_training_rounds
 from utils.config import add_config_args, load_run_config
+from utils.distributed import distributed_session
 from utils.errors import UserError, run_cli
+from utils.rounds import per_round
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -35,8 +40,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                                        "suffice); evaluated with pycocotools when it has annotations (data.test_json)")
     p.add_argument("--test_root", help="image root of --test_json (data.test_root)")
     p.add_argument("--class_agnostic", action="store_true", help="train one 'object' class (data.class_agnostic)")
-    p.add_argument("--mask_head", choices=["standard", "agnostic", "transfer"],
-                   help="class-specific (fully supervised), class-agnostic, or MaskX R-CNN weight transfer (model.mask_head)")
+    p.add_argument("--mask_head", choices=MASK_HEADS,
+                   help="class-specific (fully supervised), class-agnostic, class-agnostic + fused MLP, or MaskX "
+                        "R-CNN weight transfer (model.mask_head)")
+    p.add_argument("--stage", choices=STAGES,
+                   help="e2e: train everything (default); box: Faster R-CNN only (no mask loss); mask: load --weights "
+                        "from the box stage, freeze backbone, RPN and box head, train the mask branch (model.stage)")
     p.add_argument("--mask_classes", metavar="A.txt",
                    help="class list of set A (one name or id per line): only these classes get a mask loss; "
                         "the others train boxes only (data.mask_classes)")
@@ -80,13 +89,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def config_from_args(args: argparse.Namespace) -> dict:
     """Defaults < YAML file < --set overrides < --output_dir and the explicit flags above."""
-    from detectron2_train.engine import DEFAULTS
-
     cfg = load_run_config(args, DEFAULTS)
     flags = {("data", "train_json"): args.train_json,
              ("data", "train_root"): args.train_root, ("data", "test_json"): args.test_json,
              ("data", "test_root"): args.test_root, ("data", "mask_classes"): args.mask_classes,
              ("data", "num_workers"): args.num_workers, ("model", "mask_head"): args.mask_head,
+             ("model", "stage"): args.stage,
              ("data", "class_agnostic"): True if args.class_agnostic else None,
              ("model", "transfer", "grad"): True if args.transfer_grad else None}
     for keys, value in flags.items():
@@ -100,9 +108,6 @@ def config_from_args(args: argparse.Namespace) -> dict:
 
 def round_settings(args: argparse.Namespace) -> list:
     """One RoundSettings per round from --rounds, --score_thresh, --round_set and --init_from_previous."""
-    from detectron2_train.self_training import RoundSettings
-    from utils.rounds import per_round
-
     if args.rounds < 1:
         raise UserError(f"--rounds must be at least 1, not {args.rounds}")
     for flag in ("eval_only", "pseudo_from", "pseudo_only", "results"):
@@ -121,11 +126,6 @@ def round_settings(args: argparse.Namespace) -> list:
 
 def main() -> None:
     args = parse_args()
-    # torch is imported only now, so that --help stays quick
-    from detectron2_train.engine import run
-    from detectron2_train.self_training import self_training_rounds
-    from utils.distributed import distributed_session
-
     cfg = config_from_args(args)
     rounds = round_settings(args) if args.rounds is not None else None
     if rounds is None and len(args.score_thresh) > 1:

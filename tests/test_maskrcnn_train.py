@@ -31,14 +31,6 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "detectron2" / "tiny_test.yaml"
 
 
-@pytest.fixture
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def tiny_cfg(tmp_path: Path, data_json: Path, **solver) -> dict:
     cfg = load_config(TINY, [], DEFAULTS)
     cfg["output_dir"] = str(tmp_path / "out")

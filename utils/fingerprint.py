@@ -56,17 +56,22 @@ def _is_file(value: Any) -> bool:
 
 def fingerprint(kind: str, settings: Mapping[str, Any], ignore: Iterable[str] = (),
                 files: Mapping[str, str | os.PathLike | None] | None = None) -> dict:
-    """The fingerprint of `settings` (see the module docstring); `files` adds named files outside the settings."""
+    """The fingerprint of `settings` (see the module docstring).
+
+    `files` adds inputs outside the settings (e.g. initial weights given by a flag); a resume may leave
+    one out (it is then not compared), but not give another one.
+    """
     patterns = tuple(ignore)
     flat = {k: v for k, v in flatten(settings).items() if not any(fnmatch.fnmatchcase(k, p) for p in patterns)}
-    flat.update({k: os.fspath(v) for k, v in (files or {}).items() if v is not None})
+    extra = {k: os.fspath(v) for k, v in (files or {}).items() if v is not None}
+    flat.update(extra)
     values, digests = {}, {}
     for key, value in sorted(flat.items()):
         if _is_file(value):
             digests[key] = {"path": value, "sha256": file_digest(value)}
         else:
             values[key] = value
-    return {"kind": kind, "settings": values, "files": digests}
+    return {"kind": kind, "settings": values, "files": digests, "extra_inputs": sorted(extra)}
 
 
 def _describe(print_: dict, key: str) -> tuple[Any, str]:
@@ -84,9 +89,11 @@ def difference(recorded: dict | None, current: dict) -> str | None:
         return "it records no settings to compare (another tool or an older version made it)"
     if recorded["kind"] != current["kind"]:
         return f"it was made by {recorded['kind']}, not {current['kind']}"
-    keys = sorted(set(recorded.get("settings", {})) | set(recorded.get("files", {}))
-                  | set(current["settings"]) | set(current["files"]))
+    given_now = set(current["settings"]) | set(current["files"])
+    keys = sorted(set(recorded.get("settings", {})) | set(recorded.get("files", {})) | given_now)
     for key in keys:
+        if key in recorded.get("extra_inputs", ()) and key not in given_now:
+            continue  # an input outside the settings, not given again on resume
         (old, old_text), (new, new_text) = _describe(recorded, key), _describe(current, key)
         if old != new:
             return f"it was made with {key}={old_text}, not {new_text}"
