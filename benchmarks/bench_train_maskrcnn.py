@@ -21,7 +21,7 @@ import torch
 from detectron2_train.data import CocoInstances, collate_lists
 from detectron2_train.engine import DEFAULTS
 from detectron2_train.modeling import build_model, set_image_sizes
-from detectron2_train.synthetic import make_dataset
+from tests.helpers.synthetic_shapes import make_dataset
 from utils.config import load_config
 from utils.distributed import resolve_device
 from utils.errors import run_cli
