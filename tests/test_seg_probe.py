@@ -13,6 +13,7 @@ from seg_helpers import make_synthetic_set, tiny_overrides
 from segmentation.engine import DEFAULTS
 from segmentation.kmeans_eval import hungarian_from_counts
 from segmentation.model import build_from_config
+from segmentation.probe import PROBE_SCHEMA
 from segmentation.rounds import train_plus_crf
 from utils.checkpoint import save_checkpoint
 from utils.config import load_config
@@ -40,7 +41,7 @@ def voc_tiny(tmp_path, voc_mini, repo_root):
     (tmp_path / "linear_tiny.yml").write_text(yaml.safe_dump(exp))
     (tmp_path / "one.txt").write_text("2011_000003\n")  # one val image keeps the 21-class CRF quick
     (tmp_path / "env.yml").write_text(yaml.safe_dump({"root_dir": str(tmp_path / "results")}))
-    config = load_config(tmp_path / "linear_tiny.yml", defaults=DEFAULTS)
+    config = load_config(tmp_path / "linear_tiny.yml", defaults=PROBE_SCHEMA)
     torch.manual_seed(0)
     save_checkpoint(exp["pretrained"], build_from_config(config), iteration=0, config=config)
     return tmp_path
@@ -166,7 +167,7 @@ def test_pooled_crf_evaluation_matches_the_in_process_one(synthetic_probe):
     from segmentation.probe import build_probe_val_dataset, crf_postprocessor, evaluate_with_crf
 
     tmp_path, args = synthetic_probe
-    config = load_config(tmp_path / "probe_exp.yml", args[3:], defaults=DEFAULTS)
+    config = load_config(tmp_path / "probe_exp.yml", args[3:], defaults=PROBE_SCHEMA)
     model = load_trained_model(config, tmp_path / "deeplab" / "model_final.pth", torch.device("cpu"))
     val = build_probe_val_dataset(config)
     serial = evaluate(model, val, config, DistInfo(), crf_postprocessor(val))
