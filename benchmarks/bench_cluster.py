@@ -1,4 +1,4 @@
-"""Benchmark utils/cluster.py: CLS-feature extraction of box crops (utils/crop_features.py, crops/s)
+"""Benchmark the clustering stage (distill/cluster.py): CLS-feature extraction of box crops (distill/crop_features.py, crops/s)
 and K-means (s).
 
     python benchmarks/bench_cluster.py                       # tiny_coco val2017 GT boxes, random ViT-S/16, CPU
@@ -21,7 +21,7 @@ import time
 import numpy as np
 import torch
 
-from utils import cluster, crop_features
+from distill import cluster, crop_features
 
 
 def main() -> None:
