@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from detectron2_train import train_net
-from segmentation import linear_finetune, train, train_plus_crf
+from segmentation import eval_cluster, linear_finetune, train, train_plus_crf
 from utils.config import (ConfigSchema, Range, above, at_least, between, load_config, load_yaml, parse_override)
 from utils.errors import UserError, run_cli
 
@@ -167,6 +167,11 @@ def _argv_seg(config: Path, out: Path, overrides: list[str]) -> list[str]:
     return ["--config", str(config), "--output_dir", str(out), "--device", "cpu", "--set", *overrides]
 
 
+def _argv_eval_cluster(config: Path, out: Path, overrides: list[str]) -> list[str]:
+    return ["--config", str(config), "--model_path", str(out / "model_final.pth"), "--device", "cpu",
+            "--output", str(out / "clusters.json"), "--set", *overrides]
+
+
 def _argv_probe(config: Path, out: Path, overrides: list[str]) -> list[str]:
     env = write(out.parent / "configs" / "env.yml", {"root_dir": str(out)})  # never next to a repo config
     return ["--config_env", str(env), "--config_exp", str(config), "--device", "cpu", "--set", *overrides]
@@ -179,6 +184,7 @@ CLIS = [
     ("train_plus_crf", train_plus_crf.main, _argv_seg, REPO / "configs/segmentation/tiny_test.yml", "batch_size"),
     ("linear_finetune", linear_finetune.main, _argv_probe, REPO / "configs/segmentation/tiny_linear_voc.yml",
      "batch_size"),
+    ("eval_cluster", eval_cluster.main, _argv_eval_cluster, REPO / "configs/segmentation/tiny_test.yml", "batch_size"),
 ]
 
 # case, YAML written over the CLI's tiny config (None: the tiny config itself), --set overrides, expected error
@@ -239,3 +245,12 @@ def test_the_flags_of_train_net_are_checked_like_the_config(tmp_path, capsys):
     assert info.value.code == 2
     assert capsys.readouterr().err.strip() == ("error: the flag for data.num_workers: data.num_workers must be >= 0, "
                                                "got -1")
+
+
+@pytest.mark.parametrize("name,main,argv_of,tiny,batch_key", CLIS[1:], ids=[c[0] for c in CLIS[1:]])
+def test_segmentation_crop_size_zero_is_refused(tmp_path, capsys, name, main, argv_of, tiny, batch_key):
+    (tmp_path / "configs").mkdir()
+    with pytest.raises(SystemExit) as info:
+        run_cli(lambda: main(argv_of(tiny, tmp_path / "out", ["data.crop_size=0"])))
+    assert info.value.code == 2 and not (tmp_path / "out").exists()
+    assert capsys.readouterr().err.strip() == "error: --set data.crop_size=0: data.crop_size must be >= 1, got 0"
