@@ -64,7 +64,7 @@ DEFAULTS: dict = {
         "poly_power": 0.9,
         "amp": True,                # only on CUDA
         "sync_bn": True,            # only with several CUDA processes
-        "checkpoint_period": 2000,
+        "checkpoint_period": 2000,  # 0: only model_final.pth
         "keep_checkpoints": 3,
         "eval_period": 0,           # 0: evaluate at the end only
         "log_period": 20,
@@ -85,7 +85,7 @@ SCHEMA = ConfigSchema(DEFAULTS, types={
     "model.backbone": BACKBONES, "model.output_stride": (8, 16, 32), "model.head_channels": at_least(1), "model.atrous_rates": at_least(1),
     "solver.batch_size": at_least(1), "solver.max_iter": at_least(1), "solver.base_lr": above(0),
     "solver.head_lr_mult": above(0), "solver.momentum": between(0, 1, high_open=True),
-    "solver.weight_decay": at_least(0), "solver.poly_power": at_least(0), "solver.checkpoint_period": at_least(1),
+    "solver.weight_decay": at_least(0), "solver.poly_power": at_least(0), "solver.checkpoint_period": at_least(0),
     "solver.keep_checkpoints": at_least(0), "solver.eval_period": at_least(0), "solver.log_period": at_least(1),
     "solver.seed": at_least(0),
     "crf_rounds.rounds": at_least(0),

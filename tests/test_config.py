@@ -200,7 +200,7 @@ CASES = [
     ("empty file", "", [], "config {file} is empty;"),
     ("batch 0", {"solver": {"BATCH": 0}}, [], "{file}: solver.BATCH must be >= 1, got 0"),
     ("negative lr", None, ["solver.base_lr=-0.01"], "--set solver.base_lr=-0.01: solver.base_lr must be > 0, got -0.01"),
-    ("checkpoint_period 0", {"solver": {"checkpoint_period": 0}}, [], "{file}: solver.checkpoint_period must be >= 1"),
+    ("checkpoint_period -1", {"solver": {"checkpoint_period": -1}}, [], "{file}: solver.checkpoint_period must be >= "),
     ("max_iter 0", None, ["solver.max_iter=0"], "--set solver.max_iter=0: solver.max_iter must be >= 1, got 0"),
     ("max_iter negative", {"solver": {"max_iter": -5}}, [], "{file}: solver.max_iter must be >= 1, got -5"),
     ("workers -1", None, ["data.num_workers=-1"], "--set data.num_workers=-1: data.num_workers must be >= 0, got -1"),
@@ -235,6 +235,17 @@ def test_config_errors_through_every_cli(tmp_path, capsys, name, main, argv_of, 
     assert lines[0].startswith(f"error: {expected}"), lines[0]
     assert not out.exists()
     assert sorted(tmp_path.rglob("*")) == sorted([configs, *configs.rglob("*")])
+
+
+def test_mask_rcnn_checkpoint_period_zero_is_refused(tmp_path, capsys):
+    """Mask R-CNN saves every checkpoint_period iterations (0 divided by zero); DeepLab's 0 means final only."""
+    argv = ["--config", str(REPO / "configs/detectron2/tiny_test.yaml"), "--output_dir", str(tmp_path / "out"),
+            "--set", "solver.checkpoint_period=0"]
+    with pytest.raises(SystemExit) as info:
+        run_cli(lambda: train_net.main(argv))
+    assert info.value.code == 2 and not (tmp_path / "out").exists()
+    assert capsys.readouterr().err.strip() == ("error: --set solver.checkpoint_period=0: solver.checkpoint_period "
+                                               "must be >= 1, got 0")
 
 
 def test_the_flags_of_train_net_are_checked_like_the_config(tmp_path, capsys):
