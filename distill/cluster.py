@@ -236,7 +236,11 @@ def resolve_backbone(settings: ClusterSettings, target: MaskSet) -> Backbone:
     if recorded is None and any(getattr(settings, key) is None for key in BACKBONE_KEYS):
         print(f"warning: {target.json_path} records no gen_masks.py settings; using arch {chosen['arch']}, "
               f"patch size {chosen['patch_size']}, weights {chosen['weights']}", file=sys.stderr)
-    return Backbone(str(chosen["arch"]), int(chosen["patch_size"]), str(chosen["weights"]))
+    weights = str(chosen["weights"])
+    if settings.weights is None and weights not in ("dino", "random") and not Path(weights).is_file():
+        raise UserError(f"the masks were made with --weights {weights} ({recorded[1] if recorded else 'default'}), "
+                        f"which is not a file here; pass --weights PATH (the same checkpoint)")
+    return Backbone(str(chosen["arch"]), int(chosen["patch_size"]), weights)
 
 
 def label_categories(gt: GroundTruth | None, trial: dict, num_clusters: int) -> tuple[dict[int, int], list[dict]]:

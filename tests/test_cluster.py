@@ -329,26 +329,33 @@ def test_metrics_are_exact_on_hand_made_colour_squares(tmp_path):
 
 def test_backbone_comes_from_the_masks_recorded_settings(tmp_path, capsys):
     images = {1: {"id": 1, "file_name": "a.png", "width": 8, "height": 8}}
+    weights = tmp_path / "dino_b8.pth"
+    weights.write_bytes(b"")  # only its existence matters here
 
     def mask_set(path, dataset):
         return crop_features.MaskSet("target", path, tmp_path, images, [], dataset)
 
     # info.settings of a gen_masks.py file: used as they are, without any warning.
-    recorded = {"info": {"settings": {"arch": "vit_base", "patch_size": 8, "weights": "/w/dino.pth", "topk": 0.4}}}
+    recorded = {"info": {"settings": {"arch": "vit_base", "patch_size": 8, "weights": str(weights), "topk": 0.4}}}
     target = mask_set(tmp_path / "masks.json", recorded)
-    assert cluster.resolve_backbone(ClusterSettings("m", "r", "o"), target) == crop_features.Backbone("vit_base", 8,
-                                                                                                      "/w/dino.pth")
+    assert cluster.resolve_backbone(ClusterSettings("m", "r", "o"), target) == crop_features.Backbone(
+        "vit_base", 8, str(weights))
     assert capsys.readouterr().err == ""
     # A flag that differs wins, with a warning naming both values.
     chosen = cluster.resolve_backbone(ClusterSettings("m", "r", "o", patch_size=16), target)
-    assert chosen == crop_features.Backbone("vit_base", 16, "/w/dino.pth")
+    assert chosen == crop_features.Backbone("vit_base", 16, str(weights))
     assert capsys.readouterr().err.strip() == (f"warning: --patch_size 16 differs from the 8 that made the masks "
                                                f"({tmp_path / 'masks.json'} (info.settings)); the features use 16")
+    # Recorded weights that are not here: one line saying what to pass.
+    weights.unlink()
+    with pytest.raises(UserError, match=r"the masks were made with --weights .*dino_b8.pth \(.*masks.json "
+                                        r"\(info.settings\)\), which is not a file here; pass --weights PATH"):
+        cluster.resolve_backbone(ClusterSettings("m", "r", "o"), target)
     # A results list has no info: the masks.config.yaml that gen_masks.py wrote next to it is read.
     (tmp_path / "masks.config.yaml").write_text("arch: vit_small\npatch_size: 16\nweights: random\n")
     target = mask_set(tmp_path / "masks.results.json", None)
-    assert cluster.resolve_backbone(ClusterSettings("m", "r", "o"), target) == crop_features.Backbone("vit_small", 16,
-                                                                                                      "random")
+    assert cluster.resolve_backbone(ClusterSettings("m", "r", "o"), target) == crop_features.Backbone(
+        "vit_small", 16, "random")
     # Nothing recorded: gen_masks.py's defaults, said out loud.
     target = mask_set(tmp_path / "other.json", {"images": []})
     assert cluster.resolve_backbone(ClusterSettings("m", "r", "o"), target) == cluster.GEN_MASKS_BACKBONE
