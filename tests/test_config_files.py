@@ -158,16 +158,17 @@ def test_help_lists_the_keys_to_set_and_an_example_that_names_real_files(main, k
 
 
 def test_tiny_mask_rcnn_loss_falls_on_real_images(tiny_coco, tmp_path):
-    """configs/detectron2/tiny_test.yaml on tiny_coco's 50 train images (80 classes) with its own schedule
-    shortened: every loss stays finite and the total loss falls. (Its former settings diverged to NaN at
-    iteration 29 on these images.)"""
+    """configs/detectron2/tiny_test.yaml on tiny_coco's 50 train images (80 classes), its schedule cut to 60
+    iterations (the 50 warm-up ones and 10 at the full rate): every loss stays finite and the total loss
+    falls. Its former settings diverged to NaN at iterations 29-40 on these images; 300 iterations of the
+    current ones stay finite (docs/mask_rcnn.md)."""
     torch.set_num_threads(1)  # more threads than free cores spin and crawl on a shared CI machine
     config = load_config(CONFIGS / "detectron2" / "tiny_test.yaml", [
         f"output_dir={tmp_path}", f"data.train_json={tiny_coco / 'annotations' / 'instances_train2017.json'}",
-        f"data.train_root={tiny_coco / 'train2017'}", "solver.max_iter=80", "solver.checkpoint_period=1000",
+        f"data.train_root={tiny_coco / 'train2017'}", "solver.max_iter=60", "solver.checkpoint_period=1000",
         "solver.log_period=1"], rcnn_engine.SCHEMA)
     rcnn_engine.train(config, DistInfo())
     losses = [json.loads(line)["total_loss"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert len(losses) == 80 and np.isfinite(losses).all()
+    assert len(losses) == 60 and np.isfinite(losses).all()
     first, last = np.mean(losses[:10]), np.mean(losses[-10:])
     assert last < 0.6 * first, (first, last)
