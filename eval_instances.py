@@ -9,11 +9,12 @@ Prints pycocotools' tables, mAP^r at --iou_thresholds, class-agnostic AR@1/10/10
 import argparse
 
 from utils.coco_eval import EvalOptions, evaluate_instances, format_report
-from utils.coco_io import check_writable, write_json
+from utils.cli import check_outputs, float_range
+from utils.coco_io import write_json
 from utils.errors import run_cli
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input_file", required=True,
                         help="predictions: a COCO results list or a full COCO dict (masks as RLE or polygons)")
@@ -25,20 +26,21 @@ def parse_args() -> argparse.Namespace:
                              "GT object of highest box IoU and evaluate on that selection")
     parser.add_argument("--class_agnostic", action="store_true",
                         help="fold all GT and predicted categories into one ('object')")
-    parser.add_argument("--iou_thresholds", type=float, nargs="+", default=[],
+    parser.add_argument("--iou_thresholds", type=float_range(0.0, 1.0, min_inclusive=False, max_inclusive=False),
+                        nargs="+", default=[],
                         help="also report mAP^r (mean precision over categories) at these mask/box IoU thresholds, "
                              "e.g. 0.5 0.7")
     parser.add_argument("--eval_classes", nargs="+", default=[],
                         help="evaluate only these GT categories (ids or names); with --class_agnostic, GT objects "
                              "of other categories are removed before folding")
     parser.add_argument("--out_json", default=None, help="write every number (percent; null = undefined) to this JSON")
-    return parser.parse_args()
+    parser.add_argument("--overwrite", action="store_true", help="replace --out_json if it exists")
+    return parser.parse_args(argv)
 
 
-def main() -> None:
-    args = parse_args()
-    if args.out_json:
-        check_writable(args.out_json)
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    check_outputs(args.out_json, overwrite=args.overwrite)
     options = EvalOptions(
         iou_types=("bbox", "segm") if args.iou_type == "both" else (args.iou_type,),
         most_confident=args.eval_most_confident,

@@ -44,18 +44,6 @@ def _mask(pred: dict, height: int, width: int) -> np.ndarray:
     return decode_segmentation(segm, height, width)
 
 
-def check_mask_sizes(preds: list[dict], images: dict[int, dict], source: str) -> None:
-    """Every RLE mask must have its image's size; checked before any PNG is written."""
-    for i, pred in enumerate(preds):
-        segm = pred.get("segmentation")
-        if not isinstance(segm, dict):
-            continue
-        info = images[pred["image_id"]]
-        if list(segm["size"]) != [int(info["height"]), int(info["width"])]:
-            raise UserError(f"{source}: annotation #{i} (image_id {pred['image_id']}) has a mask of size "
-                            f"{list(segm['size'])} (h, w) but the image is {info['height']}x{info['width']} (h x w)")
-
-
 def category_values(category_ids: list[int], mode: str) -> dict[int, int] | None:
     """How category ids become label values: `category_id` (identity) or `contiguous` (1..K in id order)."""
     if mode == "category_id":
@@ -90,6 +78,9 @@ def check_settings(path: Path, settings: dict, overwrite: bool) -> None:
     changed = [k for k in settings if k in previous and previous[k] != settings[k]]
     if changed:
         key = changed[0]
+        if key in ("results_size", "results_mtime_ns"):
+            raise UserError(f"{settings['results']} has changed since {path.parent} was painted from it; "
+                            f"pass --overwrite to repaint it, or choose another --out_dir")
         raise UserError(f"{path.parent} was painted with {key}={previous[key]!r}, not {settings[key]!r}; "
                         f"pass --overwrite to repaint it, or choose another --out_dir")
 
@@ -104,7 +95,7 @@ def label_names(images: dict[int, dict], source: str) -> dict[int, str]:
             raise UserError(f"{source}: image {image_id} has file_name {info.get('file_name')!r}; "
                             f"it must be relative to the image root")
         if name in seen:
-            raise UserError(f"{source}: images {seen[name]} and {image_id} would both write {name}.png")
+            raise UserError(f"{source}: images {seen[name]!r} and {image_id!r} would both write {name + '.png'!r}")
         seen[name] = image_id
         names[image_id] = name
     return names
@@ -120,7 +111,7 @@ def generate_segmentation(results_path: str | os.PathLike, dataset_path: str | o
     """
     preds, _ = load_predictions(results_path)
     dataset = load_coco_dataset(dataset_path)
-    check_image_ids(preds, dataset, str(results_path), str(dataset_path))
+    check_image_ids(preds, dataset, str(results_path), str(dataset_path))  # ids, and masks fit their images
     for i, pred in enumerate(preds):
         if "category_id" not in pred:
             raise UserError(f"{results_path}: annotation #{i} has no 'category_id'")
@@ -130,13 +121,15 @@ def generate_segmentation(results_path: str | os.PathLike, dataset_path: str | o
         raise UserError(f"{results_path}: category_id {sorted(unknown)[0]} is not among the categories of {dataset_path}")
     class_of = category_values(category_ids, class_ids)
     images = image_index(dataset)
-    check_mask_sizes(preds, images, str(results_path))
     names = label_names(images, str(dataset_path))  # all checks come before anything is written
 
     out_dir = Path(out_dir)
     list_path = Path(list_path) if list_path is not None else out_dir / "train.txt"
-    settings = {"results": str(Path(results_path).resolve()), "threshold": float(threshold),
-                "ignore_uncertain": bool(ignore_uncertain), "class_ids": class_ids}
+    results_stat = Path(results_path).stat()
+    # The results file's size and time too: a rewritten results.json must not resume on old PNGs.
+    settings = {"results": str(Path(results_path).resolve()), "results_size": results_stat.st_size,
+                "results_mtime_ns": results_stat.st_mtime_ns, "dataset": str(Path(dataset_path).resolve()),
+                "threshold": float(threshold), "ignore_uncertain": bool(ignore_uncertain), "class_ids": class_ids}
     check_settings(out_dir / SETTINGS_FILE, settings, overwrite)
     write_json(out_dir / SETTINGS_FILE, settings, indent=1)  # before painting: an interrupted run is covered too
     by_image = annotations_by_image(preds)

@@ -28,6 +28,7 @@ from pycocotools.cocoeval import COCOeval
 from utils.coco_io import (OBJECT_CATEGORY, box_iou_xywh, check_image_ids, load_coco_dataset, load_predictions,
                            segmentation_to_rle)
 from utils.errors import UserError
+from utils.validate import require_gt_fields
 
 # pycocotools' `stats` order for bbox/segm.
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
@@ -255,6 +256,7 @@ def evaluate_predictions(anns: list[dict], gt_dataset: dict, options: EvalOption
     evaluation of class-specific runs (no `AR_agnostic` in the metrics then).
     """
     check_options(options)
+    require_gt_fields(gt_dataset["annotations"], options.iou_types, gt_source)
     # Annotations copied: pycocotools' COCOeval writes into the GT annotations it evaluates.
     gt = {"images": gt_dataset["images"], "annotations": [dict(a) for a in gt_dataset["annotations"]],
           "categories": gt_dataset["categories"]}
