@@ -24,7 +24,8 @@ from detectron2_train.splits import read_class_list
 from utils.checkpoint import latest_checkpoint, load_checkpoint, read_torch_file, save_checkpoint, unwrap
 from utils.coco_eval import EvalOptions, evaluate_predictions
 from utils.coco_io import load_coco_dataset, load_json, make_annotation, write_json, write_text
-from utils.config import ConfigSchema, above, at_least, between, save_config
+from utils.cli import float_range, int_range
+from utils.config import ConfigSchema, save_config
 from utils.distributed import DistInfo, all_reduce_mean, barrier
 from utils.errors import UserError
 from utils.state_dicts import state_dict_mismatch
@@ -71,29 +72,32 @@ DEFAULTS = {
 }
 
 # What a config may hold (utils.config): the types of keys that default to None, and the allowed values.
+POSITIVE = float_range(0, min_inclusive=False)
 SCHEMA = ConfigSchema(DEFAULTS, types={
     "data.train_json": str, "data.train_root": str, "data.test_json": str, "data.test_root": str,
     "data.mask_classes": str,
 }, ranges={
-    "data.num_workers": at_least(0),
-    "input.min_size_train": at_least(1), "input.max_size_train": at_least(1),
-    "input.min_size_test": at_least(1), "input.max_size_test": at_least(1), "input.hflip_prob": between(0, 1),
-    "solver.base_lr": above(0), "solver.momentum": between(0, 1, high_open=True), "solver.weight_decay": at_least(0),
-    "solver.warmup_iters": at_least(0), "solver.warmup_factor": between(0, 1), "solver.steps": at_least(1),
-    "solver.gamma": above(0), "solver.max_iter": at_least(1), "solver.ims_per_batch": at_least(1),
-    "solver.checkpoint_period": at_least(1), "solver.clip_grad_norm": at_least(0), "solver.seed": at_least(0),
-    "solver.log_period": at_least(1),
-    "test.mask_thresh": between(0, 1),
+    "data.num_workers": int_range(0),
+    "input.min_size_train": int_range(1), "input.max_size_train": int_range(1),
+    "input.min_size_test": int_range(1), "input.max_size_test": int_range(1), "input.hflip_prob": float_range(0, 1),
+    "solver.base_lr": POSITIVE, "solver.momentum": float_range(0, 1, max_inclusive=False),
+    "solver.weight_decay": float_range(0), "solver.warmup_iters": int_range(0),
+    "solver.warmup_factor": float_range(0, 1),
+    "solver.steps": int_range(1), "solver.gamma": POSITIVE, "solver.max_iter": int_range(1),
+    "solver.ims_per_batch": int_range(1), "solver.checkpoint_period": int_range(1),
+    "solver.clip_grad_norm": float_range(0), "solver.seed": int_range(0), "solver.log_period": int_range(1),
+    "test.mask_thresh": float_range(0, 1),
     "model.backbone": BACKBONES, "model.mask_head": MASK_HEADS, "model.norm": ("frozen_bn", "bn", "gn"),
-    "model.trainable_layers": between(0, 5), "model.tiny_widths": at_least(1), "model.fpn_channels": at_least(1),
-    "model.anchor_sizes": at_least(1), "model.aspect_ratios": above(0),
-    "model.rpn_pre_nms_top_n_train": at_least(1), "model.rpn_post_nms_top_n_train": at_least(1),
-    "model.rpn_pre_nms_top_n_test": at_least(1), "model.rpn_post_nms_top_n_test": at_least(1),
-    "model.rpn_batch_size_per_image": at_least(1), "model.box_head_dim": at_least(1),
-    "model.box_batch_size_per_image": at_least(1), "model.box_score_thresh": between(0, 1),
-    "model.box_nms_thresh": between(0, 1), "model.detections_per_img": at_least(1),
-    "model.mask_head_channels": at_least(1), "model.mask_head_convs": at_least(1), "model.mask_pool_size": at_least(1),
-    "model.transfer.layers": at_least(1), "model.transfer.hidden_dim": at_least(1),
+    "model.trainable_layers": int_range(0, 5), "model.tiny_widths": int_range(1), "model.fpn_channels": int_range(1),
+    "model.anchor_sizes": int_range(1), "model.aspect_ratios": POSITIVE,
+    "model.rpn_pre_nms_top_n_train": int_range(1), "model.rpn_post_nms_top_n_train": int_range(1),
+    "model.rpn_pre_nms_top_n_test": int_range(1), "model.rpn_post_nms_top_n_test": int_range(1),
+    "model.rpn_batch_size_per_image": int_range(1), "model.box_head_dim": int_range(1),
+    "model.box_batch_size_per_image": int_range(1), "model.box_score_thresh": float_range(0, 1),
+    "model.box_nms_thresh": float_range(0, 1), "model.detections_per_img": int_range(1),
+    "model.mask_head_channels": int_range(1), "model.mask_head_convs": int_range(1),
+    "model.mask_pool_size": int_range(1),
+    "model.transfer.layers": int_range(1), "model.transfer.hidden_dim": int_range(1),
 })
 
 FINAL_CHECKPOINT = "model_final.pth"

@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from distill.crop_features import Backbone, MaskSet, cache_path, cached_features, load_mask_set
-from utils.coco_io import (box_iou_xywh, check_can_write, check_writable, load_coco_dataset, segmentation_to_rle,
-                           write_json)
+from utils.cli import check_outputs
+from utils.coco_io import box_iou_xywh, check_writable, load_coco_dataset, segmentation_to_rle, write_json
 from utils.errors import UserError
 
 # gen_masks.py's defaults: the backbone of masks files that record no settings.
@@ -192,10 +192,8 @@ def check_settings(settings: ClusterSettings) -> None:
             raise UserError(f"--{name} must be >= 1, got {value}")
     if settings.num_workers < 0:
         raise UserError(f"--num_workers must be >= 0, got {settings.num_workers}")
-    check_can_write(settings.output_file, settings.overwrite)
-    for path in (settings.output_file, settings.metrics_json):
-        if path:
-            check_writable(path)
+    check_outputs(settings.output_file, overwrite=settings.overwrite)
+    check_outputs(settings.metrics_json)
 
 
 def recorded_backbone(mask_set: MaskSet) -> tuple[dict, str] | None:

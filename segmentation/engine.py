@@ -21,7 +21,8 @@ from segmentation.data import (EvalTransform, SegmentationDataset, ShardedBatchS
 from segmentation.model import BACKBONES, build_from_config
 from utils.checkpoint import latest_checkpoint, load_checkpoint, read_torch_file, save_checkpoint, unwrap
 from utils.coco_io import write_text
-from utils.config import ConfigSchema, above, at_least, between, save_config
+from utils.cli import float_range, int_range
+from utils.config import ConfigSchema, save_config
 from utils.distributed import DistInfo, all_reduce_mean, barrier
 from utils.errors import UserError
 from utils.label_png import IGNORE_INDEX
@@ -76,19 +77,22 @@ DEFAULTS: dict = {
 }
 
 # What a config may hold (utils.config): the types of keys that default to None, and the allowed values.
+POSITIVE = float_range(0, min_inclusive=False)
 SCHEMA = ConfigSchema(DEFAULTS, types={
     "data.image_dir": str, "data.label_dir": str, "data.train_list": str, "data.val_image_dir": str,
     "data.val_label_dir": str, "data.val_list": str, "data.class_names": list[str], "model.atrous_rates": list[int],
 }, ranges={
-    "data.num_classes": at_least(1), "data.crop_size": at_least(1), "data.scale_range": above(0),
-    "data.num_workers": at_least(0),
-    "model.backbone": BACKBONES, "model.output_stride": (8, 16, 32), "model.head_channels": at_least(1), "model.atrous_rates": at_least(1),
-    "solver.batch_size": at_least(1), "solver.max_iter": at_least(1), "solver.base_lr": above(0),
-    "solver.head_lr_mult": above(0), "solver.momentum": between(0, 1, high_open=True),
-    "solver.weight_decay": at_least(0), "solver.poly_power": at_least(0), "solver.checkpoint_period": at_least(0),
-    "solver.keep_checkpoints": at_least(0), "solver.eval_period": at_least(0), "solver.log_period": at_least(1),
-    "solver.seed": at_least(0),
-    "crf_rounds.rounds": at_least(0),
+    "data.num_classes": int_range(1), "data.crop_size": int_range(1), "data.scale_range": POSITIVE,
+    "data.num_workers": int_range(0),
+    "model.backbone": BACKBONES, "model.output_stride": (8, 16, 32), "model.head_channels": int_range(1),
+    "model.atrous_rates": int_range(1),
+    "solver.batch_size": int_range(1), "solver.max_iter": int_range(1), "solver.base_lr": POSITIVE,
+    "solver.head_lr_mult": POSITIVE, "solver.momentum": float_range(0, 1, max_inclusive=False),
+    "solver.weight_decay": float_range(0), "solver.poly_power": float_range(0),
+    "solver.checkpoint_period": int_range(0),
+    "solver.keep_checkpoints": int_range(0), "solver.eval_period": int_range(0), "solver.log_period": int_range(1),
+    "solver.seed": int_range(0),
+    "crf_rounds.rounds": int_range(0),
 })
 # The keys a training / validation config must set (listed by --help), and a command that runs as it stands.
 TRAIN_KEYS = {"data.image_dir": "training images", "data.label_dir": "their label PNGs (gen_segmentation.py --out_dir)",

@@ -12,9 +12,10 @@ import torch
 
 from distill import cluster, crop_features
 from distill.cluster import ClusterSettings
+from tests.cli_helpers import run_main
 from utils import cluster as cluster_cli
 from utils.coco_io import OBJECT_CATEGORY, box_iou_xywh
-from utils.errors import UserError, run_cli
+from utils.errors import UserError
 from utils.metrics import cluster_scores, hungarian_match, majority_match
 
 torch.set_num_threads(1)
@@ -173,15 +174,7 @@ def test_cluster_job_labels_caches_and_skips_bad_masks(tiny_coco, tmp_path, monk
         cluster.cluster_masks(_args(*no_gt, "--num_classes", "3"))
 
 
-def run_entry_point(capsys, *argv) -> tuple[int, str]:
-    """`python utils/cluster.py ARGS` in this process: (exit code, stderr)."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as info:
-        run_cli(lambda: cluster_cli.main(list(map(str, argv))))
-    return info.value.code, capsys.readouterr().err
-
-
-def test_support_set_and_input_errors(tiny_coco, tmp_path, capsys):
+def test_support_set_and_input_errors(tiny_coco, tmp_path):
     path, data = _masks_from_gt(tiny_coco, tmp_path, num_images=3, per_image=2)
     support = tmp_path / "support.json"
     gt = json.loads((tiny_coco / "annotations" / "instances_val2017.json").read_text())
@@ -204,10 +197,12 @@ def test_support_set_and_input_errors(tiny_coco, tmp_path, capsys):
     data["annotations"][1]["image_id"] = 424242
     path.write_text(json.dumps(data))
     out.unlink()
-    code, stderr = run_entry_point(capsys, *base)
+    code, _, stderr = run_main(cluster_cli.main, base)  # `python utils/cluster.py ...`, in this process
     assert code == 2 and stderr.strip().splitlines() == [f"error: {path}: annotation #1 has image_id 424242 which is "
                                                          f"not among its images"]
     assert not out.exists()
+    code, _, stderr = run_main(cluster_cli.main, [*base, "--num_classes", "0"])
+    assert code == 2 and stderr.strip().splitlines()[-1].endswith("argument --num_classes: 0 is not >= 1")
     with pytest.raises(UserError, match="one root per support file"):
         cluster.cluster_masks(_args("--input_file", str(path), "--image_root", str(tiny_coco), "--output_file",
                                     str(out), "--support_file", str(support)))

@@ -9,8 +9,10 @@ import yaml
 
 from detectron2_train import train_net
 from segmentation import eval_cluster, linear_finetune, train, train_plus_crf
-from utils.config import (ConfigSchema, Range, above, at_least, between, load_config, load_yaml, parse_override)
-from utils.errors import UserError, run_cli
+from tests.cli_helpers import error_line, run_main
+from utils.cli import float_range, int_range
+from utils.config import ConfigSchema, load_config, load_yaml, parse_override
+from utils.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -18,8 +20,8 @@ DEFAULTS = {"output_dir": "out", "data": {"train_json": None, "num_workers": 2, 
             "solver": {"base_lr": 0.02, "max_iter": 100, "steps": [60, 80], "amp": True, "scales": [0.5, 2.0]},
             "model": {"norm": "bn"}}
 SCHEMA = ConfigSchema(DEFAULTS, types={"data.train_json": str, "data.class_names": list[str]},
-                      ranges={"data.num_workers": at_least(0), "solver.base_lr": above(0), "solver.max_iter": at_least(1),
-                              "solver.steps": at_least(1), "model.norm": ("bn", "gn")})
+                      ranges={"data.num_workers": int_range(0), "solver.base_lr": float_range(0, min_inclusive=False),
+                              "solver.max_iter": int_range(1), "solver.steps": int_range(1), "model.norm": ("bn", "gn")})
 
 
 def write(path: Path, data) -> Path:
@@ -133,14 +135,15 @@ def test_a_base_file_is_checked_and_named_too(tmp_path):
 def test_schema_declarations_are_checked_when_written():
     with pytest.raises(ValueError, match="config default data.path is None: declare its type"):
         ConfigSchema({"data": {"path": None}})
+    positive = float_range(0, min_inclusive=False)
     with pytest.raises(ValueError, match="schema ranges names 'solver.lr'"):
-        ConfigSchema({"solver": {"base_lr": 0.1}}, ranges={"solver.lr": above(0)})
+        ConfigSchema({"solver": {"base_lr": 0.1}}, ranges={"solver.lr": positive})
     with pytest.raises(UserError, match="the built-in defaults: solver.base_lr must be > 0"):
-        ConfigSchema({"solver": {"base_lr": 0.0}}, ranges={"solver.base_lr": above(0)})
+        ConfigSchema({"solver": {"base_lr": 0.0}}, ranges={"solver.base_lr": positive})
     lenient = ConfigSchema({"data": {"path": None}}, strict=False)  # a bare defaults dict: None keys take anything
     assert lenient.check({"data": {"path": 3}}, "x") == {"data": {"path": 3}}
-    assert [str(r) for r in (at_least(1), above(0), between(0, 1), between(0, 1, high_open=True), Range(high=5))] == \
-        [">= 1", "> 0", "in [0, 1]", "in [0, 1)", "<= 5"]
+    # the command-line flags' ranges (utils/cli.py) serve the schema: membership and the same wording
+    assert 0.5 in float_range(0, 1) and 1 not in float_range(0, 1, max_inclusive=False) and 0 not in int_range(1)
     assert parse_override("a.b=[1, 2]") == ("a.b", [1, 2]) and parse_override("a=C:/w.pth") == ("a", "C:/w.pth")
     assert parse_override("data.val_list=") == ("data.val_list", None)
 
@@ -169,7 +172,7 @@ def _argv_seg(config: Path, out: Path, overrides: list[str]) -> list[str]:
 
 def _argv_eval_cluster(config: Path, out: Path, overrides: list[str]) -> list[str]:
     return ["--config", str(config), "--model_path", str(out / "model_final.pth"), "--device", "cpu",
-            "--output", str(out / "clusters.json"), "--set", *overrides]
+            "--set", *overrides]
 
 
 def _argv_probe(config: Path, out: Path, overrides: list[str]) -> list[str]:
@@ -209,7 +212,7 @@ CASES = [
 
 @pytest.mark.parametrize("case,layer,overrides,expected", CASES, ids=[c[0] for c in CASES])
 @pytest.mark.parametrize("name,main,argv_of,tiny,batch_key", CLIS, ids=[c[0] for c in CLIS])
-def test_config_errors_through_every_cli(tmp_path, capsys, name, main, argv_of, tiny, batch_key, case, layer,
+def test_config_errors_through_every_cli(tmp_path, name, main, argv_of, tiny, batch_key, case, layer,
                                          overrides, expected):
     """Exit 2, one `error:` line naming the file (or the --set) and the key, and no file created."""
     configs = tmp_path / "configs"
@@ -227,41 +230,33 @@ def test_config_errors_through_every_cli(tmp_path, capsys, name, main, argv_of, 
         write(config, {"_base_": str(tiny), **layer} if "_base_" not in layer else layer)
     expected = expected.replace("{file}", str(config)).replace("BATCH", batch_key)
     out = tmp_path / "out"
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as info:
-        run_cli(lambda: main(argv_of(config, out, overrides)))
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert info.value.code == 2 and len(lines) == 1, lines
-    assert lines[0].startswith(f"error: {expected}"), lines[0]
+    code, _, stderr = run_main(main, argv_of(config, out, overrides))
+    assert code == 2 and len(stderr.strip().splitlines()) == 1, stderr
+    assert error_line(stderr).startswith(f"error: {expected}"), stderr
     assert not out.exists()
     assert sorted(tmp_path.rglob("*")) == sorted([configs, *configs.rglob("*")])
 
 
-def test_mask_rcnn_checkpoint_period_zero_is_refused(tmp_path, capsys):
+def test_mask_rcnn_checkpoint_period_zero_is_refused(tmp_path):
     """Mask R-CNN saves every checkpoint_period iterations (0 divided by zero); DeepLab's 0 means final only."""
     argv = ["--config", str(REPO / "configs/detectron2/tiny_test.yaml"), "--output_dir", str(tmp_path / "out"),
             "--set", "solver.checkpoint_period=0"]
-    with pytest.raises(SystemExit) as info:
-        run_cli(lambda: train_net.main(argv))
-    assert info.value.code == 2 and not (tmp_path / "out").exists()
-    assert capsys.readouterr().err.strip() == ("error: --set solver.checkpoint_period=0: solver.checkpoint_period "
-                                               "must be >= 1, got 0")
+    code, _, stderr = run_main(train_net.main, argv)
+    assert code == 2 and not (tmp_path / "out").exists()
+    assert stderr.strip() == "error: --set solver.checkpoint_period=0: solver.checkpoint_period must be >= 1, got 0"
 
 
-def test_the_flags_of_train_net_are_checked_like_the_config(tmp_path, capsys):
+def test_the_flags_of_train_net_are_checked_like_the_config(tmp_path):
     argv = ["--config", str(REPO / "configs/detectron2/tiny_test.yaml"), "--output_dir", str(tmp_path / "out"),
             "--num_workers", "-1"]
-    with pytest.raises(SystemExit) as info:
-        run_cli(lambda: train_net.main(argv))
-    assert info.value.code == 2
-    assert capsys.readouterr().err.strip() == ("error: the flag for data.num_workers: data.num_workers must be >= 0, "
-                                               "got -1")
+    code, _, stderr = run_main(train_net.main, argv)
+    assert code == 2
+    assert stderr.strip() == "error: the flag for data.num_workers: data.num_workers must be >= 0, got -1"
 
 
 @pytest.mark.parametrize("name,main,argv_of,tiny,batch_key", CLIS[1:], ids=[c[0] for c in CLIS[1:]])
-def test_segmentation_crop_size_zero_is_refused(tmp_path, capsys, name, main, argv_of, tiny, batch_key):
+def test_segmentation_crop_size_zero_is_refused(tmp_path, name, main, argv_of, tiny, batch_key):
     (tmp_path / "configs").mkdir()
-    with pytest.raises(SystemExit) as info:
-        run_cli(lambda: main(argv_of(tiny, tmp_path / "out", ["data.crop_size=0"])))
-    assert info.value.code == 2 and not (tmp_path / "out").exists()
-    assert capsys.readouterr().err.strip() == "error: --set data.crop_size=0: data.crop_size must be >= 1, got 0"
+    code, _, stderr = run_main(main, argv_of(tiny, tmp_path / "out", ["data.crop_size=0"]))
+    assert code == 2 and not (tmp_path / "out").exists()
+    assert stderr.strip() == "error: --set data.crop_size=0: data.crop_size must be >= 1, got 0"

@@ -1,6 +1,4 @@
 """gen_masks.py end to end: real images, bad images, shard + merge, resume, torchrun."""
-import contextlib
-import io
 import json
 import os
 import socket
@@ -18,7 +16,7 @@ from PIL import Image
 import distill.generate as generate_module
 import gen_masks
 from distill.data import resized_size, upsample_patch_mask
-from utils import errors
+from tests import cli_helpers
 from utils.coco_io import decode_segmentation, mask_to_bbox
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,14 +36,9 @@ def run_main(*args) -> subprocess.CompletedProcess:
     """`python gen_masks.py ARGS` in this process, through its real entry point (`run_cli(main)`): the exit
     code and the output, without a second interpreter's seconds of torch import."""
     argv = ["gen_masks.py", *map(str, args)]
-    out, err = io.StringIO(), io.StringIO()
-    code = 0
-    with mock.patch.object(sys, "argv", argv), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            errors.run_cli(gen_masks.main)
-        except SystemExit as exc:
-            code = exc.code
-    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
+    with mock.patch.object(sys, "argv", argv):  # gen_masks.main() reads sys.argv
+        code, out, err = cli_helpers.run_main(lambda _: gen_masks.main(), [])
+    return subprocess.CompletedProcess(argv, code, out, err)
 
 
 def check_masks_file(path: Path, root: Path) -> dict:

@@ -24,6 +24,7 @@ if __package__ in (None, ""):  # run as a script from the repo root
 import argparse
 
 from distill.cluster import ClusterSettings, cluster_masks
+from utils.cli import add_device_arg, add_num_workers_arg, int_range
 from utils.errors import run_cli
 
 DEFAULTS = ClusterSettings(input_file="", image_root="", output_file="")  # the defaults shown below
@@ -51,26 +52,25 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--overwrite", action="store_true", help="replace an existing --output_file")
     model = p.add_argument_group("backbone (default: the one recorded with the masks by gen_masks.py)")
     model.add_argument("--arch", default=None, help="ViT size, e.g. vit_small or vit_base")
-    model.add_argument("--patch_size", type=int, default=None, help="ViT patch size, e.g. 8 or 16")
+    model.add_argument("--patch_size", type=int_range(1), default=None, help="ViT patch size, e.g. 8 or 16")
     model.add_argument("--weights", default=None, help="'dino' (official checkpoint), 'random' (tests only) or a path")
     km = p.add_argument_group("clustering")
-    km.add_argument("--num_classes", type=int, default=None,
+    km.add_argument("--num_classes", type=int_range(1), default=None,
                     help="number of classes (default: the number of GT categories; required without GT)")
-    km.add_argument("--overcluster", type=int, default=DEFAULTS.overcluster,
+    km.add_argument("--overcluster", type=int_range(1), default=DEFAULTS.overcluster,
                     help="clusters = num_classes x this factor; > 1 uses majority matching (default: %(default)s)")
-    km.add_argument("--seed", type=int, default=DEFAULTS.seed,
+    km.add_argument("--seed", type=int_range(0), default=DEFAULTS.seed,
                     help="K-means seed of the first trial; trial t uses seed + t (default: %(default)s)")
-    km.add_argument("--trials", type=int, default=DEFAULTS.trials,
+    km.add_argument("--trials", type=int_range(1), default=DEFAULTS.trials,
                     help="K-means runs; the labels come from the run with the lowest inertia (never chosen with GT), "
                          "metrics are reported per run and averaged (default: %(default)s)")
     km.add_argument("--kmeans", default=DEFAULTS.kmeans, choices=["auto", "sklearn", "faiss"],
                     help="K-means backend; auto = faiss if installed, else scikit-learn MiniBatchKMeans (default: %(default)s)")
     speed = p.add_argument_group("speed")
-    speed.add_argument("--batch_size", type=int, default=DEFAULTS.batch_size,
+    speed.add_argument("--batch_size", type=int_range(1), default=DEFAULTS.batch_size,
                        help="crops per forward pass (crops of equal padded size) (default: %(default)s)")
-    speed.add_argument("--num_workers", type=int, default=DEFAULTS.num_workers,
-                       help="image decoding workers (default: %(default)s)")
-    speed.add_argument("--device", default=DEFAULTS.device, help="auto, cpu, cuda or cuda:N (default: %(default)s)")
+    add_num_workers_arg(speed, DEFAULTS.num_workers)
+    add_device_arg(speed, DEFAULTS.device)
     speed.add_argument("--half", action="store_true", help="bf16 autocast for the ViT (GPUs)")
     return p
 

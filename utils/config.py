@@ -2,12 +2,13 @@
 
 A trainer declares its settings once, in Python: a `DEFAULTS` dict (every key, its default value) and a
 `ConfigSchema` built from it. The schema takes each key's type from its default; keys whose default is
-None declare their types in a small table, and allowed values (ranges or choices) sit in another:
+None declare their types in a small table, and allowed values sit in another (ranges from utils/cli.py,
+the ones command-line flags use, or tuples of choices):
 
     DEFAULTS = {"data": {"train_json": None, "num_workers": 2}, "solver": {"base_lr": 0.02, "steps": [60, 80]}}
     SCHEMA = ConfigSchema(DEFAULTS, types={"data.train_json": str},
-                          ranges={"data.num_workers": at_least(0), "solver.base_lr": above(0),
-                                  "model.norm": ("bn", "gn")})
+                          ranges={"data.num_workers": int_range(0), "model.norm": ("bn", "gn"),
+                                  "solver.base_lr": float_range(0, min_inclusive=False)})
 
 YAML files in configs/ then state only what differs from the defaults. Every layer (each YAML file of a
 `_base_` chain, each `--set`, each command-line flag) is checked on its own, so an error names the file or
@@ -22,7 +23,6 @@ import difflib
 import math
 import os
 import types as pytypes
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Union
 
@@ -34,45 +34,6 @@ from utils.errors import UserError
 BASE_KEY = "_base_"  # a file name, or a list of file names merged in order, relative to the YAML's folder
 
 TypeSpec = Union[type, pytypes.GenericAlias]  # bool, int, float, str, list, or list[int] etc.
-
-
-# ----------------------------------------------------------------------------- ranges
-
-
-@dataclass(frozen=True)
-class Range:
-    """Allowed numeric values: `low <= v` (or `low < v` when `low_open`), likewise for `high`; None = unbounded."""
-
-    low: float | None = None
-    high: float | None = None
-    low_open: bool = False
-    high_open: bool = False
-
-    def __contains__(self, value: float) -> bool:
-        if self.low is not None and not (value > self.low if self.low_open else value >= self.low):
-            return False
-        if self.high is not None and not (value < self.high if self.high_open else value <= self.high):
-            return False
-        return True
-
-    def __str__(self) -> str:
-        if self.high is None:
-            return f"{'>' if self.low_open else '>='} {self.low:g}"
-        if self.low is None:
-            return f"{'<' if self.high_open else '<='} {self.high:g}"
-        return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
-
-
-def at_least(low: float) -> Range:
-    return Range(low=low)
-
-
-def above(low: float) -> Range:
-    return Range(low=low, low_open=True)
-
-
-def between(low: float, high: float, high_open: bool = False) -> Range:
-    return Range(low=low, high=high, high_open=high_open)
 
 
 # ----------------------------------------------------------------------------- types
@@ -137,12 +98,13 @@ class ConfigSchema:
 
     `types` maps dotted keys to a type (bool, int, float, str, list, list[int], ...) or a tuple of them:
     required for keys whose default is None (which then also accept null), optional elsewhere.
-    `ranges` maps dotted keys to a `Range` (numbers) or a tuple of choices; list values are checked per element.
+    `ranges` maps dotted keys to a numeric range (`utils.cli.int_range` / `float_range`, the same ranges the
+    command-line flags use) or a tuple of choices; list values are checked per element.
     With `strict=False` (for callers that pass a bare defaults dict), None-default keys take any value.
     """
 
     def __init__(self, defaults: dict, types: dict[str, TypeSpec | tuple] | None = None,
-                 ranges: dict[str, Range | tuple] | None = None, strict: bool = True) -> None:
+                 ranges: dict[str, Any] | None = None, strict: bool = True) -> None:
         self.defaults = defaults
         self.ranges = dict(ranges or {})
         self.sections: set[str] = set()
@@ -174,7 +136,7 @@ class ConfigSchema:
                 self.nullable.add(dotted)
 
     def extend(self, defaults: dict, types: dict[str, TypeSpec | tuple] | None = None,
-               ranges: dict[str, Range | tuple] | None = None) -> ConfigSchema:
+               ranges: dict[str, Any] | None = None) -> ConfigSchema:
         """A schema for a variant whose defaults add keys (or change values) over this one's."""
         inherited = {k: v for k, v in self.specs.items() if k in _leaf_keys(defaults)}
         return ConfigSchema(defaults, {**inherited, **(types or {})}, {**self.ranges, **(ranges or {})})
@@ -219,11 +181,11 @@ class ConfigSchema:
         allowed = self.ranges.get(dotted)
         if allowed is not None:
             for item in value if isinstance(value, list) else [value]:
-                if isinstance(allowed, Range):
+                if isinstance(allowed, tuple):  # choices
+                    fits, wanted = item in allowed, "one of " + ", ".join(str(c) for c in allowed)
+                else:  # a numeric range
                     fits = isinstance(item, (int, float)) and not isinstance(item, bool) and item in allowed
                     wanted = str(allowed)
-                else:  # a tuple of choices
-                    fits, wanted = item in allowed, "one of " + ", ".join(str(c) for c in allowed)
                 if not fits:
                     raise UserError(f"{source}: {dotted} must be {wanted}"
                                     f"{' (every element)' if isinstance(value, list) else ''}, got {_show(value)}")
