@@ -8,7 +8,7 @@ PYTHON=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo pyt
 TINY=${TINY:-0}                                    # 1: tiny model, random ViT, a few iterations
 NPROC=${NPROC:-1}                                  # processes (GPUs) for training
 ROUNDS=${ROUNDS:-1}                                # 1 + number of self-training rounds
-SCORE_THRESH=${SCORE_THRESH:-0.7}                  # self-training: keep predictions above this
+SCORE_THRESH=${SCORE_THRESH:-0.7}                  # self-training: keep predictions scoring at least this
 VIT_WEIGHTS=${VIT_WEIGHTS:-dino}                   # gen_masks.py --weights: dino, PATH or random
 BACKBONE_WEIGHTS=${BACKBONE_WEIGHTS:-none}         # Mask R-CNN backbone: none, imagenet or PATH (e.g. DINO R50)
 EXTRA=${EXTRA:-}                                   # more --set overrides, e.g. "solver.max_iter=40000"
@@ -29,7 +29,7 @@ fi
 
 # train_round RUN TEST_JSON EVAL_JSON [PSEUDO_FROM]
 #   Trains class-agnostically in RUN on $OUTPUT/pseudo_masks.json, or, given PSEUDO_FROM (a
-#   results JSON), on its predictions above SCORE_THRESH for those images (self-training); then
+#   results JSON), on its predictions scoring at least SCORE_THRESH for those images (self-training); then
 #   predicts TEST_JSON into RUN/inference/results.json and evaluates them class-agnostically
 #   (IoU 0.5 and 0.7, masks and boxes) into EVAL_JSON.
 train_round() {

@@ -1,25 +1,24 @@
 """Self-training: turn a model's COCO results into the next round's pseudo-label dataset.
 
 The paper's filtering step: for every image keep each prediction whose score is above the
-threshold; when none is, keep the single best one. Predictions with empty masks are dropped
+threshold (score >= threshold); when none is, keep the single best one. Predictions with empty masks are dropped
 first. Images without any prediction stay in the dataset as negatives.
 """
 from __future__ import annotations
 
 import os
 
-from utils.coco_io import (annotations_by_image, check_image_ids, decode_segmentation, load_coco_dataset,
-                           load_predictions, mask_to_bbox, mask_to_rle, write_json)
+from utils.coco_io import (annotations_by_image, check_image_ids, confident_else_best, decode_segmentation,
+                           load_coco_dataset, load_predictions, mask_to_bbox, mask_to_rle, write_json)
 from utils.errors import UserError
 
 
 def filter_predictions(predictions: list[dict], score_thresh: float) -> list[dict]:
-    """Per image: every prediction with score > score_thresh, or the best one when none passes."""
+    """Per image, best first: every prediction with score >= score_thresh, or the best one when none passes."""
     kept = []
     for _, preds in sorted(annotations_by_image(predictions).items(), key=lambda kv: str(kv[0])):
         preds = sorted(preds, key=lambda p: -float(p.get("score", 1.0)))
-        confident = [p for p in preds if float(p.get("score", 1.0)) > score_thresh]
-        kept.extend(confident if confident else preds[:1])
+        kept.extend(confident_else_best(preds, score_thresh)[0])
     return kept
 
 
@@ -54,7 +53,7 @@ def pseudo_label_dataset(results_path: str | os.PathLike, images_json: str | os.
     categories = source["categories"] or [{"id": c, "name": f"class_{c}"}
                                           for c in sorted({a["category_id"] for a in annotations}) or [1]]
     return {"images": source["images"], "annotations": annotations, "categories": categories,
-            "info": {"description": f"pseudo-labels from {os.fspath(results_path)} (score > {score_thresh}, "
+            "info": {"description": f"pseudo-labels from {os.fspath(results_path)} (score >= {score_thresh}, "
                                     f"else the best prediction per image)"}}
 
 

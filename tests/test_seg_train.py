@@ -7,7 +7,6 @@ import sys
 
 import pytest
 import torch
-from torchvision.models import resnet
 
 from seg_helpers import make_synthetic_set, tiny_overrides
 from segmentation.engine import DEFAULTS, build_val_dataset, load_trained_model, segmentation_loss, train
@@ -15,6 +14,7 @@ from segmentation.model import build_deeplab, build_from_config
 from utils.config import load_config
 from utils.distributed import DistInfo
 from utils.errors import UserError
+from utils.resnets import TinyResNet
 
 torch.set_num_threads(1)
 
@@ -34,7 +34,7 @@ def test_resnet50_is_dilated_to_output_stride_8():
 
 
 def test_backbone_weights_from_a_moco_style_checkpoint(tmp_path):
-    source = resnet.ResNet(resnet.BasicBlock, [1, 1, 1, 1])
+    source = TinyResNet()
     torch.save({"state_dict": {f"module.encoder_q.{k}": v for k, v in source.state_dict().items()}},
                tmp_path / "moco.pth.tar")
     model = build_deeplab(3, "tiny", 8, weights=str(tmp_path / "moco.pth.tar"), head_channels=8)

@@ -12,6 +12,7 @@ import torch
 
 from utils.coco_io import atomic_path
 from utils.errors import UserError
+from utils.state_dicts import state_dict_mismatch
 
 
 def rng_states() -> dict:
@@ -72,6 +73,9 @@ def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer: 
                     scheduler: Any = None, restore_rng: bool = True) -> dict:
     """Restore a checkpoint in place; returns the whole dict (iteration, config, extra)."""
     state = read_torch_file(path, "checkpoint")
+    problem = state_dict_mismatch(unwrap(model).state_dict(), state["model"])
+    if problem:  # one whole line; torch's message spans many and its first ends at a colon
+        raise ValueError(problem)
     unwrap(model).load_state_dict(state["model"])
     if optimizer is not None and state.get("optimizer") is not None:
         optimizer.load_state_dict(state["optimizer"])
