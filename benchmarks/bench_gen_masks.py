@@ -28,7 +28,8 @@ import torchvision.transforms.functional as TF  # noqa: E402
 
 from distill.data import folder_entries, padded_size, resized_size, upsample_patch_mask  # noqa: E402
 from distill.reference import explicit_last_qk, literal_mask  # noqa: E402
-from distill.vit import IMAGENET_MEAN, IMAGENET_STD, build_vit  # noqa: E402
+from distill.vit import build_vit  # noqa: E402
+from utils.images import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from utils.coco_io import make_annotation  # noqa: E402
 from utils.distributed import resolve_device  # noqa: E402
 from utils.images import load_rgb  # noqa: E402

@@ -8,8 +8,8 @@ PYTHON=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo pyt
 TINY=${TINY:-0}                                    # 1: tiny model, random ViT, a few iterations
 NPROC=${NPROC:-1}                                  # processes (GPUs) for training
 ROUNDS=${ROUNDS:-1}                                # self-training rounds (1: train on the pseudo-masks only)
-SCORE_THRESH=${SCORE_THRESH:-0.7}                  # self-training: keep predictions above this; several
-                                                   # values ("0.7 0.8") set rounds 2, 3, ... one by one
+SCORE_THRESH=${SCORE_THRESH:-0.7}                  # self-training: keep predictions scoring at least this;
+                                                   # several values ("0.7 0.8") set rounds 2, 3, ... one by one
 VIT_WEIGHTS=${VIT_WEIGHTS:-dino}                   # gen_masks.py --weights: dino, PATH or random
 BACKBONE_WEIGHTS=${BACKBONE_WEIGHTS:-none}         # Mask R-CNN backbone: none, imagenet or PATH (e.g. DINO R50)
 EXTRA=${EXTRA:-}                                   # more --set overrides, e.g. "solver.max_iter=40000"
@@ -32,7 +32,7 @@ fi
 # self_train TEST_JSON
 #   The self-training rounds of detectron2_train/train_net.py --rounds, in $OUTPUT/round1 .. round$ROUNDS:
 #   class-agnostic training on $OUTPUT/pseudo_masks.json (round 1) or on the previous round's
-#   predictions above SCORE_THRESH on those images; each round predicts the training images
+#   predictions scoring at least SCORE_THRESH on those images; each round predicts the training images
 #   (train_results.json) and TEST_JSON, and evaluates the latter (eval.json: masks and boxes, IoU 0.5
 #   and 0.7). A rerun skips finished rounds and resumes an interrupted one.
 self_train() {

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from utils.coco_io import decode_segmentation, load_coco_dataset, mask_to_bbox, xywh_to_xyxy
+from utils.coco_io import OBJECT_CATEGORY, decode_segmentation, load_coco_dataset, mask_to_bbox, xywh_to_xyxy
 from utils.errors import UserError
 from utils.images import ImageReadError, load_rgb
 
@@ -24,7 +24,7 @@ from utils.images import ImageReadError, load_rgb
 def categories_of(dataset: dict, class_agnostic: bool = False) -> list[dict]:
     """The categories training uses, in label order (label = index + 1)."""
     if class_agnostic:
-        return [{"id": 1, "name": "object"}]
+        return [{"id": OBJECT_CATEGORY["id"], "name": OBJECT_CATEGORY["name"]}]
     cats = sorted(dataset["categories"], key=lambda c: c["id"])
     if not cats:  # pseudo-labels without a category list: take the ids the annotations use
         ids = sorted({a.get("category_id", 1) for a in dataset["annotations"]}) or [1]

@@ -14,17 +14,21 @@ import torch.distributed as dist
 
 from detectron2_train.copy_paste import CopyPaste
 from detectron2_train.data import CocoInstances, categories_of, collate_lists, inference_loader
-from detectron2_train.modeling import MODEL_DEFAULTS, build_model, set_image_sizes
+from detectron2_train.modeling import (BACKBONES, MASK_HEADS, MODEL_DEFAULTS, ROI_HEADS, STAGES, build_model,
+                                       set_image_sizes)
+from detectron2_train.transfer_head import TRANSFER_INPUTS
 from detectron2_train.splits import read_class_list
 from utils.checkpoint import latest_checkpoint, read_torch_file, unwrap
 from utils.coco_eval import EvalOptions, evaluate_predictions
 from utils.coco_io import load_coco_dataset, load_json, make_annotation, write_json
-from utils.config import save_config
+from utils.cli import float_range, int_range
+from utils.config import ConfigSchema, save_config
 from utils.distributed import DistInfo, barrier
 from utils.errors import UserError
 from utils.fingerprint import fingerprint
 from utils.progress import progress
 from utils.samplers import resumable_loader, worker_batches
+from utils.state_dicts import state_dict_mismatch
 from utils.training import HARMLESS_KEYS, LoopSettings, TrainingRun, seed_all, split_batch
 
 DEFAULTS = {
@@ -75,6 +79,42 @@ DEFAULTS = {
     "model": MODEL_DEFAULTS,
 }
 
+# What a config may hold (utils.config): the types of keys that default to None, and the allowed values.
+POSITIVE = float_range(0, min_inclusive=False)
+SCHEMA = ConfigSchema(DEFAULTS, types={
+    "data.train_json": str, "data.train_root": str, "data.test_json": str, "data.test_root": str,
+    "data.mask_classes": str, "model.transfer.embedding_file": str,
+}, ranges={
+    "data.num_workers": int_range(0),
+    "input.min_size_train": int_range(1), "input.max_size_train": int_range(1),
+    "input.min_size_test": int_range(1), "input.max_size_test": int_range(1), "input.hflip_prob": float_range(0, 1),
+    "solver.base_lr": POSITIVE, "solver.momentum": float_range(0, 1, max_inclusive=False),
+    "solver.weight_decay": float_range(0), "solver.warmup_iters": int_range(0),
+    "solver.warmup_factor": float_range(0, 1),
+    "solver.steps": int_range(1), "solver.gamma": POSITIVE, "solver.max_iter": int_range(1),
+    "solver.ims_per_batch": int_range(1), "solver.checkpoint_period": int_range(1),
+    "solver.keep_checkpoints": int_range(0),
+    "solver.clip_grad_norm": float_range(0), "solver.seed": int_range(0), "solver.log_period": int_range(1),
+    "test.mask_thresh": float_range(0, 1),
+    "model.backbone": BACKBONES, "model.mask_head": MASK_HEADS, "model.norm": ("frozen_bn", "bn", "syncbn", "gn"),
+    "model.roi_heads": ROI_HEADS, "model.stage": STAGES, "model.cascade_ious": float_range(0, 1),
+    "model.droploss_iou": float_range(0, 1), "model.rpn_nms_thresh": float_range(0, 1),
+    "model.trainable_layers": int_range(0, 5), "model.tiny_widths": int_range(1), "model.fpn_channels": int_range(1),
+    "model.anchor_sizes": int_range(1), "model.aspect_ratios": POSITIVE,
+    "model.rpn_pre_nms_top_n_train": int_range(1), "model.rpn_post_nms_top_n_train": int_range(1),
+    "model.rpn_pre_nms_top_n_test": int_range(1), "model.rpn_post_nms_top_n_test": int_range(1),
+    "model.rpn_batch_size_per_image": int_range(1), "model.box_head_dim": int_range(1),
+    "model.box_batch_size_per_image": int_range(1), "model.box_score_thresh": float_range(0, 1),
+    "model.box_nms_thresh": float_range(0, 1), "model.detections_per_img": int_range(1),
+    "model.mask_head_channels": int_range(1), "model.mask_head_convs": int_range(1),
+    "model.mask_pool_size": int_range(1),
+    "model.transfer.layers": int_range(1), "model.transfer.hidden_dim": int_range(1),
+    "model.transfer.input": TRANSFER_INPUTS, "model.transfer.randn_dim": int_range(1),
+    "model.transfer.activation": ("relu", "leaky_relu"),
+    "input.copy_paste.rate": float_range(0, 1), "input.copy_paste.min_ratio": POSITIVE,
+    "input.copy_paste.max_ratio": POSITIVE,
+})
+
 FINAL_CHECKPOINT = "model_final.pth"
 # Keys a resumed training may change: besides the toolkit's, max_iter (the LR steps do not depend on it,
 # so a run can be extended) and everything that only inference reads.
@@ -117,11 +157,11 @@ def load_weights(model: torch.nn.Module, path: str, state: dict | None = None) -
     weights = state.get("model", state)
     if not isinstance(weights, dict):
         raise UserError(f"{path} holds no model state dict")
-    try:
-        unwrap(model).load_state_dict(weights)
-    except RuntimeError as exc:
+    problem = state_dict_mismatch(unwrap(model).state_dict(), weights)
+    if problem:
         raise UserError(f"weights {path} do not fit the configured model (check model.* and the "
-                        f"number of classes): {str(exc).splitlines()[0]}") from None
+                        f"number of classes): {problem}")
+    unwrap(model).load_state_dict(weights)
     return state.get("extra") or {}
 
 

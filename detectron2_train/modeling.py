@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from typing import Callable
 
-import torch
 from torch import nn
 from torchvision.models import resnet
 from torchvision.models.detection import MaskRCNN
@@ -30,7 +29,7 @@ from detectron2_train.roi_heads import MaskRoIHeads
 from detectron2_train.transfer_head import (AgnosticMLPMaskPredictor, TransferMaskPredictor, random_class_vectors,
                                             read_class_embeddings)
 from utils.errors import UserError
-from utils.resnet_weights import load_resnet_state_dict
+from utils.resnets import TinyResNet, load_resnet_weights
 
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "tiny")
 MASK_HEADS = ("standard", "agnostic", "agnostic_mlp", "transfer")
@@ -42,12 +41,6 @@ MASK_BRANCH = ("roi_heads.mask_head.", "roi_heads.mask_predictor.")  # state-dic
 # training settings; its head has no normalisation.
 BOX_DETECTOR = ("backbone", "rpn", "roi_heads.box_head", "roi_heads.box_predictor")
 BOX_DETECTOR_EVAL = ("backbone", "rpn.head", "roi_heads.box_head", "roi_heads.box_predictor")
-IMAGENET_WEIGHTS = {  # torchvision's official ImageNet checkpoints, for `backbone_weights: imagenet`
-    "resnet18": resnet.ResNet18_Weights.IMAGENET1K_V1,
-    "resnet34": resnet.ResNet34_Weights.IMAGENET1K_V1,
-    "resnet50": resnet.ResNet50_Weights.IMAGENET1K_V1,
-    "resnet101": resnet.ResNet101_Weights.IMAGENET1K_V1,
-}
 
 MODEL_DEFAULTS = {
     "backbone": "resnet50",
@@ -105,52 +98,8 @@ def norm_layer_factory(name: str) -> Callable[[int], nn.Module]:
     raise UserError(f"model.norm must be frozen_bn, bn, syncbn or gn, got {name!r}")
 
 
-class TinyResNet(nn.Module):
-    """A four-stage ResNet of single BasicBlocks (strides 4..32), for tests and quick CPU runs."""
-
-    def __init__(self, widths: list[int], norm_layer: Callable[[int], nn.Module]):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, widths[0], 3, stride=2, padding=1, bias=False)
-        self.bn1 = norm_layer(widths[0])
-        self.relu = nn.ReLU(inplace=True)
-        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
-        in_ch = widths[0]
-        for i, width in enumerate(widths):
-            stride = 1 if i == 0 else 2
-            down = None
-            if stride != 1 or in_ch != width:
-                down = nn.Sequential(nn.Conv2d(in_ch, width, 1, stride=stride, bias=False), norm_layer(width))
-            setattr(self, f"layer{i + 1}", nn.Sequential(resnet.BasicBlock(in_ch, width, stride, down, norm_layer=norm_layer)))
-            in_ch = width
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
-
-
 def _stage_channels(stage: nn.Sequential) -> int:
     return [m for m in stage[-1].modules() if isinstance(m, nn.Conv2d)][-1].out_channels
-
-
-def _load_backbone_weights(body: nn.Module, name: str, weights: str) -> None:
-    if weights == "imagenet":
-        if name not in IMAGENET_WEIGHTS:
-            raise UserError(f"no ImageNet weights for backbone {name!r}; use 'none' or a path")
-        try:
-            state = IMAGENET_WEIGHTS[name].get_state_dict(progress=True)
-        except Exception as exc:  # offline machines
-            raise UserError(f"cannot download ImageNet weights for {name} ({exc}); download "
-                            f"{IMAGENET_WEIGHTS[name].url} and pass its path as model.backbone_weights") from None
-        state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-    else:
-        state = load_resnet_state_dict(weights)
-    try:
-        missing, unexpected = body.load_state_dict(state, strict=False)
-    except RuntimeError as exc:
-        raise UserError(f"backbone weights {weights} do not fit {name}: {str(exc).splitlines()[-1].strip()}") from None
-    missing = [k for k in missing if not k.startswith("fc.")]
-    if missing:
-        raise UserError(f"backbone weights {weights} lack {len(missing)} {name} parameters, e.g. {missing[0]}")
 
 
 def build_backbone(cfg: dict) -> BackboneWithFPN:
@@ -166,7 +115,7 @@ def build_backbone(cfg: dict) -> BackboneWithFPN:
             raise UserError("pretrained ResNet weights need model.norm frozen_bn or bn, not gn")
         body = getattr(resnet, name)(weights=None, norm_layer=norm)
         if weights != "none":
-            _load_backbone_weights(body, name, weights)
+            load_resnet_weights(body, name, weights)
     else:
         raise UserError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
     trainable = int(cfg["trainable_layers"])

@@ -1,7 +1,7 @@
 """Self-training: a model's COCO results become the next round's pseudo-labels; the rounds themselves.
 
 The paper's filtering step: for every image keep each prediction whose score is above the
-threshold; when none is, keep the single best one. Predictions with empty masks are dropped
+threshold (score >= threshold); when none is, keep the single best one. Predictions with empty masks are dropped
 first. Images without any prediction stay in the dataset as negatives.
 `self_training_rounds` runs train -> predict -> filter -> retrain on the rounds of utils/rounds.py.
 """
@@ -15,8 +15,8 @@ from typing import Sequence
 
 from detectron2_train.engine import run_inference, train
 from utils.coco_eval import EvalOptions, evaluate_instances, format_report
-from utils.coco_io import (annotations_by_image, check_image_ids, decode_segmentation, load_coco_dataset,
-                           load_predictions, mask_to_bbox, mask_to_rle, write_json)
+from utils.coco_io import (annotations_by_image, check_image_ids, confident_else_best, decode_segmentation,
+                           load_coco_dataset, load_predictions, mask_to_bbox, mask_to_rle, write_json)
 from utils.config import apply_overrides
 from utils.distributed import DistInfo, barrier
 from utils.errors import UserError
@@ -28,12 +28,11 @@ SELF_TRAINING_KIND = "mask_rcnn_self_training_round"
 
 
 def filter_predictions(predictions: list[dict], score_thresh: float) -> list[dict]:
-    """Per image: every prediction with score > score_thresh, or the best one when none passes."""
+    """Per image, best first: every prediction with score >= score_thresh, or the best one when none passes."""
     kept = []
     for _, preds in sorted(annotations_by_image(predictions).items(), key=lambda kv: str(kv[0])):
         preds = sorted(preds, key=lambda p: -float(p.get("score", 1.0)))
-        confident = [p for p in preds if float(p.get("score", 1.0)) > score_thresh]
-        kept.extend(confident if confident else preds[:1])
+        kept.extend(confident_else_best(preds, score_thresh)[0])
     return kept
 
 
@@ -68,7 +67,7 @@ def pseudo_label_dataset(results_path: str | os.PathLike, images_json: str | os.
     categories = source["categories"] or [{"id": c, "name": f"class_{c}"}
                                           for c in sorted({a["category_id"] for a in annotations}) or [1]]
     return {"images": source["images"], "annotations": annotations, "categories": categories,
-            "info": {"description": f"pseudo-labels from {os.fspath(results_path)} (score > {score_thresh}, "
+            "info": {"description": f"pseudo-labels from {os.fspath(results_path)} (score >= {score_thresh}, "
                                     f"else the best prediction per image)"}}
 
 
@@ -140,7 +139,7 @@ def self_training_rounds(cfg: dict, info: DistInfo, rounds: Sequence[RoundSettin
             if info.is_main:
                 dataset = write_pseudo_labels(round.previous.result["train_results"], data["train_json"],
                                               settings.score_thresh, pseudo_path)
-                print(f"round {round.number}: {len(dataset['annotations'])} pseudo-labels (score > "
+                print(f"round {round.number}: {len(dataset['annotations'])} pseudo-labels (score >= "
                       f"{settings.score_thresh}) for {len(dataset['images'])} images in {pseudo_path}")
             barrier()
             round_cfg["data"]["train_json"] = str(pseudo_path)

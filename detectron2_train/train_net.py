@@ -20,9 +20,10 @@ if __package__ in (None, ""):  # run as a script from the repo root
 
 import argparse
 
-from detectron2_train.engine import DEFAULTS, run
+from detectron2_train.engine import SCHEMA, run
 from detectron2_train.modeling import MASK_HEADS, STAGES
 from detectron2_train.self_training import RoundSettings, self_training_rounds
+from utils.cli import float_range, int_range
 from utils.config import add_config_args, load_run_config
 from utils.distributed import distributed_session
 from utils.errors import UserError, run_cli
@@ -33,7 +34,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(p, config_help="YAML config (configs/detectron2/*.yaml); `_base_` chains are followed",
                     set_example="solver.base_lr=0.01 input.min_size_train=[512]",
-                    output_dir_help="where checkpoints, metrics.jsonl and config.yaml go (config: output_dir)")
+                    output_dir_help="where checkpoints, metrics.jsonl and config.yaml go (config: output_dir)",
+                    must_set={"data.train_json": "COCO dataset to train on (or --train_json)",
+                              "data.train_root": "its image root (or --train_root)",
+                              "data.test_json": "with --eval_only: the images to predict (or --test_json)",
+                              "data.test_root": "with --eval_only: their image root (or --test_root)"},
+                    example="python detectron2_train/train_net.py --config configs/detectron2/tiny_test.yaml "
+                            "--train_json ../shared/data/tiny_coco/annotations/instances_train2017.json "
+                            "--train_root ../shared/data/tiny_coco/train2017 --output_dir output/tiny --device cpu")
     p.add_argument("--train_json", help="COCO dataset to train on: pseudo-labels or ground truth (data.train_json)")
     p.add_argument("--train_root", help="image root of --train_json's file_name entries (data.train_root)")
     p.add_argument("--test_json", help="COCO dataset to predict after training / with --eval_only (its 'images' "
@@ -66,12 +74,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--pseudo_from", metavar="RESULTS.json",
                    help="self-training: make pseudo-labels for --train_json's images from these predictions, "
                         "write OUTPUT_DIR/pseudo_labels.json and train on it")
-    p.add_argument("--score_thresh", type=float, nargs="+", default=[0.7], metavar="T",
-                   help="with --pseudo_from: keep predictions scoring above T, or each image's best one when "
+    p.add_argument("--score_thresh", type=float_range(0, 1), nargs="+", default=[0.7], metavar="T",
+                   help="with --pseudo_from: keep predictions scoring at least T, or each image's best one when "
                         "none does (default 0.7); with --rounds: one T per round from round 2 on (the last "
                         "one repeats), e.g. --score_thresh 0.7 0.8")
     p.add_argument("--pseudo_only", action="store_true", help="with --pseudo_from: write the pseudo-labels and stop")
-    p.add_argument("--rounds", type=int, default=None, metavar="N",
+    p.add_argument("--rounds", type=int_range(1), default=None, metavar="N",
                    help="self-training in N rounds under OUTPUT_DIR/round1..roundN: round 1 trains on --train_json, "
                         "round n on round n-1's predictions on those images (--score_thresh); each round writes "
                         "model_final.pth, train_results.json and, with --test_json, its predictions and eval.json. "
@@ -88,28 +96,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def config_from_args(args: argparse.Namespace) -> dict:
-    """Defaults < YAML file < --set overrides < --output_dir and the explicit flags above."""
-    cfg = load_run_config(args, DEFAULTS)
-    flags = {("data", "train_json"): args.train_json,
-             ("data", "train_root"): args.train_root, ("data", "test_json"): args.test_json,
-             ("data", "test_root"): args.test_root, ("data", "mask_classes"): args.mask_classes,
-             ("data", "num_workers"): args.num_workers, ("model", "mask_head"): args.mask_head,
-             ("model", "stage"): args.stage,
-             ("data", "class_agnostic"): True if args.class_agnostic else None,
-             ("model", "transfer", "grad"): True if args.transfer_grad else None}
-    for keys, value in flags.items():
-        if value is not None:
-            node = cfg
-            for key in keys[:-1]:
-                node = node[key]
-            node[keys[-1]] = value
-    return cfg
+    """Defaults < YAML file < --set overrides < --output_dir and the explicit flags above (each checked)."""
+    return load_run_config(args, SCHEMA, flags={
+        "data.train_json": args.train_json, "data.train_root": args.train_root, "data.test_json": args.test_json,
+        "data.test_root": args.test_root, "data.mask_classes": args.mask_classes, "data.num_workers": args.num_workers,
+        "model.mask_head": args.mask_head, "model.stage": args.stage, "data.class_agnostic": True if args.class_agnostic else None,
+        "model.transfer.grad": True if args.transfer_grad else None})
 
 
 def round_settings(args: argparse.Namespace) -> list:
     """One RoundSettings per round from --rounds, --score_thresh, --round_set and --init_from_previous."""
-    if args.rounds < 1:
-        raise UserError(f"--rounds must be at least 1, not {args.rounds}")
     for flag in ("eval_only", "pseudo_from", "pseudo_only", "results"):
         if getattr(args, flag):
             raise UserError(f"--{flag} does not go with --rounds")
@@ -124,8 +120,8 @@ def round_settings(args: argparse.Namespace) -> list:
             for n in range(1, args.rounds + 1)]
 
 
-def main() -> None:
-    args = parse_args()
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     cfg = config_from_args(args)
     rounds = round_settings(args) if args.rounds is not None else None
     if rounds is None and len(args.score_thresh) > 1:

@@ -25,15 +25,15 @@ from tqdm import tqdm
 from distill.data import (ImageEntry, MaskGenDataset, class_agnostic, coco20k_entries, collate, folder_entries,
                           size_grouped_batches, upsample_patch_mask, voc_entries, worker_count)
 from distill.maskgen import propose_masks
-from distill.vit import IMAGENET_MEAN, IMAGENET_STD, build_vit
+from distill.vit import build_vit
 from distill.visualize import save_overlay, write_gallery
-from utils.coco_io import atomic_path, check_can_write, make_annotation, write_json
+from utils.coco_io import OBJECT_CATEGORY, atomic_path, check_can_write, make_annotation, write_json
 from utils.config import save_config
 from utils.distributed import resolve_device
 from utils.errors import UserError
-from utils.images import ImageReadError, read_size
+from utils.images import IMAGENET_MEAN, IMAGENET_STD, ImageReadError, read_size
 
-CATEGORIES = [{"id": 1, "name": "object", "supercategory": "object"}]
+CATEGORIES = [OBJECT_CATEGORY]
 # Settings that change the masks: a resumed run or a merged shard must agree on all of them.
 MASK_SETTINGS = ("dataset", "dataset_root", "year", "set", "coco_json", "file_list", "image_ids", "arch",
                  "patch_size", "weights", "heads", "topk", "resize", "max_size", "mask_format", "half")

@@ -22,6 +22,7 @@ from torch import nn
 
 from utils.checkpoint import read_torch_file
 from utils.errors import UserError
+from utils.state_dicts import unwrap_state_dict
 
 ARCHS = {"vit_small": "vit_small_patch{p}_224", "vit_base": "vit_base_patch{p}_224"}
 PATCH_SIZES = (8, 16)
@@ -33,9 +34,6 @@ DINO_URLS = {
     ("vit_base", 16): "https://dl.fbaipublicfiles.com/dino/dino_vitbase16_pretrain/dino_vitbase16_pretrain.pth",
     ("vit_base", 8): "https://dl.fbaipublicfiles.com/dino/dino_vitbase8_pretrain/dino_vitbase8_pretrain.pth",
 }
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class LastBlockQK(NamedTuple):
@@ -131,25 +129,8 @@ class DinoViT(nn.Module):
 # ---------------------------------------------------------------------------- weights
 
 
-def _clean_state_dict(state: dict) -> dict:
-    """Accept bare DINO checkpoints and full training checkpoints (teacher/student, `module.`, `backbone.`)."""
-    for key in ("teacher", "student", "state_dict", "model"):
-        if key in state and isinstance(state[key], dict):
-            state = state[key]
-            break
-    cleaned = {}
-    for key, value in state.items():
-        for prefix in ("module.", "backbone."):
-            if key.startswith(prefix):
-                key = key[len(prefix):]
-        if key.startswith("head."):
-            continue
-        cleaned[key] = value
-    return cleaned
-
-
 def load_weights_into(model: DinoViT, state: dict, source: str) -> None:
-    state = _clean_state_dict(state)
+    state = unwrap_state_dict(state)  # bare DINO checkpoints and full training ones (teacher, module., backbone.)
     expected = model.vit.state_dict()
     if "pos_embed" in state and state["pos_embed"].shape[-1] != expected["pos_embed"].shape[-1]:
         raise UserError(f"weights {source} have embedding size {state['pos_embed'].shape[-1]}, but "

@@ -16,11 +16,9 @@ import torch
 from torch.utils.data import Dataset
 
 from utils.errors import UserError
-from utils.images import IMAGE_EXTENSIONS, ImageReadError, load_rgb, read_size
+from utils.images import IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, ImageReadError, load_rgb, read_size
 from utils.label_png import IGNORE_INDEX, check_label_values, read_label_png
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def read_image_list(path: str | os.PathLike) -> list[str]:

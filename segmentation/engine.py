@@ -18,8 +18,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from segmentation.data import EvalTransform, SegmentationDataset, TrainTransform, read_image_list
-from segmentation.model import build_from_config
+from segmentation.model import BACKBONES, build_from_config
 from utils.checkpoint import read_torch_file, unwrap
+from utils.cli import float_range, int_range
+from utils.config import ConfigSchema
 from utils.distributed import DistInfo
 from utils.errors import UserError
 from utils.fingerprint import fingerprint
@@ -27,6 +29,7 @@ from utils.label_png import IGNORE_INDEX
 from utils.metrics import confusion_matrix, iou_from_confusion
 from utils.progress import progress
 from utils.samplers import resumable_loader, worker_batches
+from utils.state_dicts import state_dict_mismatch
 from utils.training import HARMLESS_KEYS, LoopSettings, TrainingRun, seed_all, split_batch
 from utils.voc import VOC_SEGMENTATION_CLASSES
 
@@ -65,13 +68,46 @@ DEFAULTS: dict = {
         "poly_power": 0.9,
         "amp": True,                # only on CUDA
         "sync_bn": True,            # only with several CUDA processes
-        "checkpoint_period": 2000,
+        "checkpoint_period": 2000,  # 0: only model_final.pth
         "keep_checkpoints": 3,
         "eval_period": 0,           # 0: evaluate at the end only
         "log_period": 20,
         "seed": 0,
     },
+    "crf_rounds": {
+        "rounds": 1,                # train_plus_crf.py: refinement rounds after the first training
+    },
 }
+
+# What a config may hold (utils.config): the types of keys that default to None, and the allowed values.
+POSITIVE = float_range(0, min_inclusive=False)
+SCHEMA = ConfigSchema(DEFAULTS, types={
+    "data.image_dir": str, "data.label_dir": str, "data.train_list": str, "data.val_image_dir": str,
+    "data.val_label_dir": str, "data.val_list": str, "data.class_names": list[str], "model.atrous_rates": list[int],
+}, ranges={
+    "data.num_classes": int_range(1), "data.crop_size": int_range(1), "data.scale_range": POSITIVE,
+    "data.num_workers": int_range(0),
+    "model.backbone": BACKBONES, "model.output_stride": (8, 16, 32), "model.head_channels": int_range(1),
+    "model.atrous_rates": int_range(1),
+    "solver.batch_size": int_range(1), "solver.max_iter": int_range(1), "solver.base_lr": POSITIVE,
+    "solver.head_lr_mult": POSITIVE, "solver.momentum": float_range(0, 1, max_inclusive=False),
+    "solver.weight_decay": float_range(0), "solver.poly_power": float_range(0),
+    "solver.checkpoint_period": int_range(0),
+    "solver.keep_checkpoints": int_range(0), "solver.eval_period": int_range(0), "solver.log_period": int_range(1),
+    "solver.seed": int_range(0),
+    "crf_rounds.rounds": int_range(0),
+})
+# The keys a training / validation config must set (listed by --help), and a command that runs as it stands.
+TRAIN_KEYS = {"data.image_dir": "training images", "data.label_dir": "their label PNGs (gen_segmentation.py --out_dir)",
+              "data.train_list": "image list of the training set",
+              "data.val_list": "optional: val image list (null: no validation)",
+              "data.val_label_dir": "with data.val_list: ground-truth PNGs (VOC SegmentationClass)"}
+VAL_KEYS = {"data.val_list": "val image list", "data.val_label_dir": "ground-truth PNGs (VOC SegmentationClass)",
+            "data.val_image_dir": "val images (default: data.image_dir)"}
+_VOC_MINI = "../shared/data/voc_mini/VOCdevkit/VOC2012"
+TINY_EXAMPLE = ("python {script} --config configs/segmentation/tiny_test.yml "
+                f"--set data.image_dir={_VOC_MINI}/JPEGImages data.label_dir={_VOC_MINI}/SegmentationClass "
+                f"data.train_list={_VOC_MINI}/ImageSets/Segmentation/trainval.txt")
 
 
 # Keys a resumed training may change: the toolkit's and the validation set's.
@@ -243,9 +279,8 @@ def load_trained_model(config: dict, checkpoint: str | os.PathLike, device: torc
     arch["model"]["weights"] = "none"  # the checkpoint holds every weight
     model = build_from_config(arch)
     weights = {k[len("module."):] if k.startswith("module.") else k: v for k, v in weights.items()}
-    try:
-        model.load_state_dict(weights)
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise UserError(f"model checkpoint {path} does not fit the configured model: {first}") from None
+    problem = state_dict_mismatch(model.state_dict(), weights)
+    if problem:
+        raise UserError(f"model checkpoint {path} does not fit the configured model: {problem}")
+    model.load_state_dict(weights)
     return model.to(device).eval()

@@ -12,8 +12,9 @@ if __package__ in (None, ""):  # run as a script from the repo root
 
 import argparse
 
-from segmentation.engine import DEFAULTS, build_val_dataset, class_names, format_iou, load_trained_model
+from segmentation.engine import VAL_KEYS, build_val_dataset, class_names, format_iou, load_trained_model
 from segmentation.kmeans_eval import evaluate_clusters
+from segmentation.probe import PROBE_SCHEMA
 from utils.cli import add_device_arg, check_outputs, int_range
 from utils.coco_io import write_json
 from utils.config import add_config_args, load_run_config
@@ -25,7 +26,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="K-means over frozen pixel embeddings on val, Hungarian matching "
                                                  "to the classes, mIoU and per-class IoU.")
     add_config_args(parser, config_help="YAML config whose data section names the val images and GT",
-                    set_example="data.val_list=...")
+                    set_example="data.val_list=...", must_set=VAL_KEYS,
+                    example="python segmentation/eval_cluster.py --config configs/segmentation/tiny_test.yml "
+                            "--model_path outputs/segmentation/tiny_test/model_final.pth --device cpu "
+                            "--set data.val_image_dir=../shared/data/voc_mini/VOCdevkit/VOC2012/JPEGImages "
+                            "data.val_label_dir=../shared/data/voc_mini/VOCdevkit/VOC2012/SegmentationClass "
+                            "data.val_list=../shared/data/voc_mini/VOCdevkit/VOC2012/ImageSets/Segmentation/val.txt")
     parser.add_argument("--model_path", required=True, help="trained DeepLab-v3 checkpoint (model_final.pth)")
     parser.add_argument("--num_clusters", type=int_range(1), default=None,
                         help="K for K-means; must equal data.num_classes for one-to-one matching (default)")
@@ -41,7 +47,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     check_outputs(args.output, overwrite=args.overwrite)
-    config = load_run_config(args, DEFAULTS)
+    config = load_run_config(args, PROBE_SCHEMA)  # any segmentation config: a training or a linear-probe one
     num_classes = int(config["data"]["num_classes"])
     if args.num_clusters is not None and args.num_clusters != num_classes:
         raise UserError(f"--num_clusters {args.num_clusters}: Hungarian matching needs as many clusters as classes "

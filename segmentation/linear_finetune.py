@@ -16,13 +16,30 @@ if __package__ in (None, ""):  # run as a script from the repo root
 
 import argparse
 
+from segmentation.probe import load_probe_config, run_linear_probe
+from utils.config import config_epilog
+from utils.distributed import distributed_session
 from utils.errors import run_cli
+
+
+PROBE_KEYS = {"pretrained": "the trained DeepLab-v3 checkpoint to probe (model_final.pth)",
+              "data.image_dir": "training images", "data.label_dir": "their ground-truth PNGs",
+              "data.train_list": "image list of the training set", "data.val_list": "val image list",
+              "data.val_label_dir": "val ground-truth PNGs"}
+_VOC_MINI = "../shared/data/voc_mini/VOCdevkit/VOC2012"
+PROBE_EXAMPLE = ("python segmentation/linear_finetune.py --config_exp configs/segmentation/tiny_linear_voc.yml "
+                 "--set pretrained=outputs/segmentation/tiny_test/model_final.pth "
+                 f"data.image_dir={_VOC_MINI}/JPEGImages data.label_dir={_VOC_MINI}/SegmentationClass "
+                 f"data.train_list={_VOC_MINI}/ImageSets/Segmentation/trainval.txt "
+                 f"data.val_label_dir={_VOC_MINI}/SegmentationClass data.val_list={_VOC_MINI}/ImageSets/Segmentation/val.txt")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Fully-supervised linear probe: freeze the network, train only "
                                                  "the final 1x1 convolution on ground-truth labels, report mIoU "
-                                                 "and per-class IoU on val.")
+                                                 "and per-class IoU on val.",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=config_epilog(PROBE_KEYS, PROBE_EXAMPLE))
     parser.add_argument("--config_env", default=None,
                         help="environment YAML with root_dir (output root); default: the config_exp's output_dir")
     parser.add_argument("--config_exp", required=True,
@@ -44,10 +61,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    # torch is imported only now, so that --help stays quick
-    from segmentation.probe import load_probe_config, run_linear_probe
-    from utils.distributed import distributed_session
-
     config = load_probe_config(args.config_env, args.config_exp, args.overrides)
     if args.device:
         config["device"] = args.device

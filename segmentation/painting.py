@@ -8,25 +8,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from utils.coco_io import (annotations_by_image, check_image_ids, decode_segmentation, image_index,
-                           load_coco_dataset, load_predictions, write_json, write_text)
+from utils.coco_io import (annotations_by_image, check_image_ids, confident_else_best, decode_segmentation,
+                           image_index, load_coco_dataset, load_predictions, write_json, write_text)
 from utils.errors import UserError
 from utils.label_png import IGNORE_INDEX, write_label_png
-
-
-def select_predictions(preds: list[dict], threshold: float) -> tuple[list[dict], list[dict]]:
-    """Split predictions into (confident, uncertain).
-
-    Confident ones have score >= threshold. When none passes, the single best prediction is kept as
-    confident (as in MaskDistill), so that every image with predictions gets a foreground label.
-    """
-    confident = [p for p in preds if p["score"] >= threshold]
-    if not confident and preds:
-        best = max(preds, key=lambda p: p["score"])
-        confident = [best]
-    chosen = {id(p) for p in confident}
-    uncertain = [p for p in preds if id(p) not in chosen]
-    return confident, uncertain
 
 
 def paint_semantic(preds: list[dict], height: int, width: int, threshold: float = 0.0,
@@ -38,7 +23,7 @@ def paint_semantic(preds: list[dict], height: int, width: int, threshold: float 
     `class_of` maps category ids to label values (identity when None).
     """
     label = np.zeros((height, width), dtype=np.uint8)
-    confident, uncertain = select_predictions(preds, threshold)
+    confident, uncertain = confident_else_best(preds, threshold)
     if ignore_uncertain:
         for pred in uncertain:
             label[_mask(pred, height, width) > 0] = IGNORE_INDEX
@@ -155,7 +140,7 @@ def generate_segmentation(results_path: str | os.PathLike, dataset_path: str | o
         image_preds = by_image.get(image_id, [])
         if not image_preds:
             stats["empty"] += 1
-        elif not any(p["score"] >= threshold for p in image_preds):
+        elif not any(float(p.get("score", 1.0)) >= threshold for p in image_preds):
             stats["fallback"] += 1
         target = out_dir / f"{name}.png"
         if target.exists() and not overwrite:

@@ -18,11 +18,11 @@ from torch.utils.data import DataLoader, Subset
 
 from segmentation.crf import CRFParams, default_workers, dense_crf, run_pool
 from segmentation.data import SegmentationDataset
-from segmentation.engine import (DEFAULTS, RESUME_HARMLESS_KEYS, build_train_dataset, build_val_dataset,
+from segmentation.engine import (DEFAULTS, RESUME_HARMLESS_KEYS, SCHEMA, build_train_dataset, build_val_dataset,
                                  class_names, evaluate, format_iou, iou_result, load_trained_model, poly_schedule,
                                  predict_logits, segmentation_loss)
 from utils.coco_io import check_can_write, write_json
-from utils.config import load_config, load_yaml
+from utils.config import ConfigSchema, load_config
 from utils.distributed import DistInfo
 from utils.errors import UserError
 from utils.fingerprint import fingerprint
@@ -38,12 +38,14 @@ PROBE_FINAL = "probe_final.pth"
 PROBE_DEFAULTS = copy.deepcopy(DEFAULTS)
 PROBE_DEFAULTS["pretrained"] = None  # the trained DeepLab-v3 checkpoint to probe
 PROBE_DEFAULTS["solver"].update(base_lr=0.1, max_iter=20000, checkpoint_period=1000, eval_period=0)
+PROBE_SCHEMA = SCHEMA.extend(PROBE_DEFAULTS, types={"pretrained": str})
+ENV_SCHEMA = ConfigSchema({"root_dir": "outputs/"})  # --config_env: where the probes' folders go
 
 
 def load_probe_config(config_env: str | None, config_exp: str, overrides: list[str] | None = None) -> dict:
     """`--config_env` gives `root_dir`; the output folder is root_dir/<config_exp name>, as in MaskDistill."""
-    config = load_config(config_exp, overrides, defaults=PROBE_DEFAULTS)
-    root = load_yaml(config_env).get("root_dir", "outputs/") if config_env else None
+    config = load_config(config_exp, overrides, defaults=PROBE_SCHEMA)
+    root = load_config(config_env, defaults=ENV_SCHEMA)["root_dir"] if config_env else None
     if root is not None:
         config["output_dir"] = str(Path(root) / Path(config_exp).stem)
     return config

@@ -12,7 +12,9 @@ if __package__ in (None, ""):  # run as a script from the repo root
 
 import argparse
 
+from segmentation.engine import SCHEMA, TINY_EXAMPLE, TRAIN_KEYS, train
 from utils.config import add_config_args, load_run_config
+from utils.distributed import distributed_session
 from utils.errors import run_cli
 
 
@@ -22,7 +24,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_config_args(parser, config_help="YAML config (e.g. configs/segmentation/deeplab_voc.yml)",
                     set_example="solver.max_iter=1000 model.weights=none",
                     output_dir_help="output folder (overrides the config's output_dir)",
-                    device_help="auto (default: CUDA when available), cpu, cuda; overrides the config's device")
+                    device_help="auto (default: CUDA when available), cpu, cuda; overrides the config's device",
+                    must_set=TRAIN_KEYS, example=TINY_EXAMPLE.format(script="segmentation/train.py"))
     parser.add_argument("--resume", action="store_true",
                         help="continue from the latest checkpoint in the output folder (exact: same result as "
                              "an uninterrupted run); starts fresh when there is none; refused when the "
@@ -34,11 +37,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    # torch is imported only now, so that --help stays quick
-    from segmentation.engine import DEFAULTS, train
-    from utils.distributed import distributed_session
-
-    config = load_run_config(args, DEFAULTS)
+    config = load_run_config(args, SCHEMA)
     with distributed_session(config["device"]) as dist:
         result = train(config, dist, resume=args.resume, overwrite=args.overwrite)
     if dist.is_main:

@@ -14,7 +14,11 @@ if __package__ in (None, ""):  # run as a script from the repo root
 
 import argparse
 
-from utils.config import add_config_args, get, load_run_config
+from segmentation.crf import CRFParams
+from segmentation.engine import SCHEMA, TINY_EXAMPLE, TRAIN_KEYS
+from segmentation.rounds import train_plus_crf
+from utils.config import add_config_args, load_run_config
+from utils.distributed import distributed_session
 from utils.errors import run_cli
 
 
@@ -24,7 +28,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_config_args(parser, config_help="YAML config, as for segmentation/train.py",
                     set_example="solver.max_iter=1000",
                     output_dir_help="root folder of the rounds (overrides the config's output_dir)",
-                    device_help="auto (default), cpu or cuda; overrides the config's device")
+                    device_help="auto (default), cpu or cuda; overrides the config's device",
+                    must_set=TRAIN_KEYS, example=TINY_EXAMPLE.format(script="segmentation/train_plus_crf.py"))
     parser.add_argument("--rounds", type=int, default=None,
                         help="refinement rounds after the first training (default: crf_rounds.rounds of the config, else 1)")
     parser.add_argument("--workers", type=int, default=None, help="CPU processes for the CRF (default: cores / processes)")
@@ -35,14 +40,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    # torch is imported only now, so that --help stays quick
-    from segmentation.crf import CRFParams
-    from segmentation.engine import DEFAULTS
-    from segmentation.rounds import train_plus_crf
-    from utils.distributed import distributed_session
-
-    config = load_run_config(args, dict(DEFAULTS, crf_rounds={"rounds": 1}))
-    rounds = args.rounds if args.rounds is not None else int(get(config, "crf_rounds.rounds", 1))
+    config = load_run_config(args, SCHEMA)
+    rounds = args.rounds if args.rounds is not None else int(config["crf_rounds"]["rounds"])
     with distributed_session(config["device"]) as dist:
         result = train_plus_crf(config, dist, rounds, args.workers, CRFParams(), args.overwrite)
     if dist.is_main:

@@ -90,7 +90,7 @@ def test_skipped_ids_void_and_majority_class(tmp_path):
             assert abs(int(masks[0].sum()) - 48) <= 16
     agnostic = convert_voc_instances(root, "all", class_agnostic=True)
     assert {a["category_id"] for a in agnostic["annotations"]} == {1}
-    assert agnostic["categories"] == [{"id": 1, "name": "object", "supercategory": ""}]
+    assert agnostic["categories"] == [{"id": 1, "name": "object", "supercategory": "object"}]
 
 
 def test_bad_inputs_give_clear_errors(tmp_path, repo_root):

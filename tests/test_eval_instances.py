@@ -14,7 +14,7 @@ from pycocotools.cocoeval import COCOeval
 
 from utils.coco_eval import STAT_NAMES, EvalOptions, evaluate_instances, evaluate_predictions, format_report
 from utils.coco_io import decode_segmentation, make_annotation, mask_to_rle
-from utils.coco_perturb import perturbed_predictions, uncompressed_rle
+from tests.helpers.coco_perturb import perturbed_predictions, uncompressed_rle
 from utils.errors import UserError
 
 

@@ -5,6 +5,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from PIL import Image
 import distill.generate as generate_module
 import gen_masks
 from distill.data import resized_size, upsample_patch_mask
+from tests import cli_helpers
 from utils.coco_io import decode_segmentation, mask_to_bbox
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,6 +30,15 @@ def run_cli(*args, env=None):
 
 def run_inprocess(*args):
     return generate_module.generate(gen_masks.build_parser().parse_args([*map(str, args)]))
+
+
+def run_main(*args) -> subprocess.CompletedProcess:
+    """`python gen_masks.py ARGS` in this process, through its real entry point (`run_cli(main)`): the exit
+    code and the output, without a second interpreter's seconds of torch import."""
+    argv = ["gen_masks.py", *map(str, args)]
+    with mock.patch.object(sys, "argv", argv):  # gen_masks.main() reads sys.argv
+        code, out, err = cli_helpers.run_main(lambda _: gen_masks.main(), [])
+    return subprocess.CompletedProcess(argv, code, out, err)
 
 
 def check_masks_file(path: Path, root: Path) -> dict:
@@ -154,7 +165,7 @@ def test_awkward_and_corrupt_images(tmp_path):
     (["--dataset", "folder", "--dataset_root", ".", "--shard", "3/2"], "--shard"),
 ])
 def test_bad_arguments_give_one_clear_line(tmp_path, args, message):
-    result = run_cli(*args, "--pred_json_path", tmp_path / "out.json", *FAST)
+    result = run_main(*args, "--pred_json_path", tmp_path / "out.json", *FAST)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0]
@@ -164,7 +175,7 @@ def test_bad_arguments_give_one_clear_line(tmp_path, args, message):
 def test_existing_output_needs_overwrite(small_folder, tmp_path):
     out = tmp_path / "masks.json"
     out.write_text("precious")
-    result = run_cli("--dataset", "folder", "--dataset_root", small_folder, "--resize", 0, "--pred_json_path", out, *FAST)
+    result = run_main("--dataset", "folder", "--dataset_root", small_folder, "--resize", 0, "--pred_json_path", out, *FAST)
     assert result.returncode == 2 and "--overwrite" in result.stderr
     assert out.read_text() == "precious"
 
@@ -193,7 +204,7 @@ def test_shard_and_merge_equal_a_single_run(small_folder, tmp_path):
 def test_merge_refuses_missing_shards(small_folder, tmp_path):
     out = tmp_path / "sharded.json"
     run_inprocess(*common_args(small_folder, out), "--shard", "0/2")
-    result = run_cli("--merge", "--pred_json_path", out)
+    result = run_main("--merge", "--pred_json_path", out)
     assert result.returncode == 2 and "[1]" in result.stderr and not out.exists()
 
 
@@ -218,7 +229,7 @@ def test_resume_after_interruption_loses_nothing(small_folder, tmp_path, monkeyp
     with open(partial, "a") as f:
         f.write('{"index": 5, "image": {"id"')  # a line torn by the kill
 
-    again = run_cli(*common_args(small_folder, out))
+    again = run_main(*common_args(small_folder, out))
     assert again.returncode == 2 and "--resume" in again.stderr
     run_inprocess(*common_args(small_folder, out), "--resume")
     assert out.read_bytes() == (tmp_path / "straight.json").read_bytes()
@@ -229,7 +240,7 @@ def test_resume_refuses_changed_settings(small_folder, tmp_path, monkeypatch):
     monkeypatch.setattr(generate_module, "propose_masks", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):
         run_inprocess(*common_args(small_folder, out))
-    result = run_cli(*common_args(small_folder, out), "--resume", "--topk", 0.2)
+    result = run_main(*common_args(small_folder, out), "--resume", "--topk", 0.2)
     assert result.returncode == 2 and "topk" in result.stderr
 
 
@@ -281,7 +292,7 @@ def test_coco20k_subset_gt_and_polygon_output(tiny_coco, tmp_path):
 def test_coco20k_file_list_naming_an_unknown_image_is_one_clear_error(tiny_coco, tmp_path):
     file_list = tmp_path / "list.txt"
     file_list.write_text("val2017/not_in_coco.jpg\n")
-    result = run_cli("--dataset", "COCO20k", "--dataset_root", tiny_coco, "--coco_json",
+    result = run_main("--dataset", "COCO20k", "--dataset_root", tiny_coco, "--coco_json",
                      tiny_coco / "annotations" / "instances_val2017.json", "--file_list", file_list,
                      "--pred_json_path", tmp_path / "m.json", *FAST)
     assert result.returncode == 2 and "not_in_coco.jpg" in result.stderr

@@ -17,7 +17,7 @@ import torchvision
 from detectron2_train.data import CocoInstances
 from detectron2_train.engine import DEFAULTS, RESUME_HARMLESS_KEYS, predict, run, train
 from detectron2_train.modeling import build_model, set_image_sizes
-from detectron2_train.synthetic import make_dataset
+from tests.helpers.synthetic_shapes import make_dataset
 from utils.coco_eval import EvalOptions, evaluate_predictions
 from utils.coco_io import box_iou_xywh, decode_segmentation, load_json
 from utils.checkpoint import rng_states, save_checkpoint
@@ -229,7 +229,7 @@ def test_backbone_weights_from_torchvision_and_dino_checkpoints(tmp_path):
         assert torch.equal(body["layer4"][1].conv2.weight, plain["layer4.1.conv2.weight"]), name
         assert torch.equal(body["bn1"].running_mean, plain["bn1.running_mean"]), name
         assert not body["layer1"][0].conv1.weight.requires_grad and body["layer2"][0].conv1.weight.requires_grad
-    with pytest.raises(UserError, match="do not fit resnet50"):
+    with pytest.raises(UserError, match="do not fit a resnet50"):
         build_backbone({**cfg, "backbone": "resnet50", "backbone_weights": str(tmp_path / "torchvision_r18.pth")})
     with pytest.raises(UserError, match="not found"):
         build_backbone({**cfg, "backbone_weights": str(tmp_path / "missing.pth")})

@@ -13,6 +13,7 @@ from segmentation.engine import DEFAULTS
 from segmentation.kmeans_eval import hungarian_from_counts
 from segmentation.model import build_from_config
 from segmentation.crf import CRFParams
+from segmentation.probe import PROBE_SCHEMA
 from segmentation.rounds import train_plus_crf
 from utils.checkpoint import save_checkpoint
 from utils.config import load_config
@@ -41,7 +42,7 @@ def voc_tiny(tmp_path, voc_mini, repo_root):
     (tmp_path / "linear_tiny.yml").write_text(yaml.safe_dump(exp))
     (tmp_path / "one.txt").write_text("2011_000003\n")  # one val image keeps the 21-class CRF quick
     (tmp_path / "env.yml").write_text(yaml.safe_dump({"root_dir": str(tmp_path / "results")}))
-    config = load_config(tmp_path / "linear_tiny.yml", defaults=DEFAULTS)
+    config = load_config(tmp_path / "linear_tiny.yml", defaults=PROBE_SCHEMA)
     torch.manual_seed(0)
     save_checkpoint(exp["pretrained"], build_from_config(config), iteration=0, config=config)
     return tmp_path
@@ -89,10 +90,32 @@ def test_eval_cluster_runs_on_voc_mini(voc_tiny, capsys):
     assert eval_cluster.main(["--config", str(voc_tiny / "linear_tiny.yml"), "--device", "cpu",
                               "--model_path", str(voc_tiny / "deeplab" / "model_final.pth"),
                               "--output", str(voc_tiny / "c.json")]) == 0
-    assert "mIoU" in capsys.readouterr().out
+    printed = capsys.readouterr().out
     result = json.loads((voc_tiny / "c.json").read_text())
-    assert 0.0 <= result["mIoU"] <= 1.0
-    assert sorted(result["mapping"].values()) == list(range(21))
+    assert f"mIoU: {100 * result['mIoU']:.2f}" in printed and len(result["per_class_iou"]) == 21
+
+
+class ColourEmbedding(torch.nn.Module):
+    """A hand-made network whose pixel embedding is the pixel's (normalised) colour."""
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        return images
+
+
+def test_cluster_evaluation_is_exact_on_colour_squares(tmp_path, repo_root):
+    """Background, red and green pixels embed to three separate directions, so K-means finds exactly the
+    classes: Hungarian matching sends each cluster to its class and every IoU is 1."""
+    from segmentation.engine import SCHEMA, build_val_dataset, class_names
+    from segmentation.kmeans_eval import evaluate_clusters
+
+    data = make_synthetic_set(tmp_path / "data", count=4)
+    config = load_config(repo_root / "configs/segmentation/tiny_test.yml", tiny_overrides(data), defaults=SCHEMA)
+    dataset = build_val_dataset(config)
+    result = evaluate_clusters(ColourEmbedding(), dataset, 3, class_names(config), torch.device("cpu"))
+    pixels = np.bincount(np.concatenate([read_label_png(data["label_dir"] / f"{n}.png").ravel()
+                                         for n in data["names"]]), minlength=3)
+    assert result["confusion"] == np.diag(pixels).tolist()
+    assert result["mIoU"] == 1.0 and result["per_class_iou"] == {"0": 1.0, "1": 1.0, "2": 1.0}
 
 
 def test_train_plus_crf_writes_each_rounds_labels_and_resumes(tmp_path, repo_root):
@@ -208,7 +231,7 @@ def test_pooled_crf_evaluation_matches_the_in_process_one(synthetic_probe):
     from segmentation.probe import build_probe_val_dataset, crf_postprocessor, evaluate_with_crf
 
     tmp_path, args = synthetic_probe
-    config = load_config(tmp_path / "probe_exp.yml", args[3:], defaults=DEFAULTS)
+    config = load_config(tmp_path / "probe_exp.yml", args[3:], defaults=PROBE_SCHEMA)
     model = load_trained_model(config, tmp_path / "deeplab" / "model_final.pth", torch.device("cpu"))
     val = build_probe_val_dataset(config)
     serial = evaluate(model, val, config, DistInfo(), crf_postprocessor(val))

@@ -7,7 +7,6 @@ import sys
 
 import pytest
 import torch
-from torchvision.models import resnet
 
 from seg_helpers import make_synthetic_set, tiny_overrides
 from training_helpers import Killed, assert_same_weights, kill_after, records, tear_metrics
@@ -16,6 +15,7 @@ from segmentation.model import build_deeplab, build_from_config
 from utils.config import load_config
 from utils.distributed import DistInfo
 from utils.errors import UserError
+from utils.resnets import TinyResNet
 
 torch.set_num_threads(1)
 
@@ -35,7 +35,7 @@ def test_resnet50_is_dilated_to_output_stride_8():
 
 
 def test_backbone_weights_from_a_moco_style_checkpoint(tmp_path):
-    source = resnet.ResNet(resnet.BasicBlock, [1, 1, 1, 1])
+    source = TinyResNet()
     torch.save({"state_dict": {f"module.encoder_q.{k}": v for k, v in source.state_dict().items()}},
                tmp_path / "moco.pth.tar")
     model = build_deeplab(3, "tiny", 8, weights=str(tmp_path / "moco.pth.tar"), head_channels=8)

@@ -13,6 +13,7 @@ import torch
 
 from utils.coco_io import atomic_path
 from utils.errors import UserError
+from utils.state_dicts import state_dict_mismatch
 
 
 def rng_states() -> dict:
@@ -74,7 +75,13 @@ def read_torch_file(path: str | os.PathLike, what: str, hint: str = "") -> dict:
 
 def restore_checkpoint(state: dict, model: torch.nn.Module, optimizer: Any = None, scheduler: Any = None,
                        scaler: Any = None, restore_rng: bool = True) -> dict:
-    """Put a checkpoint dict (from `read_torch_file`) back into the objects given; returns it."""
+    """Put a checkpoint dict (from `read_torch_file`) back into the objects given; returns it.
+
+    Weights that do not fit the model raise ValueError with one whole line (torch's message spans many
+    and its first line ends at a colon)."""
+    problem = state_dict_mismatch(unwrap(model).state_dict(), state["model"])
+    if problem:
+        raise ValueError(problem)
     unwrap(model).load_state_dict(state["model"])
     for target, key in ((optimizer, "optimizer"), (scheduler, "scheduler"), (scaler, "scaler")):
         if target is not None and state.get(key):  # a disabled GradScaler saves {}

@@ -38,7 +38,8 @@ def _bounds_text(minimum: float | None, maximum: float | None, min_inclusive: bo
 
 
 class _Range:
-    """An argparse `type` that parses a number and checks that it lies in a range."""
+    """An argparse `type` that parses a number and checks that it lies in a range; `value in r` tests a parsed
+    number and `str(r)` says the bounds, so config schemas (utils/config.py) use the same ranges."""
 
     def __init__(self, kind: type, minimum: float | None, maximum: float | None, min_inclusive: bool,
                  max_inclusive: bool) -> None:
@@ -54,16 +55,20 @@ class _Range:
             raise argparse.ArgumentTypeError(f"{text!r} is not {kind}") from None
         if isinstance(value, float) and not math.isfinite(value):
             raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
-        low_ok = self.minimum is None or (value >= self.minimum if self.min_inclusive else value > self.minimum)
-        high_ok = self.maximum is None or (value <= self.maximum if self.max_inclusive else value < self.maximum)
-        if not (low_ok and high_ok):
-            bounds = _bounds_text(self.minimum, self.maximum, self.min_inclusive, self.max_inclusive)
-            raise argparse.ArgumentTypeError(f"{text} is not {bounds}")
+        if value not in self:
+            raise argparse.ArgumentTypeError(f"{text} is not {self}")
         return value
 
+    def __contains__(self, value: float) -> bool:
+        low_ok = self.minimum is None or (value >= self.minimum if self.min_inclusive else value > self.minimum)
+        high_ok = self.maximum is None or (value <= self.maximum if self.max_inclusive else value < self.maximum)
+        return low_ok and high_ok
+
+    def __str__(self) -> str:
+        return _bounds_text(self.minimum, self.maximum, self.min_inclusive, self.max_inclusive)
+
     def __repr__(self) -> str:
-        bounds = _bounds_text(self.minimum, self.maximum, self.min_inclusive, self.max_inclusive)
-        return f"{self.kind.__name__} {bounds}"
+        return f"{self.kind.__name__} {self}"
 
 
 def int_range(minimum: int | None = None, maximum: int | None = None) -> _Range:

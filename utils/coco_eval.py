@@ -32,7 +32,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from utils.coco_io import (box_iou_xywh, check_image_ids, load_coco_dataset, load_predictions,
+from utils.coco_io import (OBJECT_CATEGORY, box_iou_xywh, check_image_ids, load_coco_dataset, load_predictions,
                            segmentation_to_rle)
 from utils.errors import UserError
 from utils.validate import require_gt_fields
@@ -40,7 +40,6 @@ from utils.validate import require_gt_fields
 # pycocotools' `stats` order for bbox/segm.
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 IOU_TYPES = ("segm", "bbox")
-AGNOSTIC_CATEGORY = {"id": 1, "name": "object", "supercategory": ""}
 
 
 @dataclass
@@ -216,7 +215,7 @@ def fold_categories(dataset_anns: list[dict]) -> list[dict]:
     out = []
     for ann in dataset_anns:
         ann = dict(ann)
-        ann["category_id"] = AGNOSTIC_CATEGORY["id"]
+        ann["category_id"] = OBJECT_CATEGORY["id"]
         out.append(ann)
     return out
 
@@ -353,9 +352,9 @@ def evaluate_predictions(anns: list[dict], gt_dataset: dict, options: EvalOption
         if eval_ids is not None:  # cross-category protocol: only GT objects of the subset remain
             gt["annotations"] = [a for a in gt["annotations"] if a["category_id"] in eval_ids]
         gt["annotations"] = fold_categories(gt["annotations"])
-        gt["categories"] = [dict(AGNOSTIC_CATEGORY)]
+        gt["categories"] = [dict(OBJECT_CATEGORY)]
         predictions = fold_categories(predictions)
-        cat_ids = [AGNOSTIC_CATEGORY["id"]]
+        cat_ids = [OBJECT_CATEGORY["id"]]
     else:
         cat_ids = eval_ids if eval_ids is not None else sorted(c["id"] for c in gt["categories"])
         pred_ids = {a["category_id"] for a in predictions}
@@ -400,7 +399,7 @@ def evaluate_predictions(anns: list[dict], gt_dataset: dict, options: EvalOption
         elif agnostic_recall:
             agn_gt = dict(gt)
             agn_gt["annotations"] = fold_categories([a for a in gt["annotations"] if a["category_id"] in cat_ids])
-            agn_gt["categories"] = [dict(AGNOSTIC_CATEGORY)]
+            agn_gt["categories"] = [dict(OBJECT_CATEGORY)]
             agnostic = run_cocoeval(coco_from_dict(agn_gt), fold_categories(preds), iou_type)[0]
         if agnostic is not None:
             metrics["AR_agnostic"] = {name: _percent(agnostic.stats[i])

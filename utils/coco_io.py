@@ -20,6 +20,9 @@ from pycocotools import mask as mask_utils
 from utils import validate
 from utils.errors import UserError
 
+# The one category of class-agnostic files: gen_masks.py output, class-agnostic GT and training.
+OBJECT_CATEGORY = {"id": 1, "name": "object", "supercategory": "object"}
+
 # ----------------------------------------------------------------------------- atomic writes
 
 
@@ -243,6 +246,20 @@ def annotations_by_image(anns: list[dict]) -> dict[int, list[dict]]:
     for ann in anns:
         grouped.setdefault(ann["image_id"], []).append(ann)
     return grouped
+
+
+def confident_else_best(preds: list[dict], threshold: float) -> tuple[list[dict], list[dict]]:
+    """Split one image's predictions into (kept, rest): those scoring at least `threshold` (score >= threshold),
+    or, when none does, the single best one (the first of equal best scores), as MaskDistill keeps every image
+    with predictions labelled. A prediction without a score counts as 1.0. Both lists keep the input order."""
+    def score(p: dict) -> float:
+        return float(p.get("score", 1.0))
+
+    kept = [p for p in preds if score(p) >= threshold]
+    if not kept and preds:
+        kept = [max(preds, key=score)]
+    chosen = {id(p) for p in kept}
+    return kept, [p for p in preds if id(p) not in chosen]
 
 
 def check_image_ids(pred_anns: list[dict], dataset: dict, pred_name: str, gt_name: str) -> None:

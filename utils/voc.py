@@ -14,7 +14,7 @@ from typing import NamedTuple
 import numpy as np
 
 from utils import label_png
-from utils.coco_io import make_annotation, read_text_lines
+from utils.coco_io import OBJECT_CATEGORY, make_annotation, read_text_lines
 from utils.errors import UserError
 
 VOC_CLASSES = (
@@ -26,7 +26,6 @@ VOC_CLASSES = (
 VOC_SEGMENTATION_CLASSES = ("background",) + VOC_CLASSES
 VOC_NAME_TO_ID = {name: i + 1 for i, name in enumerate(VOC_CLASSES)}
 VOC_CATEGORIES = [{"id": i + 1, "name": name, "supercategory": ""} for i, name in enumerate(VOC_CLASSES)]
-AGNOSTIC_CATEGORIES = [{"id": 1, "name": "object", "supercategory": ""}]
 VOID = label_png.IGNORE_INDEX  # void / object boundary in VOC label PNGs
 
 
@@ -206,5 +205,5 @@ def convert_voc_instances(voc_root: str | os.PathLike, image_set: str = "trainva
                 ann = make_annotation(mask, image_id, ann["category_id"], mask_format="rle", ann_id=ann["id"])
                 ann.pop("score")
             annotations.append(ann)
-    categories = AGNOSTIC_CATEGORIES if class_agnostic else VOC_CATEGORIES
+    categories = [OBJECT_CATEGORY] if class_agnostic else VOC_CATEGORIES
     return {"images": images, "annotations": annotations, "categories": [dict(c) for c in categories]}
