@@ -157,11 +157,12 @@ def load_weights(model: torch.nn.Module, path: str, state: dict | None = None) -
     weights = state.get("model", state)
     if not isinstance(weights, dict):
         raise UserError(f"{path} holds no model state dict")
-    problem = state_dict_mismatch(unwrap(model).state_dict(), weights)
-    if problem:
+    try:  # the model's own rules (stage mask may leave a box stage's other mask head out)
+        unwrap(model).load_state_dict(weights)
+    except RuntimeError:
+        problem = state_dict_mismatch(unwrap(model).state_dict(), weights) or "see the model's loading rules"
         raise UserError(f"weights {path} do not fit the configured model (check model.* and the "
-                        f"number of classes): {problem}")
-    unwrap(model).load_state_dict(weights)
+                        f"number of classes): {problem}") from None
     return state.get("extra") or {}
 
 

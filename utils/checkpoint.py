@@ -79,10 +79,11 @@ def restore_checkpoint(state: dict, model: torch.nn.Module, optimizer: Any = Non
 
     Weights that do not fit the model raise ValueError with one whole line (torch's message spans many
     and its first line ends at a colon)."""
-    problem = state_dict_mismatch(unwrap(model).state_dict(), state["model"])
-    if problem:
-        raise ValueError(problem)
-    unwrap(model).load_state_dict(state["model"])
+    try:  # the model's own load_state_dict, which may have rules of its own
+        unwrap(model).load_state_dict(state["model"])
+    except RuntimeError:
+        raise ValueError(state_dict_mismatch(unwrap(model).state_dict(), state["model"])
+                         or "the weights do not fit the model") from None
     for target, key in ((optimizer, "optimizer"), (scheduler, "scheduler"), (scaler, "scaler")):
         if target is not None and state.get(key):  # a disabled GradScaler saves {}
             target.load_state_dict(state[key])
