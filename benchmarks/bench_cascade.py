@@ -23,7 +23,7 @@ import time
 import torch
 
 from detectron2_train.engine import DEFAULTS, coco_evaluate, run_inference, train
-from detectron2_train.synthetic import make_dataset
+from tests.helpers.synthetic_shapes import make_dataset
 from utils.config import load_config
 from utils.distributed import DistInfo
 from utils.errors import run_cli

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from detectron2_train.cascade import AgnosticBoxPredictor, CascadeRoIHeads
 from detectron2_train.engine import DEFAULTS, train
 from detectron2_train.modeling import build_model
-from detectron2_train.synthetic import make_dataset
+from tests.helpers.synthetic_shapes import make_dataset
 from utils.config import load_config
 from utils.distributed import DistInfo
 from utils.errors import UserError

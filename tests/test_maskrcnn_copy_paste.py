@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from detectron2_train.copy_paste import CopyPaste, mask_boxes, paste_objects
 from detectron2_train.data import CocoInstances
-from detectron2_train.synthetic import make_dataset
+from tests.helpers.synthetic_shapes import make_dataset
 from utils.errors import UserError
 
 SIZE = 32

@@ -10,7 +10,7 @@ import torch
 
 from detectron2_train.engine import DEFAULTS, run_inference, seed_all, train
 from detectron2_train.modeling import BOX_DETECTOR, MASK_BRANCH, build_model
-from detectron2_train.synthetic import make_dataset
+from tests.helpers.synthetic_shapes import make_dataset
 from utils.coco_eval import EvalOptions, evaluate_predictions
 from utils.coco_io import decode_segmentation, load_json
 from utils.config import load_config

@@ -261,7 +261,7 @@ def test_embedding_file_errors_name_the_culprit(tmp_path, lines, names, message)
 
 def test_embedding_error_from_the_command_line_names_the_missing_class(tmp_path):
     from detectron2_train.engine import run
-    from detectron2_train.synthetic import make_dataset
+    from tests.helpers.synthetic_shapes import make_dataset
     from detectron2_train.train_net import config_from_args, parse_args
     from utils.distributed import DistInfo
 
