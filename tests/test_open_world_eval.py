@@ -13,7 +13,7 @@ from pycocotools.cocoeval import COCOeval
 
 from utils.coco_eval import EvalOptions, evaluate_predictions, format_report, open_world_recall
 from utils.coco_io import make_annotation
-from utils.coco_perturb import perturbed_predictions
+from tests.helpers.coco_perturb import perturbed_predictions
 from utils.errors import UserError
 
 SIZE = 64
