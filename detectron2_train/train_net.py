@@ -8,6 +8,9 @@ Examples (from the repository root):
       --test_json images.json --test_root DIR --results results.json
   python detectron2_train/train_net.py --config ... --pseudo_from results.json --score_thresh 0.7 \
       --train_json images.json --train_root DIR --output_dir output/round2
+  python detectron2_train/train_net.py --config ... --rounds 3 --score_thresh 0.7 0.8 \
+      --train_json pseudo_masks.json --train_root DIR --test_json gt.json --test_root DIR --output_dir output/st
+      (self-training: OUTPUT_DIR/round1, round2, round3; a rerun skips finished rounds)
 """
 import sys
 from pathlib import Path
@@ -19,9 +22,12 @@ import argparse
 
 from detectron2_train.engine import SCHEMA, run
 from detectron2_train.modeling import MASK_HEADS, STAGES
+from detectron2_train.self_training import RoundSettings, self_training_rounds
+from utils.cli import float_range, int_range
 from utils.config import add_config_args, load_run_config
 from utils.distributed import distributed_session
-from utils.errors import run_cli
+from utils.errors import UserError, run_cli
+from utils.rounds import per_round
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -55,8 +61,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="let the mask loss reach the box head through the transfer function "
                         "(ablation; default is stop-gradient) (model.transfer.grad)")
     p.add_argument("--resume", action="store_true",
-                   help="continue from the last checkpoint in --output_dir (model_final.pth or model_XXXXXXX.pth)")
-    p.add_argument("--overwrite", action="store_true", help="start again in an --output_dir that holds checkpoints")
+                   help="continue from the last checkpoint in --output_dir (model_final.pth or model_XXXXXXX.pth), "
+                        "exactly; refused when it was made with other settings, weights or data "
+                        "(solver.max_iter may grow)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start again in an --output_dir that holds checkpoints (they and metrics.jsonl are deleted)")
     p.add_argument("--eval_only", action="store_true", help="no training: predict --test_json with --weights")
     p.add_argument("--weights", help="Mask R-CNN checkpoint: the model for --eval_only, or the initial weights "
                                      "for training (backbone weights are model.backbone_weights)")
@@ -65,10 +74,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--pseudo_from", metavar="RESULTS.json",
                    help="self-training: make pseudo-labels for --train_json's images from these predictions, "
                         "write OUTPUT_DIR/pseudo_labels.json and train on it")
-    p.add_argument("--score_thresh", type=float, default=0.7,
-                   help="with --pseudo_from: keep predictions scoring at least this, or each image's best one "
-                        "when none does (default 0.7)")
+    p.add_argument("--score_thresh", type=float_range(0, 1), nargs="+", default=[0.7], metavar="T",
+                   help="with --pseudo_from: keep predictions scoring at least T, or each image's best one when "
+                        "none does (default 0.7); with --rounds: one T per round from round 2 on (the last "
+                        "one repeats), e.g. --score_thresh 0.7 0.8")
     p.add_argument("--pseudo_only", action="store_true", help="with --pseudo_from: write the pseudo-labels and stop")
+    p.add_argument("--rounds", type=int_range(1), default=None, metavar="N",
+                   help="self-training in N rounds under OUTPUT_DIR/round1..roundN: round 1 trains on --train_json, "
+                        "round n on round n-1's predictions on those images (--score_thresh); each round writes "
+                        "model_final.pth, train_results.json and, with --test_json, its predictions and eval.json. "
+                        "A rerun skips finished rounds and resumes the unfinished one; a round recorded with "
+                        "other settings is refused unless --overwrite")
+    p.add_argument("--round_set", nargs="+", action="extend", default=[], metavar="N:KEY=VALUE",
+                   help="with --rounds: config overrides of round N only, e.g. --round_set 2:solver.max_iter=2000")
+    p.add_argument("--init_from_previous", action="store_true",
+                   help="with --rounds: start each round n > 1 from round n-1's weights (default: from the "
+                        "backbone weights, as in round 1)")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda")
     p.add_argument("--num_workers", type=int, help="data loading processes per training process (data.num_workers)")
     return p.parse_args(argv)
@@ -83,13 +104,36 @@ def config_from_args(args: argparse.Namespace) -> dict:
         "model.transfer.grad": True if args.transfer_grad else None})
 
 
+def round_settings(args: argparse.Namespace) -> list:
+    """One RoundSettings per round from --rounds, --score_thresh, --round_set and --init_from_previous."""
+    for flag in ("eval_only", "pseudo_from", "pseudo_only", "results"):
+        if getattr(args, flag):
+            raise UserError(f"--{flag} does not go with --rounds")
+    overrides: dict[int, list[str]] = {}
+    for item in args.round_set:
+        number, _, override = item.partition(":")
+        if not number.isdigit() or not 1 <= int(number) <= args.rounds or "=" not in override:
+            raise UserError(f"--round_set {item!r} must look like N:KEY=VALUE with N in 1..{args.rounds}")
+        overrides.setdefault(int(number), []).append(override)
+    return [RoundSettings(score_thresh=per_round(args.score_thresh, max(n - 2, 0)),
+                          overrides=tuple(overrides.get(n, [])), init_from_previous=args.init_from_previous)
+            for n in range(1, args.rounds + 1)]
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     cfg = config_from_args(args)
+    rounds = round_settings(args) if args.rounds is not None else None
+    if rounds is None and len(args.score_thresh) > 1:
+        raise UserError("several --score_thresh values need --rounds")
     with distributed_session(args.device) as info:
-        run(cfg, info, resume=args.resume, overwrite=args.overwrite, eval_only=args.eval_only,
-            weights=args.weights, pseudo_from=args.pseudo_from, score_thresh=args.score_thresh,
-            pseudo_only=args.pseudo_only, results_path=args.results, evaluate=not args.no_eval)
+        if rounds is not None:
+            self_training_rounds(cfg, info, rounds, init_weights=args.weights, evaluate=not args.no_eval,
+                                 overwrite=args.overwrite)
+        else:
+            run(cfg, info, resume=args.resume, overwrite=args.overwrite, eval_only=args.eval_only,
+                weights=args.weights, pseudo_from=args.pseudo_from, score_thresh=args.score_thresh[0],
+                pseudo_only=args.pseudo_only, results_path=args.results, evaluate=not args.no_eval)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@
     python segmentation/linear_finetune.py ... --model_path outputs/segmentation/linear_voc/probe_final.pth
 
 Results go to <root_dir of config_env>/<config_exp name>/ (results.json, metrics.jsonl, checkpoints);
-training resumes automatically from the latest checkpoint there.
+training resumes automatically from the latest checkpoint there when it was made with the same settings,
+`pretrained` network and data (anything else is refused); an existing results.json needs --overwrite.
 """
 import sys
 from pathlib import Path
@@ -52,6 +53,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="KEY=VALUE",
                         help="override config keys, e.g. --set solver.max_iter=100 data.num_workers=0")
     parser.add_argument("--device", default=None, help="auto (default), cpu or cuda; overrides the config's device")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing results.json / results_crf.json, and train the probe again "
+                             "from scratch (its checkpoints and metrics.jsonl are deleted)")
     return parser.parse_args(argv)
 
 
@@ -61,7 +65,8 @@ def main(argv=None) -> int:
     if args.device:
         config["device"] = args.device
     with distributed_session(config["device"]) as dist:
-        result = run_linear_probe(config, dist, args.model_path, args.crf_postprocess, args.workers)
+        result = run_linear_probe(config, dist, args.model_path, args.crf_postprocess, args.workers,
+                                  args.overwrite)
     if dist.is_main:
         print(f"results written to {Path(config['output_dir'])}; mIoU {100 * result['mIoU']:.2f}")
     return 0

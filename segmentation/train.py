@@ -28,7 +28,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                     must_set=TRAIN_KEYS, example=TINY_EXAMPLE.format(script="segmentation/train.py"))
     parser.add_argument("--resume", action="store_true",
                         help="continue from the latest checkpoint in the output folder (exact: same result as "
-                             "an uninterrupted run); starts fresh when there is none")
+                             "an uninterrupted run); starts fresh when there is none; refused when the "
+                             "checkpoint was made with other settings, weights or data")
     parser.add_argument("--overwrite", action="store_true",
                         help="delete the checkpoints and metrics already in the output folder and start over")
     return parser.parse_args(argv)

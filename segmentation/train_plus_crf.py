@@ -2,7 +2,8 @@
 
     python segmentation/train_plus_crf.py --config configs/segmentation/deeplab_voc.yml --rounds 1
 
-Each round lives in OUTPUT_DIR/round_<r>/ (its labels in round_<r>/labels/); rerunning resumes where it stopped.
+Each round lives in OUTPUT_DIR/round<r>/ (its labels in round<r>/labels/); rerunning skips finished rounds
+and resumes where it stopped, and refuses rounds recorded with other settings (--overwrite reruns them).
 Works under torchrun like segmentation/train.py.
 """
 import sys
@@ -32,6 +33,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=None,
                         help="refinement rounds after the first training (default: crf_rounds.rounds of the config, else 1)")
     parser.add_argument("--workers", type=int, default=None, help="CPU processes for the CRF (default: cores / processes)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="rerun rounds recorded with other settings (their folders are deleted) instead of refusing")
     return parser.parse_args(argv)
 
 
@@ -40,7 +43,7 @@ def main(argv=None) -> int:
     config = load_run_config(args, SCHEMA)
     rounds = args.rounds if args.rounds is not None else int(config["crf_rounds"]["rounds"])
     with distributed_session(config["device"]) as dist:
-        result = train_plus_crf(config, dist, rounds, args.workers, CRFParams())
+        result = train_plus_crf(config, dist, rounds, args.workers, CRFParams(), args.overwrite)
     if dist.is_main:
         for r in result["rounds"]:
             print(f"round {r['round']}: labels {r['labels']} -> {r['checkpoint']}")

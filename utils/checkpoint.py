@@ -1,4 +1,5 @@
-"""Checkpoints: model, optimizer, scheduler, iteration, config and RNG states, written atomically."""
+"""Checkpoints: model, optimizer, scheduler, AMP scaler, iteration, config, settings fingerprint and RNG states,
+written atomically. Periodic ones are `model_XXXXXXX.pth` (the iteration, 7 digits)."""
 from __future__ import annotations
 
 import os
@@ -36,13 +37,16 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer: Any = None,
                     scheduler: Any = None, iteration: int = 0, config: dict | None = None,
-                    extra: dict | None = None) -> None:
+                    extra: dict | None = None, scaler: Any = None, fingerprint: dict | None = None) -> None:
+    """Write everything an exact resume needs; `fingerprint` (utils/fingerprint.py) lets a resume check settings."""
     state = {
         "model": unwrap(model).state_dict(),
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "scaler": scaler.state_dict() if scaler is not None else None,
         "iteration": iteration,
         "config": config,
+        "fingerprint": fingerprint,
         "rng": rng_states(),
         "extra": extra or {},
     }
@@ -69,29 +73,50 @@ def read_torch_file(path: str | os.PathLike, what: str, hint: str = "") -> dict:
     return state
 
 
-def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer: Any = None,
-                    scheduler: Any = None, restore_rng: bool = True) -> dict:
-    """Restore a checkpoint in place; returns the whole dict (iteration, config, extra)."""
-    state = read_torch_file(path, "checkpoint")
-    problem = state_dict_mismatch(unwrap(model).state_dict(), state["model"])
-    if problem:  # one whole line; torch's message spans many and its first ends at a colon
-        raise ValueError(problem)
-    unwrap(model).load_state_dict(state["model"])
-    if optimizer is not None and state.get("optimizer") is not None:
-        optimizer.load_state_dict(state["optimizer"])
-    if scheduler is not None and state.get("scheduler") is not None:
-        scheduler.load_state_dict(state["scheduler"])
+def restore_checkpoint(state: dict, model: torch.nn.Module, optimizer: Any = None, scheduler: Any = None,
+                       scaler: Any = None, restore_rng: bool = True) -> dict:
+    """Put a checkpoint dict (from `read_torch_file`) back into the objects given; returns it.
+
+    Weights that do not fit the model raise ValueError with one whole line (torch's message spans many
+    and its first line ends at a colon)."""
+    try:  # the model's own load_state_dict, which may have rules of its own
+        unwrap(model).load_state_dict(state["model"])
+    except RuntimeError:
+        raise ValueError(state_dict_mismatch(unwrap(model).state_dict(), state["model"])
+                         or "the weights do not fit the model") from None
+    for target, key in ((optimizer, "optimizer"), (scheduler, "scheduler"), (scaler, "scaler")):
+        if target is not None and state.get(key):  # a disabled GradScaler saves {}
+            target.load_state_dict(state[key])
     if restore_rng and state.get("rng") is not None:
         set_rng_states(state["rng"])
     return state
 
 
+def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer: Any = None,
+                    scheduler: Any = None, restore_rng: bool = True) -> dict:
+    """Restore a checkpoint in place; returns the whole dict (iteration, config, extra)."""
+    return restore_checkpoint(read_torch_file(path, "checkpoint"), model, optimizer, scheduler,
+                              restore_rng=restore_rng)
+
+
+def periodic_checkpoints(directory: str | os.PathLike) -> list[Path]:
+    """The `model_XXXXXXX.pth` files of `directory`, oldest (lowest iteration) first."""
+    found = []
+    for p in Path(directory).glob("model_*.pth"):
+        m = re.fullmatch(r"model_(\d+)\.pth", p.name)
+        if m:
+            found.append((int(m.group(1)), p))
+    return [p for _, p in sorted(found)]
+
+
 def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
     """The `model_XXXXXXX.pth` with the highest iteration in `directory`, or None."""
-    directory = Path(directory)
-    best, best_iter = None, -1
-    for p in directory.glob("model_*.pth"):
-        m = re.fullmatch(r"model_(\d+)\.pth", p.name)
-        if m and int(m.group(1)) > best_iter:
-            best, best_iter = p, int(m.group(1))
-    return best
+    found = periodic_checkpoints(directory)
+    return found[-1] if found else None
+
+
+def prune_checkpoints(directory: str | os.PathLike, keep: int) -> None:
+    """Delete all but the newest `keep` periodic checkpoints (`keep` <= 0 keeps them all)."""
+    if keep > 0:
+        for old in periodic_checkpoints(directory)[:-keep]:
+            old.unlink(missing_ok=True)
