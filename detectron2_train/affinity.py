@@ -34,9 +34,8 @@ from detectron2_train.modeling import build_backbone, norm_layer_factory
 from utils.affinity import instance_label_map, pairwise_affinity
 from utils.checkpoint import read_torch_file
 from utils.errors import UserError
+from utils.images import IMAGENET_MEAN, IMAGENET_STD
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 POSITIVE_WEIGHT = 0.05  # GGN's `class_weight=[0.05]` of its sigmoid cross-entropy: pos_weight
 SIZE_DIVISIBILITY = 32
 

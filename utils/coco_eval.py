@@ -154,7 +154,7 @@ def open_world_recall(predictions: list[dict], gt_dataset: dict, eval_ids: list[
     anns = [dict(a) for a in gt_dataset["annotations"]]
     ignored = frozenset(a["id"] for a in anns if eval_ids is not None and a["category_id"] not in eval_ids)
     gt = coco_from_dict({"images": gt_dataset["images"], "annotations": fold_categories(anns),
-                         "categories": [dict(AGNOSTIC_CATEGORY)]})
+                         "categories": [dict(OBJECT_CATEGORY)]})
     ks = sorted(set(int(k) for k in max_dets))
     per_image = max(np.unique([p["image_id"] for p in predictions], return_counts=True)[1], default=0)
     all_dets = ks + ([int(per_image)] if per_image > ks[-1] else [])
