@@ -85,10 +85,10 @@ def run_pipeline(args: argparse.Namespace) -> dict:
         gen_args = argparse.Namespace(
             dataset="folder", dataset_root=args.folder, year=None, set=None, voc_split_folder=None, coco_json=None,
             file_list=None, image_ids="auto", max_images=args.max_images, arch=args.arch, patch_size=args.patch_size,
-            weights=args.weights, heads=5, topk=0.4, resize=args.resize, max_size=args.max_size,
+            weights=args.weights, features="auto", heads=5, topk=0.4, resize=args.resize, max_size=args.max_size,
             pred_json_path=str(Path(tmp) / "masks.json"), mask_format="rle", overwrite=True, resume=False,
             shard="0/1", merge=False, vis_dir=None, batch_size=args.batch_size, num_workers=args.num_workers,
-            device=args.device, half=args.half)
+            device=args.device, precision="bf16" if args.half else "fp32")
         stats = generate(gen_args)
         if args.keep_json:
             Path(args.keep_json).write_bytes((Path(tmp) / "masks.json").read_bytes())
