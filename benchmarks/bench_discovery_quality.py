@@ -11,7 +11,6 @@ val2017 (50 images) and voc_mini (3 images).
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import sys
 from pathlib import Path

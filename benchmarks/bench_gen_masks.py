@@ -28,7 +28,7 @@ import torchvision.transforms.functional as TF  # noqa: E402
 
 from distill.data import folder_entries, padded_size, resized_size, upsample_patch_mask  # noqa: E402
 from distill.reference import explicit_last_qk, literal_mask  # noqa: E402
-from distill.vit import IMAGENET_MEAN, IMAGENET_STD, build_vit  # noqa: E402
+from distill.vit import IMAGENET_MEAN, IMAGENET_STD, build_vit, resolve_patch_size  # noqa: E402
 from utils.coco_io import make_annotation  # noqa: E402
 from utils.distributed import resolve_device  # noqa: E402
 from utils.images import load_rgb  # noqa: E402
@@ -129,8 +129,8 @@ def main() -> None:
                    help="what to run: both timings, one of them, or the mask IoU of --half against fp32")
     p.add_argument("--max_images", type=int, default=8, help="images per run (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=3, help="runs per mode with --mode both; medians are reported")
-    p.add_argument("--arch", default="vit_small", help="vit_small or vit_base")
-    p.add_argument("--patch_size", type=int, default=16, help="8 or 16")
+    p.add_argument("--arch", default="vit_small", help="vit_small, vit_base, dinov2_vits14, ... (see distill/vit.py)")
+    p.add_argument("--patch_size", type=int, default=None, help="16 or 8 for DINO, 14 for DINOv2 (default: the arch's)")
     p.add_argument("--weights", default="random", help="random (timing only), dino, or a checkpoint path")
     p.add_argument("--resize", type=int, default=640, help="shorter side (default: %(default)s)")
     p.add_argument("--max_size", type=int, default=2048, help="longer-side cap (default: %(default)s)")
@@ -140,6 +140,7 @@ def main() -> None:
     p.add_argument("--half", action="store_true", help="pipeline with bf16 autocast")
     p.add_argument("--keep_json", help="pipeline: copy the output masks JSON here (for agreement checks)")
     args = p.parse_args()
+    args.patch_size = resolve_patch_size(args.arch, args.patch_size)
 
     if args.mode == "half_agreement":
         print(json.dumps(half_agreement(args)))

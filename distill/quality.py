@@ -52,13 +52,12 @@ class GroundTruthSet:
     """Images with their non-crowd GT instances (RLEs and `[x, y, w, h]` boxes, original size)."""
 
     name: str
-    root: Path  # image paths of `entries` are under it
     entries: list[ImageEntry]
     masks: dict[int, list[dict]]  # image id -> RLEs
     boxes: dict[int, np.ndarray]  # image id -> (n, 4)
 
 
-def _ground_truth(name: str, root: Path, entries: list[ImageEntry], dataset: dict) -> GroundTruthSet:
+def _ground_truth(name: str, entries: list[ImageEntry], dataset: dict) -> GroundTruthSet:
     sizes = {img["id"]: (img["height"], img["width"]) for img in dataset["images"]}
     masks: dict[int, list[dict]] = {}
     boxes: dict[int, list] = {}
@@ -69,20 +68,19 @@ def _ground_truth(name: str, root: Path, entries: list[ImageEntry], dataset: dic
         masks.setdefault(ann["image_id"], []).append(rle)
         boxes.setdefault(ann["image_id"], []).append(ann["bbox"] if "bbox" in ann else mask_utils.toBbox(rle).tolist())
     kept = [e for e in entries if e.image_id in masks]  # images without GT instances do not count
-    return GroundTruthSet(name, root, kept, masks, {k: np.asarray(v, dtype=np.float64).reshape(-1, 4)
-                                                    for k, v in boxes.items()})
+    return GroundTruthSet(name, kept, masks, {k: np.asarray(v, dtype=np.float64).reshape(-1, 4) for k, v in boxes.items()})
 
 
 def coco_ground_truth(image_folder: Path, annotation_json: Path, name: str = "coco") -> GroundTruthSet:
     """A COCO image folder (integer file names = image ids) and its instances JSON."""
-    return _ground_truth(name, image_folder, folder_entries(image_folder, "filename"), load_coco_dataset(annotation_json))
+    return _ground_truth(name, folder_entries(image_folder, "filename"), load_coco_dataset(annotation_json))
 
 
 def voc_ground_truth(vocdevkit: Path, year: str = "2012", image_set: str = "trainval", name: str = "voc") -> GroundTruthSet:
     """VOC images of `ImageSets/Segmentation/<image_set>.txt` with their SegmentationObject instances."""
     entries = voc_entries(vocdevkit, year, image_set, "Segmentation")
     dataset = convert_voc_instances(vocdevkit / f"VOC{year}", image_set, progress=False)
-    return _ground_truth(name, vocdevkit, entries, dataset)
+    return _ground_truth(name, entries, dataset)
 
 
 def shared_ground_truth(data_root: Path, names: list[str]) -> list[GroundTruthSet]:

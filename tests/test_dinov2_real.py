@@ -30,7 +30,7 @@ def test_dinov2_default_beats_the_whole_image_and_raw_keys_are_the_whole_image(r
     """voc_mini (3 images) and the first 6 tiny_coco val2017 images, shorter side 320, fp32.
     Raw DINOv2 keys join every patch: the mask is the whole image. Centred keys (the DINOv2
     default) find objects: measured here 0.317 mean mask IoU and 3 of 9 CorLoc hits, against the
-    baseline's 0.191 and 1 of 9 (docs/dinov2.md has the full table)."""
+    baseline's 0.190 and 1 of 9 (docs/dinov2.md has the full table)."""
     sets = shared_ground_truth(tiny_coco.parent, ["voc_mini", "tiny_coco"])
     results = evaluate_discovery(real_vits14, sets, ["maskdistill"], ["raw", "centred"], resize=320, max_images=6,
                                  progress=False)
