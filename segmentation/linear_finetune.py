@@ -51,8 +51,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="CPU processes for --crf-postprocess (default: available cores, at most 16)")
     parser.add_argument("--model_path", default=None,
                         help="evaluate these saved probe weights (probe_final.pth) instead of training")
-    parser.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="override config keys, e.g. --set solver.max_iter=100 data.num_workers=0")
+    parser.add_argument("--set", dest="overrides", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
+                        help="override config keys (values parsed as YAML; --set may be repeated, all apply in order), "
+                             "e.g. --set solver.max_iter=100 data.num_workers=0")
     add_device_arg(parser, default=None, help=f"{DEVICE_CHOICES}; overrides the config's device (default: auto)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing results.json / results_crf.json, and train the probe again "

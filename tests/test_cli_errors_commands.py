@@ -172,3 +172,9 @@ def test_a_class_list_that_is_not_utf8_is_one_error_line(tmp_path):
     assert read_class_list(path, categories) == [1, 2]
     with pytest.raises(UserError, match=f"class list not found: {tmp_path / 'none.txt'}"):
         read_class_list(tmp_path / "none.txt", categories)
+
+
+def test_repeated_set_flags_all_apply_in_linear_finetune():
+    """A second --set used to replace the first silently (train.py and the others extend)."""
+    args = linear_finetune.parse_args(["--config_exp", "x.yml", "--set", "a=1", "b=2", "--set", "c=3"])
+    assert args.overrides == ["a=1", "b=2", "c=3"]
