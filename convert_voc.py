@@ -6,12 +6,13 @@ The result is the ground truth for VOC instance evaluation (eval_instances.py).
 """
 import argparse
 
-from utils.coco_io import check_can_write, check_writable, write_json
+from utils.cli import check_outputs
+from utils.coco_io import write_json
 from utils.errors import run_cli
 from utils.voc import convert_voc_instances
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--voc_root", required=True,
                         help="VOC20XX folder holding SegmentationObject/, SegmentationClass/ and ImageSets/Segmentation/")
@@ -24,13 +25,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--class_agnostic", action="store_true",
                         help="give every instance category 1 ('object') instead of its VOC class")
     parser.add_argument("--overwrite", action="store_true", help="replace --out_file if it exists")
-    return parser.parse_args()
+    return parser.parse_args(argv)
 
 
-def main() -> None:
-    args = parse_args()
-    check_can_write(args.out_file, args.overwrite)
-    check_writable(args.out_file)
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    check_outputs(args.out_file, overwrite=args.overwrite)
     dataset = convert_voc_instances(args.voc_root, args.image_set, args.mask_format, args.class_agnostic)
     write_json(args.out_file, dataset)
     print(f"wrote {len(dataset['annotations'])} instances in {len(dataset['images'])} images to {args.out_file}")

@@ -14,24 +14,37 @@ from __future__ import annotations
 import argparse
 
 from distill.cli import add_image_arguments, add_output_arguments
-from utils.argtypes import OneLineArgumentParser, device_name, float_range, int_range
+from utils.cli import add_device_arg, add_num_workers_arg, float_range, int_range
 from utils.errors import run_cli
 
-METHODS = ["maskdistill", "lost", "tokencut", "maskcut"]  # distill.methods.METHODS, without importing torch for --help
+# distill.methods.METHODS and distill.vit.ARCHS, spelled out so that --help does not import torch
+# (tests/test_methods.py and tests/test_dinov2_cli.py check they agree).
+METHODS = ["maskdistill", "lost", "tokencut", "maskcut"]
+ARCHS = ["vit_small", "vit_base", "dinov2_vits14", "dinov2_vitb14", "dinov2_vits14_reg", "dinov2_vitb14_reg"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = OneLineArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_image_arguments(p)
 
     model = p.add_argument_group("backbone")
-    model.add_argument("--arch", default="vit_small", choices=["vit_small", "vit_base"], help="ViT size (default: %(default)s)")
-    model.add_argument("--patch_size", type=int, default=16, choices=[8, 16], help="ViT patch size (default: %(default)s)")
+    model.add_argument("--arch", default="vit_small", choices=ARCHS,
+                       help="backbone: DINO vit_small/vit_base, or DINOv2 dinov2_vits14/dinov2_vitb14 and their "
+                            "_reg variants with 4 register tokens (default: %(default)s)")
+    model.add_argument("--patch_size", type=int, default=None, choices=[8, 14, 16],
+                       help="ViT patch size: 16 (default) or 8 for DINO, 14 (the only one) for DINOv2")
     model.add_argument("--weights", default="dino",
-                       help="'dino' (official checkpoint via torch.hub, cached), a checkpoint path, or 'random' "
-                            "(smoke tests only: the masks mean nothing) (default: %(default)s)")
-    model.add_argument("--half", action="store_true",
-                       help="bf16 autocast for the ViT; meant for GPUs (slower on CPUs without bf16 instructions)")
+                       help="'dino' (the official DINO or DINOv2 checkpoint of --arch via torch.hub, cached), a "
+                            "checkpoint path, or 'random' (smoke tests only: the masks mean nothing) (default: %(default)s)")
+    model.add_argument("--features", default="auto", choices=["auto", "raw", "centred"],
+                       help="backbone features the methods read: raw last-block queries/keys, or keys centred on "
+                            "their mean over the image's patches for the patch graphs; auto: the backbone's own "
+                            "(centred for DINOv2, raw for DINO; see docs/dinov2.md) (default: %(default)s)")
+    model.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                       help="ViT compute precision: bf16 autocast or fp32; auto takes bf16 where the hardware runs it "
+                            "natively (CUDA with bf16, CPUs with AVX512-BF16 or AMX), fp32 elsewhere. Recorded in the "
+                            "run settings: a resume must use the same (default: %(default)s)")
+    model.add_argument("--half", dest="precision", action="store_const", const="bf16", help="alias of --precision bf16")
 
     algo = p.add_argument_group("method", "Flags left out take the method's official default; a flag of "
                                           "another method is an error.")
@@ -43,11 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
     algo.add_argument("--heads", type=int_range(1), default=None,
                       help="maskdistill: first heads averaged for the CLS-key scores (default 5; more than the "
                            "model has means all)")
-    algo.add_argument("--topk", type=float_range(0, 1, low_open=True), default=None,
+    algo.add_argument("--topk", type=float_range(0, 1, min_inclusive=False), default=None,
                       help="maskdistill: fraction of patches kept as seed candidates, in (0, 1] (default 0.4)")
     algo.add_argument("--k_patches", type=int_range(1), default=None,
                       help="lost: lowest-degree patches compared with the seed (default 100)")
-    algo.add_argument("--tau", type=float_range(0, 1, high_open=True), default=None,
+    algo.add_argument("--tau", type=float_range(0, 1, max_inclusive=False), default=None,
                       help="tokencut, maskcut: cosine-similarity threshold of the patch graph, in [0, 1) "
                            "(default: tokencut 0.2, maskcut 0.15)")
     algo.add_argument("--num_objects", type=int_range(1), default=None,
@@ -66,12 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
     speed = p.add_argument_group("speed")
     speed.add_argument("--batch_size", type=int_range(1), default=8,
                        help="images per forward pass; batches hold images of equal network size (default: %(default)s)")
-    speed.add_argument("--num_workers", type=int_range(0), default=None,
-                       help="DataLoader decoding workers (default: min(4, CPUs - 1))")
+    add_num_workers_arg(speed, None, help="DataLoader decoding workers, 0 = decode in the main process "
+                                          "(default: min(4, CPUs - 1))")
     speed.add_argument("--post_workers", type=int_range(0), default=None,
                        help="processes for the per-image CPU work (CRF, upsampling, RLE), which overlaps the "
                             "network; 0 runs it in the main process (default: min(8, CPUs))")
-    speed.add_argument("--device", type=device_name, default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
+    add_device_arg(speed)
     return p
 
 

@@ -1,8 +1,9 @@
-"""Benchmark utils/cluster.py: CLS-feature extraction of box crops (utils/crop_features.py, crops/s)
+"""Benchmark the clustering stage (distill/cluster.py): CLS-feature extraction of box crops (distill/crop_features.py, crops/s)
 and K-means (s).
 
     python benchmarks/bench_cluster.py                       # tiny_coco val2017 GT boxes, random ViT-S/16, CPU
     python benchmarks/bench_cluster.py --device cuda --patch_size 8 --max_masks 400 --half
+    python benchmarks/bench_cluster.py --skip_features --kmeans sklearn   # K-means only (faiss: --kmeans faiss)
 
 Prints throughput and peak memory (RSS; CUDA max allocated on GPU).
 """
@@ -21,7 +22,7 @@ import time
 import numpy as np
 import torch
 
-from utils import cluster, crop_features
+from distill import cluster, crop_features
 
 
 def main() -> None:
@@ -37,11 +38,17 @@ def main() -> None:
     p.add_argument("--half", action="store_true", help="bf16 autocast")
     p.add_argument("--kmeans_points", type=int, default=20000, help="random 384-d points for the K-means timing")
     p.add_argument("--kmeans_k", type=int, default=80, help="clusters for the K-means timing")
+    p.add_argument("--kmeans", default="auto", choices=["auto", "sklearn", "faiss"],
+                   help="K-means backend (auto: faiss when installed)")
+    p.add_argument("--skip_features", action="store_true", help="time K-means only (384-d points)")
     args = p.parse_args()
 
     from distill.vit import build_vit
     from utils.distributed import resolve_device
 
+    if args.skip_features:
+        time_kmeans(args, 384)
+        return
     data = Path(args.data)
     gt = json.loads((data / "annotations" / "instances_val2017.json").read_text())
     anns = []
@@ -77,13 +84,18 @@ def main() -> None:
     print(f"features: {len(anns)} crops in {seconds:.2f} s = {len(anns) / seconds:.1f} crops/s "
           f"({args.arch}/{args.patch_size}, {device}, batch {args.batch_size}, crop side <= {args.max_side or 'any'})")
 
+    time_kmeans(args, feats.shape[1])
+
+
+def time_kmeans(args: argparse.Namespace, dims: int) -> None:
     rng = np.random.default_rng(0)
-    points = rng.normal(size=(args.kmeans_points, feats.shape[1])).astype(np.float32)
+    points = rng.normal(size=(args.kmeans_points, dims)).astype(np.float32)
     start = time.perf_counter()
     white = cluster.whiten_normalise(points)
-    cluster.run_kmeans(white, white, args.kmeans_k, seed=0, backend="auto")
-    print(f"kmeans: {args.kmeans_points} points x {feats.shape[1]} dims, K={args.kmeans_k} "
-          f"({'faiss' if cluster.faiss_available() else 'sklearn'}): {time.perf_counter() - start:.2f} s")
+    cluster.run_kmeans(white, white, args.kmeans_k, seed=0, backend=args.kmeans)
+    backend = ("faiss" if cluster.faiss_available() else "sklearn") if args.kmeans == "auto" else args.kmeans
+    print(f"kmeans: {args.kmeans_points} points x {dims} dims, K={args.kmeans_k} ({backend}): "
+          f"{time.perf_counter() - start:.2f} s")
     print(f"peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
     if torch.cuda.is_available():
         print(f"peak CUDA allocated: {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB")

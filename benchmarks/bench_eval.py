@@ -26,7 +26,7 @@ def main() -> None:
     args = p.parse_args()
 
     from utils.coco_eval import EvalOptions, evaluate_instances
-    from utils.coco_perturb import perturbed_predictions
+    from tests.helpers.coco_perturb import perturbed_predictions
     from utils.corloc import evaluate_corloc
 
     gt_path = Path(args.data) / "annotations" / "instances_val2017.json"

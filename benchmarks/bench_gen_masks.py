@@ -34,10 +34,10 @@ from PIL import Image  # noqa: E402
 
 from distill.data import InputPolicy, folder_entries, upsample_patch_mask  # noqa: E402
 from distill.reference import explicit_last_qk, literal_mask  # noqa: E402
-from distill.vit import IMAGENET_MEAN, IMAGENET_STD, build_vit  # noqa: E402
+from distill.vit import build_vit, resolve_patch_size  # noqa: E402
 from utils.coco_io import make_annotation  # noqa: E402
 from utils.distributed import resolve_device  # noqa: E402
-from utils.images import load_rgb  # noqa: E402
+from utils.images import IMAGENET_MEAN, IMAGENET_STD, load_rgb  # noqa: E402
 
 
 def peak_memory_mb(device: torch.device) -> dict:
@@ -92,7 +92,7 @@ def pipeline_argv(args: argparse.Namespace, out: Path, half: bool) -> list[str]:
     for flag in ("resize", "fixed_size", "num_workers", "post_workers"):
         if getattr(args, flag) is not None:
             argv += [f"--{flag}", getattr(args, flag)]
-    return [str(a) for a in argv] + (["--half"] if half else [])
+    return [str(a) for a in argv] + ["--precision", "bf16" if half else "fp32"]
 
 
 def run_pipeline(args: argparse.Namespace) -> dict:
@@ -193,8 +193,8 @@ def main() -> None:
                    help="pipeline: the discovery method (default: %(default)s)")
     p.add_argument("--max_images", type=int, default=8, help="images per run (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=3, help="runs per mode with --mode both; medians are reported")
-    p.add_argument("--arch", default="vit_small", help="vit_small or vit_base")
-    p.add_argument("--patch_size", type=int, default=16, help="8 or 16")
+    p.add_argument("--arch", default="vit_small", help="vit_small, vit_base, dinov2_vits14, ... (see distill/vit.py)")
+    p.add_argument("--patch_size", type=int, default=None, help="16 or 8 for DINO, 14 for DINOv2 (default: the arch's)")
     p.add_argument("--weights", default="random", help="random (timing only), dino, or a checkpoint path")
     p.add_argument("--resize", type=int, default=None, help="shorter side (default: the method's; baseline 640)")
     p.add_argument("--fixed_size", type=int, default=None, help="square size (default: the method's)")
@@ -206,6 +206,7 @@ def main() -> None:
     p.add_argument("--half", action="store_true", help="pipeline with bf16 autocast")
     p.add_argument("--keep_json", help="pipeline: copy the output masks JSON here (for agreement checks)")
     args = p.parse_args()
+    args.patch_size = resolve_patch_size(args.arch, args.patch_size)
 
     if args.mode == "half_agreement":
         print(json.dumps(half_agreement(args)))

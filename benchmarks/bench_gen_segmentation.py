@@ -1,7 +1,7 @@
 """Painting throughput: Mask R-CNN results (COCO JSON) -> VOC-palette label PNGs (segmentation/gen_segmentation.py).
 
     python benchmarks/bench_gen_segmentation.py [--copies 10] [--repeats 3] [--synthetic]
-The results are tiny_coco val2017's ground truth perturbed into predictions (utils/coco_perturb.py: polygons,
+The results are tiny_coco val2017's ground truth perturbed into predictions (tests/helpers/coco_perturb.py: polygons,
 str-RLE and uncompressed RLE, scores in [0, 1], false positives), the 50 images repeated `--copies` times; synthetic
 VOC-sized images with a few instances when ../shared/data is absent. Each repeat repaints every PNG
 (`overwrite=True`), loading of the two JSON files included. Prints images/s (median of the repeats) and peak RSS.
@@ -24,7 +24,7 @@ import numpy as np
 
 from segmentation.painting import generate_segmentation
 from utils.coco_io import load_json, make_annotation, write_json
-from utils.coco_perturb import perturbed_predictions
+from tests.helpers.coco_perturb import perturbed_predictions
 
 TINY_COCO_VAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "tiny_coco" / "annotations" / "instances_val2017.json"
 

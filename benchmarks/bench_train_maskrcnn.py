@@ -19,9 +19,9 @@ import time
 import torch
 
 from detectron2_train.data import CocoInstances, collate_lists
-from detectron2_train.engine import DEFAULTS
+from detectron2_train.engine import SCHEMA
 from detectron2_train.modeling import build_model, set_image_sizes
-from detectron2_train.synthetic import make_dataset
+from tests.helpers.synthetic_shapes import make_dataset
 from utils.config import load_config
 from utils.distributed import resolve_device
 from utils.errors import run_cli
@@ -42,7 +42,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
-    cfg = load_config(args.config, args.overrides, DEFAULTS)
+    cfg = load_config(args.config, args.overrides, SCHEMA)
     size = args.image_size
     cfg["input"].update(min_size_train=[size], max_size_train=size, min_size_test=size, max_size_test=size)
     batch = int(cfg["solver"]["ims_per_batch"])

@@ -1,4 +1,5 @@
-"""COCO-JSON instance datasets, a resumable training sampler, and data loaders for Mask R-CNN.
+"""COCO-JSON instance datasets and the inference loader for Mask R-CNN (training batches come from
+utils/samplers.py).
 
 Contiguous labels: the dataset's category ids, sorted, become labels 1..K (0 is background);
 `category_ids[label - 1]` maps a prediction back. Randomness (shuffling, flips) depends only on
@@ -9,13 +10,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Iterator
+from typing import Callable
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 
-from utils.coco_io import decode_segmentation, load_coco_dataset, mask_to_bbox, xywh_to_xyxy
+from utils.coco_io import OBJECT_CATEGORY, decode_segmentation, load_coco_dataset, mask_to_bbox, xywh_to_xyxy
 from utils.errors import UserError
 from utils.images import ImageReadError, load_rgb
 
@@ -23,7 +24,7 @@ from utils.images import ImageReadError, load_rgb
 def categories_of(dataset: dict, class_agnostic: bool = False) -> list[dict]:
     """The categories training uses, in label order (label = index + 1)."""
     if class_agnostic:
-        return [{"id": 1, "name": "object"}]
+        return [{"id": OBJECT_CATEGORY["id"], "name": OBJECT_CATEGORY["name"]}]
     cats = sorted(dataset["categories"], key=lambda c: c["id"])
     if not cats:  # pseudo-labels without a category list: take the ids the annotations use
         ids = sorted({a.get("category_id", 1) for a in dataset["annotations"]}) or [1]
@@ -37,14 +38,15 @@ class CocoInstances(Dataset):
     Items are `(image, target)`; `image` is a float (3, H, W) tensor in [0, 1]; `target` holds
     `boxes` (xyxy), `labels`, `masks` (uint8, N x H x W) and `image_id`. Crowd regions and
     degenerate boxes are skipped; images without instances are kept (negatives) unless
-    `filter_empty`. The index may be `(index, position)` from `TrainingSampler`; the position
-    seeds the horizontal flip.
+    `filter_empty`. The index may be `(index, position)` from `utils.samplers`; the position
+    seeds the horizontal flip and `augment(dataset, image, target, position)` (e.g. copy_paste.CopyPaste),
+    which run on such training samples only.
     """
 
     def __init__(self, json_path: str | os.PathLike, image_root: str | os.PathLike,
                  categories: list[dict] | None = None, class_agnostic: bool = False,
                  filter_empty: bool = False, flip_prob: float = 0.0, seed: int = 0,
-                 with_targets: bool = True):
+                 with_targets: bool = True, augment: Callable | None = None):
         self.json_path = str(json_path)
         self.image_root = Path(image_root)
         if not self.image_root.is_dir():
@@ -56,6 +58,7 @@ class CocoInstances(Dataset):
         self.with_targets = with_targets
         self.flip_prob = float(flip_prob)
         self.seed = int(seed)
+        self.augment = augment
         anns_by_image: dict[int, list[dict]] = {}
         for i, ann in enumerate(data["annotations"]):
             if ann.get("iscrowd", 0):
@@ -123,6 +126,8 @@ class CocoInstances(Dataset):
         if position is not None and self.flip_prob > 0:
             if np.random.default_rng([self.seed, position]).random() < self.flip_prob:
                 image, target = hflip(image, target)
+        if position is not None and self.augment is not None:
+            image, target = self.augment(self, image, target, position)
         return image, target
 
 
@@ -136,47 +141,8 @@ def hflip(image: torch.Tensor, target: dict) -> tuple[torch.Tensor, dict]:
     return image.flip(-1), target
 
 
-class TrainingSampler(Sampler):
-    """Endless, deterministic `(index, position)` stream for one process (like detectron2's).
-
-    Global sample position p belongs to epoch p // size, which is a permutation seeded with
-    (seed, epoch). Process `rank` takes positions rank, rank + world_size, ...; `start` skips the
-    first `start` samples of this process, so resuming at iteration i uses start = i * batch.
-    """
-
-    def __init__(self, size: int, seed: int = 0, shuffle: bool = True, rank: int = 0,
-                 world_size: int = 1, start: int = 0):
-        self.size, self.seed, self.shuffle = size, seed, shuffle
-        self.rank, self.world_size, self.start = rank, world_size, start
-
-    def _order(self, epoch: int) -> np.ndarray:
-        if not self.shuffle:
-            return np.arange(self.size)
-        return np.random.default_rng([self.seed, epoch]).permutation(self.size)
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        k = self.start
-        epoch, order = -1, None
-        while True:
-            position = self.rank + k * self.world_size
-            if position // self.size != epoch:
-                epoch = position // self.size
-                order = self._order(epoch)
-            yield int(order[position % self.size]), position
-            k += 1
-
-
 def collate_lists(batch: list) -> tuple:
     return tuple(zip(*batch))
-
-
-def train_loader(dataset: CocoInstances, images_per_process: int, seed: int, rank: int, world_size: int,
-                 start_iter: int, num_workers: int) -> DataLoader:
-    sampler = TrainingSampler(len(dataset), seed, True, rank, world_size, start_iter * images_per_process)
-    # An explicit generator keeps the loader from drawing on the global RNG, which a checkpoint restores.
-    return DataLoader(dataset, batch_size=images_per_process, sampler=sampler, num_workers=num_workers,
-                      collate_fn=collate_lists, generator=torch.Generator().manual_seed(seed),
-                      persistent_workers=num_workers > 0)
 
 
 def inference_loader(dataset: CocoInstances, rank: int, world_size: int, num_workers: int,

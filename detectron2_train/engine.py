@@ -1,32 +1,35 @@
-"""Training loop, inference to COCO results, and a quick COCO evaluation for Mask R-CNN.
+"""Mask R-CNN training (model, data and loss; the loop is utils/training.py's), inference to COCO
+results, and a quick COCO evaluation.
 
-Plain loop in the style of torchvision's references/detection: SGD with linear warm-up and step
-decay, AMP on GPU, DistributedDataParallel under torchrun, checkpoints every N iterations with
-an exact `--resume`, a tqdm bar and a JSON-lines metrics file.
+SGD with linear warm-up and step decay; AMP on GPU, DistributedDataParallel under torchrun,
+checkpoints with an exact `--resume`, progress and metrics.jsonl come from the shared toolkit.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
-import json
-import random
-import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 
-from detectron2_train.data import CocoInstances, categories_of, inference_loader, train_loader
-from detectron2_train.modeling import MODEL_DEFAULTS, build_model, set_image_sizes
+from detectron2_train.copy_paste import CopyPaste
+from detectron2_train.data import CocoInstances, categories_of, collate_lists, inference_loader
+from detectron2_train.modeling import (BACKBONES, MASK_HEADS, MODEL_DEFAULTS, ROI_HEADS, STAGES, build_model,
+                                       set_image_sizes)
+from detectron2_train.transfer_head import TRANSFER_INPUTS
 from detectron2_train.splits import read_class_list
-from utils.checkpoint import latest_checkpoint, load_checkpoint, read_torch_file, save_checkpoint, unwrap
+from utils.checkpoint import latest_checkpoint, read_torch_file, unwrap
 from utils.coco_eval import EvalOptions, evaluate_predictions
-from utils.coco_io import load_coco_dataset, load_json, make_annotation, write_json, write_text
-from utils.config import save_config
-from utils.distributed import DistInfo, all_reduce_mean, barrier
+from utils.coco_io import load_coco_dataset, load_json, make_annotation, write_json
+from utils.cli import float_range, int_range
+from utils.config import ConfigSchema, save_config
+from utils.distributed import DistInfo, barrier
 from utils.errors import UserError
+from utils.fingerprint import fingerprint
+from utils.progress import progress
+from utils.samplers import resumable_loader, worker_batches
+from utils.state_dicts import state_dict_mismatch
+from utils.training import HARMLESS_KEYS, LoopSettings, TrainingRun, seed_all, split_batch
 
 DEFAULTS = {
     "output_dir": "output/mask_rcnn",
@@ -46,6 +49,12 @@ DEFAULTS = {
         "min_size_test": 800,
         "max_size_test": 1333,
         "hflip_prob": 0.5,
+        "copy_paste": {  # CutLER's copy-paste augmentation (copy_paste.py); rate 0 = off
+            "rate": 0.0,  # probability that a training image receives pasted objects
+            "min_ratio": 0.5,  # the source image is rescaled to ratio x the target's size,
+            "max_ratio": 1.0,  # ratio drawn uniformly from [min_ratio, max_ratio]
+            "random_num": True,  # paste 1..n-1 of the source's n objects (else all of them)
+        },
     },
     "solver": {
         "base_lr": 0.02,
@@ -58,6 +67,7 @@ DEFAULTS = {
         "max_iter": 90000,
         "ims_per_batch": 16,  # total over all processes
         "checkpoint_period": 5000,
+        "keep_checkpoints": 0,  # periodic checkpoints kept (the newest); 0 = all
         "clip_grad_norm": 0.0,  # 0 = no clipping
         "amp": True,  # mixed precision, GPU only
         "seed": 0,
@@ -69,23 +79,48 @@ DEFAULTS = {
     "model": MODEL_DEFAULTS,
 }
 
+# What a config may hold (utils.config): the types of keys that default to None, and the allowed values.
+POSITIVE = float_range(0, min_inclusive=False)
+SCHEMA = ConfigSchema(DEFAULTS, types={
+    "data.train_json": str, "data.train_root": str, "data.test_json": str, "data.test_root": str,
+    "data.mask_classes": str, "model.transfer.embedding_file": str,
+}, ranges={
+    "data.num_workers": int_range(0),
+    "input.min_size_train": int_range(1), "input.max_size_train": int_range(1),
+    "input.min_size_test": int_range(1), "input.max_size_test": int_range(1), "input.hflip_prob": float_range(0, 1),
+    "solver.base_lr": POSITIVE, "solver.momentum": float_range(0, 1, max_inclusive=False),
+    "solver.weight_decay": float_range(0), "solver.warmup_iters": int_range(0),
+    "solver.warmup_factor": float_range(0, 1),
+    "solver.steps": int_range(1), "solver.gamma": POSITIVE, "solver.max_iter": int_range(1),
+    "solver.ims_per_batch": int_range(1), "solver.checkpoint_period": int_range(1),
+    "solver.keep_checkpoints": int_range(0),
+    "solver.clip_grad_norm": float_range(0), "solver.seed": int_range(0), "solver.log_period": int_range(1),
+    "test.mask_thresh": float_range(0, 1),
+    "model.backbone": BACKBONES, "model.mask_head": MASK_HEADS, "model.norm": ("frozen_bn", "bn", "syncbn", "gn"),
+    "model.roi_heads": ROI_HEADS, "model.stage": STAGES, "model.cascade_ious": float_range(0, 1),
+    "model.droploss_iou": float_range(0, 1), "model.rpn_nms_thresh": float_range(0, 1),
+    "model.trainable_layers": int_range(0, 5), "model.tiny_widths": int_range(1), "model.fpn_channels": int_range(1),
+    "model.anchor_sizes": int_range(1), "model.aspect_ratios": POSITIVE,
+    "model.rpn_pre_nms_top_n_train": int_range(1), "model.rpn_post_nms_top_n_train": int_range(1),
+    "model.rpn_pre_nms_top_n_test": int_range(1), "model.rpn_post_nms_top_n_test": int_range(1),
+    "model.rpn_batch_size_per_image": int_range(1), "model.box_head_dim": int_range(1),
+    "model.box_batch_size_per_image": int_range(1), "model.box_score_thresh": float_range(0, 1),
+    "model.box_nms_thresh": float_range(0, 1), "model.detections_per_img": int_range(1),
+    "model.mask_head_channels": int_range(1), "model.mask_head_convs": int_range(1),
+    "model.mask_pool_size": int_range(1),
+    "model.transfer.layers": int_range(1), "model.transfer.hidden_dim": int_range(1),
+    "model.transfer.input": TRANSFER_INPUTS, "model.transfer.randn_dim": int_range(1),
+    "model.transfer.activation": ("relu", "leaky_relu"),
+    "input.copy_paste.rate": float_range(0, 1), "input.copy_paste.min_ratio": POSITIVE,
+    "input.copy_paste.max_ratio": POSITIVE,
+})
+
 FINAL_CHECKPOINT = "model_final.pth"
-
-
-def seed_all(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def iteration_seed(seed: int, rank: int, iteration: int) -> int:
-    """Seed of the global torch RNG for one training iteration of one process.
-
-    The random draws of an iteration (the multi-scale image size, RPN and RoI sampling) then
-    depend only on (seed, rank, iteration). A resumed run repeats them exactly on every rank,
-    although a checkpoint holds only rank 0's RNG state.
-    """
-    return int(np.random.SeedSequence([seed, rank, iteration]).generate_state(1)[0])
+# Keys a resumed training may change: besides the toolkit's, max_iter (the LR steps do not depend on it,
+# so a run can be extended) and everything that only inference reads.
+RESUME_HARMLESS_KEYS = HARMLESS_KEYS + ("solver.max_iter", "data.test_json", "data.test_root", "test.*",
+                                        "input.*_test", "model.rpn_*_test", "model.box_score_thresh",
+                                        "model.box_nms_thresh", "model.detections_per_img")
 
 
 def lr_factor(iteration: int, solver: dict) -> float:
@@ -111,44 +146,9 @@ def mask_labels(cfg: dict, categories: list[dict]) -> list[int] | None:
     return [label_of[i] for i in ids]
 
 
-def _checkpoint_to_resume(output_dir: Path) -> Path | None:
-    final = output_dir / FINAL_CHECKPOINT
-    return final if final.is_file() else latest_checkpoint(output_dir)
-
-
-def prepare_output_dir(output_dir: Path, resume: bool, overwrite: bool, is_main: bool) -> None:
-    """Refuse to mix a new run into an old one: continue it (--resume) or start over (--overwrite)."""
-    old = sorted(output_dir.glob("model_*.pth"))
-    if old and not resume and not overwrite:
-        raise UserError(f"{output_dir} already holds checkpoints ({old[-1].name}); pass --resume to continue "
-                        f"that run or --overwrite to start again")
-    if overwrite and not resume and is_main:
-        for path in old + [output_dir / "metrics.jsonl"]:
-            path.unlink(missing_ok=True)
-    barrier()
-
-
-def _trim_metrics(path: Path, start_iter: int) -> None:
-    """On resume, drop metric lines logged after the checkpoint we continue from."""
-    if not path.is_file():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:  # a line cut short when the run was killed
-            continue
-        if isinstance(record, dict) and record.get("iteration", 0) <= start_iter:
-            kept.append(line)
-    write_text(path, "".join(line + "\n" for line in kept))
-
-
-def _next_batch(batches):
-    try:
-        return next(batches)
-    except UserError as exc:  # raised in a worker: keep only the original one-line message
-        lines = [ln for ln in str(exc).splitlines() if ln.strip()]
-        raise UserError(lines[-1].split("UserError: ", 1)[-1]) from None
+def has_checkpoint(output_dir: Path) -> bool:
+    """Whether --resume would find a checkpoint in `output_dir`."""
+    return (output_dir / FINAL_CHECKPOINT).is_file() or latest_checkpoint(output_dir) is not None
 
 
 def load_weights(model: torch.nn.Module, path: str, state: dict | None = None) -> dict:
@@ -157,126 +157,58 @@ def load_weights(model: torch.nn.Module, path: str, state: dict | None = None) -
     weights = state.get("model", state)
     if not isinstance(weights, dict):
         raise UserError(f"{path} holds no model state dict")
-    try:
+    try:  # the model's own rules (stage mask may leave a box stage's other mask head out)
         unwrap(model).load_state_dict(weights)
-    except RuntimeError as exc:
+    except RuntimeError:
+        problem = state_dict_mismatch(unwrap(model).state_dict(), weights) or "see the model's loading rules"
         raise UserError(f"weights {path} do not fit the configured model (check model.* and the "
-                        f"number of classes): {str(exc).splitlines()[0]}") from None
+                        f"number of classes): {problem}") from None
     return state.get("extra") or {}
 
 
 def train(cfg: dict, info: DistInfo, resume: bool = False, overwrite: bool = False,
           init_weights: str | None = None) -> Path:
-    """Train Mask R-CNN as configured; returns the final checkpoint's path."""
+    """Train Mask R-CNN as configured (the loop is utils/training.py's); returns the final checkpoint's path."""
     solver, data_cfg = cfg["solver"], cfg["data"]
-    output_dir = Path(cfg["output_dir"])
     for key in ("train_json", "train_root"):
         if not data_cfg.get(key):
             raise UserError(f"data.{key} is not set (use --{key} or --set data.{key}=...)")
-    if solver["ims_per_batch"] % info.world_size:
-        raise UserError(f"solver.ims_per_batch ({solver['ims_per_batch']}) must be divisible by the "
-                        f"number of processes ({info.world_size})")
-    per_process = solver["ims_per_batch"] // info.world_size
-    prepare_output_dir(output_dir, resume, overwrite, info.is_main)
-
-    seed = int(solver["seed"])
+    per_process = split_batch(solver["ims_per_batch"], info.world_size, "solver.ims_per_batch")
+    loop = LoopSettings.from_solver(solver, final_name=FINAL_CHECKPOINT,
+                                    nonfinite_hint="lower solver.base_lr or raise solver.warmup_iters")
+    resumable = resume and has_checkpoint(Path(cfg["output_dir"]))
+    if cfg["model"]["stage"] == "mask" and not init_weights and not resumable:
+        raise UserError("model.stage mask trains the mask branch of a trained detector: pass --weights with the "
+                        "box stage's checkpoint (model.stage box)")
     dataset = CocoInstances(data_cfg["train_json"], data_cfg["train_root"],
                             class_agnostic=data_cfg["class_agnostic"], filter_empty=data_cfg["filter_empty"],
-                            flip_prob=cfg["input"]["hflip_prob"], seed=seed)
+                            flip_prob=cfg["input"]["hflip_prob"], seed=loop.seed,
+                            augment=CopyPaste.from_config(cfg["input"]["copy_paste"], loop.seed))
     categories = dataset.categories
     mask_classes = mask_labels(cfg, categories)
-    seed_all(seed)  # identical initial weights on every process
-    model = build_model(cfg, len(categories), mask_classes).to(info.device)
+    seed_all(loop.seed)  # identical initial weights on every process
+    model = build_model(cfg, len(categories), mask_classes, [c["name"] for c in categories]).to(info.device)
     set_image_sizes(model, cfg, training=True)
     if init_weights:
         load_weights(model, init_weights)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=solver["base_lr"], momentum=solver["momentum"],
-                                weight_decay=solver["weight_decay"])
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=solver["base_lr"],
+                                momentum=solver["momentum"], weight_decay=solver["weight_decay"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(it, solver))
-    use_amp = bool(solver["amp"]) and info.device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    run = TrainingRun(cfg["output_dir"], model, optimizer, scheduler, loop, info, config=cfg,
+                      fingerprint=fingerprint("mask_rcnn", cfg, RESUME_HARMLESS_KEYS, {"init_weights": init_weights}),
+                      extra={"categories": categories, "mask_classes": mask_classes, "world_size": info.world_size})
+    run.prepare(resume, overwrite)
+    loader = resumable_loader(dataset, per_process, loop.seed, info.rank, info.world_size, run.start_iter,
+                              int(data_cfg["num_workers"]), collate_fn=collate_lists)
+    model.train()
 
-    start_iter = 0
-    seed_all(seed + info.rank)
-    ckpt_path = _checkpoint_to_resume(output_dir) if resume else None
-    if ckpt_path is not None:
-        try:
-            state = load_checkpoint(ckpt_path, model, optimizer, scheduler)
-        except (RuntimeError, ValueError, KeyError) as exc:
-            raise UserError(f"cannot resume from {ckpt_path}: it does not fit the configured model and data "
-                            f"({str(exc).strip().splitlines()[0]}); pass --overwrite to start again") from None
-        start_iter = int(state["iteration"])
-        if state["extra"].get("scaler"):
-            scaler.load_state_dict(state["extra"]["scaler"])
-    max_iter = int(solver["max_iter"])
-    extra = {"categories": categories, "mask_classes": mask_classes, "world_size": info.world_size}
-    metrics_path = output_dir / "metrics.jsonl"
-    if info.is_main:
-        save_config(cfg, output_dir / "config.yaml")
-        _trim_metrics(metrics_path, start_iter)
-    if start_iter >= max_iter:
-        if info.is_main:
-            print(f"training already finished ({ckpt_path}); nothing to resume")
-        return output_dir / FINAL_CHECKPOINT
+    def step(model: torch.nn.Module, batch: tuple) -> dict[str, torch.Tensor]:
+        images, targets = batch
+        images = [img.to(info.device, non_blocking=True) for img in images]
+        targets = [{k: (v.to(info.device) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
+        return model(images, targets)
 
-    ddp_model = model
-    if info.distributed:
-        ddp_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
-    loader = train_loader(dataset, per_process, seed, info.rank, info.world_size, start_iter,
-                          int(data_cfg["num_workers"]))
-    batches = iter(loader)
-    ddp_model.train()
-    bar = tqdm(total=max_iter, initial=start_iter, desc="train", disable=None if info.is_main else True,
-               dynamic_ncols=True)
-    period, log_period = int(solver["checkpoint_period"]), int(solver["log_period"])
-    end = time.perf_counter()
-    with open(metrics_path, "a") if info.is_main else contextlib.nullcontext() as metrics_file:
-        for iteration in range(start_iter, max_iter):
-            torch.manual_seed(iteration_seed(seed, info.rank, iteration))
-            images, targets = _next_batch(batches)
-            data_time = time.perf_counter() - end
-            images = [img.to(info.device, non_blocking=True) for img in images]
-            targets = [{k: (v.to(info.device) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
-            with torch.autocast(info.device.type, enabled=use_amp):
-                loss_dict = ddp_model(images, targets)
-            loss = sum(loss_dict.values())
-            if not torch.isfinite(loss):
-                raise UserError(f"loss became {loss.item()} at iteration {iteration} "
-                                f"({ {k: round(v.item(), 4) for k, v in loss_dict.items()} }); lower solver.base_lr "
-                                f"or raise solver.warmup_iters")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if solver["clip_grad_norm"]:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(params, solver["clip_grad_norm"])
-            scaler.step(optimizer)
-            scaler.update()
-            lr = optimizer.param_groups[0]["lr"]
-            scheduler.step()
-            done = iteration + 1
-            if done % log_period == 0 or done == max_iter or iteration == start_iter:
-                reduced = {k: float(all_reduce_mean(v.detach())) for k, v in loss_dict.items()}
-                total = sum(reduced.values())
-                if info.is_main:
-                    record = {"iteration": done, "total_loss": total, **reduced, "lr": lr,
-                              "data_time": round(data_time, 4), "time": round(time.perf_counter() - end, 4)}
-                    if info.device.type == "cuda":
-                        record["max_mem_mb"] = round(torch.cuda.max_memory_allocated() / 2**20)
-                    metrics_file.write(json.dumps(record) + "\n")
-                    metrics_file.flush()
-                    bar.set_postfix(loss=f"{total:.3f}", lr=f"{lr:.2g}")
-            bar.update(1)
-            if done == max_iter or done % period == 0:
-                name = FINAL_CHECKPOINT if done == max_iter else f"model_{done:07d}.pth"
-                if info.is_main:
-                    save_checkpoint(output_dir / name, model, optimizer, scheduler, done, cfg,
-                                    extra={**extra, "scaler": scaler.state_dict()})
-                barrier()
-            end = time.perf_counter()
-    bar.close()
-    return output_dir / FINAL_CHECKPOINT
+    return run.train(step, loader)
 
 
 @torch.no_grad()
@@ -292,7 +224,8 @@ def predict(model: torch.nn.Module, dataset: CocoInstances, categories: list[dic
     results: list[dict] = []
     loader = inference_loader(dataset, info.rank, info.world_size, num_workers)
     use_amp = amp and info.device.type == "cuda"
-    for images, metas in tqdm(loader, desc="inference", disable=None if info.is_main else True, dynamic_ncols=True):
+    for images, metas in progress(worker_batches(loader), total=len(loader), desc="inference", unit="img",
+                                  enabled=info.is_main):
         with torch.autocast(info.device.type, enabled=use_amp):
             outputs = model([img.to(info.device) for img in images])
         for out, meta in zip(outputs, metas):
@@ -335,7 +268,8 @@ def run_inference(cfg: dict, info: DistInfo, weights: str, image_json: str, imag
         categories = categories_of(load_json(image_json, "COCO dataset"), cfg["data"]["class_agnostic"])
     model_cfg = copy.deepcopy(cfg)
     model_cfg["model"]["backbone_weights"] = "none"  # the checkpoint holds the whole model
-    model = build_model(model_cfg, len(categories), state_extra.get("mask_classes")).to(info.device)
+    model = build_model(model_cfg, len(categories), state_extra.get("mask_classes"),
+                        [c["name"] for c in categories]).to(info.device)
     load_weights(model, weights, state)
     del state
     set_image_sizes(model, cfg, training=False)
@@ -371,6 +305,8 @@ def run(cfg: dict, info: DistInfo, resume: bool = False, overwrite: bool = False
     if eval_only:
         if not weights:
             raise UserError("--eval_only needs --weights (a checkpoint such as OUTPUT/model_final.pth)")
+        if not cfg["data"].get("test_json"):
+            raise UserError("--eval_only needs --test_json (or data.test_json): the images to predict")
         final = Path(weights)
     else:
         final = train(cfg, info, resume=resume, overwrite=overwrite, init_weights=weights)

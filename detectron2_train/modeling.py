@@ -3,8 +3,13 @@
 Backbones: torchvision ResNets (`resnet50` default, `resnet18/34/101`) or `tiny`, a small
 ResNet for tests and CPU runs. Backbone weights: `none`, `imagenet` (torchvision's official
 ImageNet URL) or a path to a torchvision / DINO / MoCo ResNet checkpoint.
-Mask heads: `standard` (class-specific, fully supervised), `agnostic` (one mask per box) or
-`transfer` (MaskX R-CNN weight transfer, see transfer_head.py).
+Mask heads: `standard` (class-specific, fully supervised), `agnostic` (one mask per box),
+`agnostic_mlp` (one mask per box plus the fused MLP branch) or `transfer` (MaskX R-CNN weight
+transfer, see transfer_head.py). RoI heads: `standard` (Mask R-CNN) or `cascade` (three box
+stages, cascade.py); either can train with DropLoss (droploss.py).
+Training stages (`model.stage`, MaskX R-CNN's stage-wise training): `e2e` trains everything;
+`box` trains Faster R-CNN (no mask loss, mask branch frozen); `mask` freezes the backbone, the RPN
+and the box head and trains only the mask branch (and the transfer function).
 """
 from __future__ import annotations
 
@@ -20,24 +25,29 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign
 
+from detectron2_train.cascade import AgnosticBoxPredictor, CascadeRoIHeads
 from detectron2_train.roi_heads import MaskRoIHeads
-from detectron2_train.transfer_head import TransferMaskPredictor
+from detectron2_train.transfer_head import (AgnosticMLPMaskPredictor, TransferMaskPredictor, random_class_vectors,
+                                            read_class_embeddings)
 from utils.errors import UserError
-from utils.resnet_weights import load_resnet_state_dict
+from utils.resnets import TinyResNet, load_resnet_weights
 
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "tiny")
-MASK_HEADS = ("standard", "agnostic", "transfer")
-IMAGENET_WEIGHTS = {  # torchvision's official ImageNet checkpoints, for `backbone_weights: imagenet`
-    "resnet18": resnet.ResNet18_Weights.IMAGENET1K_V1,
-    "resnet34": resnet.ResNet34_Weights.IMAGENET1K_V1,
-    "resnet50": resnet.ResNet50_Weights.IMAGENET1K_V1,
-    "resnet101": resnet.ResNet101_Weights.IMAGENET1K_V1,
-}
+MASK_HEADS = ("standard", "agnostic", "agnostic_mlp", "transfer")
+ROI_HEADS = ("standard", "cascade")
+STAGES = ("e2e", "box", "mask")
+MASK_BRANCH = ("roi_heads.mask_head.", "roi_heads.mask_predictor.")  # state-dict prefixes of the mask branch
+# Frozen in stage `mask`: trained parameters, and the modules kept in eval mode (their norm layers'
+# statistics must not move). The RPN module itself stays in training mode so that proposals use the
+# training settings; its head has no normalisation.
+BOX_DETECTOR = ("backbone", "rpn", "roi_heads.box_head", "roi_heads.box_predictor")
+BOX_DETECTOR_EVAL = ("backbone", "rpn.head", "roi_heads.box_head", "roi_heads.box_predictor")
 
 MODEL_DEFAULTS = {
     "backbone": "resnet50",
     "backbone_weights": "none",  # none | imagenet | PATH
-    "norm": "frozen_bn",  # frozen_bn | bn | gn
+    "norm": "frozen_bn",  # frozen_bn | bn | syncbn | gn
+    "fpn_norm": False,  # also normalise the FPN's convolutions with model.norm
     "trainable_layers": 3,  # ResNet stages trained, counted from the top (0..5)
     "tiny_widths": [16, 32, 64, 128],
     "fpn_channels": 256,
@@ -48,6 +58,7 @@ MODEL_DEFAULTS = {
     "rpn_pre_nms_top_n_test": 1000,
     "rpn_post_nms_top_n_test": 1000,
     "rpn_batch_size_per_image": 256,
+    "rpn_nms_thresh": 0.7,
     "box_head_dim": 1024,
     "box_batch_size_per_image": 512,
     "box_score_thresh": 0.05,
@@ -56,9 +67,17 @@ MODEL_DEFAULTS = {
     "mask_head_channels": 256,
     "mask_head_convs": 4,
     "mask_pool_size": 14,
-    "mask_head": "standard",  # standard | agnostic | transfer
+    "mask_head": "standard",  # standard | agnostic | agnostic_mlp | transfer
+    "roi_heads": "standard",  # standard | cascade
+    "cascade_ious": [0.5, 0.6, 0.7],  # one box stage per IoU threshold
+    "droploss": False,  # CutLER's DropLoss: no loss for RoIs that overlap no (pseudo) GT box
+    "droploss_iou": 0.01,  # ... max IoU <= this
+    "stage": "e2e",  # e2e | box (Faster R-CNN only) | mask (frozen detector, mask branch only)
     "transfer": {
-        "input": "cls+box",  # cls | box | cls+box
+        "input": "cls+box",  # cls | box | cls+box | randn | embedding
+        "randn_dim": 300,  # input randn: length of the fixed Gaussian class vectors
+        "randn_seed": 0,  # input randn: their seed
+        "embedding_file": None,  # input embedding: text file, one `name v1 ... vD` line per class
         "layers": 2,
         "hidden_dim": 1024,
         "activation": "leaky_relu",  # relu | leaky_relu
@@ -73,57 +92,15 @@ def norm_layer_factory(name: str) -> Callable[[int], nn.Module]:
         return FrozenBatchNorm2d
     if name == "bn":
         return nn.BatchNorm2d
+    if name == "syncbn":  # statistics over all processes under torchrun (plain BatchNorm in one process)
+        return nn.SyncBatchNorm
     if name == "gn":
         return lambda channels: nn.GroupNorm(min(32, max(channels // 4, 1)), channels)
-    raise UserError(f"model.norm must be frozen_bn, bn or gn, got {name!r}")
-
-
-class TinyResNet(nn.Module):
-    """A four-stage ResNet of single BasicBlocks (strides 4..32), for tests and quick CPU runs."""
-
-    def __init__(self, widths: list[int], norm_layer: Callable[[int], nn.Module]):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, widths[0], 3, stride=2, padding=1, bias=False)
-        self.bn1 = norm_layer(widths[0])
-        self.relu = nn.ReLU(inplace=True)
-        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
-        in_ch = widths[0]
-        for i, width in enumerate(widths):
-            stride = 1 if i == 0 else 2
-            down = None
-            if stride != 1 or in_ch != width:
-                down = nn.Sequential(nn.Conv2d(in_ch, width, 1, stride=stride, bias=False), norm_layer(width))
-            setattr(self, f"layer{i + 1}", nn.Sequential(resnet.BasicBlock(in_ch, width, stride, down, norm_layer=norm_layer)))
-            in_ch = width
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+    raise UserError(f"model.norm must be frozen_bn, bn, syncbn or gn, got {name!r}")
 
 
 def _stage_channels(stage: nn.Sequential) -> int:
     return [m for m in stage[-1].modules() if isinstance(m, nn.Conv2d)][-1].out_channels
-
-
-def _load_backbone_weights(body: nn.Module, name: str, weights: str) -> None:
-    if weights == "imagenet":
-        if name not in IMAGENET_WEIGHTS:
-            raise UserError(f"no ImageNet weights for backbone {name!r}; use 'none' or a path")
-        try:
-            state = IMAGENET_WEIGHTS[name].get_state_dict(progress=True)
-        except Exception as exc:  # offline machines
-            raise UserError(f"cannot download ImageNet weights for {name} ({exc}); download "
-                            f"{IMAGENET_WEIGHTS[name].url} and pass its path as model.backbone_weights") from None
-        state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-    else:
-        state = load_resnet_state_dict(weights)
-    try:
-        missing, unexpected = body.load_state_dict(state, strict=False)
-    except RuntimeError as exc:
-        raise UserError(f"backbone weights {weights} do not fit {name}: {str(exc).splitlines()[-1].strip()}") from None
-    missing = [k for k in missing if not k.startswith("fc.")]
-    if missing:
-        raise UserError(f"backbone weights {weights} lack {len(missing)} {name} parameters, e.g. {missing[0]}")
 
 
 def build_backbone(cfg: dict) -> BackboneWithFPN:
@@ -139,7 +116,7 @@ def build_backbone(cfg: dict) -> BackboneWithFPN:
             raise UserError("pretrained ResNet weights need model.norm frozen_bn or bn, not gn")
         body = getattr(resnet, name)(weights=None, norm_layer=norm)
         if weights != "none":
-            _load_backbone_weights(body, name, weights)
+            load_resnet_weights(body, name, weights)
     else:
         raise UserError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
     trainable = int(cfg["trainable_layers"])
@@ -151,45 +128,135 @@ def build_backbone(cfg: dict) -> BackboneWithFPN:
             param.requires_grad_(False)
     stages = [f"layer{i}" for i in range(1, 5)]
     in_channels = [_stage_channels(getattr(body, s)) for s in stages]
-    return BackboneWithFPN(body, {s: str(i) for i, s in enumerate(stages)}, in_channels, int(cfg["fpn_channels"]))
+    return BackboneWithFPN(body, {s: str(i) for i, s in enumerate(stages)}, in_channels, int(cfg["fpn_channels"]),
+                           norm_layer=norm if cfg["fpn_norm"] else None)
 
 
-def build_mask_predictor(cfg: dict, num_classes: int) -> nn.Module:
+def transfer_class_vectors(cfg: dict, num_classes: int, class_names: list[str] | None) -> torch.Tensor | None:
+    """The fixed class vectors of the `randn` and `embedding` transfer inputs (background row first)."""
+    t = cfg["transfer"]
+    if t["input"] == "randn":
+        return random_class_vectors(num_classes, int(t["randn_dim"]), int(t["randn_seed"]))
+    if t["input"] == "embedding":
+        if not t.get("embedding_file"):
+            raise UserError("model.transfer.input embedding needs model.transfer.embedding_file "
+                            "(a text file with one `name v1 v2 ...` line per class)")
+        if class_names is None:
+            raise UserError("model.transfer.input embedding needs the class names of the dataset")
+        return read_class_embeddings(t["embedding_file"], class_names)
+    return None
+
+
+def build_mask_predictor(cfg: dict, num_classes: int, class_names: list[str] | None = None) -> nn.Module:
     channels = int(cfg["mask_head_channels"])
     kind = cfg["mask_head"]
     if kind == "standard":
         return MaskRCNNPredictor(channels, channels, num_classes)
     if kind == "agnostic":
         return MaskRCNNPredictor(channels, channels, 1)
+    if kind == "agnostic_mlp":
+        return AgnosticMLPMaskPredictor(channels, channels, int(cfg["mask_pool_size"]))
     if kind == "transfer":
         t = cfg["transfer"]
+        if cfg["roi_heads"] == "cascade" and t["input"] in ("box", "cls+box"):
+            raise UserError(f"model.transfer.input {t['input']} reads class-specific box weights, but the cascade "
+                            f"heads regress boxes class-agnostically; use cls, randn or embedding")
         try:
             return TransferMaskPredictor(channels, channels, int(cfg["box_head_dim"]), int(cfg["mask_pool_size"]),
                                          transfer_input=t["input"], num_layers=int(t["layers"]),
                                          hidden_dim=int(t["hidden_dim"]), activation=t["activation"],
-                                         transfer_grad=bool(t["grad"]), fused_mlp=bool(t["fused_mlp"]))
+                                         transfer_grad=bool(t["grad"]), fused_mlp=bool(t["fused_mlp"]),
+                                         class_vectors=transfer_class_vectors(cfg, num_classes, class_names))
         except ValueError as exc:
             raise UserError(f"model.transfer: {exc}") from None
     raise UserError(f"model.mask_head must be one of {', '.join(MASK_HEADS)}, got {kind!r}")
 
 
-def build_model(cfg: dict, num_classes: int, mask_classes: list[int] | None = None) -> MaskRCNN:
+class StagedMaskRCNN(MaskRCNN):
+    """torchvision's MaskRCNN whose frozen parts (model.stage) stay frozen in training mode.
+
+    `frozen_eval` names submodules kept in eval mode whatever `train()` is asked for, so that
+    frozen norm layers keep their statistics. In stage `mask`, `load_state_dict` takes the mask
+    branch from the weights only when all of it fits (the box stage may have been trained with
+    another mask head, which it never used); every other key must fit as usual.
+    """
+
+    stage = "e2e"
+    frozen_eval: tuple[str, ...] = ()
+
+    def train(self, mode: bool = True) -> "StagedMaskRCNN":
+        super().train(mode)
+        for name in self.frozen_eval:
+            self.get_submodule(name).eval()
+        return self
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        if self.stage != "mask" or not strict:
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        own = self.state_dict()
+        mask_keys = {k for k in set(own) | set(state_dict) if k.startswith(MASK_BRANCH)}
+        if all(k in own and k in state_dict and own[k].shape == state_dict[k].shape for k in mask_keys):
+            return super().load_state_dict(state_dict, strict=True, assign=assign)
+        result = super().load_state_dict({k: v for k, v in state_dict.items() if k not in mask_keys},
+                                         strict=False, assign=assign)
+        missing = [k for k in result.missing_keys if k not in mask_keys]
+        if missing or result.unexpected_keys:
+            raise RuntimeError(f"Error(s) in loading state_dict: missing keys {missing[:3]}, "
+                               f"unexpected keys {result.unexpected_keys[:3]}")
+        return result
+
+
+def apply_stage(model: StagedMaskRCNN, stage: str) -> None:
+    """Freeze what `stage` (one of STAGES) does not train: requires_grad False, eval mode where it matters."""
+    model.stage = stage
+    if stage == "box":
+        frozen = ("roi_heads.mask_head", "roi_heads.mask_predictor")
+        model.roi_heads.mask_loss_on = False
+        model.frozen_eval = frozen
+    elif stage == "mask":
+        frozen = BOX_DETECTOR
+        model.frozen_eval = BOX_DETECTOR_EVAL
+    else:
+        return
+    for name in frozen:
+        for param in model.get_submodule(name).parameters():
+            param.requires_grad_(False)
+    model.train(model.training)
+
+
+def build_model(cfg: dict, num_classes: int, mask_classes: list[int] | None = None,
+                class_names: list[str] | None = None) -> StagedMaskRCNN:
     """Mask R-CNN for `num_classes` foreground classes (contiguous labels 1..num_classes).
 
     `cfg` is the whole config (sections `model` and `input`). `mask_classes` lists the labels
-    with mask supervision (set A); None means all of them.
+    with mask supervision (set A); None means all of them. `class_names` (label order) are needed
+    by the `embedding` transfer input only.
     """
     m, inp = cfg["model"], cfg["input"]
+    if m["roi_heads"] not in ROI_HEADS:
+        raise UserError(f"model.roi_heads must be one of {', '.join(ROI_HEADS)}, got {m['roi_heads']!r}")
+    if m["stage"] not in STAGES:
+        raise UserError(f"model.stage must be one of {', '.join(STAGES)}, got {m['stage']!r}")
+    if len(m["anchor_sizes"]) != 5:
+        raise UserError("model.anchor_sizes needs one size per FPN level (5)")
     backbone = build_backbone(m)
     fpn = backbone.out_channels
     levels = ["0", "1", "2", "3"]
     anchors = AnchorGenerator(tuple((int(s),) for s in m["anchor_sizes"]),
                               (tuple(float(a) for a in m["aspect_ratios"]),) * len(m["anchor_sizes"]))
-    if len(m["anchor_sizes"]) != 5:
-        raise UserError("model.anchor_sizes needs one size per FPN level (5)")
     mask_pool = int(m["mask_pool_size"])
     rep = int(m["box_head_dim"])
-    model = MaskRCNN(
+    cascade = m["roi_heads"] == "cascade"
+    if cascade:
+        ious = [float(v) for v in m["cascade_ious"]]
+        if not ious or any(not 0 < v < 1 for v in ious):
+            raise UserError(f"model.cascade_ious must be IoU thresholds in (0, 1), got {m['cascade_ious']}")
+        stage_heads = [TwoMLPHead(fpn * 7 * 7, rep) for _ in ious]
+        stage_predictors = [AgnosticBoxPredictor(rep, num_classes + 1) for _ in ious]
+        box_head, box_predictor = stage_heads[0], stage_predictors[0]
+    else:
+        box_head, box_predictor = TwoMLPHead(fpn * 7 * 7, rep), FastRCNNPredictor(rep, num_classes + 1)
+    model = StagedMaskRCNN(
         backbone,
         num_classes=None,
         min_size=tuple(int(s) for s in inp["min_size_train"]),
@@ -199,19 +266,27 @@ def build_model(cfg: dict, num_classes: int, mask_classes: list[int] | None = No
         rpn_post_nms_top_n_train=int(m["rpn_post_nms_top_n_train"]),
         rpn_pre_nms_top_n_test=int(m["rpn_pre_nms_top_n_test"]),
         rpn_post_nms_top_n_test=int(m["rpn_post_nms_top_n_test"]),
+        rpn_nms_thresh=float(m["rpn_nms_thresh"]),
         rpn_batch_size_per_image=int(m["rpn_batch_size_per_image"]),
         box_roi_pool=MultiScaleRoIAlign(levels, 7, 2),
-        box_head=TwoMLPHead(fpn * 7 * 7, rep),
-        box_predictor=FastRCNNPredictor(rep, num_classes + 1),
+        box_head=box_head,
+        box_predictor=box_predictor,
         box_score_thresh=float(m["box_score_thresh"]),
         box_nms_thresh=float(m["box_nms_thresh"]),
         box_detections_per_img=int(m["detections_per_img"]),
         box_batch_size_per_image=int(m["box_batch_size_per_image"]),
         mask_roi_pool=MultiScaleRoIAlign(levels, mask_pool, 2),
         mask_head=MaskRCNNHeads(fpn, [int(m["mask_head_channels"])] * int(m["mask_head_convs"]), 1),
-        mask_predictor=build_mask_predictor(m, num_classes + 1),
+        mask_predictor=build_mask_predictor(m, num_classes + 1, class_names),
     )
-    model.roi_heads = MaskRoIHeads.from_roi_heads(model.roi_heads, num_classes + 1, mask_classes)
+    droploss_iou = float(m["droploss_iou"]) if m["droploss"] else None
+    if cascade:
+        model.roi_heads = CascadeRoIHeads.from_roi_heads(model.roi_heads, num_classes + 1, mask_classes, droploss_iou,
+                                                         stage_heads=stage_heads, stage_predictors=stage_predictors,
+                                                         stage_ious=ious)
+    else:
+        model.roi_heads = MaskRoIHeads.from_roi_heads(model.roi_heads, num_classes + 1, mask_classes, droploss_iou)
+    apply_stage(model, m["stage"])
     return model
 
 

@@ -1,18 +1,23 @@
-"""torchvision's RoIHeads with a mask branch for partial supervision and weight-transfer heads.
+"""torchvision's RoIHeads with DropLoss on the box branch and a mask branch for partial supervision.
 
-The box branch is torchvision's own (`super().forward`). The mask branch is re-run here because
-two things differ from `torchvision.models.detection.roi_heads.maskrcnn_loss`:
+The box branch is torchvision's building blocks (`select_training_samples`, RoI pooling, box head
+and predictor, `postprocess_detections`) with `droploss.fast_rcnn_loss`, which equals
+torchvision's loss unless DropLoss is on. The mask branch differs from torchvision's
+`maskrcnn_loss` in two ways:
   * the loss of a RoI whose ground-truth class has no mask supervision (set B) is masked out;
   * a `TransferMaskPredictor` needs the box predictor to build its class weights.
 Class-agnostic predictors (one output channel) are handled on the same code path.
+`forward_box` is the part the cascade heads (cascade.py) replace.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
+from torchvision.models.detection._utils import BoxCoder
 from torchvision.models.detection.roi_heads import RoIHeads, project_masks_on_boxes
 
+from detectron2_train.droploss import droploss_weights, fast_rcnn_loss, predicted_boxes
 from detectron2_train.transfer_head import TransferMaskPredictor
 
 
@@ -32,9 +37,14 @@ def partial_mask_loss(mask_logits: Tensor, labels: Tensor, mask_targets: Tensor,
 
 
 class MaskRoIHeads(RoIHeads):
-    """RoIHeads whose mask loss only counts classes in `mask_classes` (all classes by default)."""
+    """RoIHeads whose mask loss only counts classes in `mask_classes` (all classes by default).
 
-    def __init__(self, *args, num_classes: int, mask_classes: list[int] | None = None, **kwargs):
+    `droploss_iou`: None (off) or the DropLoss IoU threshold. `mask_loss_on` False (stage `box`)
+    trains the box branch alone: no mask loss, no mask forward pass in training.
+    """
+
+    def __init__(self, *args, num_classes: int, mask_classes: list[int] | None = None,
+                 droploss_iou: float | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         supervised = torch.ones(num_classes, dtype=torch.bool)  # index 0 = background
         if mask_classes is not None:
@@ -42,59 +52,88 @@ class MaskRoIHeads(RoIHeads):
             supervised[list(mask_classes)] = True
         # not persistent: which classes have masks is a property of the training data, not the weights
         self.register_buffer("mask_supervised", supervised, persistent=False)
-        self._sampled: tuple | None = None
+        self.droploss_iou = droploss_iou
+        self.mask_loss_on = True
 
     @classmethod
-    def from_roi_heads(cls, heads: RoIHeads, num_classes: int, mask_classes: list[int] | None = None) -> "MaskRoIHeads":
-        """Wrap torchvision's heads (same modules, matcher, sampler and box coder)."""
+    def from_roi_heads(cls, heads: RoIHeads, num_classes: int, mask_classes: list[int] | None = None,
+                       droploss_iou: float | None = None, **kwargs) -> "MaskRoIHeads":
+        """Wrap torchvision's heads (same modules, matcher, sampler and box coder); `kwargs` go to
+        subclasses (the cascade's stage heads)."""
         new = cls(heads.box_roi_pool, heads.box_head, heads.box_predictor, 0.5, 0.5, 512, 0.25, None,
                   heads.score_thresh, heads.nms_thresh, heads.detections_per_img,
                   mask_roi_pool=heads.mask_roi_pool, mask_head=heads.mask_head, mask_predictor=heads.mask_predictor,
-                  num_classes=num_classes, mask_classes=mask_classes)
+                  num_classes=num_classes, mask_classes=mask_classes, droploss_iou=droploss_iou, **kwargs)
         new.proposal_matcher, new.fg_bg_sampler, new.box_coder = heads.proposal_matcher, heads.fg_bg_sampler, heads.box_coder
         return new
 
-    def has_mask(self) -> bool:
-        # The parent's forward runs the box branch only; `forward` below runs the mask branch.
-        return False
+    def class_box_predictor(self) -> nn.Module:
+        """The box predictor whose class weights a transfer mask head reads."""
+        return self.box_predictor
 
-    def select_training_samples(self, proposals, targets):
-        sampled = super().select_training_samples(proposals, targets)
-        self._sampled = sampled  # (proposals, matched_idxs, labels, regression_targets), used by the mask branch
-        return sampled
+    def box_losses(self, class_logits: Tensor, box_regression: Tensor, proposals: list[Tensor],
+                   labels: list[Tensor], regression_targets: list[Tensor], targets: list[dict],
+                   box_coder: BoxCoder) -> tuple[Tensor, Tensor]:
+        """Classification and box-regression losses of sampled RoIs, with DropLoss when it is on."""
+        weights = None
+        if self.droploss_iou is not None:
+            boxes = predicted_boxes(class_logits, box_regression, proposals, box_coder)
+            weights = droploss_weights(boxes, [t["boxes"] for t in targets], self.droploss_iou)
+        return fast_rcnn_loss(class_logits, box_regression, labels, regression_targets, weights)
+
+    def forward_box(self, features: dict[str, Tensor], proposals: list[Tensor], image_shapes: list[tuple[int, int]],
+                    targets: list[dict] | None = None) -> tuple[list[dict], dict[str, Tensor], tuple | None]:
+        """The box branch: (detections, losses, sampled RoIs for the mask branch).
+
+        Training returns no detections and `(proposals, matched_idxs, labels)` of the sampled RoIs;
+        inference returns `{"boxes", "labels", "scores"}` per image and no losses.
+        """
+        if self.training:
+            proposals, matched_idxs, labels, regression_targets = self.select_training_samples(proposals, targets)
+        box_features = self.box_head(self.box_roi_pool(features, proposals, image_shapes))
+        class_logits, box_regression = self.box_predictor(box_features)
+        if not self.training:
+            boxes, scores, labels = self.postprocess_detections(class_logits, box_regression, proposals, image_shapes)
+            return [{"boxes": b, "labels": c, "scores": s} for b, s, c in zip(boxes, scores, labels)], {}, None
+        loss_classifier, loss_box_reg = self.box_losses(class_logits, box_regression, proposals, labels,
+                                                        regression_targets, targets, self.box_coder)
+        return [], {"loss_classifier": loss_classifier, "loss_box_reg": loss_box_reg}, (proposals, matched_idxs, labels)
 
     def predict_mask_logits(self, features: dict[str, Tensor], boxes: list[Tensor],
                             image_shapes: list[tuple[int, int]]) -> Tensor:
         mask_features = self.mask_head(self.mask_roi_pool(features, boxes, image_shapes))
         if isinstance(self.mask_predictor, TransferMaskPredictor):
-            return self.mask_predictor(mask_features, self.box_predictor)
+            return self.mask_predictor(mask_features, self.class_box_predictor())
         return self.mask_predictor(mask_features)
+
+    def mask_loss(self, features: dict[str, Tensor], image_shapes: list[tuple[int, int]], targets: list[dict],
+                  sampled: tuple) -> Tensor:
+        """Partial-supervision mask loss on the foreground RoIs among the sampled ones."""
+        sampled_proposals, matched_idxs, labels = sampled
+        mask_boxes, roi_labels, mask_targets = [], [], []
+        for props, idxs, lab, target in zip(sampled_proposals, matched_idxs, labels, targets):
+            pos = torch.where(lab > 0)[0]  # masks are learned on foreground RoIs only
+            mask_boxes.append(props[pos])
+            roi_labels.append(target["labels"][idxs[pos]])
+            mask_targets.append((props[pos], idxs[pos], target["masks"]))
+        mask_logits = self.predict_mask_logits(features, mask_boxes, image_shapes)
+        size = mask_logits.shape[-1]
+        targets_mm = torch.cat([project_masks_on_boxes(m, b, i, size) for b, i, m in mask_targets], dim=0)
+        return partial_mask_loss(mask_logits, torch.cat(roi_labels), targets_mm, self.mask_supervised)
 
     def forward(self, features, proposals, image_shapes, targets=None):
         if self.training:
-            if targets is None or any("masks" not in t for t in targets):
-                raise ValueError("training targets need 'masks'")
-        self._sampled = None
-        result, losses = super().forward(features, proposals, image_shapes, targets)
+            if targets is None or (self.mask_loss_on and any("masks" not in t for t in targets)):
+                raise ValueError("training targets need 'boxes', 'labels' and 'masks'")
+        result, losses, sampled = self.forward_box(features, proposals, image_shapes, targets)
         if self.training:
-            sampled_proposals, matched_idxs, labels, _ = self._sampled
-            self._sampled = None
-            mask_boxes, roi_labels, mask_targets = [], [], []
-            for props, idxs, lab, target in zip(sampled_proposals, matched_idxs, labels, targets):
-                pos = torch.where(lab > 0)[0]  # masks are learned on foreground RoIs only
-                mask_boxes.append(props[pos])
-                roi_labels.append(target["labels"][idxs[pos]])
-                mask_targets.append((props[pos], idxs[pos], target["masks"]))
-            mask_logits = self.predict_mask_logits(features, mask_boxes, image_shapes)
-            size = mask_logits.shape[-1]
-            targets_mm = torch.cat([project_masks_on_boxes(m, b, i, size) for b, i, m in mask_targets], dim=0)
-            losses["loss_mask"] = partial_mask_loss(mask_logits, torch.cat(roi_labels), targets_mm,
-                                                    self.mask_supervised)
-        else:
-            mask_logits = self.predict_mask_logits(features, [r["boxes"] for r in result], image_shapes)
-            labels = torch.cat([r["labels"] for r in result])
-            channel = labels if mask_logits.shape[1] > 1 else torch.zeros_like(labels)
-            probs = mask_logits[torch.arange(labels.shape[0], device=labels.device), channel].sigmoid()[:, None]
-            for r, p in zip(result, probs.split([len(r["labels"]) for r in result])):
-                r["masks"] = p  # (n, 1, M, M); pasted into the image by the model's transform
+            if self.mask_loss_on:
+                losses["loss_mask"] = self.mask_loss(features, image_shapes, targets, sampled)
+            return result, losses
+        mask_logits = self.predict_mask_logits(features, [r["boxes"] for r in result], image_shapes)
+        labels = torch.cat([r["labels"] for r in result])
+        channel = labels if mask_logits.shape[1] > 1 else torch.zeros_like(labels)
+        probs = mask_logits[torch.arange(labels.shape[0], device=labels.device), channel].sigmoid()[:, None]
+        for r, p in zip(result, probs.split([len(r["labels"]) for r in result])):
+            r["masks"] = p  # (n, 1, M, M); pasted into the image by the model's transform
         return result, losses

@@ -9,7 +9,8 @@
 #   TINY=1 ... smoke test with a tiny model and a random ViT; NPROC=8 ... trains through torchrun.
 #
 # Every path and setting below and in _common.sh (TINY, NPROC, ROUNDS, SCORE_THRESH, VIT_WEIGHTS,
-# BACKBONE_WEIGHTS, EXTRA, PYTHON) can be set from the environment (VAR=value sh train_coco.sh).
+# BACKBONE_WEIGHTS, EXTRA, OVERWRITE, PYTHON) can be set from the environment (VAR=value sh train_coco.sh).
+# The rounds run in Python: detectron2_train/train_net.py --rounds (see docs/mask_rcnn.md).
 set -eu
 
 IMAGE_DIR=${1:-${IMAGE_DIR:-datasets/coco/train2014}}
@@ -28,16 +29,6 @@ if [ ! -f "$OUTPUT/pseudo_masks.json" ]; then
         --file_list "$FILE_LIST" --weights "$VIT_WEIGHTS" --pred_json_path "$OUTPUT/pseudo_masks.json" \
         --resume $GEN_EXTRA
 fi
-GT="$OUTPUT/coco20k_gt_class_agnostic.json"
-
 # 2. Train, predict COCO20k, evaluate; later rounds self-train on the previous predictions.
-round=1
-while [ "$round" -le "$ROUNDS" ]; do
-    PSEUDO_FROM=""
-    if [ "$round" -gt 1 ]; then
-        PSEUDO_FROM="$OUTPUT/round$((round - 1))/inference/results.json"
-    fi
-    train_round "$OUTPUT/round$round" "$GT" "$OUTPUT/round$round/eval_coco20k.json" "$PSEUDO_FROM"
-    round=$((round + 1))
-done
-echo "done: results and evaluation in $OUTPUT/round*/"
+self_train "$OUTPUT/coco20k_gt_class_agnostic.json"
+echo "done: models, predictions (train_results.json) and evaluation (eval.json) in $OUTPUT/round*/"

@@ -8,6 +8,9 @@ Examples (from the repository root):
       --test_json images.json --test_root DIR --results results.json
   python detectron2_train/train_net.py --config ... --pseudo_from results.json --score_thresh 0.7 \
       --train_json images.json --train_root DIR --output_dir output/round2
+  python detectron2_train/train_net.py --config ... --rounds 3 --score_thresh 0.7 0.8 \
+      --train_json pseudo_masks.json --train_root DIR --test_json gt.json --test_root DIR --output_dir output/st
+      (self-training: OUTPUT_DIR/round1, round2, round3; a rerun skips finished rounds)
 """
 import sys
 from pathlib import Path
@@ -17,25 +20,40 @@ if __package__ in (None, ""):  # run as a script from the repo root
 
 import argparse
 
-from detectron2_train.engine import DEFAULTS, run
+from detectron2_train.engine import SCHEMA, run
+from detectron2_train.modeling import MASK_HEADS, STAGES
+from detectron2_train.self_training import RoundSettings, self_training_rounds
+from utils.cli import add_device_arg, add_num_workers_arg, check_outputs, float_range, int_range
 from utils.config import add_config_args, load_run_config
 from utils.distributed import distributed_session
-from utils.errors import run_cli
+from utils.errors import UserError, run_cli
+from utils.rounds import per_round
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(p, config_help="YAML config (configs/detectron2/*.yaml); `_base_` chains are followed",
                     set_example="solver.base_lr=0.01 input.min_size_train=[512]",
-                    output_dir_help="where checkpoints, metrics.jsonl and config.yaml go (config: output_dir)")
+                    output_dir_help="where checkpoints, metrics.jsonl and config.yaml go (config: output_dir)",
+                    must_set={"data.train_json": "COCO dataset to train on (or --train_json)",
+                              "data.train_root": "its image root (or --train_root)",
+                              "data.test_json": "with --eval_only: the images to predict (or --test_json)",
+                              "data.test_root": "with --eval_only: their image root (or --test_root)"},
+                    example="python detectron2_train/train_net.py --config configs/detectron2/tiny_test.yaml "
+                            "--train_json ../shared/data/tiny_coco/annotations/instances_train2017.json "
+                            "--train_root ../shared/data/tiny_coco/train2017 --output_dir output/tiny --device cpu")
     p.add_argument("--train_json", help="COCO dataset to train on: pseudo-labels or ground truth (data.train_json)")
     p.add_argument("--train_root", help="image root of --train_json's file_name entries (data.train_root)")
     p.add_argument("--test_json", help="COCO dataset to predict after training / with --eval_only (its 'images' "
                                        "suffice); evaluated with pycocotools when it has annotations (data.test_json)")
     p.add_argument("--test_root", help="image root of --test_json (data.test_root)")
     p.add_argument("--class_agnostic", action="store_true", help="train one 'object' class (data.class_agnostic)")
-    p.add_argument("--mask_head", choices=["standard", "agnostic", "transfer"],
-                   help="class-specific (fully supervised), class-agnostic, or MaskX R-CNN weight transfer (model.mask_head)")
+    p.add_argument("--mask_head", choices=MASK_HEADS,
+                   help="class-specific (fully supervised), class-agnostic, class-agnostic + fused MLP, or MaskX "
+                        "R-CNN weight transfer (model.mask_head)")
+    p.add_argument("--stage", choices=STAGES,
+                   help="e2e: train everything (default); box: Faster R-CNN only (no mask loss); mask: load --weights "
+                        "from the box stage, freeze backbone, RPN and box head, train the mask branch (model.stage)")
     p.add_argument("--mask_classes", metavar="A.txt",
                    help="class list of set A (one name or id per line): only these classes get a mask loss; "
                         "the others train boxes only (data.mask_classes)")
@@ -43,50 +61,92 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="let the mask loss reach the box head through the transfer function "
                         "(ablation; default is stop-gradient) (model.transfer.grad)")
     p.add_argument("--resume", action="store_true",
-                   help="continue from the last checkpoint in --output_dir (model_final.pth or model_XXXXXXX.pth)")
-    p.add_argument("--overwrite", action="store_true", help="start again in an --output_dir that holds checkpoints")
+                   help="continue from the last checkpoint in --output_dir (model_final.pth or model_XXXXXXX.pth), "
+                        "exactly; refused when it was made with other settings, weights or data "
+                        "(solver.max_iter may grow)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start again in an --output_dir that holds checkpoints (they and metrics.jsonl are deleted); "
+                        "replace an existing --results file (with --eval_only: also the default one)")
     p.add_argument("--eval_only", action="store_true", help="no training: predict --test_json with --weights")
     p.add_argument("--weights", help="Mask R-CNN checkpoint: the model for --eval_only, or the initial weights "
                                      "for training (backbone weights are model.backbone_weights)")
-    p.add_argument("--results", help="COCO results JSON to write (default OUTPUT_DIR/inference/results.json)")
+    p.add_argument("--results", help="COCO results JSON to write (default OUTPUT_DIR/inference/results.json); "
+                                     "an existing file is kept unless --overwrite")
     p.add_argument("--no_eval", action="store_true", help="write results but skip the pycocotools evaluation")
     p.add_argument("--pseudo_from", metavar="RESULTS.json",
                    help="self-training: make pseudo-labels for --train_json's images from these predictions, "
                         "write OUTPUT_DIR/pseudo_labels.json and train on it")
-    p.add_argument("--score_thresh", type=float, default=0.7,
-                   help="with --pseudo_from: keep predictions scoring above this, or each image's best one "
-                        "when none does (default 0.7)")
+    p.add_argument("--score_thresh", type=float_range(0, 1), nargs="+", default=[0.7], metavar="T",
+                   help="with --pseudo_from: keep predictions scoring at least T, or each image's best one when "
+                        "none does (default 0.7); with --rounds: one T per round from round 2 on (the last "
+                        "one repeats), e.g. --score_thresh 0.7 0.8")
     p.add_argument("--pseudo_only", action="store_true", help="with --pseudo_from: write the pseudo-labels and stop")
-    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda")
-    p.add_argument("--num_workers", type=int, help="data loading processes per training process (data.num_workers)")
+    p.add_argument("--rounds", type=int_range(1), default=None, metavar="N",
+                   help="self-training in N rounds under OUTPUT_DIR/round1..roundN: round 1 trains on --train_json, "
+                        "round n on round n-1's predictions on those images (--score_thresh); each round writes "
+                        "model_final.pth, train_results.json and, with --test_json, its predictions and eval.json. "
+                        "A rerun skips finished rounds and resumes the unfinished one; a round recorded with "
+                        "other settings is refused unless --overwrite")
+    p.add_argument("--round_set", nargs="+", action="extend", default=[], metavar="N:KEY=VALUE",
+                   help="with --rounds: config overrides of round N only, e.g. --round_set 2:solver.max_iter=2000")
+    p.add_argument("--init_from_previous", action="store_true",
+                   help="with --rounds: start each round n > 1 from round n-1's weights (default: from the "
+                        "backbone weights, as in round 1)")
+    add_device_arg(p)
+    add_num_workers_arg(p, None, help="data loading processes per training process, 0 = in the main process "
+                                      "(data.num_workers)")
     return p.parse_args(argv)
 
 
 def config_from_args(args: argparse.Namespace) -> dict:
-    """Defaults < YAML file < --set overrides < --output_dir and the explicit flags above."""
-    cfg = load_run_config(args, DEFAULTS)
-    flags = {("data", "train_json"): args.train_json,
-             ("data", "train_root"): args.train_root, ("data", "test_json"): args.test_json,
-             ("data", "test_root"): args.test_root, ("data", "mask_classes"): args.mask_classes,
-             ("data", "num_workers"): args.num_workers, ("model", "mask_head"): args.mask_head,
-             ("data", "class_agnostic"): True if args.class_agnostic else None,
-             ("model", "transfer", "grad"): True if args.transfer_grad else None}
-    for keys, value in flags.items():
-        if value is not None:
-            node = cfg
-            for key in keys[:-1]:
-                node = node[key]
-            node[keys[-1]] = value
-    return cfg
+    """Defaults < YAML file < --set overrides < --output_dir and the explicit flags above (each checked)."""
+    return load_run_config(args, SCHEMA, flags={
+        "data.train_json": args.train_json, "data.train_root": args.train_root, "data.test_json": args.test_json,
+        "data.test_root": args.test_root, "data.mask_classes": args.mask_classes, "data.num_workers": args.num_workers,
+        "model.mask_head": args.mask_head, "model.stage": args.stage, "data.class_agnostic": True if args.class_agnostic else None,
+        "model.transfer.grad": True if args.transfer_grad else None})
 
 
-def main() -> None:
-    args = parse_args()
+def round_settings(args: argparse.Namespace) -> list:
+    """One RoundSettings per round from --rounds, --score_thresh, --round_set and --init_from_previous."""
+    for flag in ("eval_only", "pseudo_from", "pseudo_only", "results"):
+        if getattr(args, flag):
+            raise UserError(f"--{flag} does not go with --rounds")
+    overrides: dict[int, list[str]] = {}
+    for item in args.round_set:
+        number, _, override = item.partition(":")
+        if not number.isdigit() or not 1 <= int(number) <= args.rounds or "=" not in override:
+            raise UserError(f"--round_set {item!r} must look like N:KEY=VALUE with N in 1..{args.rounds}")
+        overrides.setdefault(int(number), []).append(override)
+    return [RoundSettings(score_thresh=per_round(args.score_thresh, max(n - 2, 0)),
+                          overrides=tuple(overrides.get(n, [])), init_from_previous=args.init_from_previous)
+            for n in range(1, args.rounds + 1)]
+
+
+def check_run_outputs(args: argparse.Namespace, cfg: dict) -> None:
+    """Before any work: the output folder can be written, and a results file is not replaced unless --overwrite
+    (an explicit --results; with --eval_only also the default one, which then belongs to no training run)."""
+    results = args.results or (str(Path(cfg["output_dir"]) / "inference" / "results.json") if args.eval_only else None)
+    check_outputs(results, overwrite=args.overwrite)
+    if not args.eval_only:
+        check_outputs(folders=[cfg["output_dir"]])
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     cfg = config_from_args(args)
+    rounds = round_settings(args) if args.rounds is not None else None
+    if rounds is None and len(args.score_thresh) > 1:
+        raise UserError("several --score_thresh values need --rounds")
+    check_run_outputs(args, cfg)
     with distributed_session(args.device) as info:
-        run(cfg, info, resume=args.resume, overwrite=args.overwrite, eval_only=args.eval_only,
-            weights=args.weights, pseudo_from=args.pseudo_from, score_thresh=args.score_thresh,
-            pseudo_only=args.pseudo_only, results_path=args.results, evaluate=not args.no_eval)
+        if rounds is not None:
+            self_training_rounds(cfg, info, rounds, init_weights=args.weights, evaluate=not args.no_eval,
+                                 overwrite=args.overwrite)
+        else:
+            run(cfg, info, resume=args.resume, overwrite=args.overwrite, eval_only=args.eval_only,
+                weights=args.weights, pseudo_from=args.pseudo_from, score_thresh=args.score_thresh[0],
+                pseudo_only=args.pseudo_only, results_path=args.results, evaluate=not args.no_eval)
 
 
 if __name__ == "__main__":

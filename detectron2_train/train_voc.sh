@@ -7,7 +7,8 @@
 #   NPROC=8 sh detectron2_train/train_voc.sh /data/VOCdevkit output/voc   (8 GPUs through torchrun)
 #
 # Every path and setting below and in _common.sh (TINY, NPROC, ROUNDS, SCORE_THRESH, VIT_WEIGHTS,
-# BACKBONE_WEIGHTS, EXTRA, PYTHON) can be set from the environment (VAR=value sh train_voc.sh).
+# BACKBONE_WEIGHTS, EXTRA, OVERWRITE, PYTHON) can be set from the environment (VAR=value sh train_voc.sh).
+# The rounds run in Python: detectron2_train/train_net.py --rounds (see docs/mask_rcnn.md).
 set -eu
 
 VOC_ROOT=${1:-${VOC_ROOT:-datasets/VOCdevkit}}     # folder holding VOC2012/
@@ -29,22 +30,7 @@ if [ ! -f "$OUTPUT/voc12_val_instances.json" ]; then
         --out_file "$OUTPUT/voc12_val_instances.json"
 fi
 
-# 3. Train on the pseudo-masks, predict and evaluate val; later rounds train on the previous
-#    round's confident predictions on trainval (self-training).
-round=1
-while [ "$round" -le "$ROUNDS" ]; do
-    RUN="$OUTPUT/round$round"
-    PSEUDO_FROM=""
-    if [ "$round" -gt 1 ]; then
-        PSEUDO_FROM="$OUTPUT/round$((round - 1))/trainval_results.json"
-    fi
-    train_round "$RUN" "$OUTPUT/voc12_val_instances.json" "$RUN/eval_val.json" "$PSEUDO_FROM"
-    if [ "$round" -lt "$ROUNDS" ]; then
-        # predictions on trainval seed the next round
-        $TRAIN --config "$CONFIG" --output_dir "$RUN" --eval_only --weights "$RUN/model_final.pth" --class_agnostic \
-            --test_json "$OUTPUT/pseudo_masks.json" --test_root "$IMAGES" --results "$RUN/trainval_results.json" \
-            --no_eval ${EXTRA:+--set $EXTRA}
-    fi
-    round=$((round + 1))
-done
-echo "done: results and evaluation in $OUTPUT/round*/"
+# 3. Train on the pseudo-masks, predict trainval and val, evaluate val; later rounds train on the
+#    previous round's confident predictions on trainval (self-training).
+self_train "$OUTPUT/voc12_val_instances.json"
+echo "done: models, predictions (train_results.json: trainval) and evaluation (eval.json: val) in $OUTPUT/round*/"

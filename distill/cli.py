@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from utils.argtypes import int_range
+from utils.cli import int_range
 
 SETTING_GROUPS = ("images", "backbone", "method", "encoding")
 

@@ -13,10 +13,9 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 from torch.utils.data import Dataset
 
-from distill.vit import IMAGENET_MEAN, IMAGENET_STD
-from utils.coco_io import load_coco_dataset
+from utils.coco_io import OBJECT_CATEGORY, load_coco_dataset
 from utils.errors import UserError
-from utils.images import ImageReadError, list_images, load_rgb
+from utils.images import IMAGENET_MEAN, IMAGENET_STD, ImageReadError, list_images, load_rgb
 from utils.voc import voc_image_id  # the image-id convention of convert_voc.py
 
 
@@ -72,8 +71,8 @@ def class_agnostic(dataset: dict) -> dict:
     """The same dataset with every annotation in one `object` category."""
     return {
         **dataset,
-        "annotations": [{**a, "category_id": 1} for a in dataset["annotations"]],
-        "categories": [{"id": 1, "name": "object", "supercategory": "object"}],
+        "annotations": [{**a, "category_id": OBJECT_CATEGORY["id"]} for a in dataset["annotations"]],
+        "categories": [dict(OBJECT_CATEGORY)],
     }
 
 

@@ -10,7 +10,6 @@ appended to the part file in batch order, so an interrupted run resumes from the
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import multiprocessing
 import os
@@ -32,11 +31,14 @@ from distill.generate import PartWriter, RunStats, merge, run
 from distill.methods import METHODS, backbone_features, method_params, propose, resolve_method_args
 from distill.patches import PatchMask
 from distill.visualize import overlay_name, save_overlay
-from distill.vit import build_vit
+from distill.features import feature_setting
+from distill.vit import build_vit, resolve_patch_size
 from utils.coco_io import make_annotation
 from utils.distributed import resolve_device
 from utils.errors import UserError
 from utils.images import load_rgb
+from utils.precision import autocast as precision_autocast
+from utils.precision import precision_name, resolve_precision
 
 MAX_PENDING_BATCHES = 2  # batches whose post-processing may lag behind the network
 
@@ -168,7 +170,7 @@ class ViTMaskSource:
         workers = worker_count(args.num_workers)
         loader = DataLoader(self.dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate,
                             pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None)
-        autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.half else contextlib.nullcontext()
+        autocast = precision_autocast(resolve_precision(args.precision, device), device)
         sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         vis_dir = Path(args.vis_dir) if args.vis_dir else None
         post_workers = post_worker_count(args.post_workers)
@@ -195,7 +197,7 @@ class ViTMaskSource:
                     t0 = time.perf_counter()
                     images = batch["images"].to(device, non_blocking=True)
                     with torch.inference_mode(), autocast:
-                        features = backbone_features(self.model, images)
+                        features = backbone_features(self.model, images, args.features)
                     sync()
                     t1 = time.perf_counter()
                     with torch.inference_mode():
@@ -227,5 +229,9 @@ def generate_masks(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
         return None
     if not args.dataset or not args.dataset_root:
         raise UserError("--dataset and --dataset_root are required (or --merge)")
+    # Resolved before they are recorded: a resume on other hardware must not silently change precision.
+    args.patch_size = resolve_patch_size(args.arch, args.patch_size)
+    args.features = feature_setting(args.arch, args.features)
+    args.precision = precision_name(resolve_precision(args.precision, resolve_device(args.device)))
     resolve_method_args(args)
     return run(args, settings_from(parser, args), ViTMaskSource)

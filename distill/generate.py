@@ -32,12 +32,12 @@ from tqdm import tqdm
 
 from distill.data import ImageEntry, class_agnostic, coco20k_entries, folder_entries, voc_entries
 from distill.visualize import write_gallery
-from utils.coco_io import atomic_path, check_can_write, write_json
+from utils.coco_io import OBJECT_CATEGORY, atomic_path, check_can_write, write_json
 from utils.config import save_config
 from utils.errors import UserError
 from utils.images import ImageReadError, read_size
 
-CATEGORIES = [{"id": 1, "name": "object", "supercategory": "object"}]
+CATEGORIES = [OBJECT_CATEGORY]
 
 
 @dataclass

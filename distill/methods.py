@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from distill.data import Geometry
+from distill.features import discovery_features
 from distill.lost import lost
 from distill.maskcut import maskcut, refine_masks
 from distill.maskgen import propose_masks
@@ -48,7 +49,7 @@ class Method:
 
 def _maskdistill(features: PatchFeatures, params: dict) -> list[list[PatchMask]]:
     return [[m] for m in propose_masks(features.query, features.key, *features.grid, heads=params["heads"],
-                                       topk=params["topk"])]
+                                       topk=params["topk"], graph_key=features.graph_key)]
 
 
 def _lost(features: PatchFeatures, params: dict) -> list[list[PatchMask]]:
@@ -116,12 +117,14 @@ def propose(method: Method, features: PatchFeatures, params: dict) -> list[list[
         return method.propose(features, params)
     return [masks for start in range(0, batch, chunk)
             for masks in method.propose(PatchFeatures(features.query[start:start + chunk],
-                                                      features.key[start:start + chunk], features.grid), params)]
+                                                      features.key[start:start + chunk], features.grid,
+                                                      features.graph_key[start:start + chunk]), params)]
 
 
-def backbone_features(model: torch.nn.Module, images: torch.Tensor) -> PatchFeatures:
-    """Backbone output -> the methods' input: the one place where a backbone's features are taken
-    (and where a per-backbone transform of them belongs)."""
-    qk = model.last_qk(images)
+def backbone_features(model: torch.nn.Module, images: torch.Tensor, setting: str) -> PatchFeatures:
+    """Backbone output -> the methods' input: the one place where a backbone's features are taken, with
+    the per-backbone transform of `--features` (`distill.features`: DINOv2's keys are centred)."""
+    features = discovery_features(model.last_qk(images), setting)
     patch_size = model.patch_size
-    return PatchFeatures(query=qk.query, key=qk.key, grid=(images.shape[2] // patch_size, images.shape[3] // patch_size))
+    grid = (images.shape[2] // patch_size, images.shape[3] // patch_size)
+    return PatchFeatures(query=features.query, key=features.key, grid=grid, graph_key=features.graph_key)

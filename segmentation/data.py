@@ -1,4 +1,4 @@
-"""Image list + label PNG datasets, train/eval transforms and a resumable, sharded batch sampler.
+"""Image list + label PNG datasets and train/eval transforms (training batches come from utils/samplers.py).
 
 An image list names one image per line: its path relative to the image folder, with or without an
 extension (VOC `train_aug.txt` style stems work, and so do SBD-style "image label" pairs: the first
@@ -8,30 +8,26 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import cv2
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset
 
+from utils.coco_io import read_text_lines
 from utils.errors import UserError
-from utils.images import IMAGE_EXTENSIONS, ImageReadError, load_rgb, read_size
+from utils.images import IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, ImageReadError, load_rgb, read_size
 from utils.label_png import IGNORE_INDEX, check_label_values, read_label_png
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def read_image_list(path: str | os.PathLike) -> list[str]:
     """Entries of an image list (blank lines and `#` comments skipped), extensions removed."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"image list not found: {path}")
     names = []
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if not line or line.startswith("#"):
+    for line in read_text_lines(path, "image list"):  # names that are not UTF-8 too (gen_segmentation writes them)
+        if line.startswith("#"):
             continue
         fields = line.split()
         if len(fields) > 1:  # SBD/DeepLab style "/JPEGImages/x.jpg /SegmentationClassAug/x.png"
@@ -100,11 +96,6 @@ class SegmentationDataset(Dataset):
         self.num_classes = num_classes
         self.transform = transform
         self.seed = seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        """Augmentations depend on (seed, epoch, index) only, so a resumed run sees the same crops."""
-        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.names)
@@ -126,9 +117,12 @@ class SegmentationDataset(Dataset):
         check_label_values(label, self.num_classes, label_path)
         return image, label
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, item: int | tuple[int, int]) -> dict:
+        """Item `index`, or `(index, position)` from utils.samplers: the augmentation is drawn from
+        (seed, position) alone, so a resumed run sees the same crops."""
+        index, position = item if isinstance(item, tuple) else (item, item)
         image, label = self.load(index)
-        rng = np.random.default_rng([self.seed, self.epoch, index])
+        rng = np.random.default_rng([self.seed, position])
         image_t, label_t = self.transform(image, label, rng)
         item = {"image": image_t, "index": index}
         if label_t is not None:
@@ -183,33 +177,3 @@ class EvalTransform:
                  rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
         label_t = torch.from_numpy(label.astype(np.int64)) if label is not None else None
         return normalise(image), label_t
-
-
-class ShardedBatchSampler(Sampler):
-    """Epoch-seeded shuffled batches for one rank of `world_size`; can start mid-epoch for an exact resume.
-
-    Each epoch has `iters_per_epoch` steps; a set smaller than one global batch is repeated to fill it.
-    """
-
-    def __init__(self, size: int, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0):
-        if size <= 0:
-            raise UserError("the training set is empty")
-        self.size, self.batch_size = size, batch_size
-        self.rank, self.world_size, self.seed = rank, world_size, seed
-        self.iters_per_epoch = max(1, size // (batch_size * world_size))
-        self.epoch, self.start = 0, 0
-
-    def set_epoch(self, epoch: int, start: int = 0) -> None:
-        self.epoch, self.start = epoch, start
-
-    def __iter__(self) -> Iterator[list[int]]:
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        needed = self.iters_per_epoch * self.batch_size * self.world_size
-        order = torch.cat([torch.randperm(self.size, generator=generator)
-                           for _ in range(-(-needed // self.size))])[:needed].tolist()
-        mine = order[self.rank::self.world_size]
-        for step in range(self.start, self.iters_per_epoch):
-            yield mine[step * self.batch_size:(step + 1) * self.batch_size]
-
-    def __len__(self) -> int:
-        return self.iters_per_epoch - self.start

@@ -12,8 +12,10 @@ if __package__ in (None, ""):  # run as a script from the repo root
 
 import argparse
 
-from segmentation.engine import DEFAULTS, build_val_dataset, class_names, format_iou, load_trained_model
+from segmentation.engine import VAL_KEYS, build_val_dataset, class_names, format_iou, load_trained_model
 from segmentation.kmeans_eval import evaluate_clusters
+from segmentation.probe import PROBE_SCHEMA
+from utils.cli import add_device_arg, check_outputs, int_range
 from utils.coco_io import write_json
 from utils.config import add_config_args, load_run_config
 from utils.distributed import resolve_device
@@ -24,28 +26,39 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="K-means over frozen pixel embeddings on val, Hungarian matching "
                                                  "to the classes, mIoU and per-class IoU.")
     add_config_args(parser, config_help="YAML config whose data section names the val images and GT",
-                    set_example="data.val_list=...")
+                    set_example="data.val_list=...", must_set=VAL_KEYS,
+                    example="python segmentation/eval_cluster.py --config configs/segmentation/tiny_test.yml "
+                            "--model_path outputs/segmentation/tiny_test/model_final.pth --device cpu "
+                            "--set data.val_image_dir=../shared/data/voc_mini/VOCdevkit/VOC2012/JPEGImages "
+                            "data.val_label_dir=../shared/data/voc_mini/VOCdevkit/VOC2012/SegmentationClass "
+                            "data.val_list=../shared/data/voc_mini/VOCdevkit/VOC2012/ImageSets/Segmentation/val.txt")
     parser.add_argument("--model_path", required=True, help="trained DeepLab-v3 checkpoint (model_final.pth)")
-    parser.add_argument("--num_clusters", type=int, default=None,
+    parser.add_argument("--num_clusters", type=int_range(1), default=None,
                         help="K for K-means; must equal data.num_classes for one-to-one matching (default)")
-    parser.add_argument("--max_fit_pixels", type=int, default=200_000,
+    parser.add_argument("--max_fit_pixels", type=int_range(1), default=200_000,
                         help="embedding pixels sampled over the split to fit K-means (default 200000)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the pixel sample and K-means (default 0)")
+    parser.add_argument("--seed", type=int_range(0), default=0, help="seed of the pixel sample and K-means (default 0)")
     parser.add_argument("--output", default=None, help="write the result (IoU table, mapping) to this JSON file")
-    parser.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
+    parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
+    add_device_arg(parser)
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    config = load_run_config(args, DEFAULTS)
+    check_outputs(args.output, overwrite=args.overwrite)
+    config = load_run_config(args, PROBE_SCHEMA)  # any segmentation config: a training or a linear-probe one
+    num_classes = int(config["data"]["num_classes"])
+    if args.num_clusters is not None and args.num_clusters != num_classes:
+        raise UserError(f"--num_clusters {args.num_clusters}: Hungarian matching needs as many clusters as classes "
+                        f"(data.num_classes = {num_classes})")
     dataset = build_val_dataset(config)
     if dataset is None:
         raise UserError("config key data.val_list is not set: nothing to cluster")
     device = resolve_device(args.device)
     model = load_trained_model(config, args.model_path, device)
     try:
-        result = evaluate_clusters(model, dataset, int(config["data"]["num_classes"]), class_names(config), device,
+        result = evaluate_clusters(model, dataset, num_classes, class_names(config), device,
                                    args.num_clusters, args.max_fit_pixels, args.seed,
                                    int(config["data"]["num_workers"]))
     except ValueError as exc:

@@ -13,6 +13,7 @@ if __package__ in (None, ""):  # run as a script from the repo root
 import argparse
 
 from segmentation.painting import generate_segmentation
+from utils.cli import check_outputs, float_range
 from utils.errors import run_cli
 
 
@@ -29,8 +30,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--list", default=None,
                         help="image list to write, one entry per line (file name without extension); "
                              "default OUT_DIR/train.txt")
-    parser.add_argument("--threshold", type=float, default=0.5,
-                        help="keep predictions with score >= this; when none passes, the single best "
+    parser.add_argument("--threshold", type=float_range(0.0, 1.0), default=0.5,
+                        help="keep predictions with score >= this, in [0, 1]; when none passes, the single best "
                              "prediction of the image is kept (default 0.5)")
     parser.add_argument("--ignore_uncertain", action="store_true",
                         help="mark pixels covered only by predictions below the threshold as 255 (ignore)")
@@ -44,6 +45,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    check_outputs(args.list, folders=[args.out_dir])
     stats = generate_segmentation(args.results, args.dataset, args.out_dir, args.list, args.threshold,
                                   args.ignore_uncertain, args.class_ids, args.overwrite)
     print(f"{stats['images']} images: {stats['written']} written, {stats['skipped']} kept from before, "

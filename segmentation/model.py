@@ -15,7 +15,7 @@ from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.models.segmentation.deeplabv3 import ASPP, DeepLabHead
 
 from utils.errors import UserError
-from utils.resnet_weights import load_resnet_state_dict
+from utils.resnets import TinyResNet, load_resnet_weights
 
 BACKBONES = ("resnet50", "resnet101", "resnet18", "tiny")
 
@@ -59,7 +59,7 @@ def _resnet_body(name: str, output_stride: int) -> tuple[nn.Module, int]:
     if name == "resnet18":
         net = resnet.resnet18(weights=None)
     elif name == "tiny":
-        net = resnet.ResNet(resnet.BasicBlock, [1, 1, 1, 1])
+        net = TinyResNet()
     else:
         raise UserError(f"unknown backbone {name!r}; choose from {', '.join(BACKBONES)}")
     for layer, drop in zip((net.layer3, net.layer4), dilate[1:]):
@@ -67,7 +67,7 @@ def _resnet_body(name: str, output_stride: int) -> tuple[nn.Module, int]:
             layer[0].conv1.stride = (1, 1)
             if layer[0].downsample is not None:
                 layer[0].downsample[0].stride = (1, 1)
-    return net, 512
+    return net, net.layer4[-1].conv2.out_channels
 
 
 def _head(in_channels: int, num_classes: int, channels: int, atrous_rates: list[int]) -> nn.Sequential:
@@ -83,42 +83,12 @@ def _head(in_channels: int, num_classes: int, channels: int, atrous_rates: list[
     )
 
 
-def load_backbone_weights(body: nn.Module, weights: str | None, name: str) -> None:
-    """`none`, `imagenet` (torchvision's official URL) or a path to an ImageNet/DINO/MoCo checkpoint."""
-    if weights in (None, "", "none"):
-        return
-    if weights == "imagenet":
-        enums = {"resnet50": resnet.ResNet50_Weights, "resnet101": resnet.ResNet101_Weights,
-                 "resnet18": resnet.ResNet18_Weights}
-        if name not in enums:
-            raise UserError(f"no ImageNet weights for backbone {name!r}")
-        try:
-            state = enums[name].IMAGENET1K_V1.get_state_dict(progress=False)
-        except Exception as exc:  # no network, proxy errors, ...
-            raise UserError(f"cannot download ImageNet weights for {name} ({exc}); pass a local file path") from None
-        state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-        source = "torchvision ImageNet weights"
-    else:
-        state = load_resnet_state_dict(weights)
-        source = str(weights)
-    expected = {k for k in body.state_dict() if not k.startswith("fc.")}
-    missing = sorted(expected - set(state))
-    if missing:
-        raise UserError(f"backbone weights {source} do not fit a {name}: missing {missing[0]} "
-                        f"and {len(missing) - 1} more")
-    try:
-        body.load_state_dict(state, strict=False)
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[-1].strip()
-        raise UserError(f"backbone weights {source} do not fit a {name}: {first}") from None
-
-
 def build_deeplab(num_classes: int = 21, backbone: str = "resnet50", output_stride: int = 8,
                   weights: str | None = "none", head_channels: int = 256,
                   atrous_rates: list[int] | None = None) -> DeepLabV3:
     """DeepLab-v3 with a ResNet backbone; `weights` initialises the backbone only."""
     body, channels = _resnet_body(backbone, output_stride)
-    load_backbone_weights(body, weights, backbone)
+    load_resnet_weights(body, backbone, weights)
     rates = list(atrous_rates) if atrous_rates else ([12, 24, 36] if output_stride == 8 else [6, 12, 18])
     return DeepLabV3(IntermediateLayerGetter(body, {"layer4": "out"}),
                      _head(channels, num_classes, head_channels, rates), output_stride)

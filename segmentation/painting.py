@@ -8,25 +8,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from utils.coco_io import (annotations_by_image, check_image_ids, decode_segmentation, image_index,
-                           load_coco_dataset, load_predictions, write_json, write_text)
+from utils.coco_io import (annotations_by_image, check_image_ids, confident_else_best, decode_segmentation,
+                           image_index, load_coco_dataset, load_predictions, write_json, write_text)
 from utils.errors import UserError
 from utils.label_png import IGNORE_INDEX, write_label_png
-
-
-def select_predictions(preds: list[dict], threshold: float) -> tuple[list[dict], list[dict]]:
-    """Split predictions into (confident, uncertain).
-
-    Confident ones have score >= threshold. When none passes, the single best prediction is kept as
-    confident (as in MaskDistill), so that every image with predictions gets a foreground label.
-    """
-    confident = [p for p in preds if p["score"] >= threshold]
-    if not confident and preds:
-        best = max(preds, key=lambda p: p["score"])
-        confident = [best]
-    chosen = {id(p) for p in confident}
-    uncertain = [p for p in preds if id(p) not in chosen]
-    return confident, uncertain
 
 
 def paint_semantic(preds: list[dict], height: int, width: int, threshold: float = 0.0,
@@ -38,7 +23,7 @@ def paint_semantic(preds: list[dict], height: int, width: int, threshold: float 
     `class_of` maps category ids to label values (identity when None).
     """
     label = np.zeros((height, width), dtype=np.uint8)
-    confident, uncertain = select_predictions(preds, threshold)
+    confident, uncertain = confident_else_best(preds, threshold)
     if ignore_uncertain:
         for pred in uncertain:
             label[_mask(pred, height, width) > 0] = IGNORE_INDEX
@@ -57,18 +42,6 @@ def _mask(pred: dict, height: int, width: int) -> np.ndarray:
         mask[max(int(round(y)), 0):int(round(y + h)), max(int(round(x)), 0):int(round(x + w))] = 1
         return mask
     return decode_segmentation(segm, height, width)
-
-
-def check_mask_sizes(preds: list[dict], images: dict[int, dict], source: str) -> None:
-    """Every RLE mask must have its image's size; checked before any PNG is written."""
-    for i, pred in enumerate(preds):
-        segm = pred.get("segmentation")
-        if not isinstance(segm, dict):
-            continue
-        info = images[pred["image_id"]]
-        if list(segm["size"]) != [int(info["height"]), int(info["width"])]:
-            raise UserError(f"{source}: annotation #{i} (image_id {pred['image_id']}) has a mask of size "
-                            f"{list(segm['size'])} (h, w) but the image is {info['height']}x{info['width']} (h x w)")
 
 
 def category_values(category_ids: list[int], mode: str) -> dict[int, int] | None:
@@ -105,6 +78,9 @@ def check_settings(path: Path, settings: dict, overwrite: bool) -> None:
     changed = [k for k in settings if k in previous and previous[k] != settings[k]]
     if changed:
         key = changed[0]
+        if key in ("results_size", "results_mtime_ns"):
+            raise UserError(f"{settings['results']} has changed since {path.parent} was painted from it; "
+                            f"pass --overwrite to repaint it, or choose another --out_dir")
         raise UserError(f"{path.parent} was painted with {key}={previous[key]!r}, not {settings[key]!r}; "
                         f"pass --overwrite to repaint it, or choose another --out_dir")
 
@@ -119,7 +95,7 @@ def label_names(images: dict[int, dict], source: str) -> dict[int, str]:
             raise UserError(f"{source}: image {image_id} has file_name {info.get('file_name')!r}; "
                             f"it must be relative to the image root")
         if name in seen:
-            raise UserError(f"{source}: images {seen[name]} and {image_id} would both write {name}.png")
+            raise UserError(f"{source}: images {seen[name]!r} and {image_id!r} would both write {name + '.png'!r}")
         seen[name] = image_id
         names[image_id] = name
     return names
@@ -135,7 +111,7 @@ def generate_segmentation(results_path: str | os.PathLike, dataset_path: str | o
     """
     preds, _ = load_predictions(results_path)
     dataset = load_coco_dataset(dataset_path)
-    check_image_ids(preds, dataset, str(results_path), str(dataset_path))
+    check_image_ids(preds, dataset, str(results_path), str(dataset_path))  # ids, and masks fit their images
     for i, pred in enumerate(preds):
         if "category_id" not in pred:
             raise UserError(f"{results_path}: annotation #{i} has no 'category_id'")
@@ -145,13 +121,15 @@ def generate_segmentation(results_path: str | os.PathLike, dataset_path: str | o
         raise UserError(f"{results_path}: category_id {sorted(unknown)[0]} is not among the categories of {dataset_path}")
     class_of = category_values(category_ids, class_ids)
     images = image_index(dataset)
-    check_mask_sizes(preds, images, str(results_path))
     names = label_names(images, str(dataset_path))  # all checks come before anything is written
 
     out_dir = Path(out_dir)
     list_path = Path(list_path) if list_path is not None else out_dir / "train.txt"
-    settings = {"results": str(Path(results_path).resolve()), "threshold": float(threshold),
-                "ignore_uncertain": bool(ignore_uncertain), "class_ids": class_ids}
+    results_stat = Path(results_path).stat()
+    # The results file's size and time too: a rewritten results.json must not resume on old PNGs.
+    settings = {"results": str(Path(results_path).resolve()), "results_size": results_stat.st_size,
+                "results_mtime_ns": results_stat.st_mtime_ns, "dataset": str(Path(dataset_path).resolve()),
+                "threshold": float(threshold), "ignore_uncertain": bool(ignore_uncertain), "class_ids": class_ids}
     check_settings(out_dir / SETTINGS_FILE, settings, overwrite)
     write_json(out_dir / SETTINGS_FILE, settings, indent=1)  # before painting: an interrupted run is covered too
     by_image = annotations_by_image(preds)
@@ -162,7 +140,7 @@ def generate_segmentation(results_path: str | os.PathLike, dataset_path: str | o
         image_preds = by_image.get(image_id, [])
         if not image_preds:
             stats["empty"] += 1
-        elif not any(p["score"] >= threshold for p in image_preds):
+        elif not any(float(p.get("score", 1.0)) >= threshold for p in image_preds):
             stats["fallback"] += 1
         target = out_dir / f"{name}.png"
         if target.exists() and not overwrite:

@@ -1,13 +1,12 @@
 """The paper's linear-probe evaluation: freeze a trained DeepLab-v3, train only a new 1x1 classifier on GT labels.
 
 The frozen part (backbone, ASPP, 3x3 conv, all BatchNorm statistics) stays in eval mode; only
-`head[4]` learns. Training resumes automatically from the probe's latest checkpoint in the output folder.
+`head[4]` learns. Training resumes automatically from the probe's latest checkpoint in the output folder,
+when that checkpoint was made with the same settings, `pretrained` network and data (else it is refused).
 """
 from __future__ import annotations
 
 import copy
-import json
-import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
@@ -16,32 +15,36 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
-from tqdm import tqdm
 
 from segmentation.crf import CRFParams, default_workers, dense_crf, run_pool
-from segmentation.data import SegmentationDataset, ShardedBatchSampler
-from segmentation.engine import (DEFAULTS, build_train_dataset, build_val_dataset, class_names, evaluate,
-                                 format_iou, iou_result, load_trained_model, poly_schedule, predict_logits,
-                                 prune_checkpoints, segmentation_loss, truncate_metrics, worker_batches)
-from utils.checkpoint import latest_checkpoint, load_checkpoint, read_torch_file, save_checkpoint
-from utils.coco_io import write_json
-from utils.config import load_config, load_yaml, save_config
+from segmentation.data import SegmentationDataset
+from segmentation.engine import (DEFAULTS, PROBE_KIND, RESUME_HARMLESS_KEYS, SCHEMA, build_train_dataset,
+                                 build_val_dataset, class_names, evaluate, format_iou, iou_result, load_trained_model,
+                                 poly_schedule, predict_logits, segmentation_loss)
+from utils.coco_io import check_can_write, write_json
+from utils.config import ConfigSchema, load_config
 from utils.distributed import DistInfo
 from utils.errors import UserError
+from utils.fingerprint import fingerprint
 from utils.images import ImageReadError, load_rgb
 from utils.label_png import IGNORE_INDEX
 from utils.metrics import confusion_matrix
+from utils.progress import Progress
+from utils.samplers import resumable_loader, worker_batches
+from utils.training import LoopSettings, TrainingRun, seed_all
 
-PROBE_MARK = "linear_probe"  # in the `extra` of probe checkpoints, to tell them from DeepLab-v3 ones
+PROBE_FINAL = "probe_final.pth"
 PROBE_DEFAULTS = copy.deepcopy(DEFAULTS)
 PROBE_DEFAULTS["pretrained"] = None  # the trained DeepLab-v3 checkpoint to probe
 PROBE_DEFAULTS["solver"].update(base_lr=0.1, max_iter=20000, checkpoint_period=1000, eval_period=0)
+PROBE_SCHEMA = SCHEMA.extend(PROBE_DEFAULTS, types={"pretrained": str})
+ENV_SCHEMA = ConfigSchema({"root_dir": "outputs/"})  # --config_env: where the probes' folders go
 
 
 def load_probe_config(config_env: str | None, config_exp: str, overrides: list[str] | None = None) -> dict:
     """`--config_env` gives `root_dir`; the output folder is root_dir/<config_exp name>, as in MaskDistill."""
-    config = load_config(config_exp, overrides, defaults=PROBE_DEFAULTS)
-    root = load_yaml(config_env).get("root_dir", "outputs/") if config_env else None
+    config = load_config(config_exp, overrides, defaults=PROBE_SCHEMA)
+    root = load_config(config_env, defaults=ENV_SCHEMA)["root_dir"] if config_env else None
     if root is not None:
         config["output_dir"] = str(Path(root) / Path(config_exp).stem)
     return config
@@ -71,18 +74,13 @@ def crf_postprocessor(dataset: SegmentationDataset) -> Callable[[int, np.ndarray
 
 
 def check_probe_output_dir(config: dict) -> None:
-    """The probe resumes from model_*.pth in its folder: refuse a folder holding another run's checkpoints."""
+    """Refuse to train the probe in the folder of the network it probes (other runs' checkpoints are refused
+    on resume, by their fingerprint)."""
     output_dir = Path(config["output_dir"])
     pretrained = Path(config["pretrained"]) if config.get("pretrained") else None
     if pretrained is not None and output_dir.resolve() == pretrained.resolve().parent:
         raise UserError(f"the probe's output folder {output_dir} is the folder of the network it probes; "
                         f"set --config_env (root_dir) or output_dir to another folder")
-    checkpoint = latest_checkpoint(output_dir)
-    if checkpoint is not None:
-        extra = read_torch_file(checkpoint, "checkpoint").get("extra") or {}
-        if not extra.get(PROBE_MARK):
-            raise UserError(f"{checkpoint} is not a linear-probe checkpoint (a DeepLab-v3 training folder?); "
-                            f"set --config_env (root_dir) or output_dir to another folder")
 
 
 def _crf_argmax_job(job: tuple) -> tuple[int, np.ndarray]:
@@ -111,7 +109,7 @@ def evaluate_with_crf(model: nn.Module, dataset: SegmentationDataset, config: di
     conf = np.zeros((num_classes, num_classes), dtype=np.int64)
     params = asdict(CRFParams())
     model.eval()
-    progress = tqdm(total=len(shard), desc="eval+crf", unit="img", disable=None if dist.is_main else True)
+    progress = Progress(total=len(shard), desc="eval+crf", unit="img", enabled=dist.is_main)
     for start in range(0, len(shard), chunk):
         loader = DataLoader(Subset(dataset, shard[start:start + chunk]), batch_size=1,
                             num_workers=int(config["data"]["num_workers"]))
@@ -132,70 +130,39 @@ def evaluate_with_crf(model: nn.Module, dataset: SegmentationDataset, config: di
     return iou_result(conf, class_names(config))
 
 
-def train_probe(config: dict, dist: DistInfo) -> Path:
-    """Train the 1x1 classifier; returns the path of the final probe weights (probe_final.pth)."""
+def train_probe(config: dict, dist: DistInfo, overwrite: bool = False) -> Path:
+    """Train the 1x1 classifier (the loop is utils/training.py's); returns the final weights (probe_final.pth).
+
+    Resumes by itself from the probe's newest checkpoint, but only one made with the same settings,
+    `pretrained` network and data; `overwrite` starts again.
+    """
     if dist.distributed:
         raise UserError("the linear probe trains in a single process; run linear_finetune.py without torchrun")
     solver = config["solver"]
-    output_dir = Path(config["output_dir"])
     check_probe_output_dir(config)
-    torch.manual_seed(int(solver["seed"]))
+    loop = LoopSettings.from_solver(solver, final_name=PROBE_FINAL, desc="probe")
+    seed_all(loop.seed)
     model = build_probe_model(config, dist.device)
     dataset = build_train_dataset(config)
-    output_dir.mkdir(parents=True, exist_ok=True)  # only once the inputs are known to be good
-    save_config(config, output_dir / "config.yaml")
-    batch = int(solver["batch_size"])
-    sampler = ShardedBatchSampler(len(dataset), batch, seed=int(solver["seed"]))
-    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=int(config["data"]["num_workers"]),
-                        generator=torch.Generator())
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=float(solver["base_lr"]), momentum=float(solver["momentum"]),
-                                weight_decay=float(solver["weight_decay"]))
-    max_iter = int(solver["max_iter"])
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly_schedule(max_iter, float(solver["poly_power"])))
-    iteration = 0
-    checkpoint = latest_checkpoint(output_dir)
-    if checkpoint is not None:
-        iteration = int(load_checkpoint(checkpoint, model, optimizer, scheduler)["iteration"])
-        truncate_metrics(output_dir / "metrics.jsonl", iteration)
-        print(f"resuming the probe from {checkpoint} at iteration {iteration}")
-    amp = bool(solver["amp"]) and dist.device.type == "cuda"
-    progress = tqdm(total=max_iter, initial=iteration, desc="probe", unit="it", disable=None)
-    metrics = output_dir / "metrics.jsonl"
-    while iteration < max_iter:
-        epoch, offset = divmod(iteration, sampler.iters_per_epoch)
-        dataset.set_epoch(epoch)
-        sampler.set_epoch(epoch, offset)
-        for item in worker_batches(loader):
-            images = item["image"].to(dist.device)
-            labels = item["label"].to(dist.device)
-            with torch.no_grad(), torch.autocast(dist.device.type, dtype=torch.float16, enabled=amp):
-                features = model.embed(images)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=float(solver["base_lr"]),
+                                momentum=float(solver["momentum"]), weight_decay=float(solver["weight_decay"]))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly_schedule(loop.max_iter, float(solver["poly_power"])))
+    run = TrainingRun(config["output_dir"], model, optimizer, scheduler, loop, dist, config=config,
+                      fingerprint=fingerprint(PROBE_KIND, config, RESUME_HARMLESS_KEYS))
+    run.prepare(resume=True, overwrite=overwrite)
+    loader = resumable_loader(dataset, int(solver["batch_size"]), loop.seed, 0, 1, run.start_iter,
+                              int(config["data"]["num_workers"]))
+
+    def step(model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
+        images, labels = batch["image"].to(dist.device), batch["label"].to(dist.device)
+        with torch.no_grad():
+            features = model.embed(images)  # frozen: the model stays in eval mode
+        with torch.autocast(dist.device.type, enabled=False):
             logits = nn.functional.interpolate(model.head[4](features.float()), size=images.shape[-2:],
                                                mode="bilinear", align_corners=False)
-            loss = segmentation_loss(logits, labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            iteration += 1
-            progress.update(1)
-            progress.set_postfix(loss=f"{loss.item():.4f}")
-            if iteration % int(solver["log_period"]) == 0 or iteration == max_iter:
-                with open(metrics, "a") as f:
-                    f.write(json.dumps({"iteration": iteration, "loss": loss.item(),
-                                        "lr": optimizer.param_groups[0]["lr"], "time": time.time()}) + "\n")
-            period = int(solver["checkpoint_period"])
-            if iteration == max_iter or (period > 0 and iteration % period == 0):
-                save_checkpoint(output_dir / f"model_{iteration:07d}.pth", model, optimizer, scheduler, iteration,
-                                config, extra={PROBE_MARK: True})
-                prune_checkpoints(output_dir, int(solver["keep_checkpoints"]))
-            if iteration >= max_iter:
-                break
-    progress.close()
-    final = output_dir / "probe_final.pth"
-    save_checkpoint(final, model, None, None, iteration, config, extra={PROBE_MARK: True})
-    return final
+        return {"loss_ce": segmentation_loss(logits, labels)}
+
+    return run.train(step, loader)
 
 
 def build_probe_val_dataset(config: dict) -> SegmentationDataset:
@@ -225,16 +192,20 @@ def evaluate_probe(config: dict, dist: DistInfo, model_path: str | Path, crf_pos
     return result
 
 
-def run_linear_probe(config: dict, dist: DistInfo, model_path: str | None = None,
-                     crf_postprocess: bool = False, workers: int | None = None) -> dict:
-    """Train (unless `model_path` is given) and evaluate; writes results.json and prints the IoU table."""
+def run_linear_probe(config: dict, dist: DistInfo, model_path: str | None = None, crf_postprocess: bool = False,
+                     workers: int | None = None, overwrite: bool = False) -> dict:
+    """Train (unless `model_path` is given) and evaluate; writes results.json and prints the IoU table.
+
+    An existing results file is never replaced silently: `overwrite` replaces it (and trains again).
+    """
     config = copy.deepcopy(config)
+    results_path = Path(config["output_dir"]) / ("results_crf.json" if crf_postprocess else "results.json")
+    check_can_write(results_path, overwrite)
     val = build_probe_val_dataset(config)  # checked before training, not after it
-    path = Path(model_path) if model_path else train_probe(config, dist)
+    path = Path(model_path) if model_path else train_probe(config, dist, overwrite)
     result = evaluate_probe(config, dist, path, crf_postprocess, val, workers)
+    result["pretrained"] = config.get("pretrained")
     if dist.is_main:
-        out = Path(config["output_dir"])
-        name = "results_crf.json" if crf_postprocess else "results.json"
-        write_json(out / name, result, indent=1)
+        write_json(results_path, result, indent=1)
         print(format_iou(result))
     return result

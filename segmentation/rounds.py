@@ -1,11 +1,13 @@
 """Iterative refinement: train, predict the training images, CRF-refine the softmax, write new labels, retrain.
 
-Layout under `output_dir`:
-    round_0/                  training on the given pseudo-labels (data.label_dir)
-    round_1/labels/*.png      round_0's predictions refined by the dense CRF
-    round_1/                  training on round_1/labels
+The rounds run on utils/rounds.py. Layout under `output_dir`:
+    round0/                  training on the given pseudo-labels (data.label_dir)
+    round1/labels/*.png      round0's predictions refined by the dense CRF
+    round1/                  training on round1/labels
     ...
-Every step is resumable: finished trainings (model_final.pth) and written label PNGs are kept.
+Each round records its settings (training config, CRF parameters) in roundN/round.json: a finished round
+is skipped, a round made with other settings is refused (rerun with `overwrite`), and inside an
+unfinished round the written label PNGs are kept and the training resumes.
 """
 from __future__ import annotations
 
@@ -18,11 +20,18 @@ import torch
 
 from segmentation.crf import CRFParams, default_workers, dense_crf, run_pool
 from segmentation.data import EvalTransform, SegmentationDataset, read_image_list
-from segmentation.engine import load_trained_model, predict_logits, train, worker_batches
+from segmentation.engine import RESUME_HARMLESS_KEYS, load_trained_model, predict_logits, train
 from utils.distributed import DistInfo, barrier
 from utils.errors import UserError
+from utils.fingerprint import fingerprint
 from utils.images import ImageReadError, load_rgb
 from utils.label_png import write_label_png
+from utils.rounds import Round, RoundSpec, run_rounds
+from utils.samplers import worker_batches
+
+CRF_ROUNDS_KIND = "deeplab_crf_round"
+# The number of rounds is not a setting of one round: more rounds later reuse the finished ones.
+ROUND_HARMLESS_KEYS = RESUME_HARMLESS_KEYS + ("crf_rounds.*",)
 
 
 def _crf_job(job: tuple) -> str:
@@ -64,38 +73,35 @@ def predict_crf_labels(model: torch.nn.Module, dataset: SegmentationDataset, out
 
 
 def train_plus_crf(config: dict, dist: DistInfo, rounds: int, workers: int | None = None,
-                   params: CRFParams = CRFParams()) -> dict:
-    """Train `rounds + 1` models, each (after the first) on CRF-refined predictions of the previous one."""
+                   params: CRFParams = CRFParams(), overwrite: bool = False) -> dict:
+    """Train `rounds + 1` models, each (after the first) on CRF-refined predictions of the previous one.
+
+    Returns {"rounds": [{"round", "checkpoint", "labels", "mIoU"}], "checkpoint": the last model}.
+    """
     if rounds < 0:
         raise UserError(f"--rounds must be >= 0, not {rounds}")
-    root = Path(config["output_dir"])
     d = config["data"]
-    label_dir = Path(d["label_dir"]) if d.get("label_dir") else None
-    if label_dir is None:
+    if not d.get("label_dir"):
         raise UserError("config key data.label_dir (the initial pseudo-labels) is not set")
-    history = []
-    for r in range(rounds + 1):
-        round_dir = root / f"round_{r}"
-        if r > 0:
-            label_dir = round_dir / "labels"
+    specs = [RoundSpec(n, fingerprint(CRF_ROUNDS_KIND, {**config, "crf": asdict(params) if n else None},
+                                      ROUND_HARMLESS_KEYS)) for n in range(rounds + 1)]
+
+    def run_round(round: Round) -> dict:
+        round_config = copy.deepcopy(config)
+        round_config["output_dir"] = str(round.directory)
+        if round.previous is not None:
+            label_dir = round.directory / "labels"
             names = read_image_list(d["train_list"])
             dataset = SegmentationDataset(d["image_dir"], names, None, int(d["num_classes"]), EvalTransform())
-            model = load_trained_model(config, root / f"round_{r - 1}" / "model_final.pth", dist.device)
+            model = load_trained_model(config, round.previous.result["checkpoint"], dist.device)
             count = predict_crf_labels(model, dataset, label_dir, dist, workers, params)
             barrier()
             if dist.is_main:
-                print(f"round {r}: wrote {count} CRF-refined labels to {label_dir}")
-            del model
-        final = round_dir / "model_final.pth"
-        round_config = copy.deepcopy(config)
-        round_config["output_dir"] = str(round_dir)
-        round_config["data"]["label_dir"] = str(label_dir)
-        if final.exists():
-            if dist.is_main:
-                print(f"round {r}: {final} exists, skipping its training")
-            history.append({"round": r, "checkpoint": str(final), "labels": str(label_dir)})
-            continue
-        result = train(round_config, dist, resume=True, label_dir=label_dir)
-        history.append({"round": r, "checkpoint": result["checkpoint"], "labels": str(label_dir),
-                        "mIoU": result["metrics"].get("mIoU")})
-    return {"rounds": history, "checkpoint": history[-1]["checkpoint"]}
+                print(f"round {round.number}: wrote {count} CRF-refined labels to {label_dir}")
+            round_config["data"]["label_dir"] = str(label_dir)
+        result = train(round_config, dist, resume=True)
+        return {"checkpoint": result["checkpoint"], "labels": round_config["data"]["label_dir"],
+                "mIoU": result["metrics"].get("mIoU")}
+
+    done = run_rounds(config["output_dir"], specs, run_round, dist, overwrite)
+    return {"rounds": [{"round": r.number, **r.result} for r in done], "checkpoint": done[-1].result["checkpoint"]}

@@ -12,7 +12,8 @@ if __package__ in (None, ""):  # run as a script from the repo root
 
 import argparse
 
-from segmentation.engine import DEFAULTS, train
+from segmentation.engine import SCHEMA, TINY_EXAMPLE, TRAIN_KEYS, train
+from utils.cli import check_outputs
 from utils.config import add_config_args, load_run_config
 from utils.distributed import distributed_session
 from utils.errors import run_cli
@@ -24,10 +25,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_config_args(parser, config_help="YAML config (e.g. configs/segmentation/deeplab_voc.yml)",
                     set_example="solver.max_iter=1000 model.weights=none",
                     output_dir_help="output folder (overrides the config's output_dir)",
-                    device_help="auto (default: CUDA when available), cpu, cuda; overrides the config's device")
+                    device_help="auto (default: CUDA when available), cpu, cuda; overrides the config's device",
+                    must_set=TRAIN_KEYS, example=TINY_EXAMPLE.format(script="segmentation/train.py"))
     parser.add_argument("--resume", action="store_true",
                         help="continue from the latest checkpoint in the output folder (exact: same result as "
-                             "an uninterrupted run); starts fresh when there is none")
+                             "an uninterrupted run); starts fresh when there is none; refused when the "
+                             "checkpoint was made with other settings, weights or data")
     parser.add_argument("--overwrite", action="store_true",
                         help="delete the checkpoints and metrics already in the output folder and start over")
     return parser.parse_args(argv)
@@ -35,7 +38,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    config = load_run_config(args, DEFAULTS)
+    config = load_run_config(args, SCHEMA)
+    check_outputs(folders=[config["output_dir"]])
     with distributed_session(config["device"]) as dist:
         result = train(config, dist, resume=args.resume, overwrite=args.overwrite)
     if dist.is_main:

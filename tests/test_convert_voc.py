@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
+import convert_voc
+from tests.cli_helpers import error_line, run_main
 from utils.coco_io import decode_segmentation
 from utils.errors import UserError
 from utils.voc import VOC_CLASSES, convert_voc_instances, instances_from_pngs, read_label_png, voc_image_id
@@ -23,9 +23,9 @@ def _palette_png(path, array):
 def test_voc_mini_masks_equal_pngs_pixel_for_pixel(voc_mini, tmp_path, repo_root):
     voc = voc_mini / "VOC2012"
     out = tmp_path / "gt.json"
-    proc = subprocess.run([sys.executable, "convert_voc.py", "--voc_root", str(voc), "--image_set", "trainval",
-                           "--out_file", str(out)], cwd=repo_root, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
+    code, _, stderr = run_main(convert_voc.main, ["--voc_root", str(voc), "--image_set", "trainval",
+                                                  "--out_file", str(out)])
+    assert code == 0, stderr
     data = json.loads(out.read_text())
     assert [c["name"] for c in data["categories"]] == list(VOC_CLASSES)
     assert len(data["images"]) == 3
@@ -90,7 +90,7 @@ def test_skipped_ids_void_and_majority_class(tmp_path):
             assert abs(int(masks[0].sum()) - 48) <= 16
     agnostic = convert_voc_instances(root, "all", class_agnostic=True)
     assert {a["category_id"] for a in agnostic["annotations"]} == {1}
-    assert agnostic["categories"] == [{"id": 1, "name": "object", "supercategory": ""}]
+    assert agnostic["categories"] == [{"id": 1, "name": "object", "supercategory": "object"}]
 
 
 def test_bad_inputs_give_clear_errors(tmp_path, repo_root):
@@ -102,10 +102,61 @@ def test_bad_inputs_give_clear_errors(tmp_path, repo_root):
     with pytest.raises(UserError, match="mode RGB"):
         read_label_png(root / "SegmentationObject" / "2007_000002.png")
     out = tmp_path / "out.json"
-    proc = subprocess.run([sys.executable, "convert_voc.py", "--voc_root", str(root), "--image_set", "all",
-                           "--out_file", str(out)], cwd=repo_root, capture_output=True, text=True)
-    assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1].startswith("error: ") and "2007_000002.png" in proc.stderr
+    code, _, stderr = run_main(convert_voc.main, ["--voc_root", str(root), "--image_set", "all",
+                                                  "--out_file", str(out)])
+    assert code == 2
+    assert "2007_000002.png" in error_line(stderr)
     assert not out.exists()  # no half-written output
     with pytest.raises(UserError, match="image set not found"):
         convert_voc_instances(root, "missing")
+
+
+def _tiny_voc(tmp_path, names):
+    root = tmp_path / "VOC2012"
+    for sub in ("SegmentationObject", "SegmentationClass", "ImageSets/Segmentation"):
+        (root / sub).mkdir(parents=True)
+    objects = np.zeros((6, 8), dtype=np.uint8)
+    objects[1:4, 1:5] = 1
+    for name in names:
+        _palette_png(root / "SegmentationObject" / f"{name}.png", objects)
+        _palette_png(root / "SegmentationClass" / f"{name}.png", objects * 12)
+    return root
+
+
+def test_duplicate_name_in_the_image_list_is_an_error(tmp_path):
+    root = _tiny_voc(tmp_path, ["2007_000001", "2007_000002"])
+    (root / "ImageSets/Segmentation/val.txt").write_text("2007_000001\n2007_000002\n\n2007_000001\n")
+    out = tmp_path / "out.json"
+    code, stdout, stderr = run_main(convert_voc.main, ["--voc_root", str(root), "--image_set", "val",
+                                                       "--out_file", str(out)])
+    assert code == 2 and not out.exists()
+    assert error_line(stderr) == (f"error: image set {root / 'ImageSets/Segmentation/val.txt'}: '2007_000001' is "
+                                  f"listed twice (entries 1 and 3); remove the duplicate (e.g. sort -u)")
+    # Two spellings of one image id are refused too, rather than written as duplicate image ids.
+    (root / "ImageSets/Segmentation/val.txt").write_text("2007_000001\n2007000001\n")
+    (root / "SegmentationObject/2007000001.png").write_bytes((root / "SegmentationObject/2007_000001.png").read_bytes())
+    with pytest.raises(UserError, match="'2007_000001' and '2007000001' would both get image id 2007000001"):
+        convert_voc_instances(root, "val")
+
+
+def test_non_utf8_name_in_the_image_list_is_one_error_line(tmp_path):
+    root = _tiny_voc(tmp_path, ["2007_000001"])
+    (root / "ImageSets/Segmentation/val.txt").write_bytes(b"2007_000001\n2007_00\xff0002\n")
+    out = tmp_path / "out.json"
+    code, stdout, stderr = run_main(convert_voc.main, ["--voc_root", str(root), "--image_set", "val",
+                                                       "--out_file", str(out)])
+    assert code == 2 and not out.exists() and stdout == ""
+    assert error_line(stderr) == ("error: VOC image name '2007_00\\udcff0002' is not of the form YYYY_NNNNNN; "
+                                  "cannot derive an image id")
+
+
+def test_existing_output_is_kept_without_overwrite(tmp_path):
+    root = _tiny_voc(tmp_path, ["2007_000001"])
+    out = tmp_path / "out.json"
+    out.write_text("old")
+    argv = ["--voc_root", str(root), "--image_set", "all", "--out_file", str(out)]
+    code, _, stderr = run_main(convert_voc.main, argv)
+    assert code == 2 and "pass --overwrite" in error_line(stderr) and out.read_text() == "old"
+    code, stdout, _ = run_main(convert_voc.main, argv + ["--overwrite"])
+    assert code == 0 and stdout.strip() == f"wrote 1 instances in 1 images to {out}"
+    assert [a["category_id"] for a in json.loads(out.read_text())["annotations"]] == [12]

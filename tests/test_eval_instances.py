@@ -14,7 +14,7 @@ from pycocotools.cocoeval import COCOeval
 
 from utils.coco_eval import STAT_NAMES, EvalOptions, evaluate_instances, evaluate_predictions, format_report
 from utils.coco_io import decode_segmentation, make_annotation, mask_to_rle
-from utils.coco_perturb import perturbed_predictions, uncompressed_rle
+from tests.helpers.coco_perturb import perturbed_predictions, uncompressed_rle
 from utils.errors import UserError
 
 
@@ -134,7 +134,7 @@ def test_malformed_entries_are_named_and_nothing_is_printed(perturbed, tmp_path,
     gt_path, gt, preds, pred_path = perturbed
     cases = {
         "#5 has a malformed polygon": lambda p: p[5].update(segmentation=[[1.0, 2.0, 3.0]]),
-        "#7 has an RLE of size": lambda p: p[7].update(segmentation={"size": [1, 1], "counts": "0"}),
+        "#7 has an RLE of size": lambda p: p[7].update(segmentation={"size": [1, 1], "counts": "1"}),
         "#3 has image_id 123": lambda p: p[3].update(image_id=123),
         "#4 has no 'category_id'": lambda p: p[4].pop("category_id"),
         "#9 has a non-numeric 'score'": lambda p: p[9].update(score="high"),

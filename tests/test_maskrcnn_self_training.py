@@ -11,7 +11,7 @@ import torch
 from detectron2_train.data import CocoInstances
 from detectron2_train.engine import DEFAULTS, run
 from detectron2_train.self_training import filter_predictions, pseudo_label_dataset, write_pseudo_labels
-from detectron2_train.synthetic import make_dataset
+from tests.helpers.synthetic_shapes import make_dataset
 from utils.coco_io import load_json, make_annotation, write_json
 from utils.config import load_config
 from utils.distributed import DistInfo
@@ -112,3 +112,43 @@ def test_train_infer_and_self_train_round(tmp_path):
     assert (tmp_path / "round2" / "model_final.pth").is_file()
     cfg_saved = (tmp_path / "round2" / "config.yaml").read_text()
     assert "pseudo_labels.json" in cfg_saved
+
+
+def test_self_training_rounds_skip_finished_rounds_and_refuse_changed_ones(tmp_path):
+    """Two rounds: round 2 trains on round 1's predictions on the training images; a rerun trains
+    nothing; another threshold for round 2 is refused; train_net.py's flags give per-round settings."""
+    from detectron2_train.self_training import RoundSettings, self_training_rounds
+    from detectron2_train.train_net import parse_args, round_settings
+
+    data = make_dataset(tmp_path / "syn", num_images=3, seed=6)
+    cfg = load_config(TINY, ["solver.max_iter=2", "model.box_score_thresh=0.0", "model.detections_per_img=5"],
+                      DEFAULTS)
+    cfg["output_dir"] = str(tmp_path / "st")
+    cfg["data"].update(train_json=str(data), train_root=str(data.parent / "images"), test_json=str(data),
+                       test_root=str(data.parent / "images"), class_agnostic=True)
+    rounds = [RoundSettings(), RoundSettings(score_thresh=0.5)]
+    done = self_training_rounds(cfg, DistInfo(), rounds)
+    round1, round2 = tmp_path / "st" / "round1", tmp_path / "st" / "round2"
+    assert [r.result["checkpoint"] for r in done] == [str(round1 / "model_final.pth"), str(round2 / "model_final.pth")]
+    predictions = load_json(round1 / "train_results.json")
+    pseudo = load_json(round2 / "pseudo_labels.json")
+    assert pseudo["annotations"] == pseudo_label_dataset(round1 / "train_results.json", data, 0.5)["annotations"]
+    assert {a["image_id"] for a in pseudo["annotations"]} == {p["image_id"] for p in predictions if p["area"] > 0}
+    # The test set lists the training images: their predictions are evaluated, not predicted twice.
+    assert done[1].result["test_results"] == str(round2 / "train_results.json")
+    assert not (round2 / "inference").exists()
+    report = load_json(round2 / "eval.json")
+    assert set(report["metrics"]) == {"bbox", "segm"}
+    stamp = (round2 / "model_final.pth").stat().st_mtime_ns
+    assert [r.result for r in self_training_rounds(cfg, DistInfo(), rounds)] == [r.result for r in done]
+    assert (round2 / "model_final.pth").stat().st_mtime_ns == stamp
+    with pytest.raises(UserError, match=r"round 2 in .*round2: it was made with self_training\.score_thresh=0\.5, "
+                                        r"not 0\.9; use the same settings, or --overwrite to run it again"):
+        self_training_rounds(cfg, DistInfo(), [RoundSettings(), RoundSettings(score_thresh=0.9)])
+
+    args = parse_args(["--config", str(TINY), "--rounds", "3", "--score_thresh", "0.6", "0.8",
+                       "--round_set", "3:solver.max_iter=5", "2:solver.base_lr=0.01"])
+    assert round_settings(args) == [RoundSettings(0.6), RoundSettings(0.6, ("solver.base_lr=0.01",)),
+                                    RoundSettings(0.8, ("solver.max_iter=5",))]
+    with pytest.raises(UserError, match=r"--round_set '4:solver.max_iter=5' must look like N:KEY=VALUE with N in 1\.\.3"):
+        round_settings(parse_args(["--config", str(TINY), "--rounds", "3", "--round_set", "4:solver.max_iter=5"]))

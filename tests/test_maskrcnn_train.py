@@ -14,26 +14,21 @@ import pytest
 import torch
 import torchvision
 
-from detectron2_train.data import CocoInstances, TrainingSampler
-from detectron2_train.engine import DEFAULTS, predict, run, train
+from detectron2_train.data import CocoInstances
+from detectron2_train.engine import DEFAULTS, RESUME_HARMLESS_KEYS, predict, run, train
 from detectron2_train.modeling import build_model, set_image_sizes
-from detectron2_train.synthetic import make_dataset
+from tests.helpers.synthetic_shapes import make_dataset
 from utils.coco_eval import EvalOptions, evaluate_predictions
 from utils.coco_io import box_iou_xywh, decode_segmentation, load_json
 from utils.checkpoint import rng_states, save_checkpoint
 from utils.config import load_config
 from utils.distributed import DistInfo
+from utils.errors import UserError
+from utils.fingerprint import fingerprint
+from training_helpers import Killed, assert_same_weights, kill_after, records, tear_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "detectron2" / "tiny_test.yaml"
-
-
-@pytest.fixture
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def tiny_cfg(tmp_path: Path, data_json: Path, **solver) -> dict:
@@ -42,21 +37,6 @@ def tiny_cfg(tmp_path: Path, data_json: Path, **solver) -> dict:
     cfg["data"].update(train_json=str(data_json), train_root=str(data_json.parent / "images"), num_workers=0)
     cfg["solver"].update(solver)
     return cfg
-
-
-def test_sampler_is_deterministic_and_resumable():
-    full = TrainingSampler(5, seed=3, rank=1, world_size=2)
-    stream = [next(it) for it in [iter(full)] for _ in range(12)]
-    resumed = TrainingSampler(5, seed=3, rank=1, world_size=2, start=4)
-    it = iter(resumed)
-    assert [next(it) for _ in range(8)] == stream[4:]
-    positions = [p for _, p in stream]
-    assert positions == list(range(1, 24, 2))  # rank 1 of 2 takes the odd global positions
-    # every epoch is a permutation of the dataset
-    both = TrainingSampler(5, seed=3)
-    it = iter(both)
-    first_epochs = [next(it)[0] for _ in range(10)]
-    assert sorted(first_epochs[:5]) == list(range(5)) and sorted(first_epochs[5:]) == list(range(5))
 
 
 def test_tiny_model_learns_synthetic_shapes_with_transfer_head(tmp_path, one_thread):
@@ -106,52 +86,60 @@ def test_tiny_model_learns_synthetic_shapes_with_transfer_head(tmp_path, one_thr
         assert report.metrics["segm"]["AP50"] > 50, (name, report.metrics["segm"])
 
 
-def test_resume_gives_the_same_weights(tmp_path, one_thread):
+def test_killed_run_resumes_exactly_on_every_rank(tmp_path, one_thread, monkeypatch):
+    """Killed after iteration 5 (checkpoint at 3, a torn metrics line): --resume ends with the weights and
+    the log of an uninterrupted run, also on a rank whose RNG state is not in the checkpoint."""
     data = make_dataset(tmp_path / "syn", num_images=5, seed=2, empty_images=1)
     kwargs = dict(max_iter=6, checkpoint_period=3, warmup_iters=2, steps=[4], log_period=1)
-    straight = tiny_cfg(tmp_path / "a", data, **kwargs)
-    straight["input"]["min_size_train"] = [56, 64, 72]  # exercise the multi-scale draw from the global RNG
-    train(straight, DistInfo())
+    configs = {}
+    for name in ("straight", "killed", "other_rank"):
+        configs[name] = tiny_cfg(tmp_path / name, data, **kwargs)
+        configs[name]["input"]["min_size_train"] = [56, 64, 72]  # the multi-scale draw uses the global RNG
+    straight = train(configs["straight"], DistInfo())
 
-    resumed = tiny_cfg(tmp_path / "b", data, **kwargs)
-    resumed["input"]["min_size_train"] = [56, 64, 72]
-    resumed["solver"]["max_iter"] = 3  # the "interrupted" run
-    train(resumed, DistInfo())
-    with pytest.raises(Exception, match="--resume"):
-        train({**resumed, "solver": {**resumed["solver"], "max_iter": 6}}, DistInfo())
-    resumed["solver"]["max_iter"] = 6
-    train(resumed, DistInfo(), resume=True)
+    kill_after(monkeypatch, 5)
+    with pytest.raises(Killed):
+        train(configs["killed"], DistInfo())
+    monkeypatch.undo()
+    killed_dir = Path(configs["killed"]["output_dir"])
+    assert sorted(p.name for p in killed_dir.glob("*.pth")) == ["model_0000003.pth"]
+    tear_metrics(killed_dir / "metrics.jsonl")
+    with pytest.raises(UserError, match="--resume"):
+        train(configs["killed"], DistInfo())
+    resumed = train(configs["killed"], DistInfo(), resume=True)
 
-    # A process whose RNG state is not in the checkpoint (every rank > 0 under torchrun) must resume
-    # exactly too: resume from a copy whose saved RNG states are someone else's, after a kill that
-    # cut the last metrics line short.
-    other = tiny_cfg(tmp_path / "c", data, **kwargs)
-    other["input"]["min_size_train"] = [56, 64, 72]
-    Path(other["output_dir"]).mkdir(parents=True)
-    state = torch.load(Path(straight["output_dir"]) / "model_0000003.pth", weights_only=False)
+    # Every rank > 0 under torchrun resumes without its own RNG state: resume from a copy of the
+    # checkpoint whose saved RNG states are someone else's.
+    other_dir = Path(configs["other_rank"]["output_dir"])
+    other_dir.mkdir(parents=True)
+    state = torch.load(Path(configs["straight"]["output_dir"]) / "model_0000003.pth", weights_only=False)
     torch.manual_seed(12345)
     random.seed(12345)
     np.random.seed(12345)
     state["rng"] = rng_states()
-    torch.save(state, Path(other["output_dir"]) / "model_0000003.pth")
-    (Path(other["output_dir"]) / "metrics.jsonl").write_text('{"iteration": 3, "total_loss": 1.0}\n{"itera')
-    train(other, DistInfo(), resume=True)
+    torch.save(state, other_dir / "model_0000003.pth")
+    other = train(configs["other_rank"], DistInfo(), resume=True)
 
-    a = torch.load(Path(straight["output_dir"]) / "model_final.pth", weights_only=False)
-    b = torch.load(Path(resumed["output_dir"]) / "model_final.pth", weights_only=False)
-    c = torch.load(Path(other["output_dir"]) / "model_final.pth", weights_only=False)
-    assert a["iteration"] == b["iteration"] == c["iteration"] == 6
-    assert a["model"].keys() == b["model"].keys() == c["model"].keys()
-    for key in a["model"]:
-        assert torch.equal(a["model"][key], b["model"][key]), key
-        assert torch.equal(a["model"][key], c["model"][key]), key
-    other_lines = (Path(other["output_dir"]) / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(line)["iteration"] for line in other_lines] == [3, 4, 5, 6]
-    start = build_model(straight, 2).state_dict()
-    changed = sum(not torch.equal(start[k], a["model"][k]) for k in start if start[k].is_floating_point())
+    assert_same_weights(straight, resumed)
+    assert_same_weights(straight, other)
+    straight_log = records(Path(configs["straight"]["output_dir"]) / "metrics.jsonl")
+    assert [r["iteration"] for r in straight_log] == [1, 2, 3, 4, 5, 6]
+    assert records(killed_dir / "metrics.jsonl") == straight_log
+    assert records(other_dir / "metrics.jsonl") == straight_log[3:]
+    start = build_model(configs["straight"], 2).state_dict()
+    final = torch.load(straight, weights_only=False)["model"]
+    changed = sum(not torch.equal(start[k], final[k]) for k in start if start[k].is_floating_point())
     assert changed > 10  # training did move the weights
-    lines = (Path(resumed["output_dir"]) / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(line)["iteration"] for line in lines] == [1, 2, 3, 4, 5, 6]
+    # The schedule does not depend on max_iter: a finished run can be extended; other data cannot resume.
+    extended = {**configs["killed"], "solver": {**configs["killed"]["solver"], "max_iter": 7}}
+    assert train(extended, DistInfo(), resume=True) == resumed
+    assert torch.load(resumed, weights_only=False)["iteration"] == 7
+    other_data = make_dataset(tmp_path / "syn2", num_images=5, seed=3)
+    moved = {**extended, "data": {**extended["data"], "train_json": str(other_data),
+                                  "train_root": str(other_data.parent / "images")}}
+    with pytest.raises(UserError, match=r"it was made with data\.train_json=.*syn/annotations\.json \(sha256 [0-9a-f]{12}\), "
+                                        r"not .*syn2/annotations\.json \(sha256"):
+        train(moved, DistInfo(), resume=True)
 
 
 def _free_port() -> int:
@@ -199,11 +187,18 @@ def test_bad_inputs_give_clear_errors(tmp_path):
                                               "--mask_classes", str(tmp_path / "A.txt")]))
     with pytest.raises(UserError, match="triangle"):
         train(cfg, DistInfo())
-    # --resume in a folder whose checkpoint belongs to another model: one clear line, not a traceback
+    # --resume in a folder whose checkpoint another tool made: one clear line, not a traceback
     cfg = config_from_args(parse_args(args + ["--train_json", str(data), "--train_root", str(images)]))
     Path(cfg["output_dir"]).mkdir(parents=True, exist_ok=True)
     save_checkpoint(Path(cfg["output_dir"]) / "model_0000002.pth", build_model(cfg, 5), iteration=2, config=cfg)
-    with pytest.raises(UserError, match="cannot resume from .*model_0000002.pth"):
+    with pytest.raises(UserError, match=r"cannot resume from .*model_0000002.pth: it records no settings to "
+                                        r"compare \(another tool or an older version made it\); use another output "
+                                        r"folder, or --overwrite"):
+        train(cfg, DistInfo(), resume=True)
+    # ... and with the same settings but weights that do not fit (a model changed in the code)
+    save_checkpoint(Path(cfg["output_dir"]) / "model_0000002.pth", build_model(cfg, 5), iteration=2, config=cfg,
+                    fingerprint=fingerprint("mask_rcnn", cfg, RESUME_HARMLESS_KEYS, {"init_weights": None}))
+    with pytest.raises(UserError, match=r"cannot resume from .*model_0000002.pth: it does not fit the configured model"):
         train(cfg, DistInfo(), resume=True)
     # --eval_only with a missing checkpoint: a clear error and no inference folder
     cfg["data"].update(test_json=str(data), test_root=str(images))
@@ -234,7 +229,7 @@ def test_backbone_weights_from_torchvision_and_dino_checkpoints(tmp_path):
         assert torch.equal(body["layer4"][1].conv2.weight, plain["layer4.1.conv2.weight"]), name
         assert torch.equal(body["bn1"].running_mean, plain["bn1.running_mean"]), name
         assert not body["layer1"][0].conv1.weight.requires_grad and body["layer2"][0].conv1.weight.requires_grad
-    with pytest.raises(UserError, match="do not fit resnet50"):
+    with pytest.raises(UserError, match="do not fit a resnet50"):
         build_backbone({**cfg, "backbone": "resnet50", "backbone_weights": str(tmp_path / "torchvision_r18.pth")})
     with pytest.raises(UserError, match="not found"):
         build_backbone({**cfg, "backbone_weights": str(tmp_path / "missing.pth")})
@@ -254,14 +249,24 @@ def test_cli_corrupt_image_is_one_line_and_writes_nothing(tmp_path):
 
 
 def test_train_voc_sh_runs_end_to_end_on_voc_mini(voc_mini, tmp_path):
-    """The VOC recipe with TINY=1: pseudo-masks (random ViT), VOC GT, training, inference, evaluation."""
+    """The VOC recipe with TINY=1 and ROUNDS=2: pseudo-masks (random ViT), VOC GT, two self-training rounds
+    (training, trainval and val predictions, evaluation). Skipping finished rounds is tested in
+    test_maskrcnn_self_training.py, in-process."""
     out = tmp_path / "voc"
-    env = {**os.environ, "TINY": "1", "OMP_NUM_THREADS": "1", "PYTHON": sys.executable}
+    env = {**os.environ, "TINY": "1", "ROUNDS": "2", "OMP_NUM_THREADS": "1", "PYTHON": sys.executable}
     proc = subprocess.run(["sh", "detectron2_train/train_voc.sh", str(voc_mini), str(out)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert (out / "round1" / "model_final.pth").is_file()
-    results = load_json(out / "round1" / "inference" / "results.json")
     gt = load_json(out / "voc12_val_instances.json")
-    assert results and {r["image_id"] for r in results} <= {img["id"] for img in gt["images"]}
-    assert "segm" in json.dumps(load_json(out / "round1" / "eval_val.json"))
+    trainval = load_json(out / "pseudo_masks.json")
+    summary = load_json(out / "rounds.json")
+    assert [r["round"] for r in summary] == [1, 2]
+    for round_dir, result in zip((out / "round1", out / "round2"), summary):
+        assert result["checkpoint"] == str(round_dir / "model_final.pth") and Path(result["checkpoint"]).is_file()
+        assert {r["image_id"] for r in load_json(round_dir / "train_results.json")} <= \
+            {img["id"] for img in trainval["images"]}
+        results = load_json(result["test_results"])  # voc_mini's val images are its trainval images
+        assert results and {r["image_id"] for r in results} <= {img["id"] for img in gt["images"]}
+        assert set(load_json(round_dir / "eval.json")["metrics"]) == {"bbox", "segm"}
+    pseudo = load_json(out / "round2" / "pseudo_labels.json")
+    assert pseudo["images"] == trainval["images"] and pseudo["annotations"]

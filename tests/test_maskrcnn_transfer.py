@@ -11,11 +11,13 @@ from detectron2_train.engine import DEFAULTS
 from detectron2_train.modeling import build_model
 from detectron2_train.roi_heads import partial_mask_loss
 from detectron2_train.splits import VOC_CLASSES_IN_COCO, random_split, read_class_list, voc_split
-from detectron2_train.transfer_head import TransferMaskPredictor, class_embeddings
+from detectron2_train.transfer_head import (AgnosticMLPMaskPredictor, TransferMaskPredictor, class_embeddings,
+                                            random_class_vectors, read_class_embeddings)
 from utils.config import load_config
 from utils.errors import UserError
 
-TINY = Path(__file__).resolve().parents[1] / "configs" / "detectron2" / "tiny_test.yaml"
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "configs" / "detectron2" / "tiny_test.yaml"
 NUM_CLASSES = 3  # foreground labels 1..3; set A = {1}, set B = {2, 3}
 
 
@@ -193,3 +195,95 @@ def test_voc_split_and_random_split(tmp_path):
     path.write_text("unicorn\n")
     with pytest.raises(UserError, match="unicorn"):
         read_class_list(path, cats)
+
+
+def test_randn_input_is_a_fixed_seeded_gaussian_per_class():
+    vectors = random_class_vectors(4, 6, seed=5)
+    expected = torch.randn(4, 6, generator=torch.Generator().manual_seed(5))
+    expected[0] = 0.0  # background
+    assert torch.equal(vectors, expected)
+    assert not torch.equal(random_class_vectors(4, 6, seed=6), vectors)
+    cfg = load_config(TINY, ["model.mask_head=transfer", "model.transfer.input=randn", "model.transfer.randn_dim=7",
+                             "model.transfer.randn_seed=5"], DEFAULTS)
+    model = build_model(cfg, NUM_CLASSES, [1])
+    predictor = model.roi_heads.mask_predictor
+    assert torch.equal(predictor.class_vectors, random_class_vectors(NUM_CLASSES + 1, 7, seed=5))
+    assert predictor.weight_transfer[0].in_features == 7
+    assert "roi_heads.mask_predictor.class_vectors" in model.state_dict()  # saved with the checkpoint
+    # the vectors are fixed: the mask loss trains T, never them, and does not reach the box head
+    model.train()
+    images, targets = images_and_targets(1)
+    loss = model(images, targets)["loss_mask"]
+    assert not predictor.class_vectors.requires_grad
+    box_w = model.roi_heads.box_predictor.cls_score.weight
+    grads = torch.autograd.grad(loss, [box_w, predictor.weight_transfer[0].weight], allow_unused=True)
+    assert grads[0] is None and grads[1].abs().sum() > 0
+
+
+def _embedding_file(tmp_path, lines, name="vectors.txt"):
+    path = tmp_path / name
+    path.write_text("".join(line + "\n" for line in lines))
+    return path
+
+
+def test_embedding_input_reads_class_vectors_from_a_file(tmp_path):
+    path = _embedding_file(tmp_path, ["the 9 9 9", "Cat 1 2 3", "dog 4 5 6", "dining 1 0 1", "table 3 2 -1",
+                                      "dining_room 7 7 7"])
+    vectors = read_class_embeddings(path, ["dog", "cat", "dining table"])
+    # row 0 background, then the classes in label order; "dining table" is the mean of its words
+    assert vectors.tolist() == [[0, 0, 0], [4, 5, 6], [1, 2, 3], [2, 1, 0]]
+    # a line of its own beats the mean of the words
+    path2 = _embedding_file(tmp_path, ["dining 1 0 1", "table 3 2 -1", "dining_table 0.5 0.5 0.5"], "own.txt")
+    assert read_class_embeddings(path2, ["dining table"])[1].tolist() == [0.5, 0.5, 0.5]
+
+    cfg = load_config(TINY, ["model.mask_head=transfer", "model.transfer.input=embedding",
+                             f"model.transfer.embedding_file={path}"], DEFAULTS)
+    model = build_model(cfg, 3, [1], class_names=["cat", "dog", "dining table"])
+    assert model.roi_heads.mask_predictor.class_vectors.tolist() == [[0, 0, 0], [1, 2, 3], [4, 5, 6], [2, 1, 0]]
+    with pytest.raises(UserError, match="embedding_file"):
+        build_model(load_config(TINY, ["model.mask_head=transfer", "model.transfer.input=embedding"], DEFAULTS),
+                    3, [1], class_names=["cat", "dog", "dining table"])
+
+
+@pytest.mark.parametrize("lines,names,message", [
+    (["cat 1 2 3"], ["cat", "zebra"], r"no vector for class 'zebra'$"),
+    (["cat 1 2 3", "hot 1 1 1"], ["cat", "hot dog"], r"no vector for class 'hot dog' \(nor for its word 'dog'\)"),
+    (["cat 1 2 3", "dog 4 5"], ["cat", "dog"], r"vectors.txt:2: 'dog' has 2 values, but earlier lines have 3"),
+    (["cat 1 nan 3", "dog 4 5 6"], ["cat", "dog"], r"vectors.txt:1: the vector of 'cat' holds NaN"),
+    (["cat 1 2 3", "cat 1 2 3"], ["cat"], r"vectors.txt:2: 'cat' appears twice \(first on line 1\)"),
+    (["cat"], ["cat"], r"vectors.txt:1: 'cat' has no vector values"),
+])
+def test_embedding_file_errors_name_the_culprit(tmp_path, lines, names, message):
+    path = _embedding_file(tmp_path, lines)
+    with pytest.raises(UserError, match=message):
+        read_class_embeddings(path, names)
+
+
+def test_embedding_error_from_the_command_line_names_the_missing_class(tmp_path):
+    from detectron2_train.engine import run
+    from tests.helpers.synthetic_shapes import make_dataset
+    from detectron2_train.train_net import config_from_args, parse_args
+    from utils.distributed import DistInfo
+
+    data = make_dataset(tmp_path / "syn", num_images=2, seed=4)  # classes: rectangle, ellipse
+    path = _embedding_file(tmp_path, ["rectangle 1 2"])
+    args = parse_args(["--config", str(TINY), "--output_dir", str(tmp_path / "out"), "--train_json", str(data),
+                       "--train_root", str(data.parent / "images"), "--mask_head", "transfer",
+                       "--set", "model.transfer.input=embedding", f"model.transfer.embedding_file={path}"])
+    with pytest.raises(UserError) as error:
+        run(config_from_args(args), DistInfo())
+    assert str(error.value) == f"class embedding file {path} has no vector for class 'ellipse'"
+    assert not (tmp_path / "out").exists()
+
+
+def test_agnostic_mlp_head_adds_the_mlp_logits_to_one_mask_channel():
+    cfg = load_config(TINY, ["model.mask_head=agnostic_mlp"], DEFAULTS)
+    predictor = build_model(cfg, NUM_CLASSES).roi_heads.mask_predictor
+    assert isinstance(predictor, AgnosticMLPMaskPredictor)
+    torch.manual_seed(0)
+    x = torch.randn(2, cfg["model"]["mask_head_channels"], 14, 14)
+    with torch.no_grad():
+        fcn = predictor.mask_fcn_logits(torch.relu(predictor.conv5_mask(x)))
+        out = predictor(x)
+        assert out.shape == (2, 1, 28, 28)
+        assert torch.allclose(out, fcn + predictor.mlp_branch(x)[:, None])

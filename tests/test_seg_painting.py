@@ -1,14 +1,15 @@
 """gen_segmentation: instance predictions painted into class maps (overlaps, threshold, fallback, ignore)."""
 import json
-import subprocess
-import sys
+import os
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from segmentation import gen_segmentation
 from segmentation.painting import generate_segmentation, paint_semantic
-from utils.coco_io import make_annotation
+from tests.cli_helpers import error_line, run_main
+from utils.coco_io import make_annotation, read_text_lines
 from utils.errors import UserError
 from utils.label_png import read_label_png, voc_palette
 
@@ -82,22 +83,78 @@ def test_generate_writes_palette_pngs_and_list(tmp_path):
     assert read_label_png(tmp_path / "c" / "sub" / "a.png").max() == 2
 
 
-def test_cli_rejects_unknown_image_id_with_one_line(tmp_path, repo_root):
+def test_cli_rejects_unknown_image_id_with_one_line(tmp_path):
     a = _box_mask(6, 8, 0, 4, 0, 5)
     results, dataset = _write_coco(tmp_path, [_pred(a, 7, 0.9, image_id=42)])
-    proc = subprocess.run([sys.executable, "segmentation/gen_segmentation.py", "--results", str(results),
-                           "--dataset", str(dataset), "--out_dir", str(tmp_path / "out")],
-                          cwd=repo_root, capture_output=True, text=True)
-    assert proc.returncode == 2
-    assert proc.stderr.strip().count("\n") == 0 and "image_id 42" in proc.stderr
+    code, _, stderr = run_main(gen_segmentation.main, ["--results", str(results), "--dataset", str(dataset),
+                                                       "--out_dir", str(tmp_path / "out")])
+    assert code == 2 and "image_id 42" in error_line(stderr)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("corrupt, message", [
+    # Two images with one id: their predictions would be painted on one of them.
+    (lambda d, r: d["images"].append(dict(d["images"][0], file_name="c.jpg")),
+     "dataset.json: images[0] and images[2] have the same id 1"),
+    # Garbage RLE counts, and counts that do not cover the image: pycocotools raises or decodes garbage.
+    (lambda d, r: r[0]["segmentation"].update(counts="garbage!!"),
+     "results.json: annotation #0 has RLE counts that are not a valid compressed RLE string ('garbage!!')"),
+    (lambda d, r: r[0]["segmentation"].update(counts="5"),
+     "results.json: annotation #0 has RLE counts covering 5 pixels, but its size [6, 8] has 48"),
+    # A NaN polygon coordinate: pycocotools would exhaust memory or crash the process.
+    (lambda d, r: r[0].update(segmentation=[[0, 0, 4, 0, float("nan"), 3]]),
+     "results.json: annotation #0 has a polygon with a non-finite or huge coordinate nan"),
+    (lambda d, r: r[0].update(segmentation=[[0, 0, 4, 0, 1e9, 3]]),
+     "results.json: annotation #0 has a polygon point far outside its 8x6 (w x h) image (id 1)"),
+    (lambda d, r: r[0].update(score=float("nan")), "results.json: annotation #0 has a non-finite 'score' nan"),
+])
+def test_broken_inputs_are_one_error_line_before_any_png(tmp_path, corrupt, message):
+    pred = _pred(_box_mask(6, 8, 0, 4, 0, 5), 3, 0.9, image_id=1)
+    results, dataset = _write_coco(tmp_path, [pred])
+    data, preds = json.loads(dataset.read_text()), json.loads(results.read_text())
+    corrupt(data, preds)
+    dataset.write_text(json.dumps(data))
+    results.write_text(json.dumps(preds))
+    code, stdout, stderr = run_main(gen_segmentation.main, ["--results", str(results), "--dataset", str(dataset),
+                                                            "--out_dir", str(tmp_path / "out")])
+    assert code == 2 and stdout == ""
+    assert error_line(stderr).startswith(f"error: {tmp_path}/{message}")
+    assert not (tmp_path / "out").exists()
+
+
+def test_file_names_that_are_not_utf8_are_painted_under_their_own_bytes(tmp_path):
+    a = _box_mask(6, 8, 0, 4, 0, 5)
+    results, dataset = _write_coco(tmp_path, [_pred(a, 7, 0.9, image_id=1)])
+    data = json.loads(dataset.read_text())
+    data["images"][0]["file_name"] = "sub/\udcffa.jpg"  # what os.listdir gives for the bytes b"\xffa.jpg"
+    dataset.write_text(json.dumps(data))
+    code, _, stderr = run_main(gen_segmentation.main, ["--results", str(results), "--dataset", str(dataset),
+                                                       "--out_dir", str(tmp_path / "out")])
+    assert code == 0, stderr
+    assert os.listdir(os.fsencode(tmp_path / "out" / "sub")) == [b"\xffa.png"]
+    np.testing.assert_array_equal(read_label_png(tmp_path / "out" / "sub" / "\udcffa.png"), a * 7)
+    assert (tmp_path / "out" / "train.txt").read_bytes() == b"sub/\xffa\nb\n"
+    assert read_text_lines(tmp_path / "out" / "train.txt") == ["sub/\udcffa", "b"]  # and back to the same names
+
+
+def test_rewritten_results_do_not_resume_on_old_pngs(tmp_path):
+    a = _box_mask(6, 8, 0, 4, 0, 5)
+    results, dataset = _write_coco(tmp_path, [_pred(a, 7, 0.9, image_id=1)])
+    generate_segmentation(results, dataset, tmp_path / "out")
+    b = _box_mask(5, 5, 0, 2, 0, 2)
+    results.write_text(json.dumps([_pred(a, 3, 0.9, image_id=1), _pred(b, 3, 0.8, image_id=2)]))
+    with pytest.raises(UserError, match=r"results\.json has changed since .*out was painted from it; pass --overwrite"):
+        generate_segmentation(results, dataset, tmp_path / "out")
+    assert generate_segmentation(results, dataset, tmp_path / "out", overwrite=True)["written"] == 2
+    assert read_label_png(tmp_path / "out" / "sub" / "a.png").max() == 3
 
 
 def test_bad_mask_size_is_found_before_any_png_is_written(tmp_path):
     good = _pred(_box_mask(6, 8, 0, 4, 0, 5), 3, 0.9, image_id=1)
     bad = _pred(_box_mask(4, 4, 0, 2, 0, 2), 7, 0.9, image_id=2)  # image 2 is 5x5
     results, dataset = _write_coco(tmp_path, [good, bad])
-    with pytest.raises(UserError, match=r"results\.json: annotation #1 \(image_id 2\) has a mask of size \[4, 4\]"):
+    with pytest.raises(UserError, match=r"results\.json: annotation #1 has an RLE of size \[4, 4\] \(h, w\) but "
+                                        r"its image \(id 2\) is 5x5"):
         generate_segmentation(results, dataset, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 

@@ -1,7 +1,5 @@
 """Linear probe (linear_finetune.py), clustering evaluation and CRF rounds, end to end on tiny configurations."""
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -10,14 +8,18 @@ import yaml
 
 from segmentation import eval_cluster, linear_finetune
 from seg_helpers import make_synthetic_set, tiny_overrides
+from training_helpers import Killed, assert_same_weights, kill_after, records, tear_metrics
 from segmentation.engine import DEFAULTS
 from segmentation.kmeans_eval import hungarian_from_counts
 from segmentation.model import build_from_config
+from segmentation.crf import CRFParams
+from segmentation.probe import PROBE_SCHEMA
 from segmentation.rounds import train_plus_crf
 from utils.checkpoint import save_checkpoint
 from utils.config import load_config
 from utils.distributed import DistInfo
 from utils.errors import UserError
+from utils.fingerprint import fingerprint
 from utils.label_png import read_label_png
 from utils.metrics import hungarian_match
 
@@ -40,24 +42,20 @@ def voc_tiny(tmp_path, voc_mini, repo_root):
     (tmp_path / "linear_tiny.yml").write_text(yaml.safe_dump(exp))
     (tmp_path / "one.txt").write_text("2011_000003\n")  # one val image keeps the 21-class CRF quick
     (tmp_path / "env.yml").write_text(yaml.safe_dump({"root_dir": str(tmp_path / "results")}))
-    config = load_config(tmp_path / "linear_tiny.yml", defaults=DEFAULTS)
+    config = load_config(tmp_path / "linear_tiny.yml", defaults=PROBE_SCHEMA)
     torch.manual_seed(0)
     save_checkpoint(exp["pretrained"], build_from_config(config), iteration=0, config=config)
     return tmp_path
 
 
-def _run(repo_root, *args):
-    return subprocess.run([sys.executable, *args], cwd=repo_root, capture_output=True, text=True, timeout=300)
-
-
-def test_linear_finetune_end_to_end_prints_miou(voc_tiny, repo_root):
-    proc = _run(repo_root, "segmentation/linear_finetune.py", "--config_env", str(voc_tiny / "env.yml"),
-                "--config_exp", str(voc_tiny / "linear_tiny.yml"))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "mIoU" in proc.stdout and "aeroplane" in proc.stdout
+def test_linear_finetune_end_to_end_prints_miou(voc_tiny, capsys):
+    assert linear_finetune.main(["--config_env", str(voc_tiny / "env.yml"),
+                                 "--config_exp", str(voc_tiny / "linear_tiny.yml")]) == 0
+    stdout = capsys.readouterr().out
+    assert "mIoU" in stdout and "aeroplane" in stdout
     out = voc_tiny / "results" / "linear_tiny"
     result = json.loads((out / "results.json").read_text())
-    assert 0.0 <= result["mIoU"] <= 1.0 and f"mIoU {100 * result['mIoU']:.2f}" in proc.stdout
+    assert 0.0 <= result["mIoU"] <= 1.0 and f"mIoU {100 * result['mIoU']:.2f}" in stdout
     # Only the 1x1 classifier changed.
     before = torch.load(voc_tiny / "deeplab" / "model_final.pth", weights_only=False)["model"]
     after = torch.load(out / "probe_final.pth", weights_only=False)["model"]
@@ -92,10 +90,32 @@ def test_eval_cluster_runs_on_voc_mini(voc_tiny, capsys):
     assert eval_cluster.main(["--config", str(voc_tiny / "linear_tiny.yml"), "--device", "cpu",
                               "--model_path", str(voc_tiny / "deeplab" / "model_final.pth"),
                               "--output", str(voc_tiny / "c.json")]) == 0
-    assert "mIoU" in capsys.readouterr().out
+    printed = capsys.readouterr().out
     result = json.loads((voc_tiny / "c.json").read_text())
-    assert 0.0 <= result["mIoU"] <= 1.0
-    assert sorted(result["mapping"].values()) == list(range(21))
+    assert f"mIoU: {100 * result['mIoU']:.2f}" in printed and len(result["per_class_iou"]) == 21
+
+
+class ColourEmbedding(torch.nn.Module):
+    """A hand-made network whose pixel embedding is the pixel's (normalised) colour."""
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        return images
+
+
+def test_cluster_evaluation_is_exact_on_colour_squares(tmp_path, repo_root):
+    """Background, red and green pixels embed to three separate directions, so K-means finds exactly the
+    classes: Hungarian matching sends each cluster to its class and every IoU is 1."""
+    from segmentation.engine import SCHEMA, build_val_dataset, class_names
+    from segmentation.kmeans_eval import evaluate_clusters
+
+    data = make_synthetic_set(tmp_path / "data", count=4)
+    config = load_config(repo_root / "configs/segmentation/tiny_test.yml", tiny_overrides(data), defaults=SCHEMA)
+    dataset = build_val_dataset(config)
+    result = evaluate_clusters(ColourEmbedding(), dataset, 3, class_names(config), torch.device("cpu"))
+    pixels = np.bincount(np.concatenate([read_label_png(data["label_dir"] / f"{n}.png").ravel()
+                                         for n in data["names"]]), minlength=3)
+    assert result["confusion"] == np.diag(pixels).tolist()
+    assert result["mIoU"] == 1.0 and result["per_class_iou"] == {"0": 1.0, "1": 1.0, "2": 1.0}
 
 
 def test_train_plus_crf_writes_each_rounds_labels_and_resumes(tmp_path, repo_root):
@@ -104,14 +124,19 @@ def test_train_plus_crf_writes_each_rounds_labels_and_resumes(tmp_path, repo_roo
                                         "solver.checkpoint_period=0", "data.val_list=null"]
     config = load_config(repo_root / "configs/segmentation/tiny_test.yml", overrides, defaults=DEFAULTS)
     result = train_plus_crf(config, DistInfo(), rounds=1, workers=2)
-    labels = tmp_path / "rounds" / "round_1" / "labels"
+    labels = tmp_path / "rounds" / "round1" / "labels"
     for name in data["names"]:
         label = read_label_png(labels / f"{name}.png")
         assert label.shape == (64, 64) and label.max() < 3
-    assert result["checkpoint"] == str(tmp_path / "rounds" / "round_1" / "model_final.pth")
-    assert (tmp_path / "rounds" / "round_0" / "model_final.pth").exists()
+    assert result["checkpoint"] == str(tmp_path / "rounds" / "round1" / "model_final.pth")
+    assert (tmp_path / "rounds" / "round0" / "model_final.pth").exists()
     stamp = (labels / "img_000.png").stat().st_mtime_ns
     train_plus_crf(config, DistInfo(), rounds=1, workers=2)  # everything done: nothing is redone
+    assert (labels / "img_000.png").stat().st_mtime_ns == stamp
+    # Other CRF parameters for round 1 are refused (round 0 is unaffected and stays done).
+    with pytest.raises(UserError, match=r"round 1 in .*round1: it was made with crf\.iterations=10, not 5; use the same "
+                                        r"settings, or --overwrite to run it again"):
+        train_plus_crf(config, DistInfo(), rounds=1, workers=2, params=CRFParams(iterations=5))
     assert (labels / "img_000.png").stat().st_mtime_ns == stamp
 
 
@@ -141,18 +166,58 @@ def test_probe_refuses_a_folder_of_deeplab_checkpoints(synthetic_probe):
     tmp_path, args = synthetic_probe
     with pytest.raises(UserError, match="is the folder of the network it probes"):
         linear_finetune.main(args + [f"output_dir={tmp_path / 'deeplab'}"])
-    (tmp_path / "other").mkdir()
-    (tmp_path / "other" / "model_0000100.pth").write_bytes((tmp_path / "deeplab" / "model_final.pth").read_bytes())
-    with pytest.raises(UserError, match=r"model_0000100\.pth is not a linear-probe checkpoint"):
+    config = torch.load(tmp_path / "deeplab" / "model_final.pth", weights_only=False)["config"]
+    save_checkpoint(tmp_path / "other" / "model_0000100.pth", build_from_config(config), iteration=100,
+                    config=config, fingerprint=fingerprint("deeplab", config))
+    with pytest.raises(UserError, match=r"cannot resume from .*model_0000100\.pth: it was made by deeplab, not "
+                                        r"linear_probe; use another output folder, or --overwrite"):
         linear_finetune.main(args + [f"output_dir={tmp_path / 'other'}"])
     assert sorted(p.name for p in (tmp_path / "other").iterdir()) == ["model_0000100.pth"]
+
+
+def test_killed_probe_resumes_exactly_and_only_its_own_run(synthetic_probe, monkeypatch):
+    """Killed after iteration 3 (checkpoint at 2, a torn metrics line): the automatic resume ends with the
+    weights and log of an uninterrupted run; another `pretrained` network or other data are refused, and
+    results.json is never replaced silently."""
+    tmp_path, args = synthetic_probe
+    args = args + ["solver.max_iter=4", "solver.checkpoint_period=2", "solver.log_period=1"]
+    assert linear_finetune.main(args + [f"output_dir={tmp_path / 'straight'}"]) == 0
+    killed = tmp_path / "killed"
+    kill_after(monkeypatch, 3)
+    with pytest.raises(Killed):
+        linear_finetune.main(args + [f"output_dir={killed}"])
+    monkeypatch.undo()
+    tear_metrics(killed / "metrics.jsonl")
+
+    config = torch.load(tmp_path / "deeplab" / "model_final.pth", weights_only=False)["config"]
+    torch.manual_seed(1)  # another network of the same architecture
+    save_checkpoint(tmp_path / "deeplab2" / "model_final.pth", build_from_config(config), iteration=0, config=config)
+    with pytest.raises(UserError, match=r"cannot resume from .*killed/model_0000002\.pth: it was made with "
+                                        r"pretrained=.*deeplab/model_final\.pth \(sha256 [0-9a-f]{12}\), not "
+                                        r".*deeplab2/model_final\.pth \(sha256 [0-9a-f]{12}\); use the same settings, "
+                                        r"or --overwrite to start again"):
+        linear_finetune.main(args + [f"output_dir={killed}", f"pretrained={tmp_path / 'deeplab2' / 'model_final.pth'}"])
+    (tmp_path / "three.txt").write_text("img_000\nimg_001\nimg_002\n")
+    with pytest.raises(UserError, match=r"it was made with data\.train_list=.*train\.txt \(sha256 [0-9a-f]{12}\), "
+                                        r"not .*three\.txt"):
+        linear_finetune.main(args + [f"output_dir={killed}", f"data.train_list={tmp_path / 'three.txt'}"])
+
+    assert linear_finetune.main(args + [f"output_dir={killed}"]) == 0
+    assert_same_weights(tmp_path / "straight" / "probe_final.pth", killed / "probe_final.pth")
+    assert records(killed / "metrics.jsonl") == records(tmp_path / "straight" / "metrics.jsonl")
+    assert [r["iteration"] for r in records(killed / "metrics.jsonl")] == [1, 2, 3, 4]
+    result = (killed / "results.json").read_text()
+    assert json.loads(result)["pretrained"] == str(tmp_path / "deeplab" / "model_final.pth")
+    with pytest.raises(UserError, match=r"output .*killed/results\.json already exists; pass --overwrite to replace it"):
+        linear_finetune.main(args + [f"output_dir={killed}"])
+    assert (killed / "results.json").read_text() == result
 
 
 def test_probe_prunes_checkpoints_and_evaluates_a_saved_probe_alone(synthetic_probe):
     tmp_path, args = synthetic_probe
     out = tmp_path / "probe"
     assert linear_finetune.main(args + [f"output_dir={out}"]) == 0
-    assert sorted(p.name for p in out.glob("*.pth")) == ["model_0000002.pth", "probe_final.pth"]  # keep 1
+    assert sorted(p.name for p in out.glob("*.pth")) == ["model_0000001.pth", "probe_final.pth"]
     trained = json.loads((out / "results.json").read_text())
     # The probe checkpoint holds the whole network: no `pretrained` is needed to evaluate it.
     (out / "results.json").unlink()
@@ -166,7 +231,7 @@ def test_pooled_crf_evaluation_matches_the_in_process_one(synthetic_probe):
     from segmentation.probe import build_probe_val_dataset, crf_postprocessor, evaluate_with_crf
 
     tmp_path, args = synthetic_probe
-    config = load_config(tmp_path / "probe_exp.yml", args[3:], defaults=DEFAULTS)
+    config = load_config(tmp_path / "probe_exp.yml", args[3:], defaults=PROBE_SCHEMA)
     model = load_trained_model(config, tmp_path / "deeplab" / "model_final.pth", torch.device("cpu"))
     val = build_probe_val_dataset(config)
     serial = evaluate(model, val, config, DistInfo(), crf_postprocessor(val))

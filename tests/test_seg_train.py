@@ -7,14 +7,15 @@ import sys
 
 import pytest
 import torch
-from torchvision.models import resnet
 
 from seg_helpers import make_synthetic_set, tiny_overrides
+from training_helpers import Killed, assert_same_weights, kill_after, records, tear_metrics
 from segmentation.engine import DEFAULTS, build_val_dataset, load_trained_model, segmentation_loss, train
 from segmentation.model import build_deeplab, build_from_config
 from utils.config import load_config
 from utils.distributed import DistInfo
 from utils.errors import UserError
+from utils.resnets import TinyResNet
 
 torch.set_num_threads(1)
 
@@ -34,7 +35,7 @@ def test_resnet50_is_dilated_to_output_stride_8():
 
 
 def test_backbone_weights_from_a_moco_style_checkpoint(tmp_path):
-    source = resnet.ResNet(resnet.BasicBlock, [1, 1, 1, 1])
+    source = TinyResNet()
     torch.save({"state_dict": {f"module.encoder_q.{k}": v for k, v in source.state_dict().items()}},
                tmp_path / "moco.pth.tar")
     model = build_deeplab(3, "tiny", 8, weights=str(tmp_path / "moco.pth.tar"), head_channels=8)
@@ -63,30 +64,37 @@ def test_training_lowers_the_loss(tmp_path, repo_root):
     after = _dataset_loss(load_trained_model(config, result["checkpoint"], torch.device("cpu")), config)
     assert after < 0.7 * before, (before, after)
     records = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["iteration"] for r in records if "loss" in r] == list(range(1, 31))
+    assert [r["iteration"] for r in records if "total_loss" in r] == list(range(1, 31))
     assert records[-1]["iteration"] == 30 and 0 <= records[-1]["mIoU"] <= 1
     assert (tmp_path / "out" / "config.yaml").exists()
 
 
-def test_resume_is_exact(tmp_path, repo_root):
+def test_killed_run_resumes_exactly_with_a_clean_log(tmp_path, repo_root, monkeypatch):
+    """Killed after iteration 5 (checkpoint at 4, a torn metrics line): --resume ends with the weights and
+    the log of an uninterrupted run, validation records included."""
     data = make_synthetic_set(tmp_path / "data", count=5)
-    extra = ["solver.max_iter=6", "solver.checkpoint_period=3", "data.val_list=null"]
+    extra = ["solver.max_iter=6", "solver.checkpoint_period=2", "solver.eval_period=3", "solver.log_period=1",
+             "solver.keep_checkpoints=1"]
     straight = train(_config(repo_root, data, tmp_path / "a", *extra), DistInfo())
-    # Run again, then "crash" after the checkpoint at iteration 3: drop everything written later.
-    train(_config(repo_root, data, tmp_path / "b", *extra), DistInfo())
-    for name in ("model_0000006.pth", "model_final.pth"):
-        (tmp_path / "b" / name).unlink()
+    kill_after(monkeypatch, 5)
+    with pytest.raises(Killed):
+        train(_config(repo_root, data, tmp_path / "b", *extra), DistInfo())
+    monkeypatch.undo()
+    assert sorted(p.name for p in (tmp_path / "b").glob("*.pth")) == ["model_0000004.pth"]  # keep 1
+    tear_metrics(tmp_path / "b" / "metrics.jsonl")
     with pytest.raises(UserError, match="--resume"):
         train(_config(repo_root, data, tmp_path / "b", *extra), DistInfo())
     resumed = train(_config(repo_root, data, tmp_path / "b", *extra), DistInfo(), resume=True)
-    a = torch.load(straight["checkpoint"], weights_only=False)["model"]
-    b = torch.load(resumed["checkpoint"], weights_only=False)["model"]
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
-    losses = [json.loads(line)["loss"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
-    straight_losses = [json.loads(line)["loss"] for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
-    assert losses == straight_losses
+    assert_same_weights(straight["checkpoint"], resumed["checkpoint"])
+    assert resumed["metrics"] == straight["metrics"] and 0 <= straight["metrics"]["mIoU"] <= 1
+    log = records(tmp_path / "b" / "metrics.jsonl")
+    assert log == records(tmp_path / "a" / "metrics.jsonl")
+    assert [(r["iteration"], "mIoU" in r) for r in log] == [(1, False), (2, False), (3, False), (3, True), (4, False),
+                                                           (5, False), (6, False), (6, True)]
+    # Another learning rate is another run: refused, naming the setting.
+    with pytest.raises(UserError, match=r"cannot resume from .*model_final\.pth: it was made with "
+                                        r"solver\.base_lr=0\.01, not 0\.02"):
+        train(_config(repo_root, data, tmp_path / "b", *extra, "solver.base_lr=0.02"), DistInfo(), resume=True)
 
 
 def _free_port():
@@ -106,6 +114,6 @@ def test_two_process_gloo_torchrun_trains(tmp_path, repo_root):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "ddp" / "model_final.pth").exists()
     records = [json.loads(line) for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["iteration"] for r in records if "loss" in r] == [1, 2, 3]  # rank 0 alone writes the log
+    assert [r["iteration"] for r in records if "total_loss" in r] == [1, 2, 3]  # rank 0 alone writes the log
     assert "mIoU" in records[-1]
     assert proc.stdout.count("finished at iteration 3") == 1

@@ -1,4 +1,5 @@
-"""Checkpoints: model, optimizer, scheduler, iteration, config and RNG states, written atomically."""
+"""Checkpoints: model, optimizer, scheduler, AMP scaler, iteration, config, settings fingerprint and RNG states,
+written atomically. Periodic ones are `model_XXXXXXX.pth` (the iteration, 7 digits)."""
 from __future__ import annotations
 
 import os
@@ -12,6 +13,7 @@ import torch
 
 from utils.coco_io import atomic_path
 from utils.errors import UserError
+from utils.state_dicts import state_dict_mismatch
 
 
 def rng_states() -> dict:
@@ -35,13 +37,16 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer: Any = None,
                     scheduler: Any = None, iteration: int = 0, config: dict | None = None,
-                    extra: dict | None = None) -> None:
+                    extra: dict | None = None, scaler: Any = None, fingerprint: dict | None = None) -> None:
+    """Write everything an exact resume needs; `fingerprint` (utils/fingerprint.py) lets a resume check settings."""
     state = {
         "model": unwrap(model).state_dict(),
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "scaler": scaler.state_dict() if scaler is not None else None,
         "iteration": iteration,
         "config": config,
+        "fingerprint": fingerprint,
         "rng": rng_states(),
         "extra": extra or {},
     }
@@ -68,26 +73,84 @@ def read_torch_file(path: str | os.PathLike, what: str, hint: str = "") -> dict:
     return state
 
 
-def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer: Any = None,
-                    scheduler: Any = None, restore_rng: bool = True) -> dict:
-    """Restore a checkpoint in place; returns the whole dict (iteration, config, extra)."""
-    state = read_torch_file(path, "checkpoint")
-    unwrap(model).load_state_dict(state["model"])
-    if optimizer is not None and state.get("optimizer") is not None:
-        optimizer.load_state_dict(state["optimizer"])
-    if scheduler is not None and state.get("scheduler") is not None:
-        scheduler.load_state_dict(state["scheduler"])
+# The kinds of checkpoint the trainers save (their fingerprint's `kind`): what each is, for messages, and the
+# names its weights start with, to recognise a bare state dict or a checkpoint saved before fingerprints.
+CHECKPOINT_KINDS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "mask_rcnn": ("a Mask R-CNN checkpoint (detectron2_train/train_net.py)", ("roi_heads.", "rpn.")),
+    "deeplab": ("a DeepLab-v3 checkpoint (segmentation/train.py)", ("head.",)),
+    "linear_probe": ("a DeepLab-v3 linear-probe checkpoint (segmentation/linear_finetune.py)", ()),
+}
+
+
+def checkpoint_kind(state: dict) -> str | None:
+    """The kind of job that saved a checkpoint (from `read_torch_file`): its fingerprint's kind, else the kind
+    its weights' names show (`CHECKPOINT_KINDS`), else None (backbone weights, another tool's file)."""
+    recorded = state.get("fingerprint")
+    if isinstance(recorded, dict) and isinstance(recorded.get("kind"), str):
+        return recorded["kind"]
+    weights = state.get("model", state)
+    names = [k.removeprefix("module.") for k in weights if isinstance(k, str)] if isinstance(weights, dict) else []
+    for kind, (_, prefixes) in CHECKPOINT_KINDS.items():
+        if prefixes and any(name.startswith(prefixes) for name in names):
+            return kind
+    return None
+
+
+def require_checkpoint_kind(state: dict, path: str | os.PathLike, expected: tuple[str, ...]) -> None:
+    """A UserError naming the kind found and the kinds expected when a checkpoint is of another known kind
+    (e.g. a Mask R-CNN passed where a DeepLab-v3 is wanted); unrecognised files are left to the weight check."""
+    kind = checkpoint_kind(state)
+    if kind is None or kind in expected:
+        return
+    found = CHECKPOINT_KINDS[kind][0] if kind in CHECKPOINT_KINDS else f"a checkpoint made by {kind}"
+    wanted = " or ".join(CHECKPOINT_KINDS[k][0] if k in CHECKPOINT_KINDS else k for k in expected)
+    raise UserError(f"{path} is {found}; expected {wanted}")
+
+
+def restore_checkpoint(state: dict, model: torch.nn.Module, optimizer: Any = None, scheduler: Any = None,
+                       scaler: Any = None, restore_rng: bool = True) -> dict:
+    """Put a checkpoint dict (from `read_torch_file`) back into the objects given; returns it.
+
+    Weights that do not fit the model raise ValueError with one whole line (torch's message spans many
+    and its first line ends at a colon)."""
+    try:  # the model's own load_state_dict, which may have rules of its own
+        unwrap(model).load_state_dict(state["model"])
+    except RuntimeError:
+        raise ValueError(state_dict_mismatch(unwrap(model).state_dict(), state["model"])
+                         or "the weights do not fit the model") from None
+    for target, key in ((optimizer, "optimizer"), (scheduler, "scheduler"), (scaler, "scaler")):
+        if target is not None and state.get(key):  # a disabled GradScaler saves {}
+            target.load_state_dict(state[key])
     if restore_rng and state.get("rng") is not None:
         set_rng_states(state["rng"])
     return state
 
 
+def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer: Any = None,
+                    scheduler: Any = None, restore_rng: bool = True) -> dict:
+    """Restore a checkpoint in place; returns the whole dict (iteration, config, extra)."""
+    return restore_checkpoint(read_torch_file(path, "checkpoint"), model, optimizer, scheduler,
+                              restore_rng=restore_rng)
+
+
+def periodic_checkpoints(directory: str | os.PathLike) -> list[Path]:
+    """The `model_XXXXXXX.pth` files of `directory`, oldest (lowest iteration) first."""
+    found = []
+    for p in Path(directory).glob("model_*.pth"):
+        m = re.fullmatch(r"model_(\d+)\.pth", p.name)
+        if m:
+            found.append((int(m.group(1)), p))
+    return [p for _, p in sorted(found)]
+
+
 def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
     """The `model_XXXXXXX.pth` with the highest iteration in `directory`, or None."""
-    directory = Path(directory)
-    best, best_iter = None, -1
-    for p in directory.glob("model_*.pth"):
-        m = re.fullmatch(r"model_(\d+)\.pth", p.name)
-        if m and int(m.group(1)) > best_iter:
-            best, best_iter = p, int(m.group(1))
-    return best
+    found = periodic_checkpoints(directory)
+    return found[-1] if found else None
+
+
+def prune_checkpoints(directory: str | os.PathLike, keep: int) -> None:
+    """Delete all but the newest `keep` periodic checkpoints (`keep` <= 0 keeps them all)."""
+    if keep > 0:
+        for old in periodic_checkpoints(directory)[:-keep]:
+            old.unlink(missing_ok=True)

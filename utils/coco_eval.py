@@ -1,5 +1,6 @@
 """Instance evaluation through pycocotools: mask/box AP, the most-confident protocol, class-agnostic
-folding, mAP^r at chosen IoU thresholds, class-agnostic AR@1/10/100 and category subsets.
+folding, mAP^r at chosen IoU thresholds, class-agnostic AR@1/10/100, category subsets, and the
+open-world AR@k of GGN (cross-category generalisation: recall of unseen classes).
 
 Every number comes from pycocotools' own `COCOeval`; this module only prepares its inputs:
 - For mask AP the predictions' `bbox` is dropped before `loadRes`, as detectron2 does, so that
@@ -8,15 +9,21 @@ Every number comes from pycocotools' own `COCOeval`; this module only prepares i
   mask's tight box).
 - Polygons and uncompressed RLE in predictions become compressed RLE (pycocotools' `loadRes`
   accepts only compressed RLE for masks).
+- The open-world AR (`max_dets`) folds all categories into one and evaluates the recall of the GT
+  objects of `eval_classes` only. As in GGN's evaluation (OLN's `COCOEvalXclassWrapper`), GT
+  objects of the other classes are ignored, and a detection matched to one of them is dropped
+  from its image's ranked list: it neither counts as a hit nor takes one of the k places of
+  AR@k. (GGN's code ranks its largest k before dropping; here every k drops them.)
 All inputs are checked before anything is evaluated, so a malformed file never yields a number.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import io
-import math
 import os
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Iterable
 
@@ -25,14 +32,14 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from utils.coco_io import (box_iou_xywh, check_image_ids, load_coco_dataset, load_predictions,
+from utils.coco_io import (OBJECT_CATEGORY, box_iou_xywh, check_image_ids, load_coco_dataset, load_predictions,
                            segmentation_to_rle)
 from utils.errors import UserError
+from utils.validate import require_gt_fields
 
 # pycocotools' `stats` order for bbox/segm.
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 IOU_TYPES = ("segm", "bbox")
-AGNOSTIC_CATEGORY = {"id": 1, "name": "object", "supercategory": ""}
 
 
 @dataclass
@@ -42,6 +49,7 @@ class EvalOptions:
     class_agnostic: bool = False
     iou_thresholds: tuple[float, ...] = ()
     eval_classes: tuple[str, ...] = ()  # category ids or names
+    max_dets: tuple[int, ...] = ()  # open-world AR@k for these k (none: not computed)
 
 
 @dataclass
@@ -82,22 +90,88 @@ def load_results(gt: COCO, predictions: list[dict]) -> COCO:
 
 
 def run_cocoeval(gt: COCO, predictions: list[dict], iou_type: str, cat_ids: list[int] | None = None,
-                 iou_thrs: Iterable[float] | None = None) -> tuple[COCOeval, str]:
-    """Evaluate, accumulate and summarize; returns the evaluator and pycocotools' printed table."""
+                 iou_thrs: Iterable[float] | None = None, max_dets: list[int] | None = None,
+                 evaluator_class: type[COCOeval] = COCOeval) -> tuple[COCOeval, str]:
+    """Evaluate, accumulate and (with the default `max_dets`) summarize; returns the evaluator and
+    pycocotools' printed table ("" when not summarized: its table assumes maxDets 1/10/100)."""
     dt = load_results(gt, predictions)
-    evaluator = COCOeval(gt, dt, iou_type)
+    evaluator = evaluator_class(gt, dt, iou_type)
     if cat_ids is not None:
         evaluator.params.catIds = sorted(cat_ids)
     if iou_thrs is not None:
         evaluator.params.iouThrs = np.asarray(sorted(iou_thrs), dtype=np.float64)
+    if max_dets is not None:
+        evaluator.params.maxDets = list(max_dets)
     buffer = io.StringIO()
     with contextlib.redirect_stdout(buffer):
         evaluator.evaluate()
         evaluator.accumulate()
+    if max_dets is not None:
+        return evaluator, ""
     table = io.StringIO()
     with contextlib.redirect_stdout(table):
         evaluator.summarize()
     return evaluator, table.getvalue()
+
+
+class OpenWorldCOCOeval(COCOeval):
+    """COCOeval with GGN's cross-category protocol: the GT objects whose ids are in `ignored_ids`
+    are ignored (like crowd regions, but matched once), and a detection matched to one of them at
+    the lowest IoU threshold is removed from the image's results before `accumulate` ranks them,
+    so it takes none of the k places of AR@k."""
+
+    def __init__(self, gt: COCO, dt: COCO, iou_type: str, ignored_ids: frozenset = frozenset()):
+        super().__init__(gt, dt, iou_type)
+        self.ignored_ids = ignored_ids
+
+    def _prepare(self) -> None:
+        super()._prepare()
+        for objects in self._gts.values():
+            for obj in objects:
+                if obj["id"] in self.ignored_ids:
+                    obj["ignore"] = 1
+
+    def evaluateImg(self, imgId: int, catId: int, aRng: list, maxDet: int) -> dict | None:  # noqa: N802, N803
+        result = super().evaluateImg(imgId, catId, aRng, maxDet)
+        if result is None or not self.ignored_ids or not len(result["dtIds"]):
+            return result
+        keep = ~np.isin(result["dtMatches"][0], list(self.ignored_ids))  # row 0: the lowest IoU threshold
+        if not keep.all():
+            result["dtIds"] = [d for d, k in zip(result["dtIds"], keep) if k]
+            result["dtScores"] = [s for s, k in zip(result["dtScores"], keep) if k]
+            result["dtMatches"] = result["dtMatches"][:, keep]
+            result["dtIgnore"] = result["dtIgnore"][:, keep]
+        return result
+
+
+def open_world_recall(predictions: list[dict], gt_dataset: dict, eval_ids: list[int] | None, iou_type: str,
+                      max_dets: Iterable[int]) -> dict[str, float | None]:
+    """Class-agnostic AR@k (IoU 0.50:0.95, percent) of the GT objects of `eval_ids` (all when None),
+    with GGN's protocol for the objects of other categories; also AR_s/m/l at the largest k.
+
+    `predictions` hold the fields for `iou_type` (see `for_iou_type`). Every detection of an image
+    is matched (not only its best max(k)), so that a dropped detection frees its place for all k."""
+    anns = [dict(a) for a in gt_dataset["annotations"]]
+    ignored = frozenset(a["id"] for a in anns if eval_ids is not None and a["category_id"] not in eval_ids)
+    gt = coco_from_dict({"images": gt_dataset["images"], "annotations": fold_categories(anns),
+                         "categories": [dict(OBJECT_CATEGORY)]})
+    ks = sorted(set(int(k) for k in max_dets))
+    per_image = max(np.unique([p["image_id"] for p in predictions], return_counts=True)[1], default=0)
+    all_dets = ks + ([int(per_image)] if per_image > ks[-1] else [])
+    evaluator = run_cocoeval(gt, fold_categories(predictions), iou_type, max_dets=all_dets,
+                             evaluator_class=functools.partial(OpenWorldCOCOeval, ignored_ids=ignored))[0]
+    recall = evaluator.eval["recall"]  # [IoU threshold, category, area range, max dets]
+    areas = evaluator.params.areaRngLbl
+
+    def mean_recall(area: str, k: int) -> float | None:
+        values = recall[:, 0, areas.index(area), all_dets.index(k)]
+        values = values[values > -1]
+        return _percent(float(np.mean(values))) if values.size else None
+
+    out = {f"AR@{k}": mean_recall("all", k) for k in ks}
+    for label, area in (("ARs", "small"), ("ARm", "medium"), ("ARl", "large")):
+        out[f"{label}@{ks[-1]}"] = mean_recall(area, ks[-1])
+    return out
 
 
 def ap_at_iou(evaluator: COCOeval, iou: float) -> float:
@@ -141,44 +215,49 @@ def fold_categories(dataset_anns: list[dict]) -> list[dict]:
     out = []
     for ann in dataset_anns:
         ann = dict(ann)
-        ann["category_id"] = AGNOSTIC_CATEGORY["id"]
+        ann["category_id"] = OBJECT_CATEGORY["id"]
         out.append(ann)
     return out
 
 
 def normalise_predictions(anns: list[dict], images: dict[int, dict], source: str, need_category: bool) -> list[dict]:
-    """Check every prediction against its image and store masks as compressed RLE with str counts."""
+    """Store every prediction's mask as compressed RLE with str counts (pycocotools' `loadRes` takes no
+    other mask format). The entries were checked when loaded (`load_predictions`: finite scores and boxes,
+    well-formed masks) and against their images (`check_image_ids`: RLE sizes, polygon extents)."""
     out = []
     for i, ann in enumerate(anns):
-        where = f"{source}: annotation #{i}"
         if need_category and "category_id" not in ann:
-            raise UserError(f"{where} has no 'category_id' (pass --class_agnostic to ignore categories)")
-        if not math.isfinite(ann["score"]):
-            raise UserError(f"{where} has a non-finite 'score' {ann['score']!r}")
-        if "bbox" in ann and not (all(math.isfinite(v) for v in ann["bbox"]) and min(ann["bbox"][2:]) >= 0):
-            raise UserError(f"{where} has a 'bbox' {ann['bbox']!r} with a non-finite value or a negative size")
-        img = images[ann["image_id"]]
+            raise UserError(f"{source}: annotation #{i} has no 'category_id' (pass --class_agnostic to ignore "
+                            f"categories)")
         ann = dict(ann)
         if "segmentation" in ann:
-            segm = ann["segmentation"]
-            if isinstance(segm, dict) and list(segm["size"]) != [img["height"], img["width"]]:
-                raise UserError(f"{where} has an RLE of size {segm['size']} but image {ann['image_id']} is "
-                                f"{img['height']}x{img['width']} (height x width)")
-            try:
-                rle = segmentation_to_rle(segm, img["height"], img["width"])
-                rle = {"size": list(rle["size"]), "counts": rle["counts"]}
-                mask_utils.area(rle)  # decodes the counts: corrupt strings fail here
-                box = mask_utils.toBbox(rle).tolist()
-            except UserError:
-                raise
-            except Exception as exc:  # pycocotools raises TypeError/ValueError on corrupt RLE/polygons
-                raise UserError(f"{where} has an unreadable segmentation ({exc})") from None
+            img = images[ann["image_id"]]
+            rle = segmentation_to_rle(ann["segmentation"], img["height"], img["width"])
+            rle = {"size": list(rle["size"]), "counts": rle["counts"]}
             if isinstance(rle["counts"], bytes):
                 rle["counts"] = rle["counts"].decode("utf-8")
             ann["segmentation"] = rle
-            ann.setdefault("bbox", box)
+            ann.setdefault("bbox", mask_utils.toBbox(rle).tolist())
         out.append(ann)
     return out
+
+
+def check_category_ids(anns: list[dict], known_ids: Iterable, source: str, what: str, remedy: str) -> None:
+    """pycocotools evaluates the categories of the GT's `categories` only and silently drops every object of
+    another id: a UserError naming the unknown ids (with their counts) instead."""
+    known = set(known_ids)
+    unknown = Counter(a.get("category_id") for a in anns if a.get("category_id") not in known)
+    if unknown:
+        listed = ", ".join(f"{cid!r} ({n}x)" for cid, n in sorted(unknown.items(), key=lambda kv: str(kv[0]))[:8])
+        more = ", ..." if len(unknown) > 8 else ""
+        raise UserError(f"{source}: {sum(unknown.values())} of {len(anns)} {what} have category ids that are not "
+                        f"among the GT categories ({_id_list(known)}): {listed}{more}; pycocotools would silently "
+                        f"ignore them; {remedy}")
+
+
+def _id_list(ids: set) -> str:
+    shown = sorted(ids, key=str)
+    return ", ".join(str(i) for i in shown[:10]) + (", ..." if len(shown) > 10 else "")
 
 
 def for_iou_type(predictions: list[dict], iou_type: str, source: str) -> list[dict]:
@@ -237,6 +316,9 @@ def check_options(options: EvalOptions) -> None:
     for t in options.iou_thresholds:
         if not 0.0 < t < 1.0:
             raise UserError(f"--iou_thresholds: {t} is not in (0, 1)")
+    for k in options.max_dets:
+        if int(k) != k or k < 1:
+            raise UserError(f"--max_dets: {k} is not a positive whole number")
 
 
 def evaluate_instances(pred_path: str | os.PathLike, gt_path: str | os.PathLike, options: EvalOptions) -> EvalResult:
@@ -253,17 +335,27 @@ def evaluate_predictions(anns: list[dict], gt_dataset: dict, options: EvalOption
 
     `anns` are results as `load_predictions` returns them (checked, with scores); `pred_source` and
     `gt_source` name them in error messages. `agnostic_recall=False` skips the extra class-agnostic
-    evaluation of class-specific runs (no `AR_agnostic` in the metrics then).
+    evaluation of class-specific runs (no `AR_agnostic` in the metrics then). With
+    `options.max_dets`, the metrics hold `AR_open_world` (see `open_world_recall`).
     """
     check_options(options)
+    require_gt_fields(gt_dataset["annotations"], options.iou_types, gt_source)
     # Annotations copied: pycocotools' COCOeval writes into the GT annotations it evaluates.
     gt = {"images": gt_dataset["images"], "annotations": [dict(a) for a in gt_dataset["annotations"]],
           "categories": gt_dataset["categories"]}
+    full_gt = dict(gt)  # every category, for the open-world recall
     if not gt["categories"]:
         raise UserError(f"{gt_source} has no 'categories'")
     check_image_ids(anns, gt, pred_source, gt_source)
     images = {img["id"]: img for img in gt["images"]}
     predictions = normalise_predictions(anns, images, pred_source, need_category=not options.class_agnostic)
+    gt_ids = [c["id"] for c in gt["categories"]]
+    if not options.class_agnostic or options.eval_classes:  # then the GT objects' categories count
+        check_category_ids(gt["annotations"], gt_ids, gt_source, "annotations",
+                           "add their categories to 'categories', or correct the ids")
+    if not options.class_agnostic:
+        check_category_ids(predictions, gt_ids, pred_source, "predictions",
+                           "map the predicted ids to the GT's, or pass --class_agnostic to ignore categories")
     notes: list[str] = []
 
     # Category subset and class-agnostic folding.
@@ -272,20 +364,19 @@ def evaluate_predictions(anns: list[dict], gt_dataset: dict, options: EvalOption
         if eval_ids is not None:  # cross-category protocol: only GT objects of the subset remain
             gt["annotations"] = [a for a in gt["annotations"] if a["category_id"] in eval_ids]
         gt["annotations"] = fold_categories(gt["annotations"])
-        gt["categories"] = [dict(AGNOSTIC_CATEGORY)]
+        gt["categories"] = [dict(OBJECT_CATEGORY)]
         predictions = fold_categories(predictions)
-        cat_ids = [AGNOSTIC_CATEGORY["id"]]
+        cat_ids = [OBJECT_CATEGORY["id"]]
     else:
         cat_ids = eval_ids if eval_ids is not None else sorted(c["id"] for c in gt["categories"])
         pred_ids = {a["category_id"] for a in predictions}
         if predictions and not pred_ids & set(cat_ids):
             raise UserError(f"no prediction has a category id of the evaluated GT categories (predictions use "
                             f"{sorted(pred_ids)[:8]}); for class-agnostic masks pass --class_agnostic")
-        unknown = pred_ids - {c["id"] for c in gt["categories"]}
-        if unknown:
-            notes.append(f"{sum(a['category_id'] in unknown for a in predictions)} predictions have category ids "
-                         f"{sorted(unknown)[:8]} that are not in the GT; they are ignored")
 
+    if options.max_dets and not options.most_confident:
+        scope = f"the {len(eval_ids)} --eval_classes, other categories' GT ignored" if eval_ids else "all categories"
+        notes.append(f"open-world AR: class-agnostic recall of the GT of {scope}")
     if options.most_confident:
         predictions, gt, unpaired = select_most_confident(predictions, gt)
         notes.append(f"most-confident protocol: {len(predictions)} predictions, {len(gt['annotations'])} paired GT objects")
@@ -316,11 +407,13 @@ def evaluate_predictions(anns: list[dict], gt_dataset: dict, options: EvalOption
         elif agnostic_recall:
             agn_gt = dict(gt)
             agn_gt["annotations"] = fold_categories([a for a in gt["annotations"] if a["category_id"] in cat_ids])
-            agn_gt["categories"] = [dict(AGNOSTIC_CATEGORY)]
+            agn_gt["categories"] = [dict(OBJECT_CATEGORY)]
             agnostic = run_cocoeval(coco_from_dict(agn_gt), fold_categories(preds), iou_type)[0]
         if agnostic is not None:
             metrics["AR_agnostic"] = {name: _percent(agnostic.stats[i])
                                       for i, name in ((6, "AR1"), (7, "AR10"), (8, "AR100"))}
+        if options.max_dets and not options.most_confident:
+            metrics["AR_open_world"] = open_world_recall(preds, full_gt, eval_ids, iou_type, options.max_dets)
         result.metrics[iou_type] = metrics
         result.summaries[iou_type] = table
     return result
@@ -345,6 +438,8 @@ def format_report(result: EvalResult) -> str:
             lines.append(f"{iou_type} mAP^r: " + "  ".join(f"@{k} {fmt(v)}" for k, v in m["mAP^r"].items()))
         if "AR_agnostic" in m:
             lines.append(f"{iou_type} class-agnostic: " + "  ".join(f"{k} {fmt(v)}" for k, v in m["AR_agnostic"].items()))
+        if "AR_open_world" in m:
+            lines.append(f"{iou_type} open-world AR: " + "  ".join(f"{k} {fmt(v)}" for k, v in m["AR_open_world"].items()))
     main = order[-1]
     lines.append(f"{main} AP50: {fmt(result.metrics[main]['AP50'])}")
     return "\n".join(lines)

@@ -9,27 +9,50 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
+import secrets
+import stat
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 from pycocotools import mask as mask_utils
 
+from utils import validate
 from utils.errors import UserError
+
+# The one category of class-agnostic files: gen_masks.py output, class-agnostic GT and training.
+OBJECT_CATEGORY = {"id": 1, "name": "object", "supercategory": "object"}
 
 # ----------------------------------------------------------------------------- atomic writes
 
 
+def _create_temp_file(folder: Path, prefix: str, suffix: str) -> Path:
+    """Create a new empty file in `folder` with the mode a plain `open(path, "w")` gives (0666 less the
+    umask; `tempfile.mkstemp` would make it 0600), without touching the process-wide umask."""
+    for _ in range(100):
+        candidate = folder / f"{prefix}{secrets.token_hex(4)}{suffix}"
+        try:
+            fd = os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        return candidate
+    raise FileExistsError(f"no free temporary name in {folder}")
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path next to `path`; rename it onto `path` only if the block succeeds."""
+    """Yield a temporary path next to `path`; rename it onto `path` only if the block succeeds.
+
+    The result has the permissions `open(path, "w")` would give: those of the file it replaces, else
+    0666 less the umask (0644 under umask 022).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp)
+    tmp = _create_temp_file(path.parent, f".{path.name}.", ".tmp")
     try:
+        with contextlib.suppress(FileNotFoundError):
+            os.chmod(tmp, stat.S_IMODE(path.stat().st_mode))
         yield tmp
         os.replace(tmp, path)
     finally:
@@ -45,14 +68,25 @@ def write_json(path: str | os.PathLike, obj: Any, indent: int | None = None) -> 
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
+    """Write UTF-8 text atomically; file names that are not UTF-8 (read from disk as lone surrogates)
+    are written back as their original bytes, so that a list names the files exactly."""
     with atomic_path(path) as tmp:
-        Path(tmp).write_text(text)
+        Path(tmp).write_text(text, encoding="utf-8", errors="surrogateescape")
 
 
-def check_can_write(path: str | os.PathLike, overwrite: bool) -> None:
-    """Refuse to replace an existing output unless asked to."""
-    if Path(path).exists() and not overwrite:
-        raise UserError(f"output {path} already exists; pass --overwrite to replace it")
+def read_text_lines(path: str | os.PathLike, what: str = "list file") -> list[str]:
+    """The non-blank lines of a text file, stripped. Bytes that are not UTF-8 (file names made on another
+    system) come back as lone surrogates, which name the same files on disk (see `write_text`)."""
+    path = Path(path)
+    try:
+        text = path.read_bytes().decode("utf-8", errors="surrogateescape")
+    except FileNotFoundError:
+        raise UserError(f"{what} not found: {path}") from None
+    except IsADirectoryError:
+        raise UserError(f"{what} {path} is a folder, not a file") from None
+    except OSError as exc:
+        raise UserError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    return [line.strip() for line in text.splitlines() if line.strip()]
 
 
 # ----------------------------------------------------------------------------- reading
@@ -72,70 +106,50 @@ def load_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
 
 
 def load_coco_dataset(path: str | os.PathLike) -> dict:
-    """Load and check a COCO dataset dict (`images`, `annotations`, `categories`)."""
+    """Load and check a COCO dataset dict (`images`, `annotations`, `categories`).
+
+    Every entry is checked by `utils.validate` against its image (unique image and annotation ids,
+    finite boxes and polygons, RLE that fits its image), so no stage hands pycocotools a broken entry.
+    """
     data = load_json(path, "COCO dataset")
     if not isinstance(data, dict) or "images" not in data:
         raise UserError(f"{path} is not a COCO dataset: expected a dict with 'images'")
     data.setdefault("annotations", [])
     data.setdefault("categories", [])
-    image_ids = set()
-    for i, img in enumerate(data["images"]):
-        for key in ("id", "width", "height"):
-            if key not in img:
-                raise UserError(f"{path}: images[{i}] has no '{key}'")
-        image_ids.add(img["id"])
-    for i, ann in enumerate(data["annotations"]):
-        check_annotation(ann, i, str(path), require_score=False)
-        if ann["image_id"] not in image_ids:
-            raise UserError(f"{path}: annotations[{i}] refers to image_id {ann['image_id']} not in 'images'")
+    if not isinstance(data["annotations"], list):
+        raise UserError(f"{path}: 'annotations' is not a list")
+    images = validate.check_images(data["images"], str(path))
+    validate.check_annotations(data["annotations"], str(path), images, require_image=True)
+    validate.check_annotation_ids(data["annotations"], str(path))
     return data
 
 
 def load_predictions(path: str | os.PathLike) -> tuple[list[dict], dict | None]:
     """Load predictions: a COCO results list, or a full COCO dict whose annotations carry scores.
 
-    Returns (annotations, dataset-or-None). Missing scores default to 1.0.
+    Returns (annotations, dataset-or-None). Missing scores default to 1.0. Entries are checked by
+    `utils.validate`; in a COCO dict, masks are also checked against the dict's own images. Callers
+    check a results list against their ground truth with `check_image_ids`.
     """
     data = load_json(path, "predictions file")
+    images: dict = {}
     if isinstance(data, list):
         anns, dataset = data, None
     elif isinstance(data, dict) and "annotations" in data:
         anns, dataset = data["annotations"], data
+        if not isinstance(anns, list):
+            raise UserError(f"{path}: 'annotations' is not a list")
+        if "images" in data:
+            images = validate.check_images(data["images"], str(path))
     else:
         raise UserError(f"{path}: expected a COCO results list or a dict with 'annotations'")
-    for i, ann in enumerate(anns):
-        check_annotation(ann, i, str(path), require_score=False)
+    validate.check_annotations(anns, str(path), images, require_image=False)
+    for ann in anns:
         ann.setdefault("score", 1.0)
     return anns, dataset
 
 
-def check_annotation(ann: Any, index: int, source: str, require_score: bool = False) -> None:
-    """Raise a UserError naming the entry if an annotation/result is malformed."""
-    where = f"{source}: annotation #{index}"
-    if not isinstance(ann, dict):
-        raise UserError(f"{where} is not an object")
-    if "image_id" not in ann:
-        raise UserError(f"{where} has no 'image_id'")
-    if "segmentation" not in ann and "bbox" not in ann:
-        raise UserError(f"{where} has neither 'segmentation' nor 'bbox'")
-    if "bbox" in ann:
-        box = ann["bbox"]
-        if not (isinstance(box, (list, tuple)) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)):
-            raise UserError(f"{where} has a malformed 'bbox' {box!r}; expected [x, y, w, h]")
-    if "segmentation" in ann:
-        seg = ann["segmentation"]
-        if isinstance(seg, dict):
-            if "counts" not in seg or "size" not in seg:
-                raise UserError(f"{where} has an RLE without 'counts'/'size'")
-        elif isinstance(seg, list):
-            if any(not isinstance(p, list) or len(p) < 6 or len(p) % 2 for p in seg):
-                raise UserError(f"{where} has a malformed polygon (need lists of >= 3 x,y pairs)")
-        else:
-            raise UserError(f"{where} has a 'segmentation' that is neither RLE nor polygons")
-    if require_score and "score" not in ann:
-        raise UserError(f"{where} has no 'score'")
-    if "score" in ann and not isinstance(ann["score"], (int, float)):
-        raise UserError(f"{where} has a non-numeric 'score'")
+check_annotation = validate.check_annotation  # the per-entry check, for in-memory annotations
 
 
 # ----------------------------------------------------------------------------- masks and boxes
@@ -234,23 +248,66 @@ def annotations_by_image(anns: list[dict]) -> dict[int, list[dict]]:
     return grouped
 
 
+def confident_else_best(preds: list[dict], threshold: float) -> tuple[list[dict], list[dict]]:
+    """Split one image's predictions into (kept, rest): those scoring at least `threshold` (score >= threshold),
+    or, when none does, the single best one (the first of equal best scores), as MaskDistill keeps every image
+    with predictions labelled. A prediction without a score counts as 1.0. Both lists keep the input order."""
+    def score(p: dict) -> float:
+        return float(p.get("score", 1.0))
+
+    kept = [p for p in preds if score(p) >= threshold]
+    if not kept and preds:
+        kept = [max(preds, key=score)]
+    chosen = {id(p) for p in kept}
+    return kept, [p for p in preds if id(p) not in chosen]
+
+
 def check_image_ids(pred_anns: list[dict], dataset: dict, pred_name: str, gt_name: str) -> None:
-    """Every prediction must refer to an image of the dataset; name the first that does not."""
-    known = {img["id"] for img in dataset["images"]}
+    """Every prediction must refer to an image of the dataset, and its mask must fit that image (RLE
+    size, polygon coordinates); name the first that does not."""
+    known = {img["id"]: img for img in dataset["images"]}
     for i, ann in enumerate(pred_anns):
-        if ann["image_id"] not in known:
-            raise UserError(f"{pred_name}: annotation #{i} has image_id {ann['image_id']} which is not in {gt_name}")
+        image = known.get(ann["image_id"])
+        if image is None:
+            raise UserError(f"{pred_name}: annotation #{i} has image_id {ann['image_id']!r} which is not in {gt_name}")
+        if "segmentation" in ann:
+            validate.check_mask_fits_image(ann["segmentation"], f"{pred_name}: annotation #{i}", image)
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+def check_can_write(path: str | os.PathLike, overwrite: bool) -> None:
+    """Refuse to replace an existing output unless asked to."""
+    if Path(path).exists() and not overwrite:
+        raise UserError(f"output {path} already exists; pass --overwrite to replace it")
+
+
+def _nearest_existing(path: Path) -> Path:
+    path = Path(os.path.abspath(path))
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_writable_folder(folder: str | os.PathLike, what: str | None = None) -> None:
+    """Fail early, in one line, when files cannot be created in `folder` (or in the folders that would be
+    made for it): a parent is a file, a read-only place, /proc. Nothing is left behind: no folder is
+    created and the probe file is removed. `what` names the output in the message."""
+    what = what or f"output folder {folder}"
+    existing = _nearest_existing(Path(folder))
+    if not existing.is_dir():
+        raise UserError(f"cannot write {what}: {existing} is a file, not a folder")
+    try:
+        _create_temp_file(existing, ".write-probe.", ".tmp").unlink()
+    except OSError as exc:
+        raise UserError(f"cannot write {what}: no file can be created in {existing} ({exc.strerror or exc})") from None
 
 
 def check_writable(path: str | os.PathLike) -> None:
-    """Fail early, in one line, when an output cannot be written (its folder cannot be created, or it
-    is a folder), so that a long job does not end in a traceback after all its work."""
+    """Fail early, in one line, when an output file cannot be written (it is a folder, or its folder cannot
+    be created or written), so that a long job does not end in a traceback after all its work."""
     path = Path(path)
     if path.is_dir():
         raise UserError(f"output {path} is a folder, not a file")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".probe"):
-            pass
-    except OSError as exc:
-        raise UserError(f"cannot write output {path}: {exc.strerror or exc}") from None
+    check_writable_folder(path.parent, f"output {path}")

@@ -1,11 +1,19 @@
 """CorLoc for single-object discovery (LOST, TokenCut, ...): the percentage of images whose most
 confident predicted box has IoU >= 0.5 with at least one GT box.
 
-- Only the most confident prediction of an image counts (ties: the first in the file).
-- An image without any prediction is a miss.
-- Images without any GT box (after `--no_hard`) are left out of the count, as in LOST.
-Ground truth is a COCO JSON (bbox `[x, y, w, h]`) or VOC XML (boxes moved to pixel edges,
-see `utils.voc.parse_voc_xml`).
+The protocol is LOST's (valeoai/LOST `main_lost.py`, `main_corloc_evaluation.py`, `datasets.py`):
+- Only the most confident prediction of an image counts (ties: the first in the file). An image
+  without any prediction is a miss.
+- Every image of the ground truth is counted, also one without any GT box (a miss).
+- VOC: every object counts, difficult and truncated ones included. `no_hard` drops objects marked
+  difficult or truncated, and then skips (does not count) images left without an object.
+- COCO: crowd regions are never GT boxes. An image whose only objects are crowd regions is a miss,
+  unless `no_hard`, which skips it. GT boxes are rounded to whole pixels as corners
+  (`round(x)`, `round(y)`, `round(x + w)`, `round(y + h)`, half to even, as Python's `round`).
+- VOC XML boxes move to pixel edges (`xmin - 1`, `ymin - 1`; see `utils.voc.parse_voc_xml`).
+- IoU >= 0.5 exactly (LOST adds 1e-7 to its IoU denominators but computes in float32, where that
+  vanishes for boxes of a pixel or more: an IoU of exactly 0.5 is correct in both).
+The result says how many images were counted, and how many were skipped and why.
 """
 from __future__ import annotations
 
@@ -18,6 +26,7 @@ from pycocotools import mask as mask_utils
 
 from utils.coco_io import box_iou_xywh, load_coco_dataset, load_predictions, segmentation_to_rle
 from utils.errors import UserError
+from utils.validate import check_mask_fits_image
 from utils.voc import parse_voc_xml, read_image_set, voc_image_id
 
 
@@ -28,37 +37,56 @@ class GroundTruthBoxes:
     boxes: dict = field(default_factory=dict)  # image key -> np.ndarray (N, 4)
     sizes: dict = field(default_factory=dict)  # image key -> (height, width)
     source: str = ""
+    no_hard: bool = False
+    removed: str = ""  # what was removed from the GT, for the report
 
 
 @dataclass
 class CorLocResult:
-    corloc: float  # percent
+    corloc: float  # percent of the counted images
     num_correct: int
-    num_images: int
-    num_without_prediction: int
-    num_without_gt: int
-    per_image: dict  # image key -> bool
+    num_images: int  # counted: the denominator
+    num_gt_images: int  # every image of the ground truth
+    num_without_prediction: int  # counted, misses
+    num_without_gt: int  # counted, misses (no GT box; without --no_hard)
+    num_skipped: int  # not counted: no GT box left with --no_hard
+    per_image: dict  # image key -> bool, for the counted images
+    removed: str = ""
+
+    def summary(self) -> str:
+        skipped = f", {self.num_skipped} skipped (no GT box left after --no_hard)" if self.num_skipped else ""
+        removed = f" ({self.removed})" if self.removed else ""
+        return (f"{self.num_images} of {self.num_gt_images} ground-truth images counted{skipped}; "
+                f"{self.num_correct} correctly localised; misses include {self.num_without_prediction} without "
+                f"a prediction and {self.num_without_gt} without a GT box{removed}")
 
     def to_json(self) -> dict:
         return {"CorLoc": self.corloc, "num_correct": self.num_correct, "num_images": self.num_images,
-                "num_without_prediction": self.num_without_prediction, "num_without_gt": self.num_without_gt,
+                "num_gt_images": self.num_gt_images, "num_without_prediction": self.num_without_prediction,
+                "num_without_gt": self.num_without_gt, "num_skipped": self.num_skipped,
+                "denominator": "images of the ground truth, less those skipped: with --no_hard, images left "
+                               "without a GT box are skipped; otherwise they are counted as misses",
+                "gt_removed": self.removed,
                 "per_image": {str(k): v for k, v in self.per_image.items()}}
 
 
 def gt_from_coco(path: str | os.PathLike, no_hard: bool = False) -> GroundTruthBoxes:
-    """GT boxes from a COCO instances JSON; `no_hard` drops crowd regions."""
+    """GT boxes from a COCO instances JSON: crowd regions removed, corners rounded (LOST's `extract_gt_COCO`)."""
     data = load_coco_dataset(path)
-    gt = GroundTruthBoxes(source=str(path))
+    gt = GroundTruthBoxes(source=str(path), no_hard=no_hard, removed="crowd regions are not GT boxes")
     for img in data["images"]:
         gt.boxes[img["id"]] = []
         gt.sizes[img["id"]] = (img["height"], img["width"])
     for i, ann in enumerate(data["annotations"]):
-        if no_hard and ann.get("iscrowd", 0):
+        if ann.get("iscrowd", 0):
             continue
         if "bbox" not in ann:
             raise UserError(f"{path}: annotation #{i} has no 'bbox'")
         gt.boxes[ann["image_id"]].append(ann["bbox"])
-    gt.boxes = {k: np.asarray(v, dtype=np.float64).reshape(-1, 4) for k, v in gt.boxes.items()}
+    for key, boxes in gt.boxes.items():
+        xywh = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+        corners = np.round(np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1))  # half to even
+        gt.boxes[key] = np.concatenate([corners[:, :2], corners[:, 2:] - corners[:, :2]], axis=1)
     return gt
 
 
@@ -68,7 +96,8 @@ def gt_from_voc(voc_root: str | os.PathLike, image_set: str = "trainval", no_har
     root = Path(voc_root)
     if not (root / "Annotations").is_dir():
         raise UserError(f"{root / 'Annotations'} not found; --voc_root must be a VOC20XX folder")
-    gt = GroundTruthBoxes(source=str(root))
+    gt = GroundTruthBoxes(source=str(root), no_hard=no_hard,
+                          removed="objects marked difficult or truncated are not GT boxes" if no_hard else "")
     for name in read_image_set(root, "Main", image_set):
         ann = parse_voc_xml(root / "Annotations" / f"{name}.xml")
         boxes = [o.box_xyxy for o in ann.objects if not (no_hard and (o.difficult or o.truncated))]
@@ -79,17 +108,19 @@ def gt_from_voc(voc_root: str | os.PathLike, image_set: str = "trainval", no_har
 
 
 def prediction_box(ann: dict, size: tuple[int, int] | None) -> list[float]:
-    """The prediction's `bbox`, or the tight box of its mask."""
+    """The prediction's `bbox`, or the tight box of its mask (checked by `utils.validate` beforehand)."""
     if "bbox" in ann:
         return list(ann["bbox"])
-    if size is None or not all(size):
-        size = tuple(ann["segmentation"].get("size", (0, 0))) if isinstance(ann["segmentation"], dict) else (0, 0)
-    rle = segmentation_to_rle(ann["segmentation"], *size)
+    segm = ann["segmentation"]
+    if isinstance(segm, dict):
+        size = tuple(segm["size"])
+    rle = segmentation_to_rle(segm, *size)
     return mask_utils.toBbox(rle).tolist()
 
 
 def most_confident_boxes(pred_path: str | os.PathLike, gt: GroundTruthBoxes, keyed_by_name: bool) -> dict:
-    """The most confident prediction's box per GT image key; predictions on unknown images raise."""
+    """The most confident prediction's box per GT image key; predictions on unknown images, and masks that
+    do not fit their image, raise."""
     anns, dataset = load_predictions(pred_path)
     id_to_key: dict = {}
     if keyed_by_name:
@@ -100,7 +131,10 @@ def most_confident_boxes(pred_path: str | os.PathLike, gt: GroundTruthBoxes, key
                 if "file_name" in img:
                     id_to_key[img["id"]] = Path(img["file_name"]).stem
         for name in gt.boxes:
-            id_to_key.setdefault(voc_image_id(name), name)
+            try:
+                id_to_key.setdefault(voc_image_id(name), name)
+            except UserError:  # a name without an id (not YYYY_NNNNNN): matched by name only
+                pass
             id_to_key.setdefault(name, name)
     best: dict = {}
     for i, ann in enumerate(anns):
@@ -108,23 +142,28 @@ def most_confident_boxes(pred_path: str | os.PathLike, gt: GroundTruthBoxes, key
         if key not in gt.boxes:
             raise UserError(f"{pred_path}: annotation #{i} has image_id {ann['image_id']!r} which is not in the "
                             f"ground truth {gt.source}")
+        height, width = gt.sizes.get(key, (0, 0))
+        if "segmentation" in ann and height and width:
+            check_mask_fits_image(ann["segmentation"], f"{pred_path}: annotation #{i} (image {key!r})",
+                                  {"height": height, "width": width})
+        elif "bbox" not in ann and isinstance(ann["segmentation"], list):
+            raise UserError(f"{pred_path}: annotation #{i} has a polygon mask and no 'bbox', but the size of "
+                            f"image {key!r} is unknown (its VOC XML has no <size>)")
         if key not in best or ann["score"] > best[key]["score"]:
             best[key] = ann
-    boxes = {}
-    for key, ann in best.items():
-        try:
-            boxes[key] = prediction_box(ann, gt.sizes.get(key))
-        except Exception as exc:
-            raise UserError(f"{pred_path}: cannot read the mask of the prediction for image {key!r} ({exc})") from None
-    return boxes
+    return {key: prediction_box(ann, gt.sizes.get(key)) for key, ann in best.items()}
 
 
 def corloc(pred_boxes: dict, gt: GroundTruthBoxes, iou_threshold: float = 0.5) -> CorLocResult:
-    """CorLoc over the GT images that have at least one box."""
-    per_image, without_pred, without_gt = {}, 0, 0
+    """CorLoc over the GT images, by LOST's protocol (see the module docstring)."""
+    per_image, without_pred, without_gt, skipped = {}, 0, 0, 0
     for key, gt_boxes in gt.boxes.items():
         if len(gt_boxes) == 0:
+            if gt.no_hard:
+                skipped += 1
+                continue
             without_gt += 1
+            per_image[key] = False
             continue
         box = pred_boxes.get(key)
         if box is None:
@@ -133,10 +172,12 @@ def corloc(pred_boxes: dict, gt: GroundTruthBoxes, iou_threshold: float = 0.5) -
             continue
         per_image[key] = bool((box_iou_xywh(np.array([box]), gt_boxes)[0] >= iou_threshold).any())
     if not per_image:
-        raise UserError(f"no image of {gt.source} has a GT box; CorLoc is undefined")
+        raise UserError(f"no image of {gt.source} is left to count ({skipped} skipped without a GT box after "
+                        f"--no_hard); CorLoc is undefined")
     correct = sum(per_image.values())
     return CorLocResult(corloc=100.0 * correct / len(per_image), num_correct=correct, num_images=len(per_image),
-                        num_without_prediction=without_pred, num_without_gt=without_gt, per_image=per_image)
+                        num_gt_images=len(gt.boxes), num_without_prediction=without_pred, num_without_gt=without_gt,
+                        num_skipped=skipped, per_image=per_image, removed=gt.removed)
 
 
 def evaluate_corloc(pred_path: str | os.PathLike, gt_file: str | None = None, voc_root: str | None = None,

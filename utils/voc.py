@@ -14,7 +14,7 @@ from typing import NamedTuple
 import numpy as np
 
 from utils import label_png
-from utils.coco_io import make_annotation
+from utils.coco_io import OBJECT_CATEGORY, make_annotation, read_text_lines
 from utils.errors import UserError
 
 VOC_CLASSES = (
@@ -26,7 +26,6 @@ VOC_CLASSES = (
 VOC_SEGMENTATION_CLASSES = ("background",) + VOC_CLASSES
 VOC_NAME_TO_ID = {name: i + 1 for i, name in enumerate(VOC_CLASSES)}
 VOC_CATEGORIES = [{"id": i + 1, "name": name, "supercategory": ""} for i, name in enumerate(VOC_CLASSES)]
-AGNOSTIC_CATEGORIES = [{"id": 1, "name": "object", "supercategory": ""}]
 VOID = label_png.IGNORE_INDEX  # void / object boundary in VOC label PNGs
 
 
@@ -40,15 +39,25 @@ def voc_image_id(name: str) -> int:
 
 
 def read_image_set(voc_root: str | os.PathLike, subdir: str, image_set: str) -> list[str]:
-    """Image names listed in `ImageSets/<subdir>/<image_set>.txt` (a path to a .txt file also works)."""
+    """Image names listed in `ImageSets/<subdir>/<image_set>.txt` (a path to a .txt file also works).
+
+    A name listed twice is an error (it would count the image twice). Names that are not UTF-8 come back
+    as lone surrogates, naming the same files (`utils.coco_io.read_text_lines`).
+    """
     path = Path(image_set)
     if not path.is_file():
         path = Path(voc_root) / "ImageSets" / subdir / f"{image_set}.txt"
     if not path.is_file():
         raise UserError(f"image set not found: {path}")
-    names = [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
+    names = [line.split()[0] for line in read_text_lines(path, "image set")]
     if not names:
         raise UserError(f"image set {path} is empty")
+    first_line: dict[str, int] = {}
+    for number, name in enumerate(names, start=1):
+        if name in first_line:
+            raise UserError(f"image set {path}: {name!r} is listed twice (entries {first_line[name]} and {number}); "
+                            f"remove the duplicate (e.g. sort -u)")
+        first_line[name] = number
     return names
 
 
@@ -164,9 +173,16 @@ def convert_voc_instances(voc_root: str | os.PathLike, image_set: str = "trainva
             raise UserError(f"no PNGs in {obj_dir}")
     else:
         names = read_image_set(root, "Segmentation", image_set)
+    image_ids = [voc_image_id(name) for name in names]  # every name checked before any work
+    name_of: dict[int, str] = {}
+    for name, image_id in zip(names, image_ids):
+        if image_id in name_of:
+            raise UserError(f"images {name_of[image_id]!r} and {name!r} would both get image id {image_id}")
+        name_of[image_id] = name
 
     images, annotations = [], []
-    for name in tqdm(names, desc="convert", unit="img", disable=None if progress is None else not progress):
+    for name, image_id in tqdm(zip(names, image_ids), total=len(names), desc="convert", unit="img",
+                               disable=None if progress is None else not progress):
         objects = read_label_png(obj_dir / f"{name}.png")
         classes = read_label_png(cls_dir / f"{name}.png")
         if objects.shape != classes.shape:
@@ -175,12 +191,11 @@ def convert_voc_instances(voc_root: str | os.PathLike, image_set: str = "trainva
         bad = np.setdiff1d(np.unique(classes), list(range(len(VOC_CLASSES) + 1)) + [VOID])
         if bad.size:
             raise UserError(f"{cls_dir / (name + '.png')}: class value {int(bad[0])} is not a VOC class (0-20 or 255)")
-        image_id = voc_image_id(name)
         height, width = objects.shape
         images.append({"id": image_id, "file_name": f"{root.resolve().name}/JPEGImages/{name}.jpg", "width": width, "height": height})
         instances, unclassed = instances_from_pngs(objects, classes)
         for inst_id in unclassed:
-            print(f"warning: {name}: instance {inst_id} has no object-class pixels; skipped")
+            print(f"warning: {name!r}: instance {inst_id} has no object-class pixels; skipped")
         for _, mask, cls in instances:
             ann = make_annotation(mask, image_id, 1 if class_agnostic else cls, score=1.0,
                                   mask_format=mask_format, ann_id=len(annotations) + 1)
@@ -190,5 +205,5 @@ def convert_voc_instances(voc_root: str | os.PathLike, image_set: str = "trainva
                 ann = make_annotation(mask, image_id, ann["category_id"], mask_format="rle", ann_id=ann["id"])
                 ann.pop("score")
             annotations.append(ann)
-    categories = AGNOSTIC_CATEGORIES if class_agnostic else VOC_CATEGORIES
+    categories = [OBJECT_CATEGORY] if class_agnostic else VOC_CATEGORIES
     return {"images": images, "annotations": annotations, "categories": [dict(c) for c in categories]}

@@ -1,15 +1,16 @@
 """Mask sets and their crop features: box crops of every mask through the ViT, cached as .npy.
 
-Used by utils/cluster.py. Per mask: crop the image to the mask's box, normalise with the ImageNet
+Used by distill/cluster.py. Per mask: crop the image to the mask's box, normalise with the ImageNet
 mean/std, zero-pad to a multiple of the patch size and take the ViT's final normalised CLS token.
 Crops are batched only with crops of the same padded size, so a crop's feature never depends on
 its batch (padding to the batch maximum would add tokens and change the CLS token). Features are
-cached as `<stem>.<set>.<key>.npy` (+ a .json sidecar), keyed by the input file's content, the
-image root and the backbone; an interrupted extraction resumes from a `.partial.npz`.
+cached by content: `<json stem>.features.<key>.npy` (+ a .json sidecar) next to the mask file (or in
+a chosen folder), where the key hashes the mask file's bytes, the image root, the backbone and the crop
+settings; any run on the same masks reuses them, whatever its output file. An interrupted extraction
+resumes from a `.partial.npz`.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import hashlib
 import json
@@ -24,7 +25,16 @@ import numpy as np
 from utils.coco_io import load_json, load_predictions, segmentation_to_rle, write_json
 from utils.errors import UserError
 
-FEATURE_VERSION = 1  # bump when the crop/feature recipe changes: old caches become invalid
+FEATURE_VERSION = 2  # bump when the crop/feature recipe or the cache key changes: old caches become invalid
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """The ViT that makes the features, as gen_masks.py names it."""
+
+    arch: str
+    patch_size: int
+    weights: str  # dino | random | a checkpoint path
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -142,7 +152,7 @@ class CropDataset:
         import torch
         import torchvision.transforms.functional as TF
 
-        from distill.vit import IMAGENET_MEAN, IMAGENET_STD
+        from utils.images import IMAGENET_MEAN, IMAGENET_STD
 
         img, crops = self.items[i]
         try:
@@ -164,12 +174,10 @@ def _first(batch: list) -> list:
     return batch[0]
 
 
-def weights_identity(weights: str, seed: int) -> str:
-    """What identifies the backbone weights for the cache key."""
-    if weights == "random":
-        return f"random(seed={seed})"
-    if weights == "dino":
-        return "dino"
+def weights_identity(weights: str) -> str:
+    """What identifies the backbone weights for the cache key (`random` weights are seeded, so fixed)."""
+    if weights in ("random", "dino"):
+        return weights
     path = Path(weights)
     if not path.is_file():
         raise UserError(f"--weights {weights}: no such file (use 'dino', 'random' or a checkpoint path)")
@@ -177,14 +185,22 @@ def weights_identity(weights: str, seed: int) -> str:
     return f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
 
 
-def cache_key(mask_set: MaskSet, arch: str, patch_size: int, weights: str, seed: int, half: bool) -> str:
+def cache_key(mask_set: MaskSet, backbone: Backbone, half: bool) -> str:
+    """Hash of everything a feature depends on: the mask file's bytes, the image root, the backbone, the
+    crop recipe and the precision; never the name of any output."""
     digest = hashlib.sha256()
     with open(mask_set.json_path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
-    digest.update(json.dumps([FEATURE_VERSION, str(mask_set.image_root.resolve()), arch, patch_size,
-                              weights_identity(weights, seed), half]).encode())
+    digest.update(json.dumps([FEATURE_VERSION, str(mask_set.image_root.resolve()), backbone.arch,
+                              backbone.patch_size, weights_identity(backbone.weights), half]).encode())
     return digest.hexdigest()[:16]
+
+
+def cache_path(mask_set: MaskSet, cache_dir: Path | None, backbone: Backbone, half: bool) -> Path:
+    """`<json stem>.features.<key>.npy` in `cache_dir`, by default next to the mask file."""
+    folder = cache_dir if cache_dir is not None else mask_set.json_path.parent
+    return folder / f"{mask_set.json_path.stem}.features.{cache_key(mask_set, backbone, half)}.npy"
 
 
 def extract_features(mask_set: MaskSet, model, device, patch_size: int, batch_size: int = 32,
@@ -280,12 +296,12 @@ def _save_partial(path: Path, features: np.ndarray, done: np.ndarray) -> None:
             np.savez(f, features=features, done=done)
 
 
-def cached_features(mask_set: MaskSet, cache_dir: Path, stem: str, args: argparse.Namespace, get_model) -> np.ndarray:
-    """Features of one mask set, from `<stem>.<set>.<key>.npy` if present, else computed and saved."""
+def cached_features(mask_set: MaskSet, path: Path, backbone: Backbone, half: bool, batch_size: int,
+                    num_workers: int, get_model) -> np.ndarray:
+    """Features of one mask set, from the cache file `path` (see `cache_path`) if present, else computed
+    with `get_model()` -> (model, device) and saved there."""
     from utils.coco_io import atomic_path
 
-    key = cache_key(mask_set, args.arch, args.patch_size, args.weights, args.seed, args.half)
-    path = cache_dir / f"{stem}.{mask_set.name}.{key}.npy"
     sidecar = path.with_suffix(".json")
     if path.is_file() and sidecar.is_file():
         meta = load_json(sidecar, "feature cache sidecar")
@@ -299,14 +315,14 @@ def cached_features(mask_set: MaskSet, cache_dir: Path, stem: str, args: argpars
             return features
     model, device = get_model()
     partial = path.with_suffix(".partial.npz")
-    features = extract_features(mask_set, model, device, args.patch_size, args.batch_size, args.num_workers,
-                                args.half, partial_path=partial)
+    features = extract_features(mask_set, model, device, backbone.patch_size, batch_size, num_workers, half,
+                                partial_path=partial)
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             np.save(f, features)
     write_json(sidecar, {"input_file": str(mask_set.json_path), "image_root": str(mask_set.image_root),
-                         "arch": args.arch, "patch_size": args.patch_size, "weights": args.weights,
-                         "feature_version": FEATURE_VERSION, "num_masks": len(mask_set.annotations),
+                         "arch": backbone.arch, "patch_size": backbone.patch_size, "weights": backbone.weights,
+                         "half": half, "feature_version": FEATURE_VERSION, "num_masks": len(mask_set.annotations),
                          "skipped": mask_set.skipped}, indent=1)
     if partial.exists():
         partial.unlink()

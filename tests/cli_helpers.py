@@ -1,0 +1,27 @@
+"""Run a command-line entry point in the test process (no subprocess): exit code, stdout, stderr."""
+from __future__ import annotations
+
+import contextlib
+import io
+from typing import Callable
+
+from utils.errors import run_cli
+
+
+def run_main(main: Callable[[list[str]], object], argv: list[str]) -> tuple[int, str, str]:
+    """`main(argv)` as `python script.py ARGV` would run it (argparse errors and `UserError` included)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            run_cli(lambda: main(argv))
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    return code, out.getvalue(), err.getvalue()
+
+
+def error_line(stderr: str) -> str:
+    """The one `error: ...` line of a refused run (argparse's `prog: error: ...` counts too)."""
+    lines = [ln for ln in stderr.strip().splitlines() if "error: " in ln]
+    assert len(lines) == 1, stderr
+    return lines[0]

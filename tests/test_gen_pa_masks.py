@@ -1,0 +1,122 @@
+"""gen_pa_masks.py: the oracle's output equals the grouping of the GT's affinity, the output contract of
+gen_masks.py, worker processes, a PA checkpoint, and one-line errors before any output."""
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+import gen_pa_masks
+from detectron2_train.affinity import build_affinity_model
+from distill.grouping import GroupingOptions, group, oracle_affinity
+from utils.checkpoint import save_checkpoint
+from utils.coco_io import annotations_by_image, decode_segmentation
+from utils.errors import run_cli
+
+
+def run(monkeypatch, capsys, *argv: str) -> tuple[int, str, str]:
+    """gen_pa_masks.py in this process: (exit code, stdout, stderr)."""
+    monkeypatch.setattr(sys, "argv", ["gen_pa_masks.py", *map(str, argv)])
+    with pytest.raises(SystemExit) as stop:
+        run_cli(gen_pa_masks.main)
+    out = capsys.readouterr()
+    return stop.value.code, out.out, out.err
+
+
+@pytest.fixture
+def val(tiny_coco):
+    return tiny_coco / "val2017", tiny_coco / "annotations" / "instances_val2017.json"
+
+
+def test_oracle_output_is_the_grouping_of_the_gt_affinity(val, tmp_path, monkeypatch, capsys):
+    images, gt_json = val
+    out = tmp_path / "pa.json"
+    code, stdout, stderr = run(monkeypatch, capsys, "--dataset", "folder", "--dataset_root", images, "--affinity", "oracle",
+                               "--gt_json", gt_json, "--max_images", 2, "--topk", 5, "--num_workers", 0,
+                               "--pred_json_path", out)
+    assert code == 0, stderr
+    data = json.loads(out.read_text())
+    assert sorted(data) == ["annotations", "categories", "images", "info", "skipped_images"]
+    assert data["categories"] == [{"id": 1, "name": "object", "supercategory": "object"}]
+    assert data["info"]["settings"]["topk"] == 5 and data["info"]["settings"]["affinity"] == "oracle"
+    assert json.loads(out.with_suffix(".results.json").read_text()) == data["annotations"]
+    assert yaml.safe_load(out.with_suffix(".config.yaml").read_text()) == data["info"]["settings"]
+    assert [a["id"] for a in data["annotations"]] == list(range(1, len(data["annotations"]) + 1))
+    assert f"wrote 2 images, {len(data['annotations'])} masks" in stdout
+
+    gt = json.loads(gt_json.read_text())
+    gt_by_image = annotations_by_image(gt["annotations"])
+    written = annotations_by_image(data["annotations"])
+    for image in data["images"]:
+        expected = group(oracle_affinity(gt_by_image.get(image["id"], []), image["height"], image["width"]),
+                         GroupingOptions(topk=5))
+        masks = [decode_segmentation(a["segmentation"], image["height"], image["width"]) for a in written[image["id"]]]
+        assert 0 < len(masks) <= 5
+        assert np.array_equal(np.stack(masks).astype(bool), expected.masks)
+        assert [a["score"] for a in written[image["id"]]] == pytest.approx(expected.scores.tolist())
+        assert all(a["category_id"] == 1 and len(a["bbox"]) == 4 for a in written[image["id"]])
+
+
+def test_worker_processes_give_the_same_output(val, tmp_path, monkeypatch, capsys):
+    images, gt_json = val
+    outputs = []
+    for workers in (0, 1):
+        out = tmp_path / f"pa{workers}.json"
+        code, _, stderr = run(monkeypatch, capsys, "--dataset", "folder", "--dataset_root", images, "--affinity",
+                              "oracle", "--gt_json", gt_json, "--max_images", 2, "--num_workers", workers,
+                              "--pred_json_path", out)
+        assert code == 0, stderr
+        outputs.append(json.loads(out.read_text())["annotations"])
+    assert outputs[0] == outputs[1] and outputs[0]
+
+
+def test_a_pa_checkpoint_drives_the_grouping(val, tmp_path, monkeypatch, capsys):
+    images, _ = val
+    torch.manual_seed(0)
+    model = build_affinity_model({"backbone": "tiny", "fpn_channels": 16, "head_channels": 8, "norm": "gn"})
+    checkpoint = tmp_path / "pa.pth"
+    save_checkpoint(checkpoint, model, config={"model": {"backbone": "tiny", "fpn_channels": 16, "head_channels": 8,
+                                                         "norm": "gn"},
+                                               "input": {"min_size_test": 96, "max_size_test": 128}})
+    out = tmp_path / "pa.json"
+    code, _, stderr = run(monkeypatch, capsys, "--dataset", "folder", "--dataset_root", images, "--affinity", checkpoint,
+                          "--max_images", 1, "--num_workers", 0, "--pred_json_path", out)
+    assert code == 0, stderr
+    data = json.loads(out.read_text())
+    image = data["images"][0]
+    assert len(data["images"]) == 1 and data["info"]["settings"]["affinity"] == str(checkpoint.resolve())
+    for ann in data["annotations"]:  # whatever random weights give, masks are full-size and scored
+        assert ann["segmentation"]["size"] == [image["height"], image["width"]] and 0 <= ann["score"] <= 1
+
+
+def test_bad_input_is_one_line_and_writes_nothing(val, tmp_path, monkeypatch, capsys):
+    images, gt_json = val
+    gt = json.loads(gt_json.read_text())
+    partial = tmp_path / "partial.json"
+    missing = gt["images"][0]["id"]
+    partial.write_text(json.dumps({**gt, "images": gt["images"][1:],
+                                   "annotations": [a for a in gt["annotations"] if a["image_id"] != missing]}))
+    resized = tmp_path / "resized.json"
+    # Polygon annotations only: an RLE would already disagree with its own file's image size.
+    polygons = [a for a in gt["annotations"] if isinstance(a["segmentation"], list)]
+    resized.write_text(json.dumps({**gt, "annotations": polygons,
+                                   "images": [dict(i, height=i["height"] + 1) for i in gt["images"]]}))
+    out = tmp_path / "pa.json"
+    base = ["--dataset", "folder", "--dataset_root", images, "--pred_json_path", out, "--num_workers", 0]
+    cases = {
+        "--affinity oracle needs --gt_json": ["--affinity", "oracle"],
+        f"image id {missing} is not in --gt_json": ["--affinity", "oracle", "--gt_json", partial],
+        "(height x width) but --gt_json says": ["--affinity", "oracle", "--gt_json", resized],
+        "PA checkpoint not found": ["--affinity", tmp_path / "missing.pth"],
+    }
+    for message, extra in cases.items():
+        code, stdout, stderr = run(monkeypatch, capsys, *base, *extra)
+        assert code == 2 and message in stderr and stderr.count("\n") == 1, (message, stderr)
+        assert not out.exists() and not list(tmp_path.glob("pa.*"))
+    out.write_text("{}")
+    code, _, stderr = run(monkeypatch, capsys, *base, "--affinity", "oracle", "--gt_json", gt_json)
+    assert code == 2 and "already exists" in stderr

@@ -1,0 +1,142 @@
+"""The structure rules: utils/ imports no stage package, and the shared pieces exist once (the object category,
+the confident-else-best rule, ImageNet normalisation, the tiny ResNet, the checkpoint key-cleaner)."""
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from utils.coco_io import OBJECT_CATEGORY, confident_else_best, make_annotation
+from utils.resnets import TinyResNet, load_resnet_weights
+from utils.state_dicts import state_dict_mismatch, unwrap_state_dict
+
+REPO = Path(__file__).resolve().parents[1]
+STAGE_PACKAGES = ("distill", "segmentation", "detectron2_train")
+# The one exception: the clustering stage's documented entry-point script (argparse + one call into distill/).
+ENTRY_POINT_SCRIPTS = {"utils/cluster.py": {"distill.cluster"}}
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Every module a file imports, at any depth (function-level imports included)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+    return names
+
+
+def test_nothing_in_utils_imports_a_stage_package():
+    for path in sorted((REPO / "utils").glob("*.py")):
+        name = path.relative_to(REPO).as_posix()
+        upward = {m for m in imported_modules(path) if m.split(".")[0] in STAGE_PACKAGES}
+        assert upward == ENTRY_POINT_SCRIPTS.get(name, set()), f"{name} imports {sorted(upward)}"
+    for name in ENTRY_POINT_SCRIPTS:
+        doc = ast.get_docstring(ast.parse((REPO / name).read_text()))
+        assert "entry-point script, not a library module" in " ".join(doc.split())
+        assert not any(imported_modules(p) & {name[:-3].replace("/", ".")} for p in REPO.rglob("*.py")
+                       if ".venv" not in p.parts and "tests" not in p.parts), f"a library module imports {name}"
+
+
+def test_the_import_rule_sees_function_level_imports(tmp_path):
+    (tmp_path / "m.py").write_text("import os\n\ndef f():\n    from distill.vit import build_vit\n")
+    assert imported_modules(tmp_path / "m.py") == {"os", "distill.vit"}
+
+
+def test_cluster_entry_point_runs_as_a_script_without_torch():
+    """`python utils/cluster.py --help` as documented, in a fresh interpreter that never imports torch."""
+    proc = subprocess.run([sys.executable, "-X", "importtime", "utils/cluster.py", "--help"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "--input_file" in proc.stdout
+    imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
+    assert "distill.cluster" in imported and "torch" not in imported
+
+
+def test_single_copies_of_shared_constants():
+    sources = {p.relative_to(REPO).as_posix(): p.read_text() for p in REPO.rglob("*.py")
+               if ".venv" not in p.parts and "tests" not in p.parts}
+    assert [n for n, text in sources.items() if "0.485" in text] == ["utils/images.py"]  # ImageNet mean/std
+    assert [n for n, text in sources.items() if '"name": "object"' in text] == ["utils/coco_io.py"]
+    assert OBJECT_CATEGORY == {"id": 1, "name": "object", "supercategory": "object"}
+    for gone in ("detectron2_train/synthetic.py", "utils/coco_perturb.py", "utils/crop_features.py"):
+        assert gone not in sources  # test fixtures live in tests/helpers/, clustering in distill/
+
+
+def test_class_agnostic_outputs_share_the_object_category(tmp_path):
+    from detectron2_train.data import categories_of
+    from distill.data import class_agnostic
+
+    assert class_agnostic({"annotations": [{"category_id": 7}], "images": []})["categories"] == [OBJECT_CATEGORY]
+    assert categories_of({"categories": []}, class_agnostic=True) == [{"id": 1, "name": "object"}]
+
+
+def _preds(*scores):
+    mask = np.ones((4, 4), dtype=np.uint8)
+    return [make_annotation(mask, 1, 1, s) for s in scores]
+
+
+def test_confident_else_best_is_one_rule_for_self_training_and_painting():
+    from detectron2_train.self_training import filter_predictions
+    from segmentation.painting import paint_semantic
+
+    preds = _preds(0.5, 0.7, 0.9)
+    kept, rest = confident_else_best(preds, 0.7)
+    assert [p["score"] for p in kept] == [0.7, 0.9] and [p["score"] for p in rest] == [0.5]  # 0.7 >= 0.7 is kept
+    low = _preds(0.2, 0.6, 0.6)
+    kept, rest = confident_else_best(low, 0.7)  # none passes: the first of the best
+    assert len(kept) == 1 and kept[0] is low[1] and rest == [low[0], low[2]]
+    assert confident_else_best([], 0.7) == ([], [])
+    # Both stages apply it: a prediction scoring exactly the threshold is confident in each.
+    assert [p["score"] for p in filter_predictions(preds, 0.7)] == [0.9, 0.7]
+    boundary = [dict(preds[1], category_id=3), dict(preds[0], category_id=5, segmentation=preds[0]["segmentation"])]
+    label = paint_semantic(boundary, 4, 4, threshold=0.7, ignore_uncertain=True)
+    assert (label == 3).all()  # the 0.7 prediction is painted; the 0.5 one only marks pixels it alone covers
+
+
+def test_one_tiny_resnet_for_both_trainers():
+    from detectron2_train.engine import DEFAULTS
+    from detectron2_train.modeling import build_backbone, norm_layer_factory
+    from segmentation.model import build_deeplab
+
+    rcnn = build_backbone({**DEFAULTS["model"], "backbone": "tiny", "norm": "gn", "trainable_layers": 5}).body
+    reference = TinyResNet(DEFAULTS["model"]["tiny_widths"], norm_layer_factory("gn"))
+    assert {k: v.shape for k, v in rcnn.state_dict().items()} == {k: v.shape for k, v in reference.state_dict().items()}
+    deeplab = build_deeplab(3, "tiny", 8, head_channels=8).backbone
+    assert {k: v.shape for k, v in deeplab.state_dict().items()} == {k: v.shape for k, v in TinyResNet().state_dict().items()}
+    assert deeplab.layer4[0].conv1.stride == (1, 1)  # output stride 8 without dilation
+
+
+@pytest.mark.parametrize("wrap", ["bare", "ddp", "dino_teacher", "moco_v2", "moco_v3", "torchvision_detection"])
+def test_one_key_cleaner_for_every_checkpoint_layout(tmp_path, wrap):
+    source = TinyResNet()
+    plain = {**source.state_dict(), "fc.weight": torch.zeros(10, 128), "fc.bias": torch.zeros(10)}
+    layouts = {
+        "bare": plain,
+        "ddp": {f"module.{k}": v for k, v in plain.items()},
+        "dino_teacher": {"teacher": {f"module.backbone.{k}": v for k, v in plain.items()}, "epoch": 3,
+                         "student": {"x": torch.zeros(1)}},
+        "moco_v2": {"state_dict": {f"module.encoder_q.{k}": v for k, v in plain.items()}, "arch": "resnet18"},
+        "moco_v3": {"state_dict": {f"module.base_encoder.{k}": v for k, v in plain.items()}},
+        "torchvision_detection": {"model": {f"backbone.body.{k}": v for k, v in plain.items()}},
+    }
+    cleaned = unwrap_state_dict(layouts[wrap])
+    assert set(cleaned) == {k for k in plain if not k.startswith("fc.")}
+    torch.save(layouts[wrap], tmp_path / "w.pth")
+    target = TinyResNet()
+    load_resnet_weights(target, "tiny", str(tmp_path / "w.pth"))
+    assert torch.equal(target.layer3[0].conv2.weight, source.layer3[0].conv2.weight)
+
+
+def test_a_mismatch_is_described_in_one_whole_line():
+    model = {"a": torch.zeros(2, 3), "b": torch.zeros(4), "c": torch.zeros(1)}
+    given = {"a": torch.zeros(3, 3), "b": torch.zeros(4), "d": torch.zeros(1)}
+    assert state_dict_mismatch(model, given) == ("1 missing key(s), e.g. c; 1 unexpected key(s), e.g. d; "
+                                                 "1 shape mismatch(es), e.g. a is (3, 3) in the checkpoint but (2, 3) "
+                                                 "in the model")
+    assert state_dict_mismatch(model, dict(model)) is None
