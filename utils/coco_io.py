@@ -86,6 +86,8 @@ def read_text_lines(path: str | os.PathLike, what: str = "list file") -> list[st
         raise UserError(f"{what} {path} is a folder, not a file") from None
     except OSError as exc:
         raise UserError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    if "\0" in text:
+        raise UserError(f"{what} {path} is not a text file (it holds NUL bytes); expected one name per line")
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
@@ -235,6 +237,24 @@ def make_annotation(mask: np.ndarray, image_id: int, category_id: int = 1, score
     if ann_id is not None:
         ann["id"] = ann_id
     return ann
+
+
+def image_name_index(images: list[dict]) -> tuple[dict[str, dict], dict[str, dict]]:
+    """Images by `file_name` (as a POSIX path without a leading './') and by base name, the latter only for base
+    names that a single image has: how images of two files are matched when their ids cannot be trusted."""
+    by_path: dict[str, dict] = {}
+    name_count: dict[str, int] = {}
+    by_name: dict[str, dict] = {}
+    for img in images:
+        name = str(img.get("file_name", ""))
+        if not name:
+            continue
+        path = Path(name.replace("\\", "/")).as_posix()
+        by_path[path] = img
+        base = Path(path).name
+        name_count[base] = name_count.get(base, 0) + 1
+        by_name[base] = img
+    return by_path, {base: img for base, img in by_name.items() if name_count[base] == 1}
 
 
 def image_index(dataset: dict) -> dict[int, dict]:
