@@ -258,3 +258,37 @@ def test_exclude_on_the_command_line(horses, tmp_path):
     assert data["info"]["settings"]["exclude"] == ["masks"]
     assert "applies to --dataset folder" in refused("--dataset", "VOCClass", "--dataset_root", horses, "--exclude",
                                                     "masks", "--pred_json_path", out, "--overwrite", *FAST)
+
+
+# ----------------------------------------------------------------------------- polygons
+
+
+@pytest.mark.parametrize("thin", ["column", "row", "pixel"])
+def test_masks_too_thin_for_a_polygon_are_written_as_rle(thin, tmp_path):
+    from pycocotools.coco import COCO
+
+    from utils.coco_io import decode_segmentation, make_annotation
+
+    mask = np.zeros((20, 30), dtype=np.uint8)
+    mask[2:12, 2:14] = 1  # a blob that a polygon describes
+    if thin == "column":
+        mask[3:17, 25] = 1
+    elif thin == "row":
+        mask[18, 5:25] = 1
+    else:
+        mask[16, 27] = 1
+    ann = make_annotation(mask, 7, mask_format="polygon")
+    assert isinstance(ann["segmentation"], dict)  # RLE: nothing of the mask is lost
+    np.testing.assert_array_equal(decode_segmentation(ann["segmentation"], 20, 30), mask)
+
+    blob = np.zeros((20, 30), dtype=np.uint8)
+    blob[2:12, 2:14] = 1
+    polygon_ann = make_annotation(blob, 7, mask_format="polygon")
+    assert isinstance(polygon_ann["segmentation"], list) and all(len(p) >= 6 for p in polygon_ann["segmentation"])
+
+    gt = tmp_path / "gt.json"
+    gt.write_text(json.dumps({"images": [{"id": 7, "height": 20, "width": 30, "file_name": "a.png"}],
+                              "annotations": [], "categories": [{"id": 1, "name": "object"}]}))
+    results = COCO(str(gt)).loadRes([{**ann, "id": 1}, {**polygon_ann, "id": 2}])
+    assert results.annToMask(results.anns[1]).sum() == mask.sum()
+    assert results.annToMask(results.anns[2]).sum() > 0

@@ -181,13 +181,16 @@ def decode_segmentation(segm: list | dict, height: int, width: int) -> np.ndarra
     return mask_utils.decode(segmentation_to_rle(segm, height, width)).astype(np.uint8)
 
 
-def mask_to_polygons(mask: np.ndarray) -> list[list[float]]:
-    """Binary mask -> COCO polygons (outer contours with at least 3 points)."""
+def mask_to_polygons(mask: np.ndarray) -> list[list[float]] | None:
+    """Binary mask -> COCO polygons (the outer contours), or None when a part of the mask has no valid polygon:
+    a straight line one pixel wide, or a single pixel, traces fewer than 3 points (which pycocotools refuses),
+    and an outline of no area would lose its pixels."""
     import cv2
 
     contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-    polygons = [c.reshape(-1).astype(float).tolist() for c in contours if len(c) >= 3]
-    return polygons
+    if not contours or any(len(c) < 3 or cv2.contourArea(c) == 0 for c in contours):
+        return None
+    return [c.reshape(-1).astype(float).tolist() for c in contours]
 
 
 def mask_to_bbox(mask: np.ndarray) -> list[float]:
@@ -223,6 +226,8 @@ def make_annotation(mask: np.ndarray, image_id: int, category_id: int = 1, score
         segmentation: Any = mask_to_rle(mask)
     elif mask_format == "polygon":
         segmentation = mask_to_polygons(mask)
+        if segmentation is None:  # too thin for a polygon: this annotation keeps the mask as RLE
+            segmentation = mask_to_rle(mask)
     else:
         raise ValueError(f"unknown mask format {mask_format!r}")
     ann = {
