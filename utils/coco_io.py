@@ -244,6 +244,11 @@ def make_annotation(mask: np.ndarray, image_id: int, category_id: int = 1, score
     return ann
 
 
+def posix_file_name(name: object) -> str:
+    """A COCO `file_name` as a POSIX path (Windows separators turned, a leading './' dropped)."""
+    return Path(str(name).replace("\\", "/")).as_posix()
+
+
 def image_name_index(images: list[dict]) -> tuple[dict[str, dict], dict[str, dict]]:
     """Images by `file_name` (as a POSIX path without a leading './') and by base name, the latter only for base
     names that a single image has: how images of two files are matched when their ids cannot be trusted."""
@@ -254,7 +259,7 @@ def image_name_index(images: list[dict]) -> tuple[dict[str, dict], dict[str, dic
         name = str(img.get("file_name", ""))
         if not name:
             continue
-        path = Path(name.replace("\\", "/")).as_posix()
+        path = posix_file_name(name)
         by_path[path] = img
         base = Path(path).name
         name_count[base] = name_count.get(base, 0) + 1
@@ -297,6 +302,47 @@ def check_image_ids(pred_anns: list[dict], dataset: dict, pred_name: str, gt_nam
             raise UserError(f"{pred_name}: annotation #{i} has image_id {ann['image_id']!r} which is not in {gt_name}")
         if "segmentation" in ann:
             validate.check_mask_fits_image(ann["segmentation"], f"{pred_name}: annotation #{i}", image)
+
+
+def match_by_file_name(pred_anns: list[dict], pred_dataset: dict | None, gt_images: list[dict], pred_name: str,
+                       gt_name: str) -> tuple[list[dict], list | None]:
+    """Match predictions to GT images by `file_name` when both files name their images (a COCO dict of
+    predictions, as `gen_masks.py` writes, and a GT whose images all have names), whatever their ids: ids are
+    remapped to the GT's. Returns (the annotations, the GT ids of the predictions' images in their order), or the
+    annotations unchanged and None when either file lacks names (then ids are trusted).
+
+    A prediction image is the GT image of the same path, else of the same base name when one GT image has it. One
+    that is in no GT image, or whose height/width differ from it, is an error saying what to pass."""
+    pred_images = (pred_dataset or {}).get("images") or []
+    if not pred_images or not all(img.get("file_name") for img in pred_images) or \
+            not gt_images or not all(img.get("file_name") for img in gt_images):
+        return pred_anns, None
+    by_path, by_name = image_name_index(gt_images)
+    remap: dict = {}
+    owner: dict = {}
+    for img in pred_images:
+        name = posix_file_name(img["file_name"])
+        gt_img = by_path.get(name) or by_name.get(Path(name).name)
+        if gt_img is None:
+            raise UserError(f"{pred_name}: image {name!r} (id {img['id']!r}) is not in {gt_name} (matched by "
+                            f"file_name); pass the --gt_file the predictions were made for, or make them with "
+                            f"gen_masks.py --gt_json {gt_name}")
+        if (img["height"], img["width"]) != (gt_img["height"], gt_img["width"]):
+            raise UserError(f"{pred_name}: image {name!r} is {img['height']}x{img['width']} (h x w) but "
+                            f"{gt_img['height']}x{gt_img['width']} in {gt_name}: not the same image; pass the "
+                            f"--gt_file the predictions were made for")
+        if gt_img["id"] in owner:
+            raise UserError(f"{pred_name}: images {owner[gt_img['id']]!r} and {name!r} both match "
+                            f"{gt_img['file_name']!r} of {gt_name} (by file_name)")
+        owner[gt_img["id"]] = name
+        remap[img["id"]] = gt_img["id"]
+    remapped = []
+    for i, ann in enumerate(pred_anns):
+        if ann["image_id"] not in remap:
+            raise UserError(f"{pred_name}: annotation #{i} has image_id {ann['image_id']!r}, which is not in its "
+                            "own 'images'")
+        remapped.append({**ann, "image_id": remap[ann["image_id"]]})
+    return remapped, list(remap.values())
 
 
 # ----------------------------------------------------------------------------- outputs
