@@ -17,7 +17,7 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 from torch.utils.data import Dataset
 
-from utils.coco_io import OBJECT_CATEGORY, image_name_index, load_coco_dataset, read_text_lines
+from utils.coco_io import OBJECT_CATEGORY, ImagesByName, load_coco_dataset, read_text_lines
 from utils.errors import UserError, print_safely
 from utils.images import IMAGENET_MEAN, IMAGENET_STD, ImageReadError, list_images, load_rgb
 from utils.voc import read_image_set, voc_image_id  # the image-id convention of convert_voc.py
@@ -158,12 +158,12 @@ def gt_image_ids(files: list[str], gt_path: Path, root: Path, skip_missing: bool
     relative path, else the same base name when only one GT image has it. A file not in the GT is an error
     naming a few, unless `skip_missing` (its id is then None)."""
     gt_images = load_coco_dataset(gt_path)["images"]
-    by_path, by_name = image_name_index(gt_images)
+    gt_by_name = ImagesByName(gt_images)
     ids: list[int | str | None] = []
     missing: list[str] = []
     owner: dict = {}
     for f in files:
-        img = by_path.get(f) or by_name.get(Path(f).name)
+        img = gt_by_name.find(f)
         if img is None:
             missing.append(f)
             ids.append(None)

@@ -249,22 +249,23 @@ def posix_file_name(name: object) -> str:
     return Path(str(name).replace("\\", "/")).as_posix()
 
 
-def image_name_index(images: list[dict]) -> tuple[dict[str, dict], dict[str, dict]]:
-    """Images by `file_name` (as a POSIX path without a leading './') and by base name, the latter only for base
-    names that a single image has: how images of two files are matched when their ids cannot be trusted."""
-    by_path: dict[str, dict] = {}
-    name_count: dict[str, int] = {}
-    by_name: dict[str, dict] = {}
-    for img in images:
-        name = str(img.get("file_name", ""))
-        if not name:
-            continue
-        path = posix_file_name(name)
-        by_path[path] = img
-        base = Path(path).name
-        name_count[base] = name_count.get(base, 0) + 1
-        by_name[base] = img
-    return by_path, {base: img for base, img in by_name.items() if name_count[base] == 1}
+class ImagesByName:
+    """COCO images looked up by `file_name`: the same path (POSIX, without a leading './'), else the same base name
+    when a single image has it. How the images of two files are matched when their ids cannot be trusted."""
+
+    def __init__(self, images: list[dict]) -> None:
+        self.by_path: dict[str, dict] = {}
+        by_base: dict[str, list[dict]] = {}
+        for img in images:
+            if img.get("file_name"):
+                path = posix_file_name(img["file_name"])
+                self.by_path[path] = img
+                by_base.setdefault(Path(path).name, []).append(img)
+        self.by_base = {base: found[0] for base, found in by_base.items() if len(found) == 1}
+
+    def find(self, file_name: object) -> dict | None:
+        path = posix_file_name(file_name)
+        return self.by_path.get(path) or self.by_base.get(Path(path).name)
 
 
 def image_index(dataset: dict) -> dict[int, dict]:
@@ -317,12 +318,12 @@ def match_by_file_name(pred_anns: list[dict], pred_dataset: dict | None, gt_imag
     if not pred_images or not all(img.get("file_name") for img in pred_images) or \
             not gt_images or not all(img.get("file_name") for img in gt_images):
         return pred_anns, None
-    by_path, by_name = image_name_index(gt_images)
+    gt_by_name = ImagesByName(gt_images)
     remap: dict = {}
     owner: dict = {}
     for img in pred_images:
         name = posix_file_name(img["file_name"])
-        gt_img = by_path.get(name) or by_name.get(Path(name).name)
+        gt_img = gt_by_name.find(name)
         if gt_img is None:
             raise UserError(f"{pred_name}: image {name!r} (id {img['id']!r}) is not in {gt_name} (matched by "
                             f"file_name); pass the --gt_file the predictions were made for, or make them with "
