@@ -4,6 +4,8 @@ Examples:
   python gen_masks.py --dataset folder --dataset_root ../shared/data/tiny_coco/val2017 \\
       --weights random --pred_json_path masks.json
   python gen_masks.py --method maskcut --dataset folder --dataset_root IMAGES --pred_json_path maskcut.json
+  python gen_masks.py --dataset folder --dataset_root val2017 --gt_json instances_val2017.json \\
+      --exclude 'masks' --pred_json_path masks.json   # ids from the GT by file name; masks/ left out
   python gen_masks.py --dataset VOCClass --dataset_root VOCdevkit --year 2012 --set trainval \\
       --pred_json_path voc12_masks.json
   Several processes or machines: run --shard 0/4 ... --shard 3/4 anywhere, then --merge; or

@@ -142,7 +142,7 @@ def scan_part(path: Path, finished: bool) -> PartScan:
             if problem is not None:
                 if not finished and not f.readline():  # the last line of an unfinished part: torn by a kill
                     break
-                raise PartError(f"{path}: line {number} is {problem}; the part is corrupt: rerun its shard with "
+                raise PartError(f"{path}: line {number}: {problem}; the part is corrupt: rerun its shard with "
                                 "--overwrite")
             if number == 1:
                 header = record

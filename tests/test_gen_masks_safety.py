@@ -10,8 +10,9 @@ from PIL import Image
 
 import gen_masks
 from distill.data import folder_entries
-from distill.generate import PartLock, part_path
+from distill.generate import PartLock, part_path, scan_part
 from tests import cli_helpers
+from utils.errors import UserError
 
 FAST = ["--weights", "random", "--num_workers", "0", "--post_workers", "0", "--resize", "0", "--batch_size", "1"]
 
@@ -60,7 +61,7 @@ def test_merge_refuses_a_corrupt_or_short_shard_naming_file_and_line(three_image
 
     shard0.write_text("\n".join([lines[0], lines[1][:40] + "#garbage", lines[2]]) + "\n")
     line = refused("--merge", "--pred_json_path", out)
-    assert line == f"error: {shard0}: line 2 is not valid JSON; the part is corrupt: rerun its shard with --overwrite"
+    assert line == f"error: {shard0}: line 2: not valid JSON; the part is corrupt: rerun its shard with --overwrite"
     assert not out.exists()
 
     shard0.write_text("\n".join([lines[0], lines[2]]) + "\n")  # a record lost: valid lines, one too few
@@ -73,6 +74,23 @@ def test_merge_refuses_a_corrupt_or_short_shard_naming_file_and_line(three_image
     code, stdout, err = gen("--merge", "--pred_json_path", out)
     assert code == 0, err
     assert "3 images" in stdout and len(json.loads(out.read_text())["images"]) == 3
+
+
+def test_an_unfinished_part_may_only_have_its_last_line_torn(tmp_path):
+    header = json.dumps({"kind": "header", "settings": {"method": "lost"}, "planned_images": 3})
+    record = json.dumps({"index": 0, "image": {"id": 1}, "annotations": []})
+    part = tmp_path / "shard-00000-of-00001.jsonl.inprogress"
+    part.write_text(f"{header}\n{record}\n" + '{"index": 1, "ima')  # killed while writing image 1
+    scan = scan_part(part, finished=False)
+    assert [index for index, _ in scan.offsets] == [0] and scan.good_end == len(f"{header}\n{record}\n")
+    with pytest.raises(UserError, match=r"line 3: not valid JSON; the part is corrupt"):
+        scan_part(part, finished=True)
+    part.write_text(f"{header}\n" + '{"index": 1, "ima\n' + f"{record}\n")  # not the last line: corrupt
+    with pytest.raises(UserError, match=r"inprogress: line 2: not valid JSON; the part is corrupt"):
+        scan_part(part, finished=False)
+    part.write_text(f"{header}\n" + '{"image": {}, "annotations": []}\n' + f"{record}\n")
+    with pytest.raises(UserError, match=r"line 2: no image .index.; the part is corrupt"):
+        scan_part(part, finished=False)
 
 
 # ----------------------------------------------------------------------------- one writer per part
