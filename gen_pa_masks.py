@@ -17,7 +17,6 @@ checkpoint's content changed), and --vis_dir draws every image's masks into a ga
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from distill.cli import add_image_arguments, add_output_arguments
 from utils.cli import DEVICE_CHOICES, add_device_arg, add_num_workers_arg, float_range, int_range
