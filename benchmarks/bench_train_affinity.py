@@ -25,9 +25,9 @@ import torch
 
 from detectron2_train.affinity import AffinityDataset, affinity_loss, build_affinity_model, collate_affinity, pad_images
 from detectron2_train.affinity_engine import SCHEMA
+from benchmarks.timing import add_timing_args, timing_device
 from tests.helpers.synthetic_shapes import make_dataset
 from utils.config import load_config
-from utils.distributed import resolve_device
 from utils.errors import run_cli
 
 TINY_COCO = Path(__file__).resolve().parents[2] / "shared" / "data" / "tiny_coco"
@@ -48,14 +48,9 @@ def main() -> None:
     p.add_argument("--train_root", default=str(TINY_COCO / "train2017"), help="its image root")
     p.add_argument("--synthetic", type=int, default=0, metavar="SIZE",
                    help="use 16 synthetic shape images of SIZE x SIZE instead of --train_json")
-    p.add_argument("--iters", type=int, default=30, help="timed training iterations (default 30)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed iterations first (default 3)")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    add_timing_args(p)
     args = p.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
+    device = timing_device(args)
     cfg = load_config(args.config, args.overrides, SCHEMA)
     batch = int(cfg["solver"]["ims_per_batch"])
     sizes = cfg["input"]

@@ -15,7 +15,7 @@ from detectron2_train import train_affinity
 from detectron2_train.affinity import build_affinity_model, load_affinity_model
 from detectron2_train.affinity_engine import SCHEMA, train
 from tests.helpers.synthetic_shapes import make_dataset
-from training_helpers import assert_same_weights, copy_with_foreign_rng, kill_and_resume, records
+from training_helpers import assert_resumed_runs_match, copy_with_foreign_rng, kill_and_resume
 from utils.affinity import AffinityScores
 from utils.config import load_config
 from utils.distributed import DistInfo
@@ -72,12 +72,7 @@ def test_killed_run_resumes_exactly_on_every_rank(tmp_path, one_thread, monkeypa
     copy_with_foreign_rng(Path(configs["straight"]["output_dir"]) / "model_0000003.pth", other_dir)
     other = train(configs["other_rank"], DistInfo(), resume=True)["checkpoint"]
 
-    assert_same_weights(straight, resumed)
-    assert_same_weights(straight, other)
-    straight_log = records(Path(configs["straight"]["output_dir"]) / "metrics.jsonl")
-    assert [r["iteration"] for r in straight_log] == [1, 2, 3, 4, 5, 6]
-    assert records(killed_dir / "metrics.jsonl") == straight_log
-    assert records(other_dir / "metrics.jsonl") == straight_log[3:]
+    assert_resumed_runs_match(Path(straight), Path(resumed), Path(other), killed_dir, other_dir)
     torch.manual_seed(0)
     start = build_affinity_model(configs["straight"]["model"]).state_dict()
     final = torch.load(straight, weights_only=False)["model"]

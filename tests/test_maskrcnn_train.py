@@ -24,7 +24,7 @@ from utils.config import load_config
 from utils.distributed import DistInfo
 from utils.errors import UserError
 from utils.fingerprint import fingerprint
-from training_helpers import assert_same_weights, copy_with_foreign_rng, kill_and_resume, records
+from training_helpers import assert_resumed_runs_match, copy_with_foreign_rng, kill_and_resume
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "detectron2" / "tiny_test.yaml"
@@ -104,12 +104,7 @@ def test_killed_run_resumes_exactly_on_every_rank(tmp_path, one_thread, monkeypa
     copy_with_foreign_rng(Path(configs["straight"]["output_dir"]) / "model_0000003.pth", other_dir)
     other = train(configs["other_rank"], DistInfo(), resume=True)
 
-    assert_same_weights(straight, resumed)
-    assert_same_weights(straight, other)
-    straight_log = records(Path(configs["straight"]["output_dir"]) / "metrics.jsonl")
-    assert [r["iteration"] for r in straight_log] == [1, 2, 3, 4, 5, 6]
-    assert records(killed_dir / "metrics.jsonl") == straight_log
-    assert records(other_dir / "metrics.jsonl") == straight_log[3:]
+    assert_resumed_runs_match(Path(straight), Path(resumed), Path(other), killed_dir, other_dir)
     start = build_model(configs["straight"], 2).state_dict()
     final = torch.load(straight, weights_only=False)["model"]
     changed = sum(not torch.equal(start[k], final[k]) for k in start if start[k].is_floating_point())

@@ -79,3 +79,14 @@ def copy_with_foreign_rng(checkpoint: Path, output_dir: Path) -> None:
     np.random.seed(12345)
     state["rng"] = rng_states()
     torch.save(state, output_dir / checkpoint.name)
+
+
+def assert_resumed_runs_match(straight: Path, resumed: Path, other: Path, killed_dir: Path, other_dir: Path) -> None:
+    """A killed-and-resumed run and a rank resumed with foreign RNG states end with the weights and
+    metrics log of an uninterrupted 6-iteration run (checkpoint at 3)."""
+    assert_same_weights(straight, resumed)
+    assert_same_weights(straight, other)
+    straight_log = records(straight.parent / "metrics.jsonl")
+    assert [r["iteration"] for r in straight_log] == [1, 2, 3, 4, 5, 6]
+    assert records(killed_dir / "metrics.jsonl") == straight_log
+    assert records(other_dir / "metrics.jsonl") == straight_log[3:]
