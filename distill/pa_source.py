@@ -29,6 +29,7 @@ from distill.data import ImageEntry, worker_count
 from distill.generate import PartWriter, RunStats, dataset_entries, merge, run
 from distill.grouping import GroupingOptions, image_record
 from distill.visualize import overlay_name
+from utils.cli import check_outputs
 from utils.coco_io import annotations_by_image, image_index, load_coco_dataset
 from utils.distributed import resolve_device
 from utils.errors import UserError
@@ -176,19 +177,19 @@ def pa_settings(parser: argparse.ArgumentParser, args: argparse.Namespace) -> di
     comes from (the checkpoint, or the oracle's GT), so that a retrained predictor is not mixed in."""
     settings = settings_from(parser, args)
     source_file = args.gt_json if args.affinity == ORACLE else args.affinity
-    if not Path(source_file).is_file():
-        what = "--gt_json" if args.affinity == ORACLE else "PA checkpoint"
-        raise UserError(f"{what} not found: {source_file}")
     if args.affinity != ORACLE:
         settings["affinity"] = str(Path(args.affinity).resolve())
     if settings.get("gt_json"):
         settings["gt_json"] = str(Path(args.gt_json).resolve())
-    settings["affinity_sha256"] = file_digest(source_file)
+    # A missing file is reported by the source, after the job has checked the outputs.
+    settings["affinity_sha256"] = file_digest(source_file) if Path(source_file).is_file() else None
     return settings
 
 
 def generate_pa_masks(parser: argparse.ArgumentParser, args: argparse.Namespace) -> RunStats | None:
     """`gen_pa_masks.py`: merge shard parts, or check the flags and run the job (None after a merge)."""
+    # The outputs first (as every command), before any input is read; a shard's existing output is the merge's business.
+    check_outputs(args.pred_json_path, folders=[args.vis_dir], overwrite=args.overwrite if args.shard == "0/1" else None)
     if args.merge:
         merge(args)
         return None

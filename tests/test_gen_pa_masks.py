@@ -178,7 +178,7 @@ def test_resume_refuses_a_retrained_checkpoint_and_skips_unreadable_images(tmp_p
     save_checkpoint(checkpoint, build_affinity_model(config["model"]), config=config)
     out = tmp_path / "pa.json"
     base = ["--dataset", "folder", "--dataset_root", images, "--affinity", checkpoint, "--num_workers", 0,
-            "--pred_json_path", out]
+            "--globalization", 0, "--pred_json_path", out]
     code, stdout, stderr = run(monkeypatch, capsys, *base)
     assert code == 0 and "wrote 2 images (1 skipped)" in stdout, stderr
     data = json.loads(out.read_text())
