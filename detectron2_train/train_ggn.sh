@@ -45,9 +45,10 @@ fi
 $LAUNCH detectron2_train/train_affinity.py --config "$PA_CONFIG" --output_dir "$OUTPUT/pa" --resume \
     --train_json "$TRAIN_JSON" --train_root "$COCO_ROOT/train2017" --seen_classes "$OUTPUT/splits/A.txt" \
     --set model.backbone_weights="$BACKBONE_WEIGHTS" $PA_EXTRA
-# 3. Pseudo-masks on the training images: the top PA_MASKS of each, grouped from its PA map.
+# 3. Pseudo-masks on the training images: the top PA_MASKS of each, grouped from its PA map (one shard
+#    per process with NPROC > 1; an interrupted run resumes).
 if [ ! -f "$OUTPUT/pa_masks.json" ]; then
-    $PYTHON gen_pa_masks.py --dataset folder --dataset_root "$COCO_ROOT/train2017" \
+    $LAUNCH gen_pa_masks.py --dataset folder --dataset_root "$COCO_ROOT/train2017" --resume \
         --affinity "$OUTPUT/pa/model_final.pth" --topk "$PA_MASKS" --pred_json_path "$OUTPUT/pa_masks.json" $GROUP_EXTRA
 fi
 # 4. Class-agnostic Mask R-CNN on the seen classes' annotations + PSEUDO_TOPK pseudo-masks per image;
