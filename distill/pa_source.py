@@ -175,7 +175,8 @@ def make_source(args: argparse.Namespace) -> PAMaskSource:
 def pa_settings(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict:
     """The recorded settings: the setting flags, with paths resolved and the SHA-256 of the file the PA
     comes from (the checkpoint, or the oracle's GT), so that a retrained predictor is not mixed in."""
-    settings = settings_from(parser, args)
+    # "method" names the source in the output's info.description ("ggn pseudo-masks"), as gen_masks.py's --method does.
+    settings = {"method": "ggn", **settings_from(parser, args)}
     source_file = args.gt_json if args.affinity == ORACLE else args.affinity
     if args.affinity != ORACLE:
         settings["affinity"] = str(Path(args.affinity).resolve())

@@ -43,6 +43,7 @@ def test_oracle_output_is_the_grouping_of_the_gt_affinity(val, tmp_path, monkeyp
     assert sorted(data) == ["annotations", "categories", "images", "info", "skipped_images"]
     assert data["categories"] == [{"id": 1, "name": "object", "supercategory": "object"}]
     assert data["info"]["settings"]["topk"] == 5 and data["info"]["settings"]["affinity"] == "oracle"
+    assert data["info"]["description"] == "ggn pseudo-masks"
     assert json.loads(out.with_suffix(".results.json").read_text()) == data["annotations"]
     assert yaml.safe_load(out.with_suffix(".config.yaml").read_text()) == data["info"]["settings"]
     assert [a["id"] for a in data["annotations"]] == list(range(1, len(data["annotations"]) + 1))
