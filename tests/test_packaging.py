@@ -89,6 +89,14 @@ def test_the_package_lists_every_module_of_its_scripts():
     assert all((REPO / pkg / "__init__.py").is_file() for pkg in setup["packages"])
 
 
+def test_no_script_patches_sys_path():
+    """The install (or pytest.ini, for the tests) puts the checkout on sys.path; no script edits it."""
+    patched = [p.relative_to(REPO).as_posix() for p in REPO.rglob("*.py")
+               if not {".venv", "tests"} & set(p.relative_to(REPO).parts)
+               and re.search(r"sys\.path(\[|\.insert|\.append)", p.read_text())]
+    assert patched == []
+
+
 def test_the_installed_console_scripts_are_the_declared_ones():
     if not installed_here():
         pytest.skip("this checkout is not pip-installed here (bash env/setup.sh installs it)")
