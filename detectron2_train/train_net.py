@@ -12,13 +12,8 @@ Examples (from the repository root):
       --train_json pseudo_masks.json --train_root DIR --test_json gt.json --test_root DIR --output_dir output/st
       (self-training: OUTPUT_DIR/round1, round2, round3; a rerun skips finished rounds)
 """
-import sys
-from pathlib import Path
-
-if __package__ in (None, ""):  # run as a script from the repo root
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
-
 import argparse
+from pathlib import Path
 
 from detectron2_train.engine import SCHEMA, run
 from detectron2_train.modeling import MASK_HEADS, STAGES
@@ -149,5 +144,10 @@ def main(argv: list[str] | None = None) -> None:
                 pseudo_only=args.pseudo_only, results_path=args.results, evaluate=not args.no_eval)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The `maskdistill-train-net` console script: `main` with one-line errors and exit codes."""
     run_cli(main)
+
+
+if __name__ == "__main__":
+    cli()
