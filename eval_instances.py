@@ -12,7 +12,7 @@ AR@k (with --eval_classes or --max_dets), and AP50 last.
 import argparse
 
 from utils.coco_eval import EvalOptions, evaluate_instances, format_report
-from utils.cli import check_outputs, float_range
+from utils.cli import check_outputs, float_range, int_range
 from utils.coco_io import write_json
 from utils.errors import run_cli
 
@@ -41,7 +41,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "AR@k: class-agnostic recall of these categories' GT, where GT of other categories "
                              "is ignored and detections matched to it neither count nor use up the k places "
                              "(GGN's cross-category protocol)")
-    parser.add_argument("--max_dets", type=int, nargs="+", default=None,
+    parser.add_argument("--max_dets", type=int_range(1), nargs="+", default=None,
                         help="k of the open-world AR@k, up to any number (e.g. 10 20 50 100 300 1000 1500); "
                              f"default {' '.join(map(str, OPEN_WORLD_MAX_DETS))} with --eval_classes. Without "
                              "--eval_classes it is the class-agnostic AR@k of all categories")

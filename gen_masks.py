@@ -14,6 +14,9 @@ import argparse
 
 from utils.errors import run_cli
 
+# distill.vit.ARCHS, spelled out so that --help does not import torch (tests/test_dinov2_cli.py checks they agree).
+ARCHS = ["vit_small", "vit_base", "dinov2_vits14", "dinov2_vitb14", "dinov2_vits14_reg", "dinov2_vitb14_reg"]
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -35,13 +38,20 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--max_images", type=int, default=0, help="process only the first N images (0: all)")
 
     model = p.add_argument_group("model")
-    model.add_argument("--arch", default="vit_small", choices=["vit_small", "vit_base"], help="ViT size (default: %(default)s)")
-    model.add_argument("--patch_size", type=int, default=16, choices=[8, 16], help="ViT patch size (default: %(default)s)")
+    model.add_argument("--arch", default="vit_small", choices=ARCHS,
+                       help="backbone: DINO vit_small/vit_base, or DINOv2 dinov2_vits14/dinov2_vitb14 and their "
+                            "_reg variants with 4 register tokens (default: %(default)s)")
+    model.add_argument("--patch_size", type=int, default=None, choices=[8, 14, 16],
+                       help="ViT patch size: 16 (default) or 8 for DINO, 14 (the only one) for DINOv2")
     model.add_argument("--weights", default="dino",
-                       help="'dino' (official checkpoint via torch.hub, cached), a checkpoint path, or 'random' "
-                            "(smoke tests only: the masks mean nothing) (default: %(default)s)")
+                       help="'dino' (the official DINO or DINOv2 checkpoint of --arch via torch.hub, cached), a "
+                            "checkpoint path, or 'random' (smoke tests only: the masks mean nothing) (default: %(default)s)")
 
     algo = p.add_argument_group("mask discovery")
+    algo.add_argument("--features", default="auto", choices=["auto", "raw", "centred"],
+                      help="backbone features the discovery reads: raw last-block queries/keys, or keys centred on "
+                           "their mean over the image's patches; auto: the backbone's own (centred for DINOv2, "
+                           "raw for DINO; see docs/dinov2.md) (default: %(default)s)")
     algo.add_argument("--heads", type=int, default=5, help="first heads averaged for the CLS-key scores (default: %(default)s)")
     algo.add_argument("--topk", type=float, default=0.4, help="fraction of patches kept as seed candidates (default: %(default)s)")
     algo.add_argument("--resize", type=int, default=640,
@@ -61,8 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
     speed.add_argument("--batch_size", type=int, default=8, help="images per forward pass; batches hold images of equal padded size (default: %(default)s)")
     speed.add_argument("--num_workers", type=int, default=None, help="DataLoader decoding workers (default: min(4, CPUs - 1))")
     speed.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
-    speed.add_argument("--half", action="store_true",
-                       help="bf16 autocast for the ViT; meant for GPUs (slower on CPUs without bf16 instructions)")
+    speed.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                       help="ViT compute precision: bf16 autocast or fp32; auto takes bf16 where the hardware runs it "
+                            "natively (CUDA with bf16, CPUs with AVX512-BF16 or AMX), fp32 elsewhere. Recorded in the "
+                            "run settings: a resume must use the same (default: %(default)s)")
+    speed.add_argument("--half", dest="precision", action="store_const", const="bf16", help="alias of --precision bf16")
     return p
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from utils.cli import DEVICE_CHOICES, add_device_arg, add_num_workers_arg, check_outputs, float_range, int_range
 from utils.errors import run_cli
 
 # The flags that change the masks: recorded with the output.
@@ -40,47 +41,45 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--image_ids", default="auto", choices=["auto", "filename", "sequential"],
                       help="folder: image ids from integer file names (auto: when all are distinct integers, "
                            "so COCO folders match their GT) or 1..N (default: %(default)s)")
-    data.add_argument("--max_images", type=int, default=0, help="process only the first N images (0: all)")
+    data.add_argument("--max_images", type=int_range(0), default=0, help="process only the first N images (0: all)")
 
     affinity = p.add_argument_group("affinity")
     affinity.add_argument("--affinity", required=True,
                           help="'oracle' (PA of the ground-truth masks of --gt_json) or a PA predictor checkpoint "
                                "(train_affinity.py)")
     affinity.add_argument("--gt_json", help="oracle: COCO instances JSON of the images (ids and sizes must match)")
-    affinity.add_argument("--device", default="auto", help="predictor device: auto, cpu, cuda or cuda:N (default: %(default)s)")
+    add_device_arg(affinity, help=f"predictor device: {DEVICE_CHOICES} (default: auto)")
 
     grouping = p.add_argument_group("grouping and ranking (distill/grouping.py)")
-    grouping.add_argument("--topk", type=int, default=20, help="masks kept per image, best first (default: %(default)s)")
-    grouping.add_argument("--globalization", type=float, default=0.5,
+    grouping.add_argument("--topk", type=int_range(1), default=20, help="masks kept per image, best first (default: %(default)s)")
+    grouping.add_argument("--globalization", type=float_range(0, 1), default=0.5,
                           help="weight of the spectral (global) boundary blended with the local one, 0 = off "
                                "(default: %(default)s)")
-    grouping.add_argument("--peak_radius", type=int, default=10,
+    grouping.add_argument("--peak_radius", type=int_range(1), default=10,
                           help="watershed markers: local maxima of PA over (2r+1)^2 windows (default: %(default)s)")
-    grouping.add_argument("--nms_iou", type=float, default=0.2,
+    grouping.add_argument("--nms_iou", type=float_range(0, 1, min_inclusive=False), default=0.2,
                           help="mask NMS: drop a mask overlapping a better one above this IoU (default: %(default)s)")
-    grouping.add_argument("--border_ratio", type=float, default=0.9,
+    grouping.add_argument("--border_ratio", type=float_range(0), default=0.9,
                           help="drop regions with more pixels on the image frame than this x their contour "
                                "(default: %(default)s)")
-    grouping.add_argument("--min_area", type=int, default=0, help="drop masks with fewer pixels (default: %(default)s)")
+    grouping.add_argument("--min_area", type=int_range(0), default=0, help="drop masks with fewer pixels (default: %(default)s)")
 
     out = p.add_argument_group("output")
     out.add_argument("--pred_json_path", required=True, help="output COCO JSON (images, annotations, categories)")
     out.add_argument("--mask_format", default="rle", choices=["rle", "polygon"], help="mask encoding (default: %(default)s)")
     out.add_argument("--overwrite", action="store_true", help="replace an existing output")
-    out.add_argument("--num_workers", type=int, default=None,
-                     help="grouping worker processes, 0 = in the main process (default: min(4, CPUs - 1))")
+    add_num_workers_arg(out, None, help="grouping worker processes, 0 = in the main process (default: min(4, CPUs - 1))")
     return p
 
 
-def main() -> int:
-    args = build_parser().parse_args()
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     from distill.pa_source import ORACLE, generate_pa_masks
     from utils.errors import UserError
 
+    check_outputs(args.pred_json_path, overwrite=args.overwrite)
     if args.affinity == ORACLE and not args.gt_json:
         raise UserError("--affinity oracle needs --gt_json")
-    if args.num_workers is not None and args.num_workers < 0:
-        raise UserError("--num_workers must be >= 0")
     settings = {k: getattr(args, k) for k in SETTINGS}
     for key in ("dataset_root", "gt_json", "coco_json", "file_list"):
         if settings[key]:

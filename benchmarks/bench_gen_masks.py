@@ -28,7 +28,7 @@ import torchvision.transforms.functional as TF  # noqa: E402
 
 from distill.data import folder_entries, padded_size, resized_size, upsample_patch_mask  # noqa: E402
 from distill.reference import explicit_last_qk, literal_mask  # noqa: E402
-from distill.vit import build_vit  # noqa: E402
+from distill.vit import build_vit, resolve_patch_size  # noqa: E402
 from utils.images import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from utils.coco_io import make_annotation  # noqa: E402
 from utils.distributed import resolve_device  # noqa: E402
@@ -86,10 +86,10 @@ def run_pipeline(args: argparse.Namespace) -> dict:
         gen_args = argparse.Namespace(
             dataset="folder", dataset_root=args.folder, year=None, set=None, voc_split_folder=None, coco_json=None,
             file_list=None, image_ids="auto", max_images=args.max_images, arch=args.arch, patch_size=args.patch_size,
-            weights=args.weights, heads=5, topk=0.4, resize=args.resize, max_size=args.max_size,
+            weights=args.weights, features="auto", heads=5, topk=0.4, resize=args.resize, max_size=args.max_size,
             pred_json_path=str(Path(tmp) / "masks.json"), mask_format="rle", overwrite=True, resume=False,
             shard="0/1", merge=False, vis_dir=None, batch_size=args.batch_size, num_workers=args.num_workers,
-            device=args.device, half=args.half)
+            device=args.device, precision="bf16" if args.half else "fp32")
         stats = generate(gen_args)
         if args.keep_json:
             Path(args.keep_json).write_bytes((Path(tmp) / "masks.json").read_bytes())
@@ -130,8 +130,8 @@ def main() -> None:
                    help="what to run: both timings, one of them, or the mask IoU of --half against fp32")
     p.add_argument("--max_images", type=int, default=8, help="images per run (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=3, help="runs per mode with --mode both; medians are reported")
-    p.add_argument("--arch", default="vit_small", help="vit_small or vit_base")
-    p.add_argument("--patch_size", type=int, default=16, help="8 or 16")
+    p.add_argument("--arch", default="vit_small", help="vit_small, vit_base, dinov2_vits14, ... (see distill/vit.py)")
+    p.add_argument("--patch_size", type=int, default=None, help="16 or 8 for DINO, 14 for DINOv2 (default: the arch's)")
     p.add_argument("--weights", default="random", help="random (timing only), dino, or a checkpoint path")
     p.add_argument("--resize", type=int, default=640, help="shorter side (default: %(default)s)")
     p.add_argument("--max_size", type=int, default=2048, help="longer-side cap (default: %(default)s)")
@@ -141,6 +141,7 @@ def main() -> None:
     p.add_argument("--half", action="store_true", help="pipeline with bf16 autocast")
     p.add_argument("--keep_json", help="pipeline: copy the output masks JSON here (for agreement checks)")
     args = p.parse_args()
+    args.patch_size = resolve_patch_size(args.arch, args.patch_size)
 
     if args.mode == "half_agreement":
         print(json.dumps(half_agreement(args)))

@@ -305,6 +305,8 @@ def run(cfg: dict, info: DistInfo, resume: bool = False, overwrite: bool = False
     if eval_only:
         if not weights:
             raise UserError("--eval_only needs --weights (a checkpoint such as OUTPUT/model_final.pth)")
+        if not cfg["data"].get("test_json"):
+            raise UserError("--eval_only needs --test_json (or data.test_json): the images to predict")
         final = Path(weights)
     else:
         final = train(cfg, info, resume=resume, overwrite=overwrite, init_weights=weights)

@@ -18,23 +18,31 @@ if __package__ in (None, ""):  # run as a script from the repo root
 import argparse
 
 from detectron2_train.splits import SPLITS, write_splits
+from utils.cli import check_outputs, int_range
 from utils.coco_io import load_coco_dataset
 from utils.errors import run_cli
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--gt_file", required=True, help="COCO dataset whose categories are split")
     p.add_argument("--split", choices=SPLITS, default="voc_to_nonvoc",
                    help="voc_to_nonvoc: A = the 20 PASCAL classes; nonvoc_to_voc: A = the other 60; "
                         "random: --num_a classes drawn with --seed; paper_random: the paper's 25 random splits "
                         "E1-E5 x A20-A60, one sub-folder each")
-    p.add_argument("--num_a", type=int, default=40, help="random split: size of set A (default 40)")
-    p.add_argument("--seed", type=int, default=0, help="random split: seed (default 0)")
+    p.add_argument("--num_a", type=int_range(1), default=40,
+                   help="random split: size of set A, at least 1 and less than the number of categories (default 40)")
+    p.add_argument("--seed", type=int_range(0), default=0, help="random split: seed (default 0)")
     p.add_argument("--out_dir", required=True, help="folder for A.txt and B.txt (or for the split folders)")
-    args = p.parse_args()
+    p.add_argument("--overwrite", action="store_true", help="replace class lists already in --out_dir")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    check_outputs(folders=[args.out_dir])
     categories = load_coco_dataset(args.gt_file)["categories"]
-    print(write_splits(categories, args.split, args.out_dir, args.num_a, args.seed))
+    print(write_splits(categories, args.split, args.out_dir, args.num_a, args.seed, args.overwrite))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from utils.coco_io import write_text
+from utils.coco_io import check_can_write, read_text_lines, write_text
 from utils.errors import UserError
 
 # The 20 PASCAL VOC classes under their COCO names.
@@ -74,13 +74,10 @@ def paper_random_splits(categories: list[dict]) -> dict[str, tuple[list[int], li
 
 def read_class_list(path: str | os.PathLike, categories: list[dict]) -> list[int]:
     """Category ids named (or numbered) in a class list file."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"class list not found: {path}")
     by_name = {c["name"]: c["id"] for c in categories}
     ids = {c["id"] for c in categories}
     out = []
-    for line_no, line in enumerate(path.read_text().splitlines(), start=1):
+    for line in read_text_lines(path, "class list"):
         entry = line.split("#", 1)[0].strip()
         if not entry:
             continue
@@ -89,7 +86,7 @@ def read_class_list(path: str | os.PathLike, categories: list[dict]) -> list[int
         elif entry.isdigit() and int(entry) in ids:
             out.append(int(entry))
         else:
-            raise UserError(f"{path}:{line_no}: {entry!r} is not a category of the dataset")
+            raise UserError(f"{path}: {entry!r} is not a category of the dataset")
     if not out:
         raise UserError(f"class list {path} names no classes")
     return sorted(set(out))
@@ -105,9 +102,10 @@ SPLITS = ("voc_to_nonvoc", "nonvoc_to_voc", "random", "paper_random")
 
 
 def write_splits(categories: list[dict], split: str, out_dir: str | os.PathLike, num_a: int = 40,
-                 seed: int = 0) -> str:
+                 seed: int = 0, overwrite: bool = False) -> str:
     """Write OUT_DIR/A.txt and B.txt (`paper_random`: OUT_DIR/<split name>/A.txt, B.txt for each of
-    the paper's splits); returns a one-line summary."""
+    the paper's splits); returns a one-line summary. Existing lists are kept (a UserError before anything
+    is written) unless `overwrite`."""
     out = Path(out_dir)
     if split == "paper_random":
         splits = paper_random_splits(categories)
@@ -117,6 +115,9 @@ def write_splits(categories: list[dict], split: str, out_dir: str | os.PathLike,
         splits = {"": voc_split(categories, split)}
     else:
         raise UserError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    for name in splits:
+        for set_name in ("A.txt", "B.txt"):
+            check_can_write(out / name / set_name, overwrite)
     for name, (set_a, set_b) in splits.items():
         write_class_list(out / name / "A.txt", set_a, categories)
         write_class_list(out / name / "B.txt", set_b, categories)

@@ -20,12 +20,12 @@ from detectron2_train.results_table import summarize_runs
 from utils.errors import run_cli
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="finished train_net.py output directories")
     p.add_argument("--iou_type", choices=("segm", "bbox"), default="segm",
                    help="mask AP (segm, the paper's ablation tables) or box AP (default segm)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     print(summarize_runs(args.run_dirs, args.iou_type))
 
 

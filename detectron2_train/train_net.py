@@ -27,7 +27,7 @@ import argparse
 from detectron2_train.engine import SCHEMA, run
 from detectron2_train.modeling import MASK_HEADS, STAGES
 from detectron2_train.self_training import RoundSettings, self_training_rounds
-from utils.cli import float_range, int_range
+from utils.cli import add_device_arg, add_num_workers_arg, check_outputs, float_range, int_range
 from utils.config import add_config_args, load_run_config
 from utils.distributed import distributed_session
 from utils.errors import UserError, run_cli
@@ -69,11 +69,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "exactly; refused when it was made with other settings, weights or data "
                         "(solver.max_iter may grow)")
     p.add_argument("--overwrite", action="store_true",
-                   help="start again in an --output_dir that holds checkpoints (they and metrics.jsonl are deleted)")
+                   help="start again in an --output_dir that holds checkpoints (they and metrics.jsonl are deleted); "
+                        "replace an existing --results file (with --eval_only: also the default one)")
     p.add_argument("--eval_only", action="store_true", help="no training: predict --test_json with --weights")
     p.add_argument("--weights", help="Mask R-CNN checkpoint: the model for --eval_only, or the initial weights "
                                      "for training (backbone weights are model.backbone_weights)")
-    p.add_argument("--results", help="COCO results JSON to write (default OUTPUT_DIR/inference/results.json)")
+    p.add_argument("--results", help="COCO results JSON to write (default OUTPUT_DIR/inference/results.json); "
+                                     "an existing file is kept unless --overwrite")
     p.add_argument("--no_eval", action="store_true", help="write results but skip the pycocotools evaluation")
     p.add_argument("--pseudo_from", metavar="RESULTS.json",
                    help="self-training: make pseudo-labels for --train_json's images from these predictions, "
@@ -101,8 +103,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--round_config", metavar="FILE",
                    help="with --rounds: the YAML config of rounds n > 1 instead of --config (the --set overrides "
                         "and flags apply to both), e.g. CutLER's self-training config")
-    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda")
-    p.add_argument("--num_workers", type=int, help="data loading processes per training process (data.num_workers)")
+    add_device_arg(p)
+    add_num_workers_arg(p, None, help="data loading processes per training process, 0 = in the main process "
+                                      "(data.num_workers)")
     return p.parse_args(argv)
 
 
@@ -134,6 +137,15 @@ def round_settings(args: argparse.Namespace) -> list:
             for n in range(1, args.rounds + 1)]
 
 
+def check_run_outputs(args: argparse.Namespace, cfg: dict) -> None:
+    """Before any work: the output folder can be written, and a results file is not replaced unless --overwrite
+    (an explicit --results; with --eval_only also the default one, which then belongs to no training run)."""
+    results = args.results or (str(Path(cfg["output_dir"]) / "inference" / "results.json") if args.eval_only else None)
+    check_outputs(results, overwrite=args.overwrite)
+    if not args.eval_only:
+        check_outputs(folders=[cfg["output_dir"]])
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     cfg = config_from_args(args)
@@ -143,6 +155,7 @@ def main(argv: list[str] | None = None) -> None:
     for flag in ("add_back_iou", "round_config"):
         if rounds is None and getattr(args, flag) is not None:
             raise UserError(f"--{flag} needs --rounds")
+    check_run_outputs(args, cfg)
     with distributed_session(args.device) as info:
         if rounds is not None:
             self_training_rounds(cfg, info, rounds, init_weights=args.weights, evaluate=not args.no_eval,

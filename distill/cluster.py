@@ -192,8 +192,7 @@ def check_settings(settings: ClusterSettings) -> None:
             raise UserError(f"--{name} must be >= 1, got {value}")
     if settings.num_workers < 0:
         raise UserError(f"--num_workers must be >= 0, got {settings.num_workers}")
-    check_outputs(settings.output_file, overwrite=settings.overwrite)
-    check_outputs(settings.metrics_json)
+    check_outputs(settings.output_file, settings.metrics_json, folders=[settings.cache_dir], overwrite=settings.overwrite)
 
 
 def recorded_backbone(mask_set: MaskSet) -> tuple[dict, str] | None:

@@ -8,7 +8,6 @@ file in dataset order, streaming, so memory does not grow with the number of ima
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import shutil
@@ -24,19 +23,22 @@ from tqdm import tqdm
 
 from distill.data import (ImageEntry, MaskGenDataset, class_agnostic, coco20k_entries, collate, folder_entries,
                           size_grouped_batches, upsample_patch_mask, voc_entries, worker_count)
+from distill.features import discovery_features, feature_setting
 from distill.maskgen import propose_masks
-from distill.vit import build_vit
+from distill.vit import build_vit, resolve_patch_size
 from distill.visualize import save_overlay, write_gallery
 from utils.coco_io import OBJECT_CATEGORY, atomic_path, check_can_write, make_annotation, write_json
 from utils.config import save_config
 from utils.distributed import resolve_device
 from utils.errors import UserError
 from utils.images import IMAGENET_MEAN, IMAGENET_STD, ImageReadError, read_size
+from utils.precision import autocast, precision_name, resolve_precision
 
 CATEGORIES = [OBJECT_CATEGORY]
 # Settings that change the masks: a resumed run or a merged shard must agree on all of them.
 MASK_SETTINGS = ("dataset", "dataset_root", "year", "set", "coco_json", "file_list", "image_ids", "arch",
-                 "patch_size", "weights", "heads", "topk", "resize", "max_size", "mask_format", "half")
+                 "patch_size", "weights", "features", "heads", "topk", "resize", "max_size", "mask_format",
+                 "precision")
 
 
 @dataclass
@@ -205,6 +207,10 @@ def generate(args: argparse.Namespace) -> RunStats:
     """Run (one shard of) the mask generation described by the parsed `gen_masks.py` arguments."""
     out = Path(args.pred_json_path)
     shard, num_shards = parse_shard(args.shard)
+    # Resolved before they are recorded: a resume on other hardware must not silently change precision.
+    args.patch_size = resolve_patch_size(args.arch, args.patch_size)
+    args.features = feature_setting(args.arch, args.features)
+    args.precision = precision_name(resolve_precision(args.precision, resolve_device(args.device)))
     settings = settings_of(args)
     if num_shards == 1:
         check_can_write(out, args.overwrite)
@@ -286,7 +292,7 @@ def _run_model(args: argparse.Namespace, dataset: MaskGenDataset, batches: list[
     workers = worker_count(args.num_workers)
     loader = DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate,
                         pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None)
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if args.half else contextlib.nullcontext())
+    precision = autocast(resolve_precision(args.precision, device), device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     patch = args.patch_size
     with tqdm(total=sum(map(len, batches)), desc="masks", unit="img", disable=None, dynamic_ncols=True) as bar:
@@ -297,13 +303,14 @@ def _run_model(args: argparse.Namespace, dataset: MaskGenDataset, batches: list[
             if batch["images"] is not None:
                 t0 = time.perf_counter()
                 images = batch["images"].to(device, non_blocking=True)
-                with torch.inference_mode(), autocast:
-                    qk = model.last_qk(images)
+                with torch.inference_mode(), precision:
+                    features = discovery_features(model.last_qk(images), args.features)
                 sync()
                 t1 = time.perf_counter()
                 grid_h, grid_w = images.shape[2] // patch, images.shape[3] // patch
                 with torch.inference_mode():
-                    proposals = propose_masks(qk.query, qk.key, grid_h, grid_w, heads=args.heads, topk=args.topk)
+                    proposals = propose_masks(features.query, features.key, grid_h, grid_w, heads=args.heads,
+                                              topk=args.topk, graph_key=features.graph_key)
                 t2 = time.perf_counter()
                 lines = []
                 for slot, (index, proposal) in enumerate(zip(batch["indices"], proposals)):

@@ -55,7 +55,8 @@ def class_token_scores(query: torch.Tensor, key: torch.Tensor, heads: int) -> to
 
 
 def propose_masks(query: torch.Tensor, key: torch.Tensor, grid_h: int, grid_w: int,
-                  heads: int = 5, topk: float = 0.4, mass: float = 0.5) -> list[PatchMask]:
+                  heads: int = 5, topk: float = 0.4, mass: float = 0.5,
+                  graph_key: torch.Tensor | None = None) -> list[PatchMask]:
     """One object mask per image from the last block's queries and keys.
 
     Args:
@@ -63,6 +64,8 @@ def propose_masks(query: torch.Tensor, key: torch.Tensor, grid_h: int, grid_w: i
         heads: number of heads averaged for G_cls (the first ones).
         topk: fraction of the N patches kept as candidates.
         mass: DINO threshold mass applied to G_cls.
+        graph_key: keys for the patch graph G_i, same shape (default: `key`); see
+            `distill.features.DiscoveryFeatures` (DINOv2 centres them).
     """
     batch, num_heads, tokens, head_dim = key.shape
     num_patches = grid_h * grid_w
@@ -72,7 +75,8 @@ def propose_masks(query: torch.Tensor, key: torch.Tensor, grid_h: int, grid_w: i
 
     cls_scores = mass_threshold(class_token_scores(query, key, heads), mass)  # (B, N)
     # Keys of all heads concatenated: K Kᵀ of this matrix is G_i summed over heads.
-    patch_keys = key[:, :, 1:, :].float().permute(0, 2, 1, 3).reshape(batch, num_patches, num_heads * head_dim)
+    graph_key = key if graph_key is None else graph_key
+    patch_keys = graph_key[:, :, 1:, :].float().permute(0, 2, 1, 3).reshape(batch, num_patches, num_heads * head_dim)
 
     num_candidates = max(1, int(topk * num_patches))
     # A stable sort makes ties (many zeros after the threshold) resolve by patch index.

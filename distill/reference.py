@@ -14,7 +14,7 @@ from distill.vit import DinoViT, LastBlockQK
 
 
 def explicit_last_qk(model: DinoViT, image: torch.Tensor) -> LastBlockQK:
-    """Queries and keys of the last block, with every block's attention matrix materialised."""
+    """Queries and keys of the last block (CLS, patches), with every block's attention matrix materialised."""
     x = model.prepare_tokens(image)
     blocks = model.vit.blocks
     for i, block in enumerate(blocks):
@@ -23,7 +23,7 @@ def explicit_last_qk(model: DinoViT, image: torch.Tensor) -> LastBlockQK:
         qkv = block.attn.qkv(block.norm1(x)).reshape(b, n, 3, heads, d // heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]
         if i == len(blocks) - 1:
-            return LastBlockQK(q, k)
+            return LastBlockQK(model.without_registers(q, dim=2), model.without_registers(k, dim=2))
         attention = (q @ k.transpose(-2, -1) * block.attn.scale).softmax(dim=-1)
         x = x + block.ls1(block.attn.proj((attention @ v).transpose(1, 2).reshape(b, n, d)))
         x = x + block.ls2(block.mlp(block.norm2(x)))

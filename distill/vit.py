@@ -1,17 +1,27 @@
-"""DINO ViT backbones built with timm, loading the official DINO checkpoints.
+"""ViT backbones built with timm, loading the official DINO and DINOv2 checkpoints.
 
-The official checkpoints use timm's key layout (`cls_token`, `pos_embed`, `patch_embed.proj.*`,
-`blocks.N.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2}.*`, `norm.*`, no head), so the
-state dict loads strictly into `timm.create_model(...)`.
+`--arch` names a row of `BACKBONES`:
 
-Position embeddings are resampled exactly as DINO's `interpolate_pos_encoding` does (bicubic,
-scale factors `(n + 0.1) / sqrt(N)`); timm's own resampling differs and changes the masks.
+* DINO (`vit_small`, `vit_base`; patch 8 or 16): the official checkpoints use timm's key layout
+  (`cls_token`, `pos_embed`, `patch_embed.proj.*`, `blocks.N.{norm1,attn.qkv,attn.proj,norm2,
+  mlp.fc1,mlp.fc2}.*`, `norm.*`, no head).
+* DINOv2 (`dinov2_vits14`, `dinov2_vitb14`, and `_reg` with 4 register tokens; patch 14): the
+  official `torch.hub` files add `blocks.N.ls{1,2}.gamma` (layer scale), `mask_token` [1, D] and,
+  for `_reg`, `register_tokens` [1, 4, D]; `pos_embed` is [1, 1 + 37², D] and holds no register
+  positions. timm's `vit_*_patch14_dinov2` has every key but those two, which are added to it, so
+  every official file loads strictly.
+
+Position embeddings are resampled exactly as the official `interpolate_pos_encoding` of each
+family does (`interpolate_pos_encoding` below); timm's own resampling differs and changes the
+masks. Register tokens sit between CLS and the patches inside the network, as in DINOv2, and are
+dropped from every output: they are never part of the patch graph.
 """
 from __future__ import annotations
 
 import math
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
@@ -24,31 +34,88 @@ from utils.checkpoint import read_torch_file
 from utils.errors import UserError
 from utils.state_dicts import unwrap_state_dict
 
-ARCHS = {"vit_small": "vit_small_patch{p}_224", "vit_base": "vit_base_patch{p}_224"}
-PATCH_SIZES = (8, 16)
 
-# Official DINO releases (facebookresearch/dino, README "Pretrained models").
-DINO_URLS = {
-    ("vit_small", 16): "https://dl.fbaipublicfiles.com/dino/dino_deitsmall16_pretrain/dino_deitsmall16_pretrain.pth",
-    ("vit_small", 8): "https://dl.fbaipublicfiles.com/dino/dino_deitsmall8_pretrain/dino_deitsmall8_pretrain.pth",
-    ("vit_base", 16): "https://dl.fbaipublicfiles.com/dino/dino_vitbase16_pretrain/dino_vitbase16_pretrain.pth",
-    ("vit_base", 8): "https://dl.fbaipublicfiles.com/dino/dino_vitbase8_pretrain/dino_vitbase8_pretrain.pth",
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """One `--arch`: its timm model, official weights and position-embedding resampling."""
+
+    family: str  # "DINO" or "DINOv2", for messages
+    timm_name: str  # with `{p}` for the patch size
+    patch_sizes: tuple[int, ...]  # the first is the default
+    urls: dict[int, str]  # patch size -> official checkpoint
+    register_tokens: int = 0
+    interpolate_offset: float = 0.1  # DINO's kludge: scale factor (n + offset) / sqrt(N); 0 -> output size
+    interpolate_antialias: bool = False
+    mask_token: bool = False  # the official file holds `mask_token` (unused at inference)
+    features: str = "raw"  # what the discovery methods read by default (distill/features.py)
+    timm_kwargs: tuple[tuple[str, object], ...] = ()  # overrides of timm's model arguments (tests: tiny models)
+
+
+_DINO = "https://dl.fbaipublicfiles.com/dino"
+_DINOV2 = "https://dl.fbaipublicfiles.com/dinov2"
+# Official releases: facebookresearch/dino README "Pretrained models"; facebookresearch/dinov2
+# dinov2/hub/backbones.py (`_make_dinov2_model`: plain models offset 0.1 and no antialias,
+# `_reg` models 4 registers, offset 0 and antialias).
+BACKBONES: dict[str, BackboneSpec] = {
+    "vit_small": BackboneSpec("DINO", "vit_small_patch{p}_224", (16, 8), {
+        16: f"{_DINO}/dino_deitsmall16_pretrain/dino_deitsmall16_pretrain.pth",
+        8: f"{_DINO}/dino_deitsmall8_pretrain/dino_deitsmall8_pretrain.pth"}),
+    "vit_base": BackboneSpec("DINO", "vit_base_patch{p}_224", (16, 8), {
+        16: f"{_DINO}/dino_vitbase16_pretrain/dino_vitbase16_pretrain.pth",
+        8: f"{_DINO}/dino_vitbase8_pretrain/dino_vitbase8_pretrain.pth"}),
+    "dinov2_vits14": BackboneSpec("DINOv2", "vit_small_patch14_dinov2", (14,), {
+        14: f"{_DINOV2}/dinov2_vits14/dinov2_vits14_pretrain.pth"}, mask_token=True, features="centred"),
+    "dinov2_vitb14": BackboneSpec("DINOv2", "vit_base_patch14_dinov2", (14,), {
+        14: f"{_DINOV2}/dinov2_vitb14/dinov2_vitb14_pretrain.pth"}, mask_token=True, features="centred"),
+    "dinov2_vits14_reg": BackboneSpec("DINOv2", "vit_small_patch14_dinov2", (14,), {
+        14: f"{_DINOV2}/dinov2_vits14/dinov2_vits14_reg4_pretrain.pth"}, register_tokens=4,
+        interpolate_offset=0.0, interpolate_antialias=True, mask_token=True, features="centred"),
+    "dinov2_vitb14_reg": BackboneSpec("DINOv2", "vit_base_patch14_dinov2", (14,), {
+        14: f"{_DINOV2}/dinov2_vitb14/dinov2_vitb14_reg4_pretrain.pth"}, register_tokens=4,
+        interpolate_offset=0.0, interpolate_antialias=True, mask_token=True, features="centred"),
 }
+ARCHS = tuple(BACKBONES)
+PATCH_SIZES = tuple(sorted({p for spec in BACKBONES.values() for p in spec.patch_sizes}))
+
+
+def backbone_spec(arch: str) -> BackboneSpec:
+    if arch not in BACKBONES:
+        raise UserError(f"unknown --arch {arch!r}; choose one of {list(BACKBONES)}")
+    return BACKBONES[arch]
+
+
+def resolve_patch_size(arch: str, patch_size: int | None) -> int:
+    """The patch size of `--arch`: `None` takes its default (16 for DINO, 14 for DINOv2); any other
+    value must be one the arch was released with."""
+    spec = backbone_spec(arch)
+    if patch_size is None:
+        return spec.patch_sizes[0]
+    if patch_size not in spec.patch_sizes:
+        allowed = " or ".join(map(str, spec.patch_sizes))
+        raise UserError(f"--arch {arch} has patch size {allowed}, not --patch_size {patch_size}; "
+                        f"pass --patch_size {spec.patch_sizes[0]} or leave it out")
+    return patch_size
 
 
 class LastBlockQK(NamedTuple):
-    """Queries and keys of the last block, shape (B, heads, 1 + N, head_dim), CLS first."""
+    """Queries and keys of the last block, shape (B, heads, 1 + N, head_dim): CLS first, then the
+    N patches in raster order (register tokens dropped)."""
 
     query: torch.Tensor
     key: torch.Tensor
 
 
-def interpolate_pos_encoding(pos_embed: torch.Tensor, grid_h: int, grid_w: int) -> torch.Tensor:
-    """DINO's `interpolate_pos_encoding` for a `grid_h x grid_w` patch grid.
+def interpolate_pos_encoding(pos_embed: torch.Tensor, grid_h: int, grid_w: int, offset: float = 0.1,
+                             antialias: bool = False) -> torch.Tensor:
+    """The official `interpolate_pos_encoding` of DINO and DINOv2 for a `grid_h x grid_w` patch grid.
 
-    `pos_embed` is (1, 1 + N, D) with N = sqrt(N)^2 square-grid patch embeddings. The patch part
-    is resized bicubically with scale factors `((grid_h + 0.1) / sqrt(N), (grid_w + 0.1) / sqrt(N))`;
-    the 0.1 avoids floating-point error in the output size (DINO, vision_transformer.py).
+    `pos_embed` is (1, 1 + N, D): CLS, then a square sqrt(N) x sqrt(N) grid. The grid is resized
+    bicubically (in float32); the CLS embedding is kept. With `offset` > 0 (DINO; DINOv2 without
+    registers: 0.1) the resize uses scale factors `(grid + offset) / sqrt(N)`, the offset avoiding
+    floating-point error in the output size; with `offset` 0 (DINOv2 with registers) it asks for
+    the output size itself. `antialias` only matters when shrinking. An unchanged square grid is
+    returned as is.
     """
     num_patches = pos_embed.shape[1] - 1
     if num_patches == grid_h * grid_w and grid_h == grid_w:
@@ -56,63 +123,88 @@ def interpolate_pos_encoding(pos_embed: torch.Tensor, grid_h: int, grid_w: int) 
     side = int(math.sqrt(num_patches))
     dim = pos_embed.shape[-1]
     class_pos = pos_embed[:, :1]
-    patch_pos = pos_embed[:, 1:].reshape(1, side, side, dim).permute(0, 3, 1, 2)
-    patch_pos = F.interpolate(
-        patch_pos.float(),
-        scale_factor=((grid_h + 0.1) / math.sqrt(num_patches), (grid_w + 0.1) / math.sqrt(num_patches)),
-        mode="bicubic",
-    ).to(pos_embed.dtype)
+    patch_pos = pos_embed[:, 1:].float().reshape(1, side, side, dim).permute(0, 3, 1, 2)
+    if offset:
+        resize = {"scale_factor": ((grid_h + offset) / side, (grid_w + offset) / side)}
+    else:
+        resize = {"size": (grid_h, grid_w)}
+    patch_pos = F.interpolate(patch_pos, mode="bicubic", antialias=antialias, **resize)
     assert patch_pos.shape[-2:] == (grid_h, grid_w), patch_pos.shape
-    patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, grid_h * grid_w, dim)
+    patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, grid_h * grid_w, dim).to(pos_embed.dtype)
     return torch.cat([class_pos, patch_pos], dim=1)
 
 
 class DinoViT(nn.Module):
-    """A timm VisionTransformer with DINO-style inputs of any size (multiples of the patch size)."""
+    """A timm VisionTransformer with DINO/DINOv2-style inputs of any size (multiples of the patch size).
 
-    def __init__(self, arch: str = "vit_small", patch_size: int = 16) -> None:
+    `self.vit.state_dict()` has exactly the keys of the official checkpoint of `arch`.
+    """
+
+    def __init__(self, arch: str = "vit_small", patch_size: int | None = None, initialise: bool = True) -> None:
         super().__init__()
-        if arch not in ARCHS:
-            raise UserError(f"unknown --arch {arch!r}; choose one of {sorted(ARCHS)}")
-        if patch_size not in PATCH_SIZES:
-            raise UserError(f"unknown --patch_size {patch_size}; choose one of {PATCH_SIZES}")
-        self.arch, self.patch_size = arch, patch_size
-        self.vit = timm.create_model(ARCHS[arch].format(p=patch_size), pretrained=False, num_classes=0)
+        self.spec = backbone_spec(arch)
+        self.arch, self.patch_size = arch, resolve_patch_size(arch, patch_size)
+        # initialise=False skips timm's weight init (seconds for a ViT-B) when a checkpoint replaces every weight.
+        self.vit = timm.create_model(self.spec.timm_name.format(p=self.patch_size), pretrained=False, num_classes=0,
+                                     weight_init="" if initialise else "skip", **dict(self.spec.timm_kwargs))
+        dim = self.vit.embed_dim
+        # The official DINOv2 parameters timm's model lacks (timm keeps registers as `reg_token`
+        # with a different position layout): attached under the official names.
+        if self.spec.mask_token:
+            self.vit.mask_token = nn.Parameter(torch.zeros(1, dim))
+        self.num_register_tokens = self.spec.register_tokens
+        if self.num_register_tokens:
+            self.vit.register_tokens = nn.Parameter(torch.zeros(1, self.num_register_tokens, dim))
         self.num_heads = self.vit.blocks[-1].attn.num_heads
         self._pos_cache: dict[tuple, torch.Tensor] = {}
 
     # ------------------------------------------------------------------ internals
     def _pos_embed(self, grid_h: int, grid_w: int) -> torch.Tensor:
         pos = self.vit.pos_embed
+        offset, antialias = self.spec.interpolate_offset, self.spec.interpolate_antialias
         if torch.is_grad_enabled() and pos.requires_grad:
-            return interpolate_pos_encoding(pos, grid_h, grid_w)
+            return interpolate_pos_encoding(pos, grid_h, grid_w, offset, antialias)
         key = (grid_h, grid_w, pos.device, pos.dtype, pos._version, pos.data_ptr())
         if key not in self._pos_cache:
             if len(self._pos_cache) > 64:
                 self._pos_cache.clear()
-            self._pos_cache[key] = interpolate_pos_encoding(pos.detach(), grid_h, grid_w)
+            self._pos_cache[key] = interpolate_pos_encoding(pos.detach(), grid_h, grid_w, offset, antialias)
         return self._pos_cache[key]
 
     def prepare_tokens(self, images: torch.Tensor) -> torch.Tensor:
-        """Patchify, prepend CLS and add the (interpolated) position embeddings: (B, 1 + N, D)."""
+        """Patchify, prepend CLS, add the (interpolated) position embeddings, then insert the register
+        tokens (if any, without position embeddings) after CLS: (B, 1 + R + N, D)."""
         b, _, h, w = images.shape
         if h % self.patch_size or w % self.patch_size:
             raise ValueError(f"input {h}x{w} is not a multiple of the patch size {self.patch_size}")
         patches = self.vit.patch_embed.proj(images).flatten(2).transpose(1, 2)
         tokens = torch.cat([self.vit.cls_token.expand(b, -1, -1).to(patches.dtype), patches], dim=1)
-        return tokens + self._pos_embed(h // self.patch_size, w // self.patch_size).to(tokens.dtype)
+        tokens = tokens + self._pos_embed(h // self.patch_size, w // self.patch_size).to(tokens.dtype)
+        if self.num_register_tokens:
+            registers = self.vit.register_tokens.expand(b, -1, -1).to(tokens.dtype)
+            tokens = torch.cat([tokens[:, :1], registers, tokens[:, 1:]], dim=1)
+        return tokens
+
+    def without_registers(self, tokens: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        """Drop the register tokens along `dim` of a (.., 1 + R + N, ..) tensor: CLS, then the patches."""
+        if not self.num_register_tokens:
+            return tokens
+        first_patch = 1 + self.num_register_tokens
+        return torch.cat([tokens.narrow(dim, 0, 1), tokens.narrow(dim, first_patch, tokens.shape[dim] - first_patch)],
+                         dim=dim)
 
     # ------------------------------------------------------------------ public API
     def last_qk(self, images: torch.Tensor) -> LastBlockQK:
-        """Queries and keys of the last block. All earlier blocks run timm's fused attention
-        (`scaled_dot_product_attention`); the last block is only run up to its qkv projection."""
+        """Queries and keys of the last block, CLS first then the patches (no registers). All earlier
+        blocks run timm's fused attention (`scaled_dot_product_attention`); the last block is only
+        run up to its qkv projection."""
         x = self.prepare_tokens(images)
         for block in self.vit.blocks[:-1]:
             x = block(x)
         last = self.vit.blocks[-1]
         b, n, d = x.shape
         qkv = last.attn.qkv(last.norm1(x)).reshape(b, n, 3, self.num_heads, d // self.num_heads)
-        qkv = qkv.permute(2, 0, 3, 1, 4)
+        qkv = self.without_registers(qkv.permute(2, 0, 3, 1, 4), dim=3)
         return LastBlockQK(query=qkv[0], key=qkv[1])
 
     def cls_features(self, images: torch.Tensor) -> torch.Tensor:
@@ -141,40 +233,49 @@ def load_weights_into(model: DinoViT, state: dict, source: str) -> None:
     if "pos_embed" in state and state["pos_embed"].shape != expected["pos_embed"].shape:
         # Checkpoint trained at another resolution: keep its embeddings on its own square grid.
         side = int(math.sqrt(expected["pos_embed"].shape[1] - 1))
-        state["pos_embed"] = interpolate_pos_encoding(state["pos_embed"].float(), side, side)
+        state["pos_embed"] = interpolate_pos_encoding(state["pos_embed"].float(), side, side,
+                                                      model.spec.interpolate_offset, model.spec.interpolate_antialias)
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
-        raise UserError(f"weights {source} do not match the DINO {model.arch}/{model.patch_size} layout: "
-                        f"missing {missing[:4]}{'...' if len(missing) > 4 else ''}, "
+        raise UserError(f"weights {source} do not match the {model.spec.family} {model.arch}/{model.patch_size} "
+                        f"layout: missing {missing[:4]}{'...' if len(missing) > 4 else ''}, "
                         f"unexpected {unexpected[:4]}{'...' if len(unexpected) > 4 else ''}")
     model.vit.load_state_dict(state, strict=True)
 
 
-def load_dino_state_dict(arch: str, patch_size: int) -> dict:
-    """The official DINO checkpoint through `torch.hub` (downloaded once, then cached)."""
-    url = DINO_URLS[(arch, patch_size)]
+def load_dino_state_dict(arch: str, patch_size: int | None = None) -> dict:
+    """The official checkpoint of `arch` (DINO or DINOv2) through `torch.hub` (downloaded once, then cached)."""
+    spec, patch_size = backbone_spec(arch), resolve_patch_size(arch, patch_size)
+    url = spec.urls[patch_size]
     cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
     try:
         return torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=sys.stderr.isatty())
     except Exception as exc:  # offline: URLError, socket errors, HTTP errors
-        raise UserError(f"cannot download the DINO {arch}/{patch_size} weights ({type(exc).__name__}) and "
+        raise UserError(f"cannot download the {spec.family} {arch}/{patch_size} weights ({type(exc).__name__}) and "
                         f"no cached copy is at {cached}; download {url} and pass --weights PATH") from None
 
 
-def build_vit(arch: str = "vit_small", patch_size: int = 16, weights: str = "dino") -> DinoViT:
-    """Factory: `weights` is `dino` (official checkpoint via torch.hub), a local path, or `random`."""
-    # Seeded, so that `random` weights are the same in every process (shards, resumes, ranks).
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = DinoViT(arch, patch_size)
+def build_vit(arch: str = "vit_small", patch_size: int | None = None, weights: str = "dino") -> DinoViT:
+    """Factory for every `--arch` (see `BACKBONES`). `patch_size` None takes the arch's default;
+    `weights` is `dino` (the arch's official checkpoint via torch.hub: DINO or DINOv2), a local
+    path, or `random`."""
+    patch_size = resolve_patch_size(arch, patch_size)
     if weights == "random":
+        # Seeded, so that `random` weights are the same in every process (shards, resumes, ranks).
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = DinoViT(arch, patch_size)
         print("WARNING: --weights random: the ViT has RANDOM weights, so its masks and features mean "
               "nothing. Use it for smoke tests only.", file=sys.stderr)
-    elif weights == "dino":
-        load_weights_into(model, load_dino_state_dict(arch, patch_size), f"dino {arch}/{patch_size}")
+        return model.eval()
+    # The checkpoint first: a missing file or download fails before any model is built.
+    if weights == "dino":
+        state, source = load_dino_state_dict(arch, patch_size), f"{backbone_spec(arch).family} {arch}/{patch_size}"
     else:
         state = read_torch_file(weights, "--weights checkpoint",
                                 hint="no such file; use 'dino', 'random' or a checkpoint path")
-        load_weights_into(model, state, str(Path(weights)))
+        source = str(Path(weights))
+    model = DinoViT(arch, patch_size, initialise=False)
+    load_weights_into(model, state, source)
     return model.eval()

@@ -27,6 +27,7 @@ import numpy as np
 from tqdm import tqdm
 
 from segmentation.data import check_pair_sizes, find_image
+from utils.cli import check_outputs, float_range, int_range
 from utils.errors import UserError, run_cli
 from utils.images import ImageReadError, load_rgb
 from utils.label_png import IGNORE_INDEX, read_label_png, write_label_png
@@ -199,6 +200,9 @@ def default_workers() -> int:
         return max(1, min(os.cpu_count() or 1, 16))
 
 
+POSITIVE = float_range(0, min_inclusive=False)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     defaults = CRFParams()
     parser = argparse.ArgumentParser(
@@ -207,21 +211,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--image_dir", required=True, help="folder of the images (matched by file name)")
     parser.add_argument("--mask_dir", required=True, help="folder of mask PNGs named like their images (searched recursively)")
     parser.add_argument("--out_dir", required=True, help="folder for the refined PNGs (same relative names)")
-    parser.add_argument("--workers", type=int, default=None,
+    parser.add_argument("--workers", type=int_range(1), default=None,
                         help=f"CPU worker processes (default: available cores, at most 16; here {default_workers()})")
     parser.add_argument("--mask_type", choices=("auto", "binary", "palette"), default="auto",
                         help="auto (default): a non-palette PNG holding only 0 and 255 is binary (255 = object); "
                              "otherwise 255 means ignore")
-    parser.add_argument("--gt_prob", type=float, default=0.8,
+    parser.add_argument("--gt_prob", type=float_range(0, 1, min_inclusive=False, max_inclusive=False), default=0.8,
                         help="confidence given to the input labels in the unary term, in (0, 1) (default 0.8)")
     parser.add_argument("--fill_ignore", action="store_true",
                         help="let the CRF label pixels marked 255 (ignore) too; by default they stay 255")
-    parser.add_argument("--iterations", type=int, default=defaults.iterations, help="mean-field iterations (default 10)")
-    parser.add_argument("--gauss_sxy", type=float, default=defaults.gauss_sxy, help="Gaussian kernel spatial std (default 1)")
-    parser.add_argument("--gauss_compat", type=float, default=defaults.gauss_compat, help="Gaussian kernel weight (default 3)")
-    parser.add_argument("--bilateral_sxy", type=float, default=defaults.bilateral_sxy, help="bilateral spatial std (default 67)")
-    parser.add_argument("--bilateral_srgb", type=float, default=defaults.bilateral_srgb, help="bilateral colour std (default 3)")
-    parser.add_argument("--bilateral_compat", type=float, default=defaults.bilateral_compat, help="bilateral kernel weight (default 4)")
+    parser.add_argument("--iterations", type=int_range(1), default=defaults.iterations, help="mean-field iterations (default 10)")
+    parser.add_argument("--gauss_sxy", type=POSITIVE, default=defaults.gauss_sxy, help="Gaussian kernel spatial std (default 1)")
+    parser.add_argument("--gauss_compat", type=float_range(0), default=defaults.gauss_compat, help="Gaussian kernel weight (default 3)")
+    parser.add_argument("--bilateral_sxy", type=POSITIVE, default=defaults.bilateral_sxy, help="bilateral spatial std (default 67)")
+    parser.add_argument("--bilateral_srgb", type=POSITIVE, default=defaults.bilateral_srgb, help="bilateral colour std (default 3)")
+    parser.add_argument("--bilateral_compat", type=float_range(0), default=defaults.bilateral_compat, help="bilateral kernel weight (default 4)")
     parser.add_argument("--overwrite", action="store_true",
                         help="redo masks already refined in OUT_DIR (by default they are kept, so a job resumes)")
     return parser.parse_args(argv)
@@ -229,6 +233,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    check_outputs(folders=[args.out_dir])
     params = CRFParams(args.iterations, args.gauss_sxy, args.gauss_compat, args.bilateral_sxy,
                        args.bilateral_srgb, args.bilateral_compat)
     stats = refine_folder(args.image_dir, args.mask_dir, args.out_dir, args.workers, args.mask_type,

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from utils.coco_io import read_text_lines
 from utils.errors import UserError
 from utils.images import IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, ImageReadError, load_rgb, read_size
 from utils.label_png import IGNORE_INDEX, check_label_values, read_label_png
@@ -24,12 +25,9 @@ from utils.label_png import IGNORE_INDEX, check_label_values, read_label_png
 def read_image_list(path: str | os.PathLike) -> list[str]:
     """Entries of an image list (blank lines and `#` comments skipped), extensions removed."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"image list not found: {path}")
     names = []
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if not line or line.startswith("#"):
+    for line in read_text_lines(path, "image list"):  # names that are not UTF-8 too (gen_segmentation writes them)
+        if line.startswith("#"):
             continue
         fields = line.split()
         if len(fields) > 1:  # SBD/DeepLab style "/JPEGImages/x.jpg /SegmentationClassAug/x.png"

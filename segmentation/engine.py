@@ -19,8 +19,8 @@ from torch.utils.data import DataLoader, Subset
 
 from segmentation.data import EvalTransform, SegmentationDataset, TrainTransform, read_image_list
 from segmentation.model import BACKBONES, build_from_config
-from utils.checkpoint import read_torch_file, unwrap
-from utils.cli import float_range, int_range
+from utils.checkpoint import read_torch_file, require_checkpoint_kind, unwrap
+from utils.cli import DEVICE_NAMES, float_range, int_range
 from utils.config import ConfigSchema
 from utils.distributed import DistInfo
 from utils.errors import UserError
@@ -85,6 +85,7 @@ SCHEMA = ConfigSchema(DEFAULTS, types={
     "data.image_dir": str, "data.label_dir": str, "data.train_list": str, "data.val_image_dir": str,
     "data.val_label_dir": str, "data.val_list": str, "data.class_names": list[str], "model.atrous_rates": list[int],
 }, ranges={
+    "device": DEVICE_NAMES,
     "data.num_classes": int_range(1), "data.crop_size": int_range(1), "data.scale_range": POSITIVE,
     "data.num_workers": int_range(0),
     "model.backbone": BACKBONES, "model.output_stride": (8, 16, 32), "model.head_channels": int_range(1),
@@ -109,6 +110,10 @@ TINY_EXAMPLE = ("python {script} --config configs/segmentation/tiny_test.yml "
                 f"--set data.image_dir={_VOC_MINI}/JPEGImages data.label_dir={_VOC_MINI}/SegmentationClass "
                 f"data.train_list={_VOC_MINI}/ImageSets/Segmentation/trainval.txt")
 
+
+# The fingerprint kinds of DeepLab-v3 training and linear-probe checkpoints (utils/checkpoint.CHECKPOINT_KINDS).
+DEEPLAB_KIND = "deeplab"
+PROBE_KIND = "linear_probe"
 
 # Keys a resumed training may change: the toolkit's and the validation set's.
 RESUME_HARMLESS_KEYS = HARMLESS_KEYS + ("data.val_*", "data.class_names")
@@ -190,7 +195,7 @@ def train(config: dict, dist: DistInfo, resume: bool = False, overwrite: bool = 
     optimizer = build_optimizer(model, solver)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly_schedule(loop.max_iter, float(solver["poly_power"])))
     run = TrainingRun(config["output_dir"], model, optimizer, scheduler, loop, dist, config=config,
-                      fingerprint=fingerprint("deeplab", config, RESUME_HARMLESS_KEYS))
+                      fingerprint=fingerprint(DEEPLAB_KIND, config, RESUME_HARMLESS_KEYS))
     run.prepare(resume, overwrite)
     loader = resumable_loader(dataset, per_rank_batch, loop.seed, dist.rank, dist.world_size, run.start_iter,
                               int(d["num_workers"]), pin_memory=dist.device.type == "cuda")
@@ -270,6 +275,7 @@ def load_trained_model(config: dict, checkpoint: str | os.PathLike, device: torc
     """
     path = Path(checkpoint)
     state = read_torch_file(path, "model checkpoint")
+    require_checkpoint_kind(state, path, (DEEPLAB_KIND, PROBE_KIND))
     weights = state.get("model", state)
     arch = json.loads(json.dumps(config))  # deep copy
     saved = state.get("config") if isinstance(state.get("config"), dict) else None

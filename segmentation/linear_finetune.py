@@ -17,6 +17,7 @@ if __package__ in (None, ""):  # run as a script from the repo root
 import argparse
 
 from segmentation.probe import load_probe_config, run_linear_probe
+from utils.cli import DEVICE_CHOICES, add_device_arg, check_outputs, int_range
 from utils.config import config_epilog
 from utils.distributed import distributed_session
 from utils.errors import run_cli
@@ -46,13 +47,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="experiment YAML: data, model, solver and 'pretrained' (the trained DeepLab-v3 checkpoint)")
     parser.add_argument("--crf-postprocess", dest="crf_postprocess", action="store_true",
                         help="refine the val softmax with the dense CRF before scoring")
-    parser.add_argument("--workers", type=int, default=None,
+    parser.add_argument("--workers", type=int_range(1), default=None,
                         help="CPU processes for --crf-postprocess (default: available cores, at most 16)")
     parser.add_argument("--model_path", default=None,
                         help="evaluate these saved probe weights (probe_final.pth) instead of training")
-    parser.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="override config keys, e.g. --set solver.max_iter=100 data.num_workers=0")
-    parser.add_argument("--device", default=None, help="auto (default), cpu or cuda; overrides the config's device")
+    parser.add_argument("--set", dest="overrides", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
+                        help="override config keys (values parsed as YAML; --set may be repeated, all apply in order), "
+                             "e.g. --set solver.max_iter=100 data.num_workers=0")
+    add_device_arg(parser, default=None, help=f"{DEVICE_CHOICES}; overrides the config's device (default: auto)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing results.json / results_crf.json, and train the probe again "
                              "from scratch (its checkpoints and metrics.jsonl are deleted)")
@@ -64,6 +66,7 @@ def main(argv=None) -> int:
     config = load_probe_config(args.config_env, args.config_exp, args.overrides)
     if args.device:
         config["device"] = args.device
+    check_outputs(folders=[config["output_dir"]])
     with distributed_session(config["device"]) as dist:
         result = run_linear_probe(config, dist, args.model_path, args.crf_postprocess, args.workers,
                                   args.overwrite)

@@ -18,9 +18,9 @@ from torch.utils.data import DataLoader, Subset
 
 from segmentation.crf import CRFParams, default_workers, dense_crf, run_pool
 from segmentation.data import SegmentationDataset
-from segmentation.engine import (DEFAULTS, RESUME_HARMLESS_KEYS, SCHEMA, build_train_dataset, build_val_dataset,
-                                 class_names, evaluate, format_iou, iou_result, load_trained_model, poly_schedule,
-                                 predict_logits, segmentation_loss)
+from segmentation.engine import (DEFAULTS, PROBE_KIND, RESUME_HARMLESS_KEYS, SCHEMA, build_train_dataset,
+                                 build_val_dataset, class_names, evaluate, format_iou, iou_result, load_trained_model,
+                                 poly_schedule, predict_logits, segmentation_loss)
 from utils.coco_io import check_can_write, write_json
 from utils.config import ConfigSchema, load_config
 from utils.distributed import DistInfo
@@ -33,7 +33,6 @@ from utils.progress import Progress
 from utils.samplers import resumable_loader, worker_batches
 from utils.training import LoopSettings, TrainingRun, seed_all
 
-PROBE_KIND = "linear_probe"  # the fingerprint kind of probe checkpoints, told from DeepLab-v3 ones on resume
 PROBE_FINAL = "probe_final.pth"
 PROBE_DEFAULTS = copy.deepcopy(DEFAULTS)
 PROBE_DEFAULTS["pretrained"] = None  # the trained DeepLab-v3 checkpoint to probe

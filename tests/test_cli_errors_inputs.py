@@ -162,3 +162,64 @@ def test_eval_instances_refuses_broken_ground_truth(tmp_path, corrupt, message):
     code, stdout, stderr = run_main(eval_instances.main, argv)
     assert code == 2 and stdout == ""
     assert error_line(stderr).startswith(f"error: {tmp_path / 'gt.json'}: {message}")
+
+
+# ----------------------------------------------------------------------------- category ids (point 11)
+
+
+def _ten_objects():
+    """Ten 10x12 images with one square object of category 1 each, and perfect predictions of them."""
+    images = [{"id": i, "file_name": f"{i}.jpg", "height": 10, "width": 12} for i in range(1, 11)]
+    anns = [{"id": i, "image_id": i, "category_id": 1, "segmentation": mask_to_rle(_square(10, 12, 2, 6, 3, 3 + i % 6 + 2)),
+             "area": 4 * (i % 6 + 2), "bbox": [3, 2, i % 6 + 2, 4], "iscrowd": 0} for i in range(1, 11)]
+    gt = {"images": images, "annotations": anns, "categories": [{"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}]}
+    preds = [{"image_id": a["image_id"], "category_id": 1, "segmentation": a["segmentation"], "score": 1.0}
+             for a in anns]
+    return gt, preds
+
+
+def _evaluate(tmp_path, gt, preds, *flags):
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    (tmp_path / "preds.json").write_text(json.dumps(preds))
+    return run_main(eval_instances.main, ["--input_file", str(tmp_path / "preds.json"), "--gt_file",
+                                          str(tmp_path / "gt.json"), *flags])
+
+
+def test_perfect_predictions_score_100(tmp_path):
+    gt, preds = _ten_objects()
+    code, stdout, stderr = _evaluate(tmp_path, gt, preds)
+    assert code == 0 and stdout.strip().splitlines()[-1] == "segm AP50: 100.00", stderr
+
+
+def test_predictions_of_categories_the_gt_lacks_are_refused(tmp_path):
+    """3 of 10 perfect predictions carry id 7, which the GT does not define: pycocotools drops them and the AP
+    read 70 (a note on stdout said so); now one error line with the ids and counts."""
+    gt, preds = _ten_objects()
+    for pred in preds[:3]:
+        pred["category_id"] = 7
+    preds[3]["category_id"] = 0
+    code, stdout, stderr = _evaluate(tmp_path, gt, preds)
+    assert code == 2 and stdout == ""
+    assert error_line(stderr) == (
+        f"error: {tmp_path / 'preds.json'}: 4 of 10 predictions have category ids that are not among the GT "
+        f"categories (1, 2): 0 (1x), 7 (3x); pycocotools would silently ignore them; map the predicted ids to the "
+        f"GT's, or pass --class_agnostic to ignore categories")
+    code, stdout, _ = _evaluate(tmp_path, gt, preds, "--class_agnostic")  # categories folded: all count
+    assert code == 0 and stdout.strip().splitlines()[-1] == "segm AP50: 100.00"
+
+
+def test_gt_objects_of_categories_the_gt_lacks_are_refused(tmp_path):
+    """GT objects of an undefined category were silently left out of the evaluation."""
+    gt, preds = _ten_objects()
+    gt["annotations"][0]["category_id"] = 5
+    del gt["annotations"][1]["category_id"]
+    code, stdout, stderr = _evaluate(tmp_path, gt, preds)
+    assert code == 2 and stdout == ""
+    assert error_line(stderr) == (
+        f"error: {tmp_path / 'gt.json'}: 2 of 10 annotations have category ids that are not among the GT categories "
+        f"(1, 2): 5 (1x), None (1x); pycocotools would silently ignore them; add their categories to 'categories', "
+        f"or correct the ids")
+    # With --eval_classes the GT's categories select its objects, also when folded; without, they do not count.
+    assert _evaluate(tmp_path, gt, preds, "--class_agnostic", "--eval_classes", "1")[0] == 2
+    code, stdout, _ = _evaluate(tmp_path, gt, preds, "--class_agnostic")
+    assert code == 0 and stdout.strip().splitlines()[-1] == "segm AP50: 100.00"

@@ -197,6 +197,7 @@ def test_support_set_and_input_errors(tiny_coco, tmp_path):
     data["annotations"][1]["image_id"] = 424242
     path.write_text(json.dumps(data))
     out.unlink()
+    (tmp_path / "m.json").unlink()  # outputs are kept unless --overwrite: --metrics_json too
     code, _, stderr = run_main(cluster_cli.main, base)  # `python utils/cluster.py ...`, in this process
     assert code == 2 and stderr.strip().splitlines() == [f"error: {path}: annotation #1 has image_id 424242 which is "
                                                          f"not among its images"]

@@ -112,7 +112,6 @@ def test_bad_input_is_one_line_and_writes_nothing(val, tmp_path, monkeypatch, ca
         f"image id {missing} is not in --gt_json": ["--affinity", "oracle", "--gt_json", partial],
         "(height x width) but --gt_json says": ["--affinity", "oracle", "--gt_json", resized],
         "PA checkpoint not found": ["--affinity", tmp_path / "missing.pth"],
-        "topk": ["--affinity", "oracle", "--gt_json", gt_json, "--topk", 0],
     }
     for message, extra in cases.items():
         code, stdout, stderr = run(monkeypatch, capsys, *base, *extra)

@@ -73,6 +73,40 @@ def read_torch_file(path: str | os.PathLike, what: str, hint: str = "") -> dict:
     return state
 
 
+# The kinds of checkpoint the trainers save (their fingerprint's `kind`): what each is, for messages, and the
+# names its weights start with, to recognise a bare state dict or a checkpoint saved before fingerprints.
+CHECKPOINT_KINDS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "mask_rcnn": ("a Mask R-CNN checkpoint (detectron2_train/train_net.py)", ("roi_heads.", "rpn.")),
+    "deeplab": ("a DeepLab-v3 checkpoint (segmentation/train.py)", ("head.",)),
+    "linear_probe": ("a DeepLab-v3 linear-probe checkpoint (segmentation/linear_finetune.py)", ()),
+}
+
+
+def checkpoint_kind(state: dict) -> str | None:
+    """The kind of job that saved a checkpoint (from `read_torch_file`): its fingerprint's kind, else the kind
+    its weights' names show (`CHECKPOINT_KINDS`), else None (backbone weights, another tool's file)."""
+    recorded = state.get("fingerprint")
+    if isinstance(recorded, dict) and isinstance(recorded.get("kind"), str):
+        return recorded["kind"]
+    weights = state.get("model", state)
+    names = [k.removeprefix("module.") for k in weights if isinstance(k, str)] if isinstance(weights, dict) else []
+    for kind, (_, prefixes) in CHECKPOINT_KINDS.items():
+        if prefixes and any(name.startswith(prefixes) for name in names):
+            return kind
+    return None
+
+
+def require_checkpoint_kind(state: dict, path: str | os.PathLike, expected: tuple[str, ...]) -> None:
+    """A UserError naming the kind found and the kinds expected when a checkpoint is of another known kind
+    (e.g. a Mask R-CNN passed where a DeepLab-v3 is wanted); unrecognised files are left to the weight check."""
+    kind = checkpoint_kind(state)
+    if kind is None or kind in expected:
+        return
+    found = CHECKPOINT_KINDS[kind][0] if kind in CHECKPOINT_KINDS else f"a checkpoint made by {kind}"
+    wanted = " or ".join(CHECKPOINT_KINDS[k][0] if k in CHECKPOINT_KINDS else k for k in expected)
+    raise UserError(f"{path} is {found}; expected {wanted}")
+
+
 def restore_checkpoint(state: dict, model: torch.nn.Module, optimizer: Any = None, scheduler: Any = None,
                        scaler: Any = None, restore_rng: bool = True) -> dict:
     """Put a checkpoint dict (from `read_torch_file`) back into the objects given; returns it.

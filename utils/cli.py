@@ -59,7 +59,9 @@ class _Range:
             raise argparse.ArgumentTypeError(f"{text} is not {self}")
         return value
 
-    def __contains__(self, value: float) -> bool:
+    def __contains__(self, value: object) -> bool:
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            return False
         low_ok = self.minimum is None or (value >= self.minimum if self.min_inclusive else value > self.minimum)
         high_ok = self.maximum is None or (value <= self.maximum if self.max_inclusive else value < self.maximum)
         return low_ok and high_ok
@@ -82,22 +84,49 @@ def float_range(minimum: float | None = None, maximum: float | None = None, *, m
     return _Range(float, minimum, maximum, min_inclusive, max_inclusive)
 
 
-def device(text: str) -> str:
-    """argparse type: `auto`, `cpu`, `cuda` or `cuda:N`, refused when this machine has no such GPU."""
-    name = text.strip().lower()
-    if name in ("auto", "cpu"):
-        return name
-    match = re.fullmatch(r"cuda(?::(\d+))?", name)
+def device_problem(name: str, check_machine: bool = True) -> str | None:
+    """Why `name` cannot be used as a device, or None when it can: it must be `auto`, `cpu`, `cuda` or
+    `cuda:N` (case-insensitive); with `check_machine`, a CUDA device must also exist on this machine.
+    The one device check: command-line flags (`device`), config values (`DEVICE_NAMES`) and
+    `utils.distributed.resolve_device` all use it."""
+    text = str(name).strip().lower()
+    if text in ("auto", "cpu"):
+        return None
+    match = re.fullmatch(r"cuda(?::(\d+))?", text)
     if match is None:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a device; use {DEVICE_CHOICES}")
+        return f"{name!r} is not a device; use {DEVICE_CHOICES}"
+    if not check_machine:
+        return None
     import torch  # only when a GPU is asked for
 
     if not torch.cuda.is_available():
-        raise argparse.ArgumentTypeError(f"{text} was asked for but no CUDA GPU is available; use cpu or auto")
+        return f"{name} was asked for but no CUDA GPU is available; use cpu or auto"
     if match.group(1) is not None and int(match.group(1)) >= torch.cuda.device_count():
-        raise argparse.ArgumentTypeError(f"{text}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
-                                         f"numbered from 0")
-    return name
+        return f"{name}: this machine has {torch.cuda.device_count()} CUDA GPU(s), numbered from 0"
+    return None
+
+
+def device(text: str) -> str:
+    """argparse type: `auto`, `cpu`, `cuda` or `cuda:N`, refused when this machine has no such GPU."""
+    problem = device_problem(text)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(problem)
+    return text.strip().lower()
+
+
+class _DeviceNames:
+    """Config schemas' allowed values for a `device` key (utils/config.py): the names `device` takes. Whether
+    the machine has the GPU is checked when the device is used (`resolve_device`), not when a config is read:
+    a config written for a GPU machine stays readable elsewhere."""
+
+    def __contains__(self, value: object) -> bool:
+        return isinstance(value, str) and device_problem(value, check_machine=False) is None
+
+    def __str__(self) -> str:
+        return DEVICE_CHOICES
+
+
+DEVICE_NAMES = _DeviceNames()
 
 
 def add_device_arg(parser: argparse.ArgumentParser, default: str = "auto", help: str | None = None) -> None:

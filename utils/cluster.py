@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--metrics_json", default=None, help="write ACC/NMI/ARI, per-trial results and run info here")
     out.add_argument("--cache_dir", default=None,
                      help="where feature caches (.npy, keyed by content) go (default: next to each mask file)")
-    out.add_argument("--overwrite", action="store_true", help="replace an existing --output_file")
+    out.add_argument("--overwrite", action="store_true", help="replace an existing --output_file or --metrics_json")
     model = p.add_argument_group("backbone (default: the one recorded with the masks by gen_masks.py)")
     model.add_argument("--arch", default=None, help="ViT size, e.g. vit_small or vit_base")
     model.add_argument("--patch_size", type=int_range(1), default=None, help="ViT patch size, e.g. 8 or 16")

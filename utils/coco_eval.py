@@ -22,8 +22,8 @@ import contextlib
 import copy
 import functools
 import io
-import math
 import os
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Iterable
 
@@ -221,38 +221,43 @@ def fold_categories(dataset_anns: list[dict]) -> list[dict]:
 
 
 def normalise_predictions(anns: list[dict], images: dict[int, dict], source: str, need_category: bool) -> list[dict]:
-    """Check every prediction against its image and store masks as compressed RLE with str counts."""
+    """Store every prediction's mask as compressed RLE with str counts (pycocotools' `loadRes` takes no
+    other mask format). The entries were checked when loaded (`load_predictions`: finite scores and boxes,
+    well-formed masks) and against their images (`check_image_ids`: RLE sizes, polygon extents)."""
     out = []
     for i, ann in enumerate(anns):
-        where = f"{source}: annotation #{i}"
         if need_category and "category_id" not in ann:
-            raise UserError(f"{where} has no 'category_id' (pass --class_agnostic to ignore categories)")
-        if not math.isfinite(ann["score"]):
-            raise UserError(f"{where} has a non-finite 'score' {ann['score']!r}")
-        if "bbox" in ann and not (all(math.isfinite(v) for v in ann["bbox"]) and min(ann["bbox"][2:]) >= 0):
-            raise UserError(f"{where} has a 'bbox' {ann['bbox']!r} with a non-finite value or a negative size")
-        img = images[ann["image_id"]]
+            raise UserError(f"{source}: annotation #{i} has no 'category_id' (pass --class_agnostic to ignore "
+                            f"categories)")
         ann = dict(ann)
         if "segmentation" in ann:
-            segm = ann["segmentation"]
-            if isinstance(segm, dict) and list(segm["size"]) != [img["height"], img["width"]]:
-                raise UserError(f"{where} has an RLE of size {segm['size']} but image {ann['image_id']} is "
-                                f"{img['height']}x{img['width']} (height x width)")
-            try:
-                rle = segmentation_to_rle(segm, img["height"], img["width"])
-                rle = {"size": list(rle["size"]), "counts": rle["counts"]}
-                mask_utils.area(rle)  # decodes the counts: corrupt strings fail here
-                box = mask_utils.toBbox(rle).tolist()
-            except UserError:
-                raise
-            except Exception as exc:  # pycocotools raises TypeError/ValueError on corrupt RLE/polygons
-                raise UserError(f"{where} has an unreadable segmentation ({exc})") from None
+            img = images[ann["image_id"]]
+            rle = segmentation_to_rle(ann["segmentation"], img["height"], img["width"])
+            rle = {"size": list(rle["size"]), "counts": rle["counts"]}
             if isinstance(rle["counts"], bytes):
                 rle["counts"] = rle["counts"].decode("utf-8")
             ann["segmentation"] = rle
-            ann.setdefault("bbox", box)
+            ann.setdefault("bbox", mask_utils.toBbox(rle).tolist())
         out.append(ann)
     return out
+
+
+def check_category_ids(anns: list[dict], known_ids: Iterable, source: str, what: str, remedy: str) -> None:
+    """pycocotools evaluates the categories of the GT's `categories` only and silently drops every object of
+    another id: a UserError naming the unknown ids (with their counts) instead."""
+    known = set(known_ids)
+    unknown = Counter(a.get("category_id") for a in anns if a.get("category_id") not in known)
+    if unknown:
+        listed = ", ".join(f"{cid!r} ({n}x)" for cid, n in sorted(unknown.items(), key=lambda kv: str(kv[0]))[:8])
+        more = ", ..." if len(unknown) > 8 else ""
+        raise UserError(f"{source}: {sum(unknown.values())} of {len(anns)} {what} have category ids that are not "
+                        f"among the GT categories ({_id_list(known)}): {listed}{more}; pycocotools would silently "
+                        f"ignore them; {remedy}")
+
+
+def _id_list(ids: set) -> str:
+    shown = sorted(ids, key=str)
+    return ", ".join(str(i) for i in shown[:10]) + (", ..." if len(shown) > 10 else "")
 
 
 def for_iou_type(predictions: list[dict], iou_type: str, source: str) -> list[dict]:
@@ -344,6 +349,13 @@ def evaluate_predictions(anns: list[dict], gt_dataset: dict, options: EvalOption
     check_image_ids(anns, gt, pred_source, gt_source)
     images = {img["id"]: img for img in gt["images"]}
     predictions = normalise_predictions(anns, images, pred_source, need_category=not options.class_agnostic)
+    gt_ids = [c["id"] for c in gt["categories"]]
+    if not options.class_agnostic or options.eval_classes:  # then the GT objects' categories count
+        check_category_ids(gt["annotations"], gt_ids, gt_source, "annotations",
+                           "add their categories to 'categories', or correct the ids")
+    if not options.class_agnostic:
+        check_category_ids(predictions, gt_ids, pred_source, "predictions",
+                           "map the predicted ids to the GT's, or pass --class_agnostic to ignore categories")
     notes: list[str] = []
 
     # Category subset and class-agnostic folding.
@@ -361,10 +373,6 @@ def evaluate_predictions(anns: list[dict], gt_dataset: dict, options: EvalOption
         if predictions and not pred_ids & set(cat_ids):
             raise UserError(f"no prediction has a category id of the evaluated GT categories (predictions use "
                             f"{sorted(pred_ids)[:8]}); for class-agnostic masks pass --class_agnostic")
-        unknown = pred_ids - {c["id"] for c in gt["categories"]}
-        if unknown:
-            notes.append(f"{sum(a['category_id'] in unknown for a in predictions)} predictions have category ids "
-                         f"{sorted(unknown)[:8]} that are not in the GT; they are ignored")
 
     if options.max_dets and not options.most_confident:
         scope = f"the {len(eval_ids)} --eval_classes, other categories' GT ignored" if eval_ids else "all categories"

@@ -28,6 +28,7 @@ from typing import Any, Iterable, Union
 
 import yaml
 
+from utils.cli import device
 from utils.coco_io import write_text
 from utils.errors import UserError
 
@@ -99,7 +100,8 @@ class ConfigSchema:
     `types` maps dotted keys to a type (bool, int, float, str, list, list[int], ...) or a tuple of them:
     required for keys whose default is None (which then also accept null), optional elsewhere.
     `ranges` maps dotted keys to a numeric range (`utils.cli.int_range` / `float_range`, the same ranges the
-    command-line flags use) or a tuple of choices; list values are checked per element.
+    command-line flags use), a tuple of choices, or another set of allowed values (`utils.cli.DEVICE_NAMES`:
+    anything with `in` and a `str` that says what it allows); list values are checked per element.
     With `strict=False` (for callers that pass a bare defaults dict), None-default keys take any value.
     """
 
@@ -183,9 +185,8 @@ class ConfigSchema:
             for item in value if isinstance(value, list) else [value]:
                 if isinstance(allowed, tuple):  # choices
                     fits, wanted = item in allowed, "one of " + ", ".join(str(c) for c in allowed)
-                else:  # a numeric range
-                    fits = isinstance(item, (int, float)) and not isinstance(item, bool) and item in allowed
-                    wanted = str(allowed)
+                else:  # a numeric range, or other allowed values that say what they are (utils.cli.DEVICE_NAMES)
+                    fits, wanted = item in allowed, str(allowed)
                 if not fits:
                     raise UserError(f"{source}: {dotted} must be {wanted}"
                                     f"{' (every element)' if isinstance(value, list) else ''}, got {_show(value)}")
@@ -393,7 +394,7 @@ def add_config_args(parser: argparse.ArgumentParser, config_help: str, set_examp
         parser.add_argument("--output_dir", default=None, help=output_dir_help)
         config_flags.append("output_dir")
     if device_help is not None:
-        parser.add_argument("--device", default=None, help=device_help)
+        parser.add_argument("--device", type=device, default=None, help=device_help)
         config_flags.append("device")
     if example is not None:
         parser.epilog = config_epilog(must_set or {}, example)

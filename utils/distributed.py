@@ -9,6 +9,9 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
+from utils.cli import device_problem
+from utils.errors import UserError
+
 
 @dataclass
 class DistInfo:
@@ -27,12 +30,14 @@ class DistInfo:
 
 
 def resolve_device(name: str = "auto") -> torch.device:
+    """The torch device for `auto`, `cpu`, `cuda` or `cuda:N` (utils/cli.py's one device check: a name that
+    is not a device, or a GPU this machine lacks, is a UserError)."""
+    problem = device_problem(name)
+    if problem is not None:
+        raise UserError(problem)
+    name = name.strip().lower()
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        from utils.errors import UserError
-
-        raise UserError("--device cuda was asked for but no CUDA GPU is available")
     return torch.device(name)
 
 

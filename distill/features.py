@@ -1,0 +1,66 @@
+"""The backbone features a discovery method reads, per backbone: one function for every method.
+
+Every discovery method (MaskDistill, LOST, TokenCut, MaskCut) starts from the last block's
+queries and keys (`DinoViT.last_qk`: (B, heads, 1 + N, head_dim), CLS first, registers dropped)
+and passes them through `discovery_features(qk, setting)`, which returns `DiscoveryFeatures`:
+
+* `query`, `key`: the raw queries and keys, for CLS attention (`q_cls·k_j`, MaskDistill's G_cls).
+  They stay raw in every setting: DINO's mass threshold on G_cls needs its positive scale, and
+  centred keys would make the scores of an image sum to exactly zero.
+* `graph_key`: the keys for patch-to-patch similarity graphs (MaskDistill's and LOST's
+  `k_i·k_j`, TokenCut's and MaskCut's cosine graph), per setting:
+  * `raw`: the keys themselves. DINO ViTs (`vit_small`, `vit_base`) use it: the methods were
+    designed on these features.
+  * `centred`: every key minus the mean key over the image's N patches (per image and head; the
+    CLS key moves with them), in float32. DINOv2's keys share a large common component
+    (measured on a real ViT-S/14 over the 53 shared images at 640 px: the mean patch key has
+    92-96% of an average key's norm, and 100% of the patch-key products are positive), so graphs
+    built from raw key products join every patch to every other and MaskDistill's mask is the
+    whole image. Centring removes the shared part and keeps the differences between patches.
+    docs/dinov2.md has the measurements.
+
+`--features auto` takes the backbone's own setting (`BackboneSpec.features`: `centred` for every
+DINOv2 arch, `raw` for DINO).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from distill.vit import LastBlockQK, backbone_spec
+from utils.errors import UserError
+
+FEATURE_SETTINGS = ("raw", "centred")
+
+
+class DiscoveryFeatures(NamedTuple):
+    """What the discovery methods read; every tensor is (B, heads, 1 + N, head_dim), CLS first."""
+
+    query: torch.Tensor  # raw queries
+    key: torch.Tensor  # raw keys: CLS attention q_cls·k
+    graph_key: torch.Tensor  # keys for patch-patch similarity graphs (per setting)
+
+
+def feature_setting(arch: str, requested: str = "auto") -> str:
+    """The setting `--features requested` means for `--arch arch`: `auto` is the backbone's own."""
+    if requested == "auto":
+        return backbone_spec(arch).features
+    if requested not in FEATURE_SETTINGS:
+        raise UserError(f"unknown --features {requested!r}; choose auto or one of {list(FEATURE_SETTINGS)}")
+    return requested
+
+
+def centre_keys(key: torch.Tensor) -> torch.Tensor:
+    """(B, heads, 1 + N, d) keys minus their mean over the N patches (token 0 is CLS), in float32."""
+    key = key.float()
+    return key - key[:, :, 1:].mean(dim=2, keepdim=True)
+
+
+def discovery_features(qk: LastBlockQK, setting: str) -> DiscoveryFeatures:
+    """The last block's queries and keys as the discovery methods should see them."""
+    if setting == "raw":
+        return DiscoveryFeatures(qk.query, qk.key, qk.key)
+    if setting == "centred":
+        return DiscoveryFeatures(qk.query, qk.key, centre_keys(qk.key))
+    raise ValueError(f"unknown feature setting {setting!r}; expected one of {FEATURE_SETTINGS}")

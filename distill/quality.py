@@ -1,0 +1,160 @@
+"""Discovery quality against ground truth: each method x feature setting next to the whole-image baseline.
+
+For every image that has at least one non-crowd GT instance, the method's most confident mask
+is scored two ways:
+
+* mask IoU: its IoU with the best-matching GT instance mask;
+* CorLoc hit: its tight box has IoU >= 0.5 with at least one GT box (CorLoc = the share of hits).
+
+The whole-image baseline scores a mask covering the whole image the same way, so a setting that
+merely returns the image (as MaskDistill on raw DINOv2 keys does) scores exactly the baseline.
+Images are preprocessed exactly as by gen_masks.py (`distill.data.MaskGenDataset`) and run one at
+a time, so the figures do not depend on batching. `benchmarks/bench_discovery_quality.py` is the
+command line; docs/dinov2.md holds the measured table.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from pycocotools import mask as mask_utils
+from tqdm import tqdm
+
+from distill.data import ImageEntry, MaskGenDataset, folder_entries, upsample_patch_mask, voc_entries
+from distill.features import DiscoveryFeatures, discovery_features
+from distill.maskgen import PatchMask, propose_masks
+from distill.vit import DinoViT
+from utils.coco_io import box_iou_xywh, load_coco_dataset, mask_to_bbox, segmentation_to_rle
+from utils.errors import UserError
+from utils.images import read_size
+from utils.precision import autocast
+from utils.voc import convert_voc_instances
+
+# A discovery method: (features of a batch, grid_h, grid_w) -> per image, its scored patch masks.
+DiscoveryMethod = Callable[[DiscoveryFeatures, int, int], list[list[PatchMask]]]
+
+
+def maskdistill_masks(features: DiscoveryFeatures, grid_h: int, grid_w: int) -> list[list[PatchMask]]:
+    """MaskDistill with gen_masks.py's defaults: one mask per image."""
+    masks = propose_masks(features.query, features.key, grid_h, grid_w, graph_key=features.graph_key)
+    return [[mask] for mask in masks]
+
+
+METHODS: dict[str, DiscoveryMethod] = {"maskdistill": maskdistill_masks}
+
+
+@dataclass
+class GroundTruthSet:
+    """Images with their non-crowd GT instances (RLEs and `[x, y, w, h]` boxes, original size)."""
+
+    name: str
+    entries: list[ImageEntry]
+    masks: dict[int, list[dict]]  # image id -> RLEs
+    boxes: dict[int, np.ndarray]  # image id -> (n, 4)
+
+
+def _ground_truth(name: str, entries: list[ImageEntry], dataset: dict) -> GroundTruthSet:
+    sizes = {img["id"]: (img["height"], img["width"]) for img in dataset["images"]}
+    masks: dict[int, list[dict]] = {}
+    boxes: dict[int, list] = {}
+    for ann in dataset["annotations"]:
+        if ann.get("iscrowd", 0):
+            continue
+        rle = segmentation_to_rle(ann["segmentation"], *sizes[ann["image_id"]])
+        masks.setdefault(ann["image_id"], []).append(rle)
+        boxes.setdefault(ann["image_id"], []).append(ann["bbox"] if "bbox" in ann else mask_utils.toBbox(rle).tolist())
+    kept = [e for e in entries if e.image_id in masks]  # images without GT instances do not count
+    return GroundTruthSet(name, kept, masks, {k: np.asarray(v, dtype=np.float64).reshape(-1, 4) for k, v in boxes.items()})
+
+
+def coco_ground_truth(image_folder: Path, annotation_json: Path, name: str = "coco") -> GroundTruthSet:
+    """A COCO image folder (integer file names = image ids) and its instances JSON."""
+    return _ground_truth(name, folder_entries(image_folder, "filename"), load_coco_dataset(annotation_json))
+
+
+def voc_ground_truth(vocdevkit: Path, year: str = "2012", image_set: str = "trainval", name: str = "voc") -> GroundTruthSet:
+    """VOC images of `ImageSets/Segmentation/<image_set>.txt` with their SegmentationObject instances."""
+    entries = voc_entries(vocdevkit, year, image_set, "Segmentation")
+    dataset = convert_voc_instances(vocdevkit / f"VOC{year}", image_set, progress=False)
+    return _ground_truth(name, entries, dataset)
+
+
+def shared_ground_truth(data_root: Path, names: list[str]) -> list[GroundTruthSet]:
+    """The shared test images: `tiny_coco` (val2017) and `voc_mini`, from ../shared/data."""
+    sets = []
+    for name in names:
+        if name == "tiny_coco":
+            folder = data_root / "tiny_coco"
+            sets.append(coco_ground_truth(folder / "val2017", folder / "annotations" / "instances_val2017.json",
+                                          "tiny_coco val2017"))
+        elif name == "voc_mini":
+            sets.append(voc_ground_truth(data_root / "voc_mini" / "VOCdevkit", name="voc_mini"))
+        else:
+            raise UserError(f"unknown data set {name!r}; choose tiny_coco or voc_mini")
+    return sets
+
+
+def score_mask(mask: np.ndarray, gt_masks: list[dict], gt_boxes: np.ndarray) -> tuple[float, bool]:
+    """(best mask IoU with a GT instance, CorLoc hit) of one predicted full-size binary mask."""
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    best_iou = float(mask_utils.iou([rle], gt_masks, [0] * len(gt_masks)).max())
+    hit = bool((box_iou_xywh(np.array([mask_to_bbox(mask)]), gt_boxes) >= 0.5).any())
+    return best_iou, hit
+
+
+@dataclass
+class Score:
+    ious: list[float] = field(default_factory=list)
+    hits: list[bool] = field(default_factory=list)
+
+    def add(self, iou_and_hit: tuple[float, bool]) -> None:
+        self.ious.append(iou_and_hit[0])
+        self.hits.append(iou_and_hit[1])
+
+    def summary(self) -> dict:
+        return {"images": len(self.ious), "mask_iou": float(np.mean(self.ious)) if self.ious else float("nan"),
+                "corloc": 100.0 * float(np.mean(self.hits)) if self.hits else float("nan")}
+
+
+def evaluate_discovery(model: DinoViT, gt_sets: list[GroundTruthSet], methods: list[str], settings: list[str],
+                       resize: int = 640, max_size: int = 2048, max_images: int = 0, dtype: torch.dtype = torch.float32,
+                       device: torch.device = torch.device("cpu"), progress: bool | None = None) -> dict:
+    """Scores per data set: `baseline` (whole image) and `(method, setting)` for every pair, plus the
+    seconds spent in the backbone. One backbone pass per image serves every method and setting."""
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise UserError(f"unknown --method {unknown[0]!r}; choose from {list(METHODS)}")
+    results: dict = {}
+    for gt in gt_sets:
+        entries = gt.entries[:max_images] if max_images else gt.entries
+        sizes = {e.index: read_size(e.path) for e in entries}
+        dataset = MaskGenDataset(entries, sizes, resize, max_size, model.patch_size)
+        scores = {"baseline": Score(), **{(m, s): Score() for m in methods for s in settings}}
+        model_seconds = 0.0
+        for entry in tqdm(entries, desc=gt.name, unit="img", disable=None if progress is None else not progress):
+            item = dataset[entry.index]
+            if item["image"] is None:
+                raise UserError(f"cannot read {entry.path}: {item['error']}")
+            original = sizes[entry.index]
+            resized, padded = dataset.target_sizes(entry.index)
+            grid_h, grid_w = padded[0] // model.patch_size, padded[1] // model.patch_size
+            gt_masks, gt_boxes = gt.masks[entry.image_id], gt.boxes[entry.image_id]
+            scores["baseline"].add(score_mask(np.ones(original, dtype=bool), gt_masks, gt_boxes))
+            start = time.perf_counter()
+            with torch.inference_mode(), autocast(dtype, device):
+                qk = model.last_qk(item["image"][None].to(device))
+            model_seconds += time.perf_counter() - start
+            for setting in settings:
+                with torch.inference_mode():
+                    features = discovery_features(qk, setting)
+                    for method in methods:
+                        best = max(METHODS[method](features, grid_h, grid_w)[0], key=lambda m: m.score)
+                        mask = upsample_patch_mask(best.mask, model.patch_size, resized, original)
+                        scores[(method, setting)].add(score_mask(mask, gt_masks, gt_boxes))
+        results[gt.name] = {"scores": {k: v.summary() for k, v in scores.items()}, "model_seconds": model_seconds,
+                            "images": len(entries)}
+    return results
