@@ -34,8 +34,10 @@ VAL_JSON="$COCO_ROOT/annotations/instances_val2017.json"
 ROW=$(basename "$MASK_CONFIG" .yaml)
 mkdir -p "$OUTPUT"
 
-# 1. Set A and set B (A.txt, B.txt: one "id  # name" line per class).
-$PYTHON detectron2_train/make_split.py --gt_file "$TRAIN_JSON" --split "$SPLIT" $SPLIT_EXTRA --out_dir "$OUTPUT/splits"
+# 1. Set A and set B (A.txt, B.txt: one "id  # name" line per class), written anew: a changed split makes
+#    the resumed mask stage refuse its checkpoint (its --mask_classes content differs).
+$PYTHON detectron2_train/make_split.py --gt_file "$TRAIN_JSON" --split "$SPLIT" $SPLIT_EXTRA --out_dir "$OUTPUT/splits" \
+    --overwrite
 # 2. Stage box: Faster R-CNN on the boxes of every class (the mask branch is frozen and gets no loss).
 $LAUNCH detectron2_train/train_net.py --config "$BOX_CONFIG" --output_dir "$OUTPUT/box_stage" --resume \
     --train_json "$TRAIN_JSON" --train_root "$COCO_ROOT/train2017" --set $EXTRA
