@@ -1,8 +1,9 @@
-"""Distill one object mask per image from a self-supervised DINO ViT (MaskDistill, stage 1).
+"""Discover object masks in images with a self-supervised ViT: MaskDistill, LOST, TokenCut or MaskCut.
 
 Examples:
   python gen_masks.py --dataset folder --dataset_root ../shared/data/tiny_coco/val2017 \\
       --weights random --pred_json_path masks.json
+  python gen_masks.py --method maskcut --dataset folder --dataset_root IMAGES --pred_json_path maskcut.json
   python gen_masks.py --dataset VOCClass --dataset_root VOCdevkit --year 2012 --set trainval \\
       --pred_json_path voc12_masks.json
   Several processes or machines: run --shard 0/4 ... --shard 3/4 anywhere, then --merge; or
@@ -12,32 +13,21 @@ from __future__ import annotations
 
 import argparse
 
+from distill.cli import add_image_arguments, add_output_arguments
+from utils.cli import add_device_arg, add_num_workers_arg, float_range, int_range
 from utils.errors import run_cli
 
-# distill.vit.ARCHS, spelled out so that --help does not import torch (tests/test_dinov2_cli.py checks they agree).
+# distill.methods.METHODS and distill.vit.ARCHS, spelled out so that --help does not import torch
+# (tests/test_methods.py and tests/test_dinov2_cli.py check they agree).
+METHODS = ["maskdistill", "lost", "tokencut", "maskcut"]
 ARCHS = ["vit_small", "vit_base", "dinov2_vits14", "dinov2_vitb14", "dinov2_vits14_reg", "dinov2_vitb14_reg"]
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    data = p.add_argument_group("data")
-    data.add_argument("--dataset", choices=["VOCClass", "COCO20k", "folder"],
-                      help="image set: VOC (VOCdevkit layout), COCO20k (COCO JSON + file list), or any folder "
-                           "of images searched recursively")
-    data.add_argument("--dataset_root", help="VOCdevkit folder, COCO image root, or the image folder")
-    data.add_argument("--year", default="2012", help="VOC year, e.g. 2007 or 2012 (default: %(default)s)")
-    data.add_argument("--set", default="trainval", help="VOC image set name (default: %(default)s)")
-    data.add_argument("--voc_split_folder", default="Segmentation", choices=["Segmentation", "Main"],
-                      help="VOC ImageSets sub-folder holding the image list (default: %(default)s)")
-    data.add_argument("--coco_json", help="COCO20k: the COCO instances JSON the subset is taken from")
-    data.add_argument("--file_list", help="COCO20k: text file of image file names (LOST's coco_20k_filenames.txt); "
-                                          "the subset GT and its class-agnostic twin are written next to the output")
-    data.add_argument("--image_ids", default="auto", choices=["auto", "filename", "sequential"],
-                      help="folder: image ids from integer file names (auto: when all are distinct integers, "
-                           "so COCO folders match their GT) or 1..N (default: %(default)s)")
-    data.add_argument("--max_images", type=int, default=0, help="process only the first N images (0: all)")
+    add_image_arguments(p)
 
-    model = p.add_argument_group("model")
+    model = p.add_argument_group("backbone")
     model.add_argument("--arch", default="vit_small", choices=ARCHS,
                        help="backbone: DINO vit_small/vit_base, or DINOv2 dinov2_vits14/dinov2_vitb14 and their "
                             "_reg variants with 4 register tokens (default: %(default)s)")
@@ -46,56 +36,64 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--weights", default="dino",
                        help="'dino' (the official DINO or DINOv2 checkpoint of --arch via torch.hub, cached), a "
                             "checkpoint path, or 'random' (smoke tests only: the masks mean nothing) (default: %(default)s)")
-
-    algo = p.add_argument_group("mask discovery")
-    algo.add_argument("--features", default="auto", choices=["auto", "raw", "centred"],
-                      help="backbone features the discovery reads: raw last-block queries/keys, or keys centred on "
-                           "their mean over the image's patches; auto: the backbone's own (centred for DINOv2, "
-                           "raw for DINO; see docs/dinov2.md) (default: %(default)s)")
-    algo.add_argument("--heads", type=int, default=5, help="first heads averaged for the CLS-key scores (default: %(default)s)")
-    algo.add_argument("--topk", type=float, default=0.4, help="fraction of patches kept as seed candidates (default: %(default)s)")
-    algo.add_argument("--resize", type=int, default=640,
-                      help="shorter side after resizing, as torchvision Resize; 0 keeps the size (default: %(default)s)")
-    algo.add_argument("--max_size", type=int, default=2048, help="cap on the longer side after resizing (default: %(default)s)")
-
-    out = p.add_argument_group("output")
-    out.add_argument("--pred_json_path", required=True, help="output COCO JSON (images, annotations, categories)")
-    out.add_argument("--mask_format", default="rle", choices=["rle", "polygon"], help="mask encoding (default: %(default)s, lossless)")
-    out.add_argument("--overwrite", action="store_true", help="replace an existing output or part")
-    out.add_argument("--resume", action="store_true", help="continue an interrupted run, skipping finished images")
-    out.add_argument("--shard", default="0/1", help="i/N: process every N-th image starting at i into its own part (default: %(default)s)")
-    out.add_argument("--merge", action="store_true", help="join the finished shard parts of --pred_json_path into it")
-    out.add_argument("--vis_dir", help="write an overlay PNG per image (mask, seed patch, box) and an index.html gallery here")
-
-    speed = p.add_argument_group("speed")
-    speed.add_argument("--batch_size", type=int, default=8, help="images per forward pass; batches hold images of equal padded size (default: %(default)s)")
-    speed.add_argument("--num_workers", type=int, default=None, help="DataLoader decoding workers (default: min(4, CPUs - 1))")
-    speed.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
-    speed.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+    model.add_argument("--features", default="auto", choices=["auto", "raw", "centred"],
+                       help="backbone features the methods read: raw last-block queries/keys, or keys centred on "
+                            "their mean over the image's patches for the patch graphs; auto: the backbone's own "
+                            "(centred for DINOv2, raw for DINO; see docs/dinov2.md) (default: %(default)s)")
+    model.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                        help="ViT compute precision: bf16 autocast or fp32; auto takes bf16 where the hardware runs it "
                             "natively (CUDA with bf16, CPUs with AVX512-BF16 or AMX), fp32 elsewhere. Recorded in the "
                             "run settings: a resume must use the same (default: %(default)s)")
-    speed.add_argument("--half", dest="precision", action="store_const", const="bf16", help="alias of --precision bf16")
+    model.add_argument("--half", dest="precision", action="store_const", const="bf16", help="alias of --precision bf16")
+
+    algo = p.add_argument_group("method", "Flags left out take the method's official default; a flag of "
+                                          "another method is an error.")
+    algo.add_argument("--method", default="maskdistill", choices=METHODS,
+                      help="maskdistill: one mask from the CLS attention and the key graph; lost: one mask grown "
+                           "from the lowest-degree patch; tokencut: one mask from a normalized cut; maskcut: up to "
+                           "--num_objects masks from repeated normalized cuts, refined by a dense CRF "
+                           "(default: %(default)s)")
+    algo.add_argument("--heads", type=int_range(1), default=None,
+                      help="maskdistill: first heads averaged for the CLS-key scores (default 5; more than the "
+                           "model has means all)")
+    algo.add_argument("--topk", type=float_range(0, 1, min_inclusive=False), default=None,
+                      help="maskdistill: fraction of patches kept as seed candidates, in (0, 1] (default 0.4)")
+    algo.add_argument("--k_patches", type=int_range(1), default=None,
+                      help="lost: lowest-degree patches compared with the seed (default 100)")
+    algo.add_argument("--tau", type=float_range(0, 1, max_inclusive=False), default=None,
+                      help="tokencut, maskcut: cosine-similarity threshold of the patch graph, in [0, 1) "
+                           "(default: tokencut 0.2, maskcut 0.15)")
+    algo.add_argument("--num_objects", type=int_range(1), default=None,
+                      help="maskcut: most masks per image, one normalized cut each (default 3)")
+    algo.add_argument("--resize", type=int_range(0), default=None,
+                      help="shorter side after resizing, as torchvision Resize (bilinear); 0 keeps the size "
+                           "(default: maskdistill 640, lost and tokencut 0)")
+    algo.add_argument("--fixed_size", type=int_range(0), default=None,
+                      help="resize to a fixed_size x fixed_size square (LANCZOS), as CutLER; excludes --resize "
+                           "(default: maskcut 480, others 0 = off)")
+    algo.add_argument("--max_size", type=int_range(1), default=2048,
+                      help="cap on the longer side after resizing (default: %(default)s)")
+
+    add_output_arguments(p)
+
+    speed = p.add_argument_group("speed")
+    speed.add_argument("--batch_size", type=int_range(1), default=8,
+                       help="images per forward pass; batches hold images of equal network size (default: %(default)s)")
+    add_num_workers_arg(speed, None, help="DataLoader decoding workers, 0 = decode in the main process "
+                                          "(default: min(4, CPUs - 1))")
+    speed.add_argument("--post_workers", type=int_range(0), default=None,
+                       help="processes for the per-image CPU work (CRF, upsampling, RLE), which overlaps the "
+                            "network; 0 runs it in the main process (default: min(8, CPUs))")
+    add_device_arg(speed)
     return p
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args()
-    from distill.generate import merge, run
-    from utils.errors import UserError
+    args = parser.parse_args(argv)
+    from distill.engine import generate_masks
 
-    if args.merge:
-        return merge(args)
-    if not args.dataset or not args.dataset_root:
-        raise UserError("--dataset and --dataset_root are required (or --merge)")
-    if args.max_size and args.resize >= args.max_size:
-        raise UserError(f"--max_size {args.max_size} must be larger than --resize {args.resize}")
-    if not 0 < args.topk <= 1:
-        raise UserError("--topk must be in (0, 1]")
-    if args.batch_size < 1:
-        raise UserError("--batch_size must be at least 1")
-    run(args)
+    generate_masks(parser, args)
     return 0
 
 

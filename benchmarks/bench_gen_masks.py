@@ -1,12 +1,17 @@
-"""Throughput of mask generation on a folder: the pipeline vs the straightforward baseline.
+"""Throughput of mask generation on a folder, for every discovery method, and two reference comparisons.
 
-`--mode pipeline` runs `distill.generate.generate` (DataLoader workers, size-grouped batches,
-fused attention, no N x N graph). `--mode baseline` runs one image at a time with explicit
-attention in every block and the literal N x N formulation (`distill.reference`). `--mode both`
-runs each in its own process, alternating, `--repeats` times, and prints medians and the ratio.
-Peak memory is the process's maximum resident set size (and CUDA's peak allocation on GPU).
+`--mode pipeline` runs `gen_masks.py`'s engine (`distill.engine`) with `--method` and prints images/s,
+the time per image of the network, the method and the post-processing the network waited for, and
+peak memory (the process's maximum resident set size, and CUDA's peak allocation on a GPU).
+`--mode baseline` (MaskDistill) runs one image at a time with explicit attention in every block and
+the literal N x N formulation (`distill.reference`); `--mode both` runs pipeline and baseline in their
+own processes, alternating, `--repeats` times, and prints medians and the ratio. `--mode ncut` times
+MaskCut's Ncut step (graph + eigensolver for its cuts) with scipy's per-image dense solver
+(`eigh(D − W, D, subset_by_index=[1, 2])`, as the official code calls it) against `distill.ncut`.
 
   .venv/bin/python benchmarks/bench_gen_masks.py --folder ../shared/data/tiny_coco/val2017 --max_images 8
+  .venv/bin/python benchmarks/bench_gen_masks.py --mode pipeline --method maskcut --max_images 16
+  .venv/bin/python benchmarks/bench_gen_masks.py --mode ncut --max_images 8
 """
 from __future__ import annotations
 
@@ -25,14 +30,14 @@ sys.path[0] = str(Path(__file__).resolve().parents[1])
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torchvision.transforms.functional as TF  # noqa: E402
+from PIL import Image  # noqa: E402
 
-from distill.data import folder_entries, padded_size, resized_size, upsample_patch_mask  # noqa: E402
+from distill.data import InputPolicy, folder_entries, upsample_patch_mask  # noqa: E402
 from distill.reference import explicit_last_qk, literal_mask  # noqa: E402
 from distill.vit import build_vit, resolve_patch_size  # noqa: E402
-from utils.images import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from utils.coco_io import make_annotation  # noqa: E402
 from utils.distributed import resolve_device  # noqa: E402
-from utils.images import load_rgb  # noqa: E402
+from utils.images import IMAGENET_MEAN, IMAGENET_STD, load_rgb  # noqa: E402
 
 
 def peak_memory_mb(device: torch.device) -> dict:
@@ -52,10 +57,10 @@ def run_baseline(args: argparse.Namespace) -> dict:
     for entry in entries:
         t0 = time.perf_counter()
         img = load_rgb(entry.path)
-        h, w = resized_size(img.height, img.width, args.resize, args.max_size)
+        geometry = InputPolicy(args.resize, args.max_size, 0, args.patch_size).geometry(img.height, img.width)
+        (h, w), (hp, wp) = geometry.working, geometry.network
         img = TF.resize(img, [h, w], antialias=True)
         x = (TF.pil_to_tensor(img).float() / 255 - mean) / std
-        hp, wp = padded_size(h, w, args.patch_size)
         x = torch.nn.functional.pad(x, (0, wp - w, 0, hp - h))[None].to(device)
         t1 = time.perf_counter()
         with torch.no_grad():
@@ -69,7 +74,7 @@ def run_baseline(args: argparse.Namespace) -> dict:
         mask = literal_mask(qk.query[0].cpu().numpy(), qk.key[0].cpu().numpy(), hp // args.patch_size,
                             wp // args.patch_size)
         t3 = time.perf_counter()
-        make_annotation(upsample_patch_mask(mask, args.patch_size, (h, w), (img.height, img.width)), entry.image_id)
+        make_annotation(upsample_patch_mask(mask, geometry), entry.image_id)
         t4 = time.perf_counter()
         for key, dt in zip(seconds, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
             seconds[key] += dt
@@ -78,25 +83,80 @@ def run_baseline(args: argparse.Namespace) -> dict:
             "s_per_image": {k: v / len(entries) for k, v in seconds.items()}, **peak_memory_mb(device)}
 
 
+def pipeline_argv(args: argparse.Namespace, out: Path, half: bool) -> list[str]:
+    """The `gen_masks.py` flags of a pipeline run (`--resize`/`--fixed_size` only when given)."""
+    argv = ["--dataset", "folder", "--dataset_root", args.folder, "--max_images", args.max_images, "--method",
+            args.method, "--arch", args.arch, "--patch_size", args.patch_size, "--weights", args.weights,
+            "--max_size", args.max_size, "--pred_json_path", out, "--overwrite", "--batch_size", args.batch_size,
+            "--device", args.device]
+    for flag in ("resize", "fixed_size", "num_workers", "post_workers"):
+        if getattr(args, flag) is not None:
+            argv += [f"--{flag}", getattr(args, flag)]
+    return [str(a) for a in argv] + ["--precision", "bf16" if half else "fp32"]
+
+
 def run_pipeline(args: argparse.Namespace) -> dict:
-    from distill.generate import generate
+    import gen_masks
+    from distill.engine import generate_masks
 
     device = resolve_device(args.device)
     with tempfile.TemporaryDirectory() as tmp:
-        gen_args = argparse.Namespace(
-            dataset="folder", dataset_root=args.folder, year=None, set=None, voc_split_folder=None, coco_json=None,
-            file_list=None, image_ids="auto", max_images=args.max_images, arch=args.arch, patch_size=args.patch_size,
-            weights=args.weights, features="auto", heads=5, topk=0.4, resize=args.resize, max_size=args.max_size,
-            pred_json_path=str(Path(tmp) / "masks.json"), mask_format="rle", overwrite=True, resume=False,
-            shard="0/1", merge=False, vis_dir=None, batch_size=args.batch_size, num_workers=args.num_workers,
-            device=args.device, precision="bf16" if args.half else "fp32")
-        stats = generate(gen_args)
+        parser = gen_masks.build_parser()
+        stats = generate_masks(parser, parser.parse_args(pipeline_argv(args, Path(tmp) / "masks.json", args.half)))
         if args.keep_json:
             Path(args.keep_json).write_bytes((Path(tmp) / "masks.json").read_bytes())
     total = stats.seconds["total"]
-    per_image = {k: stats.seconds[k] / stats.images for k in ("model", "mask", "encode")}
-    return {"mode": "pipeline", "images": stats.images, "seconds": total, "images_per_s": stats.images / total,
-            "s_per_image": per_image, **peak_memory_mb(device)}
+    per_image = {k: stats.seconds[k] / stats.images for k in ("model", "mask", "post")}
+    return {"mode": "pipeline", "method": args.method, "images": stats.images, "masks": stats.annotations,
+            "seconds": total, "images_per_s": stats.images / total, "s_per_image": per_image,
+            **peak_memory_mb(device)}
+
+
+def scipy_solver(graphs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The official TokenCut/MaskCut solve, one image at a time: numpy D and W, scipy's dense `eigh`."""
+    import scipy.linalg
+
+    values, vectors = [], []
+    for w in graphs.cpu().numpy():
+        d = np.diag(w.sum(axis=1))
+        value, vector = scipy.linalg.eigh(d - w, d, subset_by_index=[1, 2])
+        values.append(value[0])
+        vectors.append(vector[:, 0])
+    return torch.tensor(np.array(values)), torch.from_numpy(np.stack(vectors))
+
+
+def ncut_step(args: argparse.Namespace) -> dict:
+    """MaskCut's patch level (its graphs, eigensolves and partitions for 3 cuts) on real backbone
+    features, with scipy's per-image solver and with `distill.ncut`'s batched one; both must agree."""
+    from distill.maskcut import maskcut
+    from distill.methods import backbone_features
+
+    device = resolve_device(args.device)
+    model = build_vit(args.arch, args.patch_size, args.weights).to(device)
+    entries = folder_entries(Path(args.folder))[: args.max_images]
+    policy = InputPolicy(0, args.max_size, args.fixed_size or 480, args.patch_size)
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    images = []
+    for entry in entries:
+        img = load_rgb(entry.path)
+        geometry = policy.geometry(img.height, img.width)
+        img = img.resize(geometry.working[::-1], Image.LANCZOS).resize(geometry.network[::-1], Image.LANCZOS)
+        images.append((TF.pil_to_tensor(img).float() / 255 - mean) / std)
+    with torch.inference_mode():
+        features = backbone_features(model, torch.stack(images).to(device))
+        keys = features.patch_keys
+        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        timings, results = {}, {}
+        for name, solver in (("scipy", scipy_solver), ("torch", None)):
+            start = time.perf_counter()
+            results[name] = maskcut(keys, features.grid, **({"solver": solver} if solver else {}))
+            sync()
+            timings[name] = time.perf_counter() - start
+    same = all(np.array_equal(a.mask, b.mask) for ra, rb in zip(results["scipy"], results["torch"])
+               for a, b in zip(ra, rb)) and all(len(a) == len(b) for a, b in zip(results["scipy"], results["torch"]))
+    return {"mode": "ncut", "images": len(entries), "patches": keys.shape[1],
+            "scipy_s_per_image": timings["scipy"] / len(entries), "torch_s_per_image": timings["torch"] / len(entries),
+            "speed_up": timings["scipy"] / timings["torch"], "identical_masks": same, **peak_memory_mb(device)}
 
 
 def half_agreement(args: argparse.Namespace) -> dict:
@@ -126,17 +186,22 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--folder", default=str(Path(__file__).resolve().parents[2] / "shared/data/tiny_coco/val2017"),
                    help="folder of images (default: ../shared/data/tiny_coco/val2017)")
-    p.add_argument("--mode", default="both", choices=["both", "pipeline", "baseline", "half_agreement"],
-                   help="what to run: both timings, one of them, or the mask IoU of --half against fp32")
+    p.add_argument("--mode", default="both", choices=["both", "pipeline", "baseline", "half_agreement", "ncut"],
+                   help="what to run: both timings (maskdistill), one of them, the mask IoU of --half against "
+                        "fp32, or MaskCut's Ncut step with scipy vs distill.ncut")
+    p.add_argument("--method", default="maskdistill", choices=["maskdistill", "lost", "tokencut", "maskcut"],
+                   help="pipeline: the discovery method (default: %(default)s)")
     p.add_argument("--max_images", type=int, default=8, help="images per run (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=3, help="runs per mode with --mode both; medians are reported")
     p.add_argument("--arch", default="vit_small", help="vit_small, vit_base, dinov2_vits14, ... (see distill/vit.py)")
     p.add_argument("--patch_size", type=int, default=None, help="16 or 8 for DINO, 14 for DINOv2 (default: the arch's)")
     p.add_argument("--weights", default="random", help="random (timing only), dino, or a checkpoint path")
-    p.add_argument("--resize", type=int, default=640, help="shorter side (default: %(default)s)")
+    p.add_argument("--resize", type=int, default=None, help="shorter side (default: the method's; baseline 640)")
+    p.add_argument("--fixed_size", type=int, default=None, help="square size (default: the method's)")
     p.add_argument("--max_size", type=int, default=2048, help="longer-side cap (default: %(default)s)")
     p.add_argument("--batch_size", type=int, default=8, help="pipeline batch size (default: %(default)s)")
     p.add_argument("--num_workers", type=int, default=None, help="pipeline DataLoader workers")
+    p.add_argument("--post_workers", type=int, default=None, help="pipeline post-processing processes")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--half", action="store_true", help="pipeline with bf16 autocast")
     p.add_argument("--keep_json", help="pipeline: copy the output masks JSON here (for agreement checks)")
@@ -146,6 +211,11 @@ def main() -> None:
     if args.mode == "half_agreement":
         print(json.dumps(half_agreement(args)))
         return
+    if args.mode == "ncut":
+        print(json.dumps(ncut_step(args)))
+        return
+    if args.mode in ("baseline", "both"):
+        args.method, args.resize = "maskdistill", args.resize or 640
     if args.mode != "both":
         result = run_pipeline(args) if args.mode == "pipeline" else run_baseline(args)
         print(json.dumps(result))

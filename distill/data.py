@@ -1,4 +1,5 @@
-"""Image sets for mask generation (VOC, COCO20k, any folder), preprocessing and size-grouped batching."""
+"""Image sets for mask generation (VOC, COCO20k, any folder), input policies (resize, pad), the dataset,
+size-grouped batching, and the mapping of patch masks back to pixels."""
 from __future__ import annotations
 
 import math
@@ -9,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torchvision.transforms.functional as TF
+from PIL import Image
 from torch.utils.data import Dataset
 
 from utils.coco_io import OBJECT_CATEGORY, load_coco_dataset
@@ -109,31 +111,110 @@ def padded_size(height: int, width: int, patch_size: int) -> tuple[int, int]:
     return math.ceil(height / patch_size) * patch_size, math.ceil(width / patch_size) * patch_size
 
 
+@dataclass(frozen=True)
+class Geometry:
+    """The sizes of one image on its way to the network and back. (h, w) pairs."""
+
+    original: tuple[int, int]  # as decoded (after EXIF rotation); masks are written at this size
+    working: tuple[int, int]  # after the method's resize; masks are refined (CRF) at this size
+    network: tuple[int, int]  # the network input, a multiple of the patch size
+    patch_size: int
+    stretched: bool  # the network input is the working image resized (CutLER), else zero-padded
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.network[0] // self.patch_size, self.network[1] // self.patch_size
+
+    def patch_box(self, row: int, col: int) -> tuple[float, float, float, float]:
+        """(x0, y0, x1, y1) of patch (row, col) in original-image pixels."""
+        (h, w), (height, width), p = self.working, self.original, self.patch_size
+        # network -> working pixels (a resize when stretched, the same pixels when padded) -> original
+        scale_y = (h / self.network[0] if self.stretched else 1.0) * height / h
+        scale_x = (w / self.network[1] if self.stretched else 1.0) * width / w
+        return (col * p * scale_x, row * p * scale_y, min(width, (col + 1) * p * scale_x),
+                min(height, (row + 1) * p * scale_y))
+
+
+@dataclass(frozen=True)
+class InputPolicy:
+    """How an image becomes the network input; each method has its official one (`distill.methods`).
+
+    * `fixed_size` > 0 (MaskCut): a square `fixed_size` x `fixed_size` LANCZOS resize, then a LANCZOS
+      resize to the nearest multiple of the patch size per side (CutLER's `maskcut` and `resize_pil`).
+    * otherwise the shorter side goes to `resize` (0 keeps the size) with the longer side capped at
+      `max_size` (torchvision `Resize`, bilinear, antialiased), and the image is zero-padded at the
+      bottom and right to a multiple of the patch size (MaskDistill, LOST, TokenCut).
+    """
+
+    resize: int
+    max_size: int
+    fixed_size: int
+    patch_size: int
+
+    def geometry(self, height: int, width: int) -> Geometry:
+        if self.fixed_size:
+            side = int(round(self.fixed_size / self.patch_size)) * self.patch_size
+            return Geometry((height, width), (self.fixed_size, self.fixed_size), (side, side), self.patch_size, True)
+        working = resized_size(height, width, self.resize, self.max_size)
+        return Geometry((height, width), working, padded_size(*working, self.patch_size), self.patch_size, False)
+
+
+def torch_nearest_index(out_size: int, in_size: int) -> np.ndarray:
+    """Source index of each output index of `F.interpolate(mode="nearest")` along one axis:
+    floor(i * (in / out)) in float32, exactly as torch computes it (CutLER upsamples masks so)."""
+    if out_size == in_size:
+        return np.arange(out_size)
+    if out_size == 2 * in_size:
+        return np.arange(out_size) >> 1
+    scale = np.float32(in_size) / np.float32(out_size)
+    return np.minimum(np.floor(np.arange(out_size, dtype=np.float32) * scale).astype(np.int64), in_size - 1)
+
+
+def working_to_patch(geometry: Geometry) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, cols): the patch-grid row of each working-image row and the column of each column."""
+    (h, w), (grid_h, grid_w) = geometry.working, geometry.grid
+    if geometry.stretched:
+        return torch_nearest_index(h, grid_h), torch_nearest_index(w, grid_w)
+    return np.arange(h) // geometry.patch_size, np.arange(w) // geometry.patch_size
+
+
+def upsample_patch_mask(patch_mask: np.ndarray, geometry: Geometry) -> np.ndarray:
+    """A patch-grid mask at the original size: the patch of each working-image pixel (a nearest
+    upsampling that drops the padding), then a nearest resize to the original size by pixel centres
+    (as PIL's NEAREST), composed into one index lookup."""
+    (h, w), (height, width) = geometry.working, geometry.original
+    patch_rows, patch_cols = working_to_patch(geometry)
+    rows = np.minimum(((np.arange(height) + 0.5) * h / height).astype(np.int64), h - 1)
+    cols = np.minimum(((np.arange(width) + 0.5) * w / width).astype(np.int64), w - 1)
+    return patch_mask[patch_rows[rows][:, None], patch_cols[cols][None, :]]
+
+
 # ----------------------------------------------------------------------------- dataset
 
 
 class MaskGenDataset(Dataset):
-    """Decodes, resizes, normalises and zero-pads images (bottom and right) to a patch multiple."""
+    """Decodes, resizes (`InputPolicy`), normalises and pads images into network inputs.
 
-    def __init__(self, entries: list[ImageEntry], sizes: dict[int, tuple[int, int]], resize: int,
-                 max_size: int, patch_size: int) -> None:
+    With `keep_working`, each item also holds the resized image as HxWx3 uint8 (for the CRF)."""
+
+    def __init__(self, entries: list[ImageEntry], sizes: dict[int, tuple[int, int]], policy: InputPolicy,
+                 keep_working: bool = False) -> None:
         self.entries = {e.index: e for e in entries}
         self.sizes = sizes
-        self.resize, self.max_size, self.patch_size = resize, max_size, patch_size
+        self.policy = policy
+        self.keep_working = keep_working
         self.mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
         self.std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
 
     def __len__(self) -> int:
         return len(self.entries)
 
-    def target_sizes(self, index: int) -> tuple[tuple[int, int], tuple[int, int]]:
-        height, width = self.sizes[index]
-        resized = resized_size(height, width, self.resize, self.max_size)
-        return resized, padded_size(*resized, self.patch_size)
+    def geometry(self, index: int) -> Geometry:
+        return self.policy.geometry(*self.sizes[index])
 
     def __getitem__(self, index: int) -> dict:
         entry = self.entries[index]
-        item = {"index": index, "image": None, "error": None}
+        item = {"index": index, "image": None, "working": None, "error": None}
         try:
             img = load_rgb(entry.path)
         except ImageReadError as exc:
@@ -142,13 +223,24 @@ class MaskGenDataset(Dataset):
         if (img.height, img.width) != self.sizes[index]:
             item["error"] = f"decoded size {img.height}x{img.width} differs from its header"
             return item
-        (h, w), (hp, wp) = self.target_sizes(index)
-        if (h, w) != (img.height, img.width):
-            img = TF.resize(img, [h, w], interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
-        tensor = (TF.pil_to_tensor(img).float().div_(255) - self.mean) / self.std
-        padded = torch.zeros(3, hp, wp)
-        padded[:, :h, :w] = tensor
-        item["image"] = padded
+        geometry = self.geometry(index)
+        (h, w), (hn, wn) = geometry.working, geometry.network
+        if geometry.stretched:
+            img = img.resize((w, h), Image.LANCZOS)
+            network_img = img.resize((wn, hn), Image.LANCZOS)
+        else:
+            if (h, w) != (img.height, img.width):
+                img = TF.resize(img, [h, w], interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
+            network_img = img
+        tensor = (TF.pil_to_tensor(network_img).float().div_(255) - self.mean) / self.std
+        if geometry.stretched:
+            item["image"] = tensor
+        else:
+            padded = torch.zeros(3, hn, wn)
+            padded[:, :h, :w] = tensor
+            item["image"] = padded
+        if self.keep_working:
+            item["working"] = np.asarray(img)
         return item
 
 
@@ -156,28 +248,19 @@ def collate(items: list[dict]) -> dict:
     ok = [it for it in items if it["image"] is not None]
     return {
         "images": torch.stack([it["image"] for it in ok]) if ok else None,
+        "working": [it["working"] for it in ok],
         "indices": [it["index"] for it in ok],
         "failed": [(it["index"], it["error"]) for it in items if it["image"] is None],
     }
 
 
 def size_grouped_batches(dataset: MaskGenDataset, indices: list[int], batch_size: int) -> list[list[int]]:
-    """Batches of images with equal padded size, ordered by their first image."""
+    """Batches of images with equal network input size, ordered by their first image."""
     groups: dict[tuple[int, int], list[int]] = {}
     for index in indices:
-        groups.setdefault(dataset.target_sizes(index)[1], []).append(index)
+        groups.setdefault(dataset.geometry(index).network, []).append(index)
     batches = [members[i:i + batch_size] for members in groups.values() for i in range(0, len(members), batch_size)]
     return sorted(batches, key=lambda b: b[0])
-
-
-def upsample_patch_mask(patch_mask: np.ndarray, patch_size: int, resized: tuple[int, int],
-                        original: tuple[int, int]) -> np.ndarray:
-    """Nearest-neighbour upsampling by the patch size, crop of the padding, then a nearest resize
-    to the original size, composed into one index lookup (pixel centres, like PIL's NEAREST)."""
-    (h, w), (height, width) = resized, original
-    rows = np.minimum(((np.arange(height) + 0.5) * h / height).astype(np.int64), h - 1) // patch_size
-    cols = np.minimum(((np.arange(width) + 0.5) * w / width).astype(np.int64), w - 1) // patch_size
-    return patch_mask[rows[:, None], cols[None, :]]
 
 
 def worker_count(requested: int | None) -> int:

@@ -1,9 +1,20 @@
-"""The mask-generation job: shards, resumable per-image records, and the final COCO JSON.
+"""The mask-generation job, for any mask source: image sets, shards, resumable part files, the final COCO JSON.
 
-Every run appends one JSON line per image to a part file under `<pred_json_path>.parts/`
-(`shard-IIIII-of-NNNNN.jsonl.inprogress`, renamed without `.inprogress` once the shard is done).
-A single-shard run, and `--merge` after a sharded one, assemble the parts into the final COCO
-file in dataset order, streaming, so memory does not grow with the number of images.
+A *mask source* turns batches of images into records (`gen_masks.py`'s is `distill.engine.ViTMaskSource`;
+any other, e.g. a trained predictor, implements the same two methods):
+
+    class MaskSource(Protocol):
+        def plan(self, entries, sizes) -> list[list[int]]   # batches over the whole data set
+        def run(self, batches, writer: PartWriter) -> None  # process them, writing through `writer`
+
+`generate(args, settings, make_source)` does the rest: it reads the image set (the flags of `distill.cli.add_image_arguments`),
+checks the outputs, deals the planned batches to `--shard i/N` (so every image is computed in the same
+batch however the job is sharded or resumed), skips unreadable images, and appends one JSON line per
+image to a part file under `<pred_json_path>.parts/` (`shard-IIIII-of-NNNNN.jsonl.inprogress`, renamed
+without `.inprogress` once the shard is done). A single-shard run, and `merge` after a sharded one,
+assemble the parts into the final COCO file in data-set order, streaming, so memory does not grow
+with the number of images. Every part starts with a header holding the run's settings (the flags of
+`distill.cli.SETTING_GROUPS` argument groups): a resume or a merge refuses parts made with other settings.
 """
 from __future__ import annotations
 
@@ -15,37 +26,56 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, TextIO
+from typing import Callable, Iterator, Protocol, TextIO
 
-import torch
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from distill.data import (ImageEntry, MaskGenDataset, class_agnostic, coco20k_entries, collate, folder_entries,
-                          size_grouped_batches, upsample_patch_mask, voc_entries, worker_count)
-from distill.features import discovery_features, feature_setting
-from distill.maskgen import propose_masks
-from distill.vit import build_vit, resolve_patch_size
-from distill.visualize import save_overlay, write_gallery
-from utils.coco_io import OBJECT_CATEGORY, atomic_path, check_can_write, make_annotation, write_json
+from distill.data import ImageEntry, class_agnostic, coco20k_entries, folder_entries, voc_entries
+from distill.visualize import write_gallery
+from utils.coco_io import OBJECT_CATEGORY, atomic_path, check_can_write, write_json
 from utils.config import save_config
-from utils.distributed import resolve_device
 from utils.errors import UserError
-from utils.images import IMAGENET_MEAN, IMAGENET_STD, ImageReadError, read_size
-from utils.precision import autocast, precision_name, resolve_precision
+from utils.images import ImageReadError, read_size
 
 CATEGORIES = [OBJECT_CATEGORY]
-# Settings that change the masks: a resumed run or a merged shard must agree on all of them.
-MASK_SETTINGS = ("dataset", "dataset_root", "year", "set", "coco_json", "file_list", "image_ids", "arch",
-                 "patch_size", "weights", "features", "heads", "topk", "resize", "max_size", "mask_format",
-                 "precision")
 
 
 @dataclass
 class RunStats:
     images: int = 0
+    annotations: int = 0
     skipped: int = 0
-    seconds: dict = field(default_factory=lambda: {"model": 0.0, "mask": 0.0, "encode": 0.0, "total": 0.0})
+    seconds: dict = field(default_factory=lambda: {"model": 0.0, "mask": 0.0, "post": 0.0, "total": 0.0})
+
+
+class PartWriter:
+    """Appends image records to the part file of a shard; images already in it (`done`) are not written twice."""
+
+    def __init__(self, part: TextIO, done: set[int], stats: RunStats) -> None:
+        self.part, self.done, self.stats = part, done, stats
+
+    def write(self, lines: list[str]) -> None:
+        """Record lines of finished images (`{"index", "image", "annotations"}`), flushed at once."""
+        if lines:
+            self.part.write("\n".join(lines) + "\n")
+            self.part.flush()
+            self.stats.images += len(lines)
+
+    def skip(self, entry: ImageEntry, reason: str) -> None:
+        """Record an image that cannot be read (listed under `skipped_images`)."""
+        if entry.index in self.done:
+            return
+        print(f"warning: skipping {entry.path}: {reason}", file=sys.stderr)
+        self.part.write(json.dumps({"index": entry.index, "skipped": {"file_name": entry.file_name, "reason": reason}})
+                        + "\n")
+        self.part.flush()
+        self.stats.skipped += 1
+
+
+class MaskSource(Protocol):
+    def plan(self, entries: list[ImageEntry], sizes: dict[int, tuple[int, int]]) -> list[list[int]]: ...
+
+    def run(self, batches: list[list[int]], writer: PartWriter) -> None: ...
 
 
 # ----------------------------------------------------------------------------- parts
@@ -92,14 +122,15 @@ def read_records(path: Path) -> tuple[dict | None, list[tuple[int, int]]]:
 def check_settings(header: dict | None, settings: dict, source: Path) -> None:
     if header is None:
         return
-    for key in MASK_SETTINGS:
-        if header["settings"].get(key) != settings.get(key):
-            raise UserError(f"{source} was made with {key}={header['settings'].get(key)!r}, not "
-                            f"{settings.get(key)!r}; use the same settings, or --overwrite to start again")
+    recorded = header["settings"]
+    for key in [*recorded, *(k for k in settings if k not in recorded)]:  # in flag order: method before its flags
+        if recorded.get(key) != settings.get(key):
+            raise UserError(f"{source} was made with {key}={recorded.get(key)!r}, not {settings.get(key)!r}; "
+                            "use the same settings, or --overwrite to start again")
 
 
 def assemble(part_files: list[Path], out_path: Path, settings: dict) -> tuple[int, int]:
-    """Stream the records of all parts, in dataset order, into one COCO file. Returns (images, skipped)."""
+    """Stream the records of all parts, in data-set order, into one COCO file. Returns (images, skipped)."""
     located = []
     for file_number, path in enumerate(part_files):
         header, offsets = read_records(path)
@@ -118,8 +149,14 @@ def assemble(part_files: list[Path], out_path: Path, settings: dict) -> tuple[in
             if kind in record:
                 yield record
 
-    info = {"description": "MaskDistill pseudo-masks (one object per image)",
-            "settings": {k: settings.get(k) for k in MASK_SETTINGS}}
+    def annotations() -> Iterator[str]:
+        n = 0
+        for record in records("annotations"):
+            for annotation in record["annotations"]:
+                n += 1
+                yield json.dumps({"id": n, **annotation})
+
+    info = {"description": f"{settings.get('method', 'gen_masks')} pseudo-masks", "settings": settings}
     counts = [0, 0]
     try:
         with atomic_path(out_path) as tmp, open(tmp, "w") as out:
@@ -128,8 +165,8 @@ def assemble(part_files: list[Path], out_path: Path, settings: dict) -> tuple[in
                 out.write(("," if n else "") + "\n" + json.dumps(record["image"]))
                 counts[0] += 1
             out.write('],\n"annotations": [')
-            for n, record in enumerate(records("annotation")):
-                out.write(("," if n else "") + "\n" + json.dumps({"id": n + 1, **record["annotation"]}))
+            for n, line in enumerate(annotations()):
+                out.write(("," if n else "") + "\n" + line)
             out.write('],\n"categories": ' + json.dumps(CATEGORIES) + ',\n"skipped_images": [')
             for n, record in enumerate(records("skipped")):
                 out.write(("," if n else "") + "\n" + json.dumps(record["skipped"]))
@@ -138,8 +175,8 @@ def assemble(part_files: list[Path], out_path: Path, settings: dict) -> tuple[in
         # The same annotations as a COCO results list, the form `COCO.loadRes(path)` and evaluators take.
         with atomic_path(results_path(out_path)) as tmp, open(tmp, "w") as out:
             out.write("[")
-            for n, record in enumerate(records("annotation")):
-                out.write(("," if n else "") + "\n" + json.dumps({"id": n + 1, **record["annotation"]}))
+            for n, line in enumerate(annotations()):
+                out.write(("," if n else "") + "\n" + line)
             out.write("]\n")
     finally:
         for h in handles:
@@ -178,13 +215,6 @@ def parse_shard(text: str) -> tuple[int, int]:
     return shard, count
 
 
-def settings_of(args: argparse.Namespace) -> dict:
-    settings = {k: getattr(args, k, None) for k in MASK_SETTINGS}
-    if settings["dataset_root"]:
-        settings["dataset_root"] = str(Path(settings["dataset_root"]).resolve())
-    return settings
-
-
 def merge(args: argparse.Namespace) -> int:
     out = Path(args.pred_json_path)
     check_can_write(out, args.overwrite)
@@ -203,38 +233,36 @@ def merge(args: argparse.Namespace) -> int:
     return 0
 
 
-def generate(args: argparse.Namespace) -> RunStats:
-    """Run (one shard of) the mask generation described by the parsed `gen_masks.py` arguments."""
+def generate(args: argparse.Namespace, settings: dict, make_source: Callable[[argparse.Namespace], MaskSource]) -> RunStats:
+    """Run (one shard of) a mask-generation job: the image-set and output flags of `args`, the recorded
+    `settings` (`distill.cli.settings_from`), and the mask source `make_source(args)` (made after the cheap checks
+    and before any file is written, so that a source that refuses its arguments leaves nothing behind)."""
     out = Path(args.pred_json_path)
     shard, num_shards = parse_shard(args.shard)
-    # Resolved before they are recorded: a resume on other hardware must not silently change precision.
-    args.patch_size = resolve_patch_size(args.arch, args.patch_size)
-    args.features = feature_setting(args.arch, args.features)
-    args.precision = precision_name(resolve_precision(args.precision, resolve_device(args.device)))
-    settings = settings_of(args)
     if num_shards == 1:
         check_can_write(out, args.overwrite)
     final_part = part_path(out, shard, num_shards)
     progress_part = final_part.with_name(final_part.name + ".inprogress")
-    if args.overwrite:
-        for p in (final_part, progress_part):
-            p.unlink(missing_ok=True)
-    if final_part.exists():
+    if final_part.exists() and not args.overwrite:
         raise UserError(f"shard {shard}/{num_shards} is already finished ({final_part}); "
                         "run --merge, or --overwrite to redo it")
+    if progress_part.exists() and not (args.resume or args.overwrite):
+        raise UserError(f"unfinished results exist in {progress_part}; pass --resume to continue, "
+                        "or --overwrite to start again")
+    if progress_part.exists() and args.resume and not args.overwrite:
+        check_settings(read_records(progress_part)[0], settings, progress_part)
 
     entries = dataset_entries(args)
     if args.max_images:
         entries = entries[: args.max_images]
+    source = make_source(args)
 
+    if args.overwrite:
+        for p in (final_part, progress_part):
+            p.unlink(missing_ok=True)
     done: set[int] = set()
     if progress_part.exists():
-        if not args.resume:
-            raise UserError(f"unfinished results exist in {progress_part}; pass --resume to continue, "
-                            "or --overwrite to start again")
-        header, offsets = read_records(progress_part)
-        check_settings(header, settings, progress_part)
-        done = {index for index, _ in offsets}
+        done = {index for index, _ in read_records(progress_part)[1]}
     else:
         progress_part.parent.mkdir(parents=True, exist_ok=True)
         with open(progress_part, "w") as f:
@@ -249,17 +277,17 @@ def generate(args: argparse.Namespace) -> RunStats:
             sizes[entry.index] = read_size(entry.path)
         except ImageReadError as exc:
             unreadable.append((entry, str(exc)))
-    # Batches are planned over the whole dataset and then dealt to the shards, so every image is
+    # Batches are planned over the whole data set and then dealt to the shards, so every image is
     # computed in the same batch however the job is sharded or resumed: the outputs are identical.
-    dataset = MaskGenDataset(entries, sizes, args.resize, args.max_size, args.patch_size)
-    batches = size_grouped_batches(dataset, sorted(sizes), args.batch_size)[shard::num_shards]
+    batches = source.plan(entries, sizes)[shard::num_shards]
     batches = [b for b in batches if any(index not in done for index in b)]
     with open(progress_part, "a") as part:
+        writer = PartWriter(part, done, stats)
         for entry, reason in unreadable:
-            if entry.index % num_shards == shard and entry.index not in done:
-                _skip(part, entry, reason, stats)
+            if entry.index % num_shards == shard:
+                writer.skip(entry, reason)
         if batches:
-            _run_model(args, dataset, batches, done, part, stats)
+            source.run(batches, writer)
     stats.seconds["total"] = time.perf_counter() - start
     if stats.skipped:
         print(f"warning: skipped {stats.skipped} unreadable image(s); they are listed under 'skipped_images'",
@@ -273,74 +301,16 @@ def generate(args: argparse.Namespace) -> RunStats:
         print(f"wrote {images} images ({skipped} skipped) to {out}")
     else:
         print(f"shard {shard}/{num_shards} done: {final_part}; run with --merge once every shard is done")
-    if args.vis_dir:
+    if args.vis_dir and Path(args.vis_dir).is_dir():
         write_gallery(Path(args.vis_dir))
     return stats
 
 
-def _skip(part: TextIO, entry: ImageEntry, reason: str, stats: RunStats) -> None:
-    print(f"warning: skipping {entry.path}: {reason}", file=sys.stderr)
-    part.write(json.dumps({"index": entry.index, "skipped": {"file_name": entry.file_name, "reason": reason}}) + "\n")
-    stats.skipped += 1
-
-
-def _run_model(args: argparse.Namespace, dataset: MaskGenDataset, batches: list[list[int]], done: set[int],
-               part: TextIO, stats: RunStats) -> None:
-    device = resolve_device(args.device)
-    model = build_vit(args.arch, args.patch_size, args.weights).to(device)
-    entries, sizes = dataset.entries, dataset.sizes
-    workers = worker_count(args.num_workers)
-    loader = DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate,
-                        pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None)
-    precision = autocast(resolve_precision(args.precision, device), device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    patch = args.patch_size
-    with tqdm(total=sum(map(len, batches)), desc="masks", unit="img", disable=None, dynamic_ncols=True) as bar:
-        for batch in loader:
-            for index, reason in batch["failed"]:
-                if index not in done:
-                    _skip(part, entries[index], reason, stats)
-            if batch["images"] is not None:
-                t0 = time.perf_counter()
-                images = batch["images"].to(device, non_blocking=True)
-                with torch.inference_mode(), precision:
-                    features = discovery_features(model.last_qk(images), args.features)
-                sync()
-                t1 = time.perf_counter()
-                grid_h, grid_w = images.shape[2] // patch, images.shape[3] // patch
-                with torch.inference_mode():
-                    proposals = propose_masks(features.query, features.key, grid_h, grid_w, heads=args.heads,
-                                              topk=args.topk, graph_key=features.graph_key)
-                t2 = time.perf_counter()
-                lines = []
-                for slot, (index, proposal) in enumerate(zip(batch["indices"], proposals)):
-                    if index in done:  # recomputed only because its batch was cut short
-                        continue
-                    entry = entries[index]
-                    height, width = sizes[index]
-                    resized, _ = dataset.target_sizes(index)
-                    mask = upsample_patch_mask(proposal.mask, patch, resized, (height, width))
-                    annotation = make_annotation(mask, entry.image_id, 1, proposal.score, args.mask_format)
-                    image = {"id": entry.image_id, "file_name": entry.file_name, "height": height, "width": width}
-                    lines.append(json.dumps({"index": index, "image": image, "annotation": annotation}))
-                    if args.vis_dir:
-                        save_overlay(batch["images"][slot], proposal, resized, patch, entry.file_name,
-                                     Path(args.vis_dir), IMAGENET_MEAN, IMAGENET_STD)
-                if lines:
-                    part.write("\n".join(lines) + "\n")
-                    part.flush()
-                stats.seconds["model"] += t1 - t0
-                stats.seconds["mask"] += t2 - t1
-                stats.seconds["encode"] += time.perf_counter() - t2
-                stats.images += len(lines)
-            bar.update(len(batch["indices"]) + len(batch["failed"]))
-
-
-def run(args: argparse.Namespace) -> RunStats:
+def run(args: argparse.Namespace, settings: dict, make_source: Callable[[argparse.Namespace], MaskSource]) -> RunStats:
     """`generate`, or under `torchrun` one shard per rank followed by a merge on rank 0."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
-        return generate(args)
+        return generate(args, settings, make_source)
     from utils.distributed import barrier, cleanup, init_distributed
 
     info = init_distributed(args.device)
@@ -352,7 +322,7 @@ def run(args: argparse.Namespace) -> RunStats:
     if info.device.type == "cuda":
         args.device = str(info.device)
     try:
-        stats = generate(args)
+        stats = generate(args, settings, make_source)
         barrier()
         if info.is_main:
             merge(args)

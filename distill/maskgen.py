@@ -17,21 +17,10 @@ seed's row is k_seed · Kᵀ. This turns an O(N²) matrix per image into two O(N
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
-from scipy import ndimage
 
-
-@dataclass
-class PatchMask:
-    """A mask on the patch grid, with the seed patch that grew it."""
-
-    mask: np.ndarray  # (grid_h, grid_w) bool
-    seed_patch: tuple[int, int]  # (row, col) on the patch grid
-    seed_in_background: bool  # True when the sources' score at the seed was not positive
-    score: float  # share of the thresholded G_cls mass inside the mask, in [0, 1]
+from distill.patches import PatchMask, seed_component
 
 
 def mass_threshold(values: torch.Tensor, mass: float = 0.5) -> torch.Tensor:
@@ -93,15 +82,12 @@ def propose_masks(query: torch.Tensor, key: torch.Tensor, grid_h: int, grid_w: i
     results = []
     for b, seed in enumerate(seeds.tolist()):
         seed_rc = divmod(seed, grid_w)
-        labels, _ = ndimage.label(foreground[b])
-        component = labels[seed_rc]
-        if component == 0:
+        mask = seed_component(foreground[b], seed_rc)
+        in_background = not mask.any()
+        if in_background:
             # The seed's own score is not positive; keep the seed patch so every image has a mask.
-            mask = np.zeros((grid_h, grid_w), dtype=bool)
             mask[seed_rc] = True
-        else:
-            mask = labels == component
         total = cls_mass[b].sum(dtype=np.float64)
         score = min(1.0, float(cls_mass[b][mask].sum(dtype=np.float64) / total)) if total > 0 else 0.0
-        results.append(PatchMask(mask=mask, seed_patch=seed_rc, seed_in_background=component == 0, score=score))
+        results.append(PatchMask(mask=mask, score=score, seed_patch=seed_rc, seed_in_background=in_background))
     return results

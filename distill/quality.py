@@ -17,35 +17,22 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
-from distill.data import ImageEntry, MaskGenDataset, folder_entries, upsample_patch_mask, voc_entries
-from distill.features import DiscoveryFeatures, discovery_features
-from distill.maskgen import PatchMask, propose_masks
+from distill.data import ImageEntry, InputPolicy, MaskGenDataset, folder_entries, upsample_patch_mask, voc_entries
+from distill.features import discovery_features
+from distill.methods import METHODS, propose
+from distill.patches import PatchFeatures
 from distill.vit import DinoViT
 from utils.coco_io import box_iou_xywh, load_coco_dataset, mask_to_bbox, segmentation_to_rle
 from utils.errors import UserError
 from utils.images import read_size
 from utils.precision import autocast
 from utils.voc import convert_voc_instances
-
-# A discovery method: (features of a batch, grid_h, grid_w) -> per image, its scored patch masks.
-DiscoveryMethod = Callable[[DiscoveryFeatures, int, int], list[list[PatchMask]]]
-
-
-def maskdistill_masks(features: DiscoveryFeatures, grid_h: int, grid_w: int) -> list[list[PatchMask]]:
-    """MaskDistill with gen_masks.py's defaults: one mask per image."""
-    masks = propose_masks(features.query, features.key, grid_h, grid_w, graph_key=features.graph_key)
-    return [[mask] for mask in masks]
-
-
-METHODS: dict[str, DiscoveryMethod] = {"maskdistill": maskdistill_masks}
-
 
 @dataclass
 class GroundTruthSet:
@@ -124,7 +111,9 @@ def evaluate_discovery(model: DinoViT, gt_sets: list[GroundTruthSet], methods: l
                        resize: int = 640, max_size: int = 2048, max_images: int = 0, dtype: torch.dtype = torch.float32,
                        device: torch.device = torch.device("cpu"), progress: bool | None = None) -> dict:
     """Scores per data set: `baseline` (whole image) and `(method, setting)` for every pair, plus the
-    seconds spent in the backbone. One backbone pass per image serves every method and setting."""
+    seconds spent in the backbone. One backbone pass per image, on the image resized as `resize` and
+    `max_size` say and zero-padded, serves every method (each with its official parameters; MaskCut's
+    CRF runs on that resized image) and setting."""
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise UserError(f"unknown --method {unknown[0]!r}; choose from {list(METHODS)}")
@@ -132,7 +121,8 @@ def evaluate_discovery(model: DinoViT, gt_sets: list[GroundTruthSet], methods: l
     for gt in gt_sets:
         entries = gt.entries[:max_images] if max_images else gt.entries
         sizes = {e.index: read_size(e.path) for e in entries}
-        dataset = MaskGenDataset(entries, sizes, resize, max_size, model.patch_size)
+        dataset = MaskGenDataset(entries, sizes, InputPolicy(resize, max_size, 0, model.patch_size),
+                                 keep_working=any(METHODS[m].refine is not None for m in methods))
         scores = {"baseline": Score(), **{(m, s): Score() for m in methods for s in settings}}
         model_seconds = 0.0
         for entry in tqdm(entries, desc=gt.name, unit="img", disable=None if progress is None else not progress):
@@ -140,8 +130,7 @@ def evaluate_discovery(model: DinoViT, gt_sets: list[GroundTruthSet], methods: l
             if item["image"] is None:
                 raise UserError(f"cannot read {entry.path}: {item['error']}")
             original = sizes[entry.index]
-            resized, padded = dataset.target_sizes(entry.index)
-            grid_h, grid_w = padded[0] // model.patch_size, padded[1] // model.patch_size
+            geometry = dataset.geometry(entry.index)
             gt_masks, gt_boxes = gt.masks[entry.image_id], gt.boxes[entry.image_id]
             scores["baseline"].add(score_mask(np.ones(original, dtype=bool), gt_masks, gt_boxes))
             start = time.perf_counter()
@@ -150,11 +139,18 @@ def evaluate_discovery(model: DinoViT, gt_sets: list[GroundTruthSet], methods: l
             model_seconds += time.perf_counter() - start
             for setting in settings:
                 with torch.inference_mode():
-                    features = discovery_features(qk, setting)
-                    for method in methods:
-                        best = max(METHODS[method](features, grid_h, grid_w)[0], key=lambda m: m.score)
-                        mask = upsample_patch_mask(best.mask, model.patch_size, resized, original)
-                        scores[(method, setting)].add(score_mask(mask, gt_masks, gt_boxes))
+                    chosen = discovery_features(qk, setting)
+                    features = PatchFeatures(chosen.query, chosen.key, geometry.grid, chosen.graph_key)
+                    for name in methods:
+                        method = METHODS[name]
+                        proposals = propose(method, features, dict(method.params))[0]
+                        if method.refine is not None:
+                            masks = method.refine(item["working"], proposals, geometry)
+                        else:
+                            masks = [upsample_patch_mask(p.mask, geometry) for p in proposals]
+                        kept = [(p.score, m) for p, m in zip(proposals, masks) if m is not None]
+                        mask = max(kept, key=lambda pair: pair[0])[1] if kept else np.zeros(original, dtype=bool)
+                        scores[(name, setting)].add(score_mask(mask, gt_masks, gt_boxes))
         results[gt.name] = {"scores": {k: v.summary() for k, v in scores.items()}, "model_seconds": model_seconds,
                             "images": len(entries)}
     return results

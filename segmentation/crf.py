@@ -1,7 +1,8 @@
 """Dense CRF refinement (pydensecrf2) with MaskDistill's defaults, for softmax maps or label PNGs.
 
 Library: `dense_crf(image, probs)` refines a (C, H, W) softmax; `refine_labels(image, label)` refines a
-label map from the labels alone (unary from labels with a ground-truth probability).
+label map from the labels alone (unary from labels with a ground-truth probability); `PairwiseCRF`
+builds an image's pairwise terms once for several unaries (MaskCut's masks of one image).
 Command: refine every mask PNG of a folder with a pool of CPU workers:
 
     python segmentation/crf.py --image_dir IMAGES --mask_dir MASKS --out_dir OUT
@@ -44,17 +45,32 @@ class CRFParams:
     bilateral_compat: float = 4.0
 
 
-def _inference(image: np.ndarray, unary: np.ndarray, num_labels: int, params: CRFParams) -> np.ndarray:
-    import pydensecrf.densecrf as dcrf
+class PairwiseCRF:
+    """A dense CRF over one image whose pairwise terms (Gaussian and bilateral, the costly part to
+    build) are built once; `infer` runs mean-field inference for a unary, and may be called again
+    with other unaries (MaskCut refines several masks of an image) with the same result as a new CRF."""
 
-    h, w = image.shape[:2]
-    crf = dcrf.DenseCRF2D(w, h, num_labels)
-    crf.setUnaryEnergy(np.ascontiguousarray(unary, dtype=np.float32))
-    crf.addPairwiseGaussian(sxy=params.gauss_sxy, compat=params.gauss_compat)
-    crf.addPairwiseBilateral(sxy=params.bilateral_sxy, srgb=params.bilateral_srgb,
-                             rgbim=np.ascontiguousarray(image, dtype=np.uint8), compat=params.bilateral_compat)
-    q = crf.inference(params.iterations)
-    return np.asarray(q, dtype=np.float32).reshape(num_labels, h, w)
+    def __init__(self, image: np.ndarray, num_labels: int, params: CRFParams = CRFParams()) -> None:
+        import pydensecrf.densecrf as dcrf
+
+        h, w = image.shape[:2]
+        self.shape = (num_labels, h, w)
+        self.iterations = params.iterations
+        self._crf = dcrf.DenseCRF2D(w, h, num_labels)
+        self._crf.addPairwiseGaussian(sxy=params.gauss_sxy, compat=params.gauss_compat)
+        self._crf.addPairwiseBilateral(sxy=params.bilateral_sxy, srgb=params.bilateral_srgb,
+                                       rgbim=np.array(image, dtype=np.uint8, order="C"),  # a writable copy
+                                       compat=params.bilateral_compat)
+
+    def infer(self, unary: np.ndarray) -> np.ndarray:
+        """Refined (C, H, W) probabilities for a (C, H*W) unary energy (negative log-probabilities)."""
+        self._crf.setUnaryEnergy(np.ascontiguousarray(unary, dtype=np.float32))
+        q = self._crf.inference(self.iterations)
+        return np.asarray(q, dtype=np.float32).reshape(self.shape)
+
+
+def _inference(image: np.ndarray, unary: np.ndarray, num_labels: int, params: CRFParams) -> np.ndarray:
+    return PairwiseCRF(image, num_labels, params).infer(unary)
 
 
 def dense_crf(image: np.ndarray, probs: np.ndarray, params: CRFParams = CRFParams()) -> np.ndarray:

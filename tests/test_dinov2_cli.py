@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import distill.generate as generate_module
+import distill.engine as engine_module
 import distill.vit as vit
 import gen_masks
 from utils.errors import UserError
@@ -15,6 +15,11 @@ from utils.errors import UserError
 
 def parse(*args):
     return gen_masks.build_parser().parse_args([*map(str, args)])
+
+
+def generate(*args):
+    parser = gen_masks.build_parser()
+    return engine_module.generate_masks(parser, parser.parse_args([*map(str, args)]))
 
 
 @pytest.fixture
@@ -54,23 +59,23 @@ def test_half_is_an_alias_of_bf16_and_auto_is_the_default():
 def test_dinov2_with_a_dino_patch_size_is_refused_before_any_work(three_images, tmp_path):
     out = tmp_path / "masks.json"
     with pytest.raises(UserError, match="--arch dinov2_vits14 has patch size 14, not --patch_size 16"):
-        generate_module.generate(parse(*job(three_images, out, "--patch_size", 16)))
+        generate(*job(three_images, out, "--patch_size", 16))
     assert not out.exists() and not (tmp_path / "masks.json.parts").exists()
 
 
 def test_dinov2_run_records_its_resolved_settings_and_resume_refuses_another_precision(three_images, tmp_path,
                                                                                     monkeypatch, tiny_vits14):
     out = tmp_path / "masks.json"
-    generate_module.generate(parse(*job(three_images, out, "--precision", "bf16")))
+    generate(*job(three_images, out, "--precision", "bf16"))
     settings = json.loads(out.read_text())["info"]["settings"]
     assert (settings["arch"], settings["patch_size"], settings["features"], settings["precision"]) == (
         "dinov2_vits14", 14, "centred", "bf16")
 
     interrupted = tmp_path / "interrupted.json"
-    monkeypatch.setattr(generate_module, "propose_masks", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    monkeypatch.setattr(engine_module, "backbone_features", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):
-        generate_module.generate(parse(*job(three_images, interrupted, "--half")))
+        generate(*job(three_images, interrupted, "--half"))
     with pytest.raises(UserError, match="made with precision='bf16', not 'fp32'"):
-        generate_module.generate(parse(*job(three_images, interrupted, "--precision", "fp32", "--resume")))
+        generate(*job(three_images, interrupted, "--precision", "fp32", "--resume"))
     with pytest.raises(UserError, match="made with features='centred', not 'raw'"):
-        generate_module.generate(parse(*job(three_images, interrupted, "--half", "--features", "raw", "--resume")))
+        generate(*job(three_images, interrupted, "--half", "--features", "raw", "--resume"))

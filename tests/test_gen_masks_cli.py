@@ -5,7 +5,6 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
-from unittest import mock
 
 import numpy as np
 import pytest
@@ -13,9 +12,9 @@ import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
 
-import distill.generate as generate_module
+import distill.engine as engine_module
 import gen_masks
-from distill.data import resized_size, upsample_patch_mask
+from distill.data import Geometry, resized_size, upsample_patch_mask
 from tests import cli_helpers
 from utils.coco_io import decode_segmentation, mask_to_bbox
 
@@ -29,23 +28,31 @@ def run_cli(*args, env=None):
 
 
 def run_inprocess(*args):
-    return generate_module.generate(gen_masks.build_parser().parse_args([*map(str, args)]))
+    parser = gen_masks.build_parser()
+    return engine_module.generate_masks(parser, parser.parse_args([*map(str, args)]))
 
 
 def run_main(*args) -> subprocess.CompletedProcess:
     """`python gen_masks.py ARGS` in this process, through its real entry point (`run_cli(main)`): the exit
     code and the output, without a second interpreter's seconds of torch import."""
-    argv = ["gen_masks.py", *map(str, args)]
-    with mock.patch.object(sys, "argv", argv):  # gen_masks.main() reads sys.argv
-        code, out, err = cli_helpers.run_main(lambda _: gen_masks.main(), [])
-    return subprocess.CompletedProcess(argv, code, out, err)
+    argv = [*map(str, args)]
+    code, out, err = cli_helpers.run_main(gen_masks.main, argv)
+    return subprocess.CompletedProcess(["gen_masks.py", *argv], code, out, err)
 
 
-def check_masks_file(path: Path, root: Path) -> dict:
+def run_main_expecting_error(argv, capsys) -> str:
+    """`python gen_masks.py ARGV` in this process, refused: exit 2 and its one `error:` line."""
+    code, _, err = cli_helpers.run_main(gen_masks.main, [*map(str, argv)])
+    assert code == 2, err
+    return cli_helpers.error_line(err)
+
+
+def check_masks_file(path: Path, root: Path, one_per_image: bool = True) -> dict:
     data = json.loads(path.read_text())
     assert data["categories"] == [{"id": 1, "name": "object", "supercategory": "object"}]
     images = {img["id"]: img for img in data["images"]}
-    assert len(data["annotations"]) == len(images)
+    if one_per_image:
+        assert len(data["annotations"]) == len(images)
     for ann in data["annotations"]:
         img = images[ann["image_id"]]
         assert (root / img["file_name"]).is_file()
@@ -88,7 +95,8 @@ def test_mask_upsampling_is_nearest_patch_upsample_crop_and_resize():
     resized, original = (70, 100), (97, 141)
     full = np.kron(patch_mask, np.ones((16, 16), dtype=np.uint8))[: resized[0], : resized[1]]
     expected = np.asarray(Image.fromarray(full * 255).resize(original[::-1], Image.NEAREST)) > 0
-    np.testing.assert_array_equal(upsample_patch_mask(patch_mask, 16, resized, original), expected)
+    geometry = Geometry(original=original, working=resized, network=(80, 112), patch_size=16, stretched=False)
+    np.testing.assert_array_equal(upsample_patch_mask(patch_mask, geometry), expected)
 
 
 def test_help_explains_every_flag():
@@ -183,65 +191,70 @@ def test_existing_output_needs_overwrite(small_folder, tmp_path):
 # ----------------------------------------------------------------------------- scale
 
 
-def common_args(root, out):
-    return ["--dataset", "folder", "--dataset_root", root, "--resize", 0, "--pred_json_path", out,
-            "--batch_size", 2, *FAST]
+METHOD_FLAGS = {"maskdistill": ["--resize", 0], "lost": [], "tokencut": [], "maskcut": ["--fixed_size", 32]}
 
 
-def test_shard_and_merge_equal_a_single_run(small_folder, tmp_path):
-    run_inprocess(*common_args(small_folder, tmp_path / "single.json"))
+def common_args(root, out, method="maskdistill"):
+    return ["--dataset", "folder", "--dataset_root", root, "--pred_json_path", out, "--batch_size", 2,
+            "--method", method, *METHOD_FLAGS[method], *FAST]
+
+
+@pytest.mark.parametrize("method", ["maskdistill", "lost", "tokencut", "maskcut"])
+def test_shard_and_merge_equal_a_single_run(small_folder, tmp_path, method):
+    run_inprocess(*common_args(small_folder, tmp_path / "single.json", method))
     sharded = tmp_path / "sharded.json"
     for shard in ("1/3", "0/3", "2/3"):
-        run_inprocess(*common_args(small_folder, sharded), "--shard", shard)
+        run_inprocess(*common_args(small_folder, sharded, method), "--shard", shard)
         assert not sharded.exists()
-    merged = subprocess.run([sys.executable, "gen_masks.py", "--merge", "--pred_json_path", sharded], cwd=REPO,
-                            capture_output=True, text=True)
-    assert merged.returncode == 0, merged.stderr
+    assert gen_masks.main(["--merge", "--pred_json_path", str(sharded)]) == 0
     assert sharded.read_bytes() == (tmp_path / "single.json").read_bytes()
     assert (tmp_path / "sharded.results.json").read_bytes() == (tmp_path / "single.results.json").read_bytes()
 
 
-def test_merge_refuses_missing_shards(small_folder, tmp_path):
+def test_merge_refuses_missing_shards(small_folder, tmp_path, capsys):
     out = tmp_path / "sharded.json"
     run_inprocess(*common_args(small_folder, out), "--shard", "0/2")
-    result = run_main("--merge", "--pred_json_path", out)
-    assert result.returncode == 2 and "[1]" in result.stderr and not out.exists()
+    assert "shard(s) [1] of 2 are not finished" in run_main_expecting_error(["--merge", "--pred_json_path", out], capsys)
+    assert not out.exists()
 
 
-def test_resume_after_interruption_loses_nothing(small_folder, tmp_path, monkeypatch):
-    run_inprocess(*common_args(small_folder, tmp_path / "straight.json"))
+@pytest.mark.parametrize("method", ["maskdistill", "maskcut"])
+def test_resume_after_interruption_loses_nothing(small_folder, tmp_path, monkeypatch, capsys, method):
+    run_inprocess(*common_args(small_folder, tmp_path / "straight.json", method))
     out = tmp_path / "resumed.json"
-    real_propose, calls = generate_module.propose_masks, []
+    args = common_args(small_folder, out, method)
+    real_features, calls = engine_module.backbone_features, []
 
-    def interrupted(*args, **kwargs):
+    def interrupted(*a, **k):
         calls.append(1)
         if len(calls) == 3:
             raise KeyboardInterrupt
-        return real_propose(*args, **kwargs)
+        return real_features(*a, **k)
 
-    monkeypatch.setattr(generate_module, "propose_masks", interrupted)
+    monkeypatch.setattr(engine_module, "backbone_features", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        run_inprocess(*common_args(small_folder, out))
-    monkeypatch.setattr(generate_module, "propose_masks", real_propose)
+        run_inprocess(*args)
+    monkeypatch.setattr(engine_module, "backbone_features", real_features)
     assert not out.exists()
     partial = next((tmp_path / "resumed.json.parts").glob("*.inprogress"))
     assert len(partial.read_text().splitlines()) == 1 + 4  # header + two batches of two
     with open(partial, "a") as f:
         f.write('{"index": 5, "image": {"id"')  # a line torn by the kill
 
-    again = run_main(*common_args(small_folder, out))
-    assert again.returncode == 2 and "--resume" in again.stderr
-    run_inprocess(*common_args(small_folder, out), "--resume")
+    assert "pass --resume to continue" in run_main_expecting_error(args, capsys)
+    run_inprocess(*args, "--resume")
     assert out.read_bytes() == (tmp_path / "straight.json").read_bytes()
 
 
-def test_resume_refuses_changed_settings(small_folder, tmp_path, monkeypatch):
+def test_resume_refuses_changed_settings(small_folder, tmp_path, monkeypatch, capsys):
     out = tmp_path / "masks.json"
-    monkeypatch.setattr(generate_module, "propose_masks", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    monkeypatch.setattr(engine_module, "backbone_features", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):
         run_inprocess(*common_args(small_folder, out))
-    result = run_main(*common_args(small_folder, out), "--resume", "--topk", 0.2)
-    assert result.returncode == 2 and "topk" in result.stderr
+    assert "topk=0.4, not 0.2" in run_main_expecting_error([*common_args(small_folder, out), "--resume", "--topk", 0.2],
+                                                           capsys)
+    assert "method='maskdistill', not 'lost'" in run_main_expecting_error(
+        [*common_args(small_folder, out, "lost"), "--resume"], capsys)
 
 
 def free_port() -> int:
@@ -297,3 +310,60 @@ def test_coco20k_file_list_naming_an_unknown_image_is_one_clear_error(tiny_coco,
                      "--pred_json_path", tmp_path / "m.json", *FAST)
     assert result.returncode == 2 and "not_in_coco.jpg" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+# ----------------------------------------------------------------------------- methods
+
+
+@pytest.mark.parametrize("method,flags", [("lost", ["--resize", 96]), ("tokencut", ["--resize", 96]),
+                                          ("maskcut", ["--fixed_size", 96, "--post_workers", 0])])
+def test_each_method_on_voc_mini_writes_scored_masks_that_loadres_accepts(voc_mini, tmp_path, method, flags):
+    from pycocotools.coco import COCO
+
+    out = tmp_path / "voc.json"
+    run_inprocess("--dataset", "VOCClass", "--dataset_root", voc_mini, "--method", method, *flags,
+                  "--pred_json_path", out, "--vis_dir", tmp_path / "vis", *FAST)
+    data = check_masks_file(out, voc_mini, one_per_image=method != "maskcut")
+    assert sorted(img["id"] for img in data["images"]) == [2011000003, 2011000006, 2011000025]
+    assert data["info"]["settings"]["method"] == method
+    per_image = [sum(a["image_id"] == img["id"] for a in data["annotations"]) for img in data["images"]]
+    assert all(1 <= n <= (3 if method == "maskcut" else 1) for n in per_image)
+    results = json.loads((tmp_path / "voc.results.json").read_text())
+    assert [r["id"] for r in results] == list(range(1, len(data["annotations"]) + 1))
+    coco = COCO()
+    coco.dataset = {k: data[k] for k in ("images", "annotations", "categories")}
+    coco.createIndex()
+    assert len(coco.loadRes(str(tmp_path / "voc.results.json")).anns) == len(data["annotations"])
+    assert len(list((tmp_path / "vis").glob("*.png"))) == 3
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--max_images", -1], "argument --max_images: -1 is not >= 0"),
+    (["--heads", 0], "argument --heads: 0 is not >= 1"),
+    (["--resize", -5], "argument --resize: -5 is not >= 0"),
+    (["--max_size", 0], "argument --max_size: 0 is not >= 1"),
+    (["--topk", 2], "argument --topk: 2 is not in (0, 1]"),
+    (["--topk", "nan"], "argument --topk: 'nan' is not a finite number"),
+    (["--num_workers", -1], "argument --num_workers: -1 is not >= 0"),
+    (["--post_workers", -1], "argument --post_workers: -1 is not >= 0"),
+    (["--batch_size", 0], "argument --batch_size: 0 is not >= 1"),
+    (["--device", "tpu"], "argument --device: 'tpu' is not a device"),
+    (["--method", "maskcut", "--tau", 1.5], "argument --tau: 1.5 is not in [0, 1)"),
+    (["--method", "maskcut", "--num_objects", 0], "argument --num_objects: 0 is not >= 1"),
+    (["--method", "lost", "--k_patches", 0], "argument --k_patches: 0 is not >= 1"),
+    (["--fixed_size", -1], "argument --fixed_size: -1 is not >= 0"),
+    (["--heads", "two"], "argument --heads: 'two' is not an integer"),
+    (["--method", "lost", "--tau", 0.3], "--tau applies to --method tokencut or maskcut, not lost"),
+    (["--method", "maskdistill", "--num_objects", 2], "--num_objects applies to --method maskcut, not maskdistill"),
+    (["--method", "maskcut", "--resize", 320, "--fixed_size", 480], "--resize and --fixed_size exclude each other"),
+    (["--method", "maskcut", "--fixed_size", 8], "--fixed_size 8 is smaller than the patch size 16"),
+    (["--resize", 3000], "--max_size 2048 must be larger than --resize 3000"),
+    (["--weights", "/no/such/weights.pth"], "/no/such/weights.pth"),
+])
+def test_bad_flags_are_one_error_line_and_leave_no_files(small_folder, tmp_path, capsys, flags, message):
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    line = run_main_expecting_error(["--dataset", "folder", "--dataset_root", small_folder, "--pred_json_path",
+                                     out_dir / "m.json", "--num_workers", 0, *flags], capsys)
+    assert message in line
+    assert list(out_dir.iterdir()) == []

@@ -89,3 +89,37 @@ def test_cli_size_mismatch_is_one_clear_line(tmp_path, repo_root):
     assert proc.stderr.startswith("error: mask ") and "masks/a.png" in proc.stderr
     assert proc.stderr.strip().count("\n") == 0
     assert not (tmp_path / "out").exists()  # the sizes are checked before any mask is refined
+
+
+def _literal_crf(image, unary, labels, params):
+    """The CRF as it was written before `PairwiseCRF`: a new DenseCRF2D, unary first, then the kernels."""
+    import pydensecrf.densecrf as dcrf
+
+    h, w = image.shape[:2]
+    crf = dcrf.DenseCRF2D(w, h, labels)
+    crf.setUnaryEnergy(np.ascontiguousarray(unary, dtype=np.float32))
+    crf.addPairwiseGaussian(sxy=params.gauss_sxy, compat=params.gauss_compat)
+    crf.addPairwiseBilateral(sxy=params.bilateral_sxy, srgb=params.bilateral_srgb,
+                             rgbim=np.ascontiguousarray(image), compat=params.bilateral_compat)
+    return np.asarray(crf.inference(params.iterations), dtype=np.float32).reshape(labels, h, w)
+
+
+def test_pairwise_terms_built_once_give_the_same_result_as_a_new_crf_per_unary(voc_mini):
+    """MaskCut refines several masks of one image with one PairwiseCRF: bit for bit the same as before."""
+    from pydensecrf.utils import unary_from_softmax
+
+    from segmentation.crf import CRFParams, PairwiseCRF
+
+    image = np.array(load_rgb(voc_mini / "VOC2012" / "JPEGImages" / "2011_000003.jpg"))[:120, :160].copy()
+    params = CRFParams(10, 3.0, 7.0, 50.0, 5.0, 10.0)
+    rng = np.random.default_rng(0)
+    shared = PairwiseCRF(image, 2, params)
+    for _ in range(3):
+        fg = np.zeros(image.shape[:2], np.float32)
+        y, x = rng.integers(0, 80, 2)
+        fg[y:y + 40, x:x + 60] = 0.7
+        unary = unary_from_softmax(np.stack([1 - fg, fg]).clip(0.1, 0.9))
+        np.testing.assert_array_equal(shared.infer(unary), _literal_crf(image, unary, 2, params))
+    probs = rng.dirichlet(np.ones(3), size=image.shape[:2]).transpose(2, 0, 1).astype(np.float32)
+    np.testing.assert_array_equal(dense_crf(image, probs), _literal_crf(
+        image, unary_from_softmax(np.clip(probs, 1e-8, 1.0)), 3, CRFParams()))

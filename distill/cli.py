@@ -1,0 +1,68 @@
+"""The command-line flags shared by the commands that generate masks (`gen_masks.py`, and any other
+mask source run by `distill.generate`), and the settings they record.
+
+Flags live in named argument groups. Those of `SETTING_GROUPS` change the masks, so they are the
+run's *settings*: recorded in every part file and in the output, and a resume or a merge refuses
+parts made with other values. A command adds its own flags to these groups (e.g. `gen_masks.py`'s
+"backbone" and "method") and they become settings with no list to keep in step. This module does
+not import torch, so `--help` is quick.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from utils.cli import int_range
+
+SETTING_GROUPS = ("images", "backbone", "method", "encoding")
+
+
+def add_image_arguments(parser: argparse.ArgumentParser) -> None:
+    """The image-set flags (group "images"), shared by every mask source's command."""
+    data = parser.add_argument_group("images")
+    data.add_argument("--dataset", choices=["VOCClass", "COCO20k", "folder"],
+                      help="image set: VOC (VOCdevkit layout), COCO20k (COCO JSON + file list), or any folder "
+                           "of images searched recursively")
+    data.add_argument("--dataset_root", help="VOCdevkit folder, COCO image root, or the image folder")
+    data.add_argument("--year", default="2012", help="VOC year, e.g. 2007 or 2012 (default: %(default)s)")
+    data.add_argument("--set", default="trainval", help="VOC image set name (default: %(default)s)")
+    data.add_argument("--voc_split_folder", default="Segmentation", choices=["Segmentation", "Main"],
+                      help="VOC ImageSets sub-folder holding the image list (default: %(default)s)")
+    data.add_argument("--coco_json", help="COCO20k: the COCO instances JSON the subset is taken from")
+    data.add_argument("--file_list", help="COCO20k: text file of image file names (LOST's coco_20k_filenames.txt); "
+                                          "the subset GT and its class-agnostic twin are written next to the output")
+    data.add_argument("--image_ids", default="auto", choices=["auto", "filename", "sequential"],
+                      help="folder: image ids from integer file names (auto: when all are distinct integers, "
+                           "so COCO folders match their GT) or 1..N (default: %(default)s)")
+    data.add_argument("--max_images", type=int_range(0), default=0,
+                      help="process only the first N images (0: all)")
+
+
+def add_output_arguments(parser: argparse.ArgumentParser) -> None:
+    """The output flags (groups "encoding" and "output"), shared by every mask source's command."""
+    encoding = parser.add_argument_group("encoding")
+    encoding.add_argument("--mask_format", default="rle", choices=["rle", "polygon"],
+                          help="mask encoding (default: %(default)s, lossless)")
+    out = parser.add_argument_group("output")
+    out.add_argument("--pred_json_path", required=True, help="output COCO JSON (images, annotations, categories)")
+    out.add_argument("--overwrite", action="store_true", help="replace an existing output or part")
+    out.add_argument("--resume", action="store_true", help="continue an interrupted run, skipping finished images")
+    out.add_argument("--shard", default="0/1",
+                     help="i/N: process every N-th batch starting at i into its own part (default: %(default)s)")
+    out.add_argument("--merge", action="store_true", help="join the finished shard parts of --pred_json_path into it")
+    out.add_argument("--vis_dir", help="write an overlay PNG per image (every mask coloured, with its score, box "
+                                       "and seed) and an index.html gallery here")
+
+
+def setting_names(parser: argparse.ArgumentParser) -> tuple[str, ...]:
+    """The flags of the `SETTING_GROUPS` argument groups: what a resume or a merge must agree on."""
+    return tuple(action.dest for group in parser._action_groups if group.title in SETTING_GROUPS
+                 for action in group._group_actions)
+
+
+def settings_from(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict:
+    """The run's settings, as recorded in every part and in the output: the resolved setting flags."""
+    settings = {name: getattr(args, name) for name in setting_names(parser)}
+    if settings.get("dataset_root"):
+        settings["dataset_root"] = str(Path(settings["dataset_root"]).resolve())
+    return settings

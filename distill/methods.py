@@ -1,0 +1,130 @@
+"""The discovery methods of `gen_masks.py --method`, behind one interface.
+
+A method is `propose(features, params) -> masks`: the backbone features of a batch
+(`PatchFeatures`) in, a list of scored patch masks (`PatchMask`) per image out, plus, where the
+official recipe has one, a pixel-level `refine` step that the engine runs in its post-processing
+workers (MaskCut's CRF). The engine (`distill.engine`) owns batching, precision, the input
+resize, post-processing, output and resume; a method module owns only its algorithm.
+
+Each method carries the defaults of its official code: its parameters and its input policy.
+
+| method      | parameters (default)            | input (default)                                  |
+|-------------|---------------------------------|--------------------------------------------------|
+| maskdistill | heads 5, topk 0.4               | shorter side 640 (bilinear), zero-padded         |
+| lost        | k_patches 100                   | full resolution, zero-padded                     |
+| tokencut    | tau 0.2                         | full resolution, zero-padded                     |
+| maskcut     | num_objects 3, tau 0.15         | fixed_size 480 (square LANCZOS), CRF on the masks |
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+from distill.data import Geometry
+from distill.features import discovery_features
+from distill.lost import lost
+from distill.maskcut import maskcut, refine_masks
+from distill.maskgen import propose_masks
+from distill.patches import PatchFeatures, PatchMask
+from distill.tokencut import tokencut
+from utils.errors import UserError
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    propose: Callable[[PatchFeatures, dict], list[list[PatchMask]]]
+    params: dict  # flag name -> official default
+    resize: int = 0  # default shorter side (0: full resolution)
+    fixed_size: int = 0  # default square size (0: none)
+    # Pixel-level steps on the resized image: (working uint8 image, proposals, geometry) -> one
+    # original-size mask per proposal, or None where it is dropped.
+    refine: Callable[[np.ndarray, list[PatchMask], Geometry], list[np.ndarray | None]] | None = None
+    score: str = field(default="")  # what the score means, for --help
+
+
+def _maskdistill(features: PatchFeatures, params: dict) -> list[list[PatchMask]]:
+    return [[m] for m in propose_masks(features.query, features.key, *features.grid, heads=params["heads"],
+                                       topk=params["topk"], graph_key=features.graph_key)]
+
+
+def _lost(features: PatchFeatures, params: dict) -> list[list[PatchMask]]:
+    return [[m] for m in lost(features.patch_keys, features.grid, k_patches=params["k_patches"])]
+
+
+def _tokencut(features: PatchFeatures, params: dict) -> list[list[PatchMask]]:
+    return [[m] for m in tokencut(features.patch_keys, features.grid, tau=params["tau"])]
+
+
+def _maskcut(features: PatchFeatures, params: dict) -> list[list[PatchMask]]:
+    return maskcut(features.patch_keys, features.grid, num_objects=params["num_objects"], tau=params["tau"])
+
+
+METHODS: dict[str, Method] = {
+    "maskdistill": Method("maskdistill", _maskdistill, {"heads": 5, "topk": 0.4}, resize=640,
+                          score="share of the thresholded CLS-attention mass inside the mask"),
+    "lost": Method("lost", _lost, {"k_patches": 100}, score="1 - Ncut/2 of the mask on LOST's graph"),
+    "tokencut": Method("tokencut", _tokencut, {"tau": 0.2}, score="1 - Ncut/2 of the mask on its graph"),
+    "maskcut": Method("maskcut", _maskcut, {"num_objects": 3, "tau": 0.15}, fixed_size=480, refine=refine_masks,
+                      score="1 - Ncut/2 of the patch mask on the image's unmasked graph"),
+}
+METHOD_PARAMS = tuple(dict.fromkeys(name for method in METHODS.values() for name in method.params))
+
+
+def resolve_method_args(args: argparse.Namespace) -> None:
+    """Fill in the method's defaults for the flags left out (None), in place, so that the recorded
+    settings are the ones used; refuse flags that belong to another method.
+
+    Input: `--fixed_size` and `--resize` exclude each other; without either, the method's own policy."""
+    method = METHODS[args.method]
+    for name in METHOD_PARAMS:
+        value = getattr(args, name)
+        if name in method.params:
+            setattr(args, name, method.params[name] if value is None else value)
+        elif value is not None:
+            users = [m for m in METHODS if name in METHODS[m].params]
+            raise UserError(f"--{name} applies to --method {' or '.join(users)}, not {args.method}")
+    if args.fixed_size is not None and args.resize is not None:
+        raise UserError("--resize and --fixed_size exclude each other: give one of them")
+    if args.fixed_size is None:
+        args.fixed_size = method.fixed_size if args.resize is None else 0
+    if args.resize is None:
+        args.resize = 0 if args.fixed_size else method.resize
+    if args.fixed_size and args.fixed_size < args.patch_size:
+        raise UserError(f"--fixed_size {args.fixed_size} is smaller than the patch size {args.patch_size}")
+    if args.resize and args.resize >= args.max_size:
+        raise UserError(f"--max_size {args.max_size} must be larger than --resize {args.resize}")
+
+
+def method_params(args: argparse.Namespace) -> dict:
+    """The resolved parameters of `args.method`."""
+    return {name: getattr(args, name) for name in METHODS[args.method].params}
+
+
+GRAPH_BUDGET = 2**30  # bytes of N x N float64 patch graphs a method may hold at once
+
+
+def propose(method: Method, features: PatchFeatures, params: dict) -> list[list[PatchMask]]:
+    """`method.propose` over the batch, in chunks of images whose patch graphs fit in `GRAPH_BUDGET`
+    (full-resolution LOST/TokenCut on large images have graphs of 1 GB and more per image)."""
+    batch, num_patches = features.key.shape[0], features.grid[0] * features.grid[1]
+    chunk = max(1, GRAPH_BUDGET // (16 * num_patches * num_patches))
+    if chunk >= batch:
+        return method.propose(features, params)
+    return [masks for start in range(0, batch, chunk)
+            for masks in method.propose(PatchFeatures(features.query[start:start + chunk],
+                                                      features.key[start:start + chunk], features.grid,
+                                                      features.graph_key[start:start + chunk]), params)]
+
+
+def backbone_features(model: torch.nn.Module, images: torch.Tensor, setting: str) -> PatchFeatures:
+    """Backbone output -> the methods' input: the one place where a backbone's features are taken, with
+    the per-backbone transform of `--features` (`distill.features`: DINOv2's keys are centred)."""
+    features = discovery_features(model.last_qk(images), setting)
+    patch_size = model.patch_size
+    grid = (images.shape[2] // patch_size, images.shape[3] // patch_size)
+    return PatchFeatures(query=features.query, key=features.key, grid=grid, graph_key=features.graph_key)

@@ -1,0 +1,45 @@
+"""TokenCut (Wang et al., CVPR 2022, "Self-Supervised Transformers for Unsupervised Object Discovery
+using Normalized Cut").
+
+One object per image from the last block's patch keys (all heads concatenated, CLS dropped), as
+`object_discovery.py: ncut` of YangtaoWANG95/TokenCut does it:
+
+* Graph (Sec. 3.2, Eq. 2): E_ij = 1 if cos(k_i, k_j) > τ (default 0.2), else ε = 1e-5.
+* Normalized cut (Eq. 3-4): the second-smallest eigenvector y₁ of (D − E) y = λ D y
+  (`distill.ncut`, batched in torch instead of scipy's per-image `eigh`).
+* Bipartition (Eq. 5): the patches with y₁ above its mean.
+* Foreground (Sec. 3.2): the seed is the patch of largest |y₁|; the partition holding it is the
+  foreground (the official code flips the partition when the seed falls outside it), and the object
+  is the 4-connected component of the foreground that holds the seed.
+
+Score: 1 − Ncut(mask)/2 on the same graph E, in [0, 1]; see `distill.ncut.cut_score`.
+"""
+from __future__ import annotations
+
+import torch
+
+from distill.ncut import EPS, binary_affinity, cut_score, second_smallest_eigenvectors
+from distill.patches import PatchMask, seed_component
+
+TAU = 0.2
+
+
+def tokencut(keys: torch.Tensor, grid: tuple[int, int], tau: float = TAU, eps: float = EPS) -> list[PatchMask]:
+    """One TokenCut mask per image. keys: (B, N, D) patch features; grid: (grid_h, grid_w)."""
+    batch = keys.shape[0]
+    grid_h, grid_w = grid
+    affinity = binary_affinity(keys, tau, eps)
+    _, vectors = second_smallest_eigenvectors(affinity)
+    above = vectors > vectors.mean(-1, keepdim=True)
+    seeds = vectors.abs().argmax(-1)
+    seed_above = above.gather(-1, seeds[:, None])
+    partition = torch.where(seed_above, above, ~above).reshape(batch, grid_h, grid_w).cpu().numpy()
+    seeds = seeds.tolist()
+    masks = [seed_component(partition[b], divmod(seed, grid_w)) for b, seed in enumerate(seeds)]
+    for b, seed in enumerate(seeds):
+        if not masks[b].any():  # a constant vector (a one-patch grid) cuts nothing: keep the seed patch
+            masks[b][divmod(seed, grid_w)] = True
+    mask_tensor = torch.stack([torch.from_numpy(m.reshape(-1)) for m in masks]).to(affinity.device)
+    scores = cut_score(affinity, mask_tensor).tolist()
+    return [PatchMask(mask=mask, score=score, seed_patch=divmod(seed, grid_w))
+            for mask, score, seed in zip(masks, scores, seeds)]

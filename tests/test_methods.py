@@ -1,0 +1,206 @@
+"""LOST, TokenCut and MaskCut on hand-made patch features whose answer is known; MaskCut's pixel steps;
+the method registry's defaults and flag checks."""
+import argparse
+
+import numpy as np
+import pytest
+import torch
+
+from distill.data import InputPolicy, torch_nearest_index, working_to_patch
+from distill.lost import lost
+from distill.maskcut import maskcut, refine_masks
+from distill.methods import METHODS, resolve_method_args
+from distill.patches import PatchFeatures, PatchMask
+from distill.tokencut import tokencut
+
+E = torch.eye(8)
+
+
+def features_from_labels(labels: np.ndarray, vectors: dict) -> torch.Tensor:
+    """(1, N, D) patch features: the vector of each patch's label, raster order."""
+    return torch.stack([vectors[int(v)] for v in labels.reshape(-1)])[None]
+
+
+def block_mask(shape, cells) -> np.ndarray:
+    mask = np.zeros(shape, dtype=bool)
+    for r, c in cells:
+        mask[r, c] = True
+    return mask
+
+
+# ----------------------------------------------------------------------------- LOST
+
+
+def lost_layout():
+    """A (2 patches, degree 4), C (3, degree 5), B (3, degree 7) and background (22, degree 21) on a
+    5x6 grid; A·B > 0, B·C > 0, A·C = 0 and everything below 0 with the background."""
+    labels = np.zeros((5, 6), dtype=int)
+    cells = {1: [(1, 1), (1, 2)], 2: [(2, 1), (2, 2), (2, 3)], 3: [(3, 1), (3, 2), (3, 3)]}
+    for label, where in cells.items():
+        for r, c in where:
+            labels[r, c] = label
+    vectors = {0: E[0] - 0.1 * E[1], 1: E[1], 2: E[1] + E[2], 3: E[2]}
+    return features_from_labels(labels, vectors), cells
+
+
+def test_lost_seed_is_the_lowest_degree_patch_and_k_patches_bounds_the_expansion():
+    keys, cells = lost_layout()
+    # Only the 2 lowest-degree patches (A) expand the seed: A and B are positive, C is not (A·C = 0).
+    (narrow,) = lost(keys, (5, 6), k_patches=2)
+    assert narrow.seed_patch in cells[1]
+    np.testing.assert_array_equal(narrow.mask, block_mask((5, 6), cells[1] + cells[2]))
+    # With every patch a candidate, B (similar to the seed) joins the sources, and B·C > 0 adds C.
+    (wide,) = lost(keys, (5, 6), k_patches=100)
+    np.testing.assert_array_equal(wide.mask, block_mask((5, 6), cells[1] + cells[2] + cells[3]))
+    assert not wide.seed_in_background
+
+
+def test_lost_score_is_one_minus_half_the_ncut_on_the_positive_graph():
+    keys, cells = lost_layout()
+    (result,) = lost(keys, (5, 6), k_patches=2)
+    # Positive graph: A-A 1 pair, A-B 6, B-B 3, B-C 9, C-C 3, background clique. The mask (A+B) has
+    # vol = A: 2*(1+3) + B: 3*(2+2+3) = 8 + 21 = 29 and cut = B-C edges = 9; the rest has vol
+    # C: 3*(2+3) = 15 plus the background 22*21 = 462, so Ncut = 9/29 + 9/477.
+    assert result.score == pytest.approx(1 - (9 / 29 + 9 / 477) / 2)
+
+
+# ----------------------------------------------------------------------------- TokenCut
+
+
+def test_tokencut_cuts_the_object_cluster_and_keeps_the_seed_component():
+    """An object (2x3) similar to a second blob far away: the cut takes both, the seed's component is one."""
+    labels = np.zeros((6, 7), dtype=int)
+    obj = [(1, 1), (1, 2), (1, 3), (2, 1), (2, 2), (2, 3)]
+    blob = [(5, 6)]
+    for r, c in obj + blob:
+        labels[r, c] = 1
+    keys = features_from_labels(labels, {0: E[0], 1: E[1]})
+    (result,) = tokencut(keys, (6, 7))
+    assert result.seed_patch in obj + blob
+    expected = obj if result.seed_patch in obj else blob
+    np.testing.assert_array_equal(result.mask, block_mask((6, 7), expected))
+
+
+def test_tokencut_on_one_patch_keeps_the_patch():
+    (result,) = tokencut(torch.ones(1, 1, 4), (1, 1))
+    assert result.mask.tolist() == [[True]]
+
+
+# ----------------------------------------------------------------------------- MaskCut
+
+
+def test_maskcut_finds_two_objects_one_after_the_other():
+    """A and B (same features) on a background: cut 1 takes A or B (their shared side); with its
+    features zeroed, cut 2 takes the other."""
+    labels = np.zeros((6, 6), dtype=int)
+    a, b = [(1, 1), (1, 2), (2, 1), (2, 2)], [(3, 4), (4, 4), (4, 3)]
+    for r, c in a + b:
+        labels[r, c] = 1
+    keys = features_from_labels(labels, {0: E[0], 1: E[1] + 0.05 * E[2]})
+    (masks,) = maskcut(keys, (6, 6), num_objects=2)
+    found = sorted(tuple(map(tuple, np.argwhere(m.mask))) for m in masks)
+    assert found == sorted([tuple(sorted(a)), tuple(sorted(b))])
+    assert all(0 <= m.score <= 1 for m in masks)
+
+
+@pytest.mark.parametrize("values,expected_side,expected_seed", [
+    # x > mean holds the largest |x| (row 1) and no corner: kept, seeded at the largest x
+    ([[0, 0, 0], [5, 4, 0], [0, 0, 0]], [[0, 0, 0], [1, 1, 0], [0, 0, 0]], (1, 0)),
+    # x > mean holds 3 corners: reversed, seeded at the largest -x
+    ([[1, 0, 1], [-1, -5, 0], [1, 0, 0.5]], [[0, 0, 0], [1, 1, 0], [0, 0, 0]], (1, 1)),
+    # x > mean (the four edge middles) misses the largest |x| (-9): reversed with no corner in it
+    ([[-3, 1, -3], [1, -9, 1], [-3, 1, -3]], [[1, 0, 1], [0, 1, 0], [1, 0, 1]], (1, 1)),
+])
+def test_maskcut_foreground_rule_is_the_official_decision(values, expected_side, expected_seed):
+    from distill.maskcut import _choose_foreground
+
+    side, seed = _choose_foreground(np.array(values, dtype=float).reshape(-1), (3, 3))
+    np.testing.assert_array_equal(side, np.array(expected_side, dtype=bool))
+    assert seed == expected_seed
+
+
+def test_maskcut_drops_a_later_mask_of_one_percent_of_the_grid():
+    labels = np.zeros((12, 12), dtype=int)
+    labels[2:6, 2:6] = 1
+    labels[9, 9] = 2  # 1 patch of 144: <= 1%
+    keys = features_from_labels(labels, {0: E[0], 1: E[1], 2: E[2]})
+    (masks,) = maskcut(keys, (12, 12), num_objects=2)
+    assert len(masks) == 1
+    np.testing.assert_array_equal(masks[0].mask, labels == 1)
+
+
+def test_maskcut_refinement_snaps_to_edges_removes_earlier_pixels_and_drops_noise():
+    """A bright square on a dark image; patch proposals that overrun it, overlap each other, or sit on
+    flat background. The CRF snaps the first to the square, the second loses the first's pixels and
+    what remains is background (dropped), the third is background (dropped)."""
+    image = np.full((64, 64, 3), 30, np.uint8)
+    image[16:40, 24:48] = 220
+    geometry = InputPolicy(0, 2048, 0, 8).geometry(64, 64)
+    over = block_mask((8, 8), [(r, c) for r in range(2, 6) for c in range(3, 6)])  # rows 16..47, one dark row
+    overlapping = block_mask((8, 8), [(r, c) for r in range(2, 5) for c in range(3, 7)])
+    flat = block_mask((8, 8), [(7, 0)])
+    refined = refine_masks(image, [PatchMask(over, 0.9), PatchMask(overlapping, 0.8), PatchMask(flat, 0.7)],
+                           geometry)
+    square = np.zeros((64, 64), bool)
+    square[16:40, 24:48] = True
+    np.testing.assert_array_equal(refined[0], square)
+    assert refined[1] is None and refined[2] is None
+
+
+# ----------------------------------------------------------------------------- input geometry
+
+
+@pytest.mark.parametrize("out_size,in_size", [(480, 34), (480, 30), (64, 32), (100, 7), (33, 33)])
+def test_torch_nearest_index_matches_f_interpolate(out_size, in_size):
+    grid = torch.arange(in_size, dtype=torch.float64)[None, None, :, None].expand(1, 1, in_size, 1)
+    expected = torch.nn.functional.interpolate(grid, size=(out_size, 1), mode="nearest")[0, 0, :, 0].long()
+    np.testing.assert_array_equal(torch_nearest_index(out_size, in_size), expected.numpy())
+
+
+def test_fixed_size_geometry_follows_cutler():
+    geometry = InputPolicy(0, 2048, 480, 14).geometry(375, 500)
+    assert geometry.working == (480, 480) and geometry.network == (476, 476) and geometry.grid == (34, 34)
+    rows, _ = working_to_patch(geometry)
+    assert rows[0] == 0 and rows[-1] == 33 and rows[240] == 17
+
+
+# ----------------------------------------------------------------------------- registry
+
+
+def namespace(**overrides) -> argparse.Namespace:
+    values = dict(method="maskdistill", heads=None, topk=None, k_patches=None, tau=None, num_objects=None,
+                  resize=None, fixed_size=None, max_size=2048, patch_size=16)
+    return argparse.Namespace(**{**values, **overrides})
+
+
+@pytest.mark.parametrize("method,expected", [
+    ("maskdistill", dict(heads=5, topk=0.4, resize=640, fixed_size=0, tau=None)),
+    ("lost", dict(k_patches=100, resize=0, fixed_size=0, heads=None)),
+    ("tokencut", dict(tau=0.2, resize=0, fixed_size=0)),
+    ("maskcut", dict(tau=0.15, num_objects=3, resize=0, fixed_size=480)),
+])
+def test_each_method_gets_its_official_defaults(method, expected):
+    args = namespace(method=method)
+    resolve_method_args(args)
+    assert {k: getattr(args, k) for k in expected} == expected
+
+
+def test_method_flags_are_checked():
+    from utils.errors import UserError
+
+    with pytest.raises(UserError, match="--tau applies to --method tokencut or maskcut"):
+        resolve_method_args(namespace(method="lost", tau=0.3))
+    with pytest.raises(UserError, match="exclude each other"):
+        resolve_method_args(namespace(method="maskcut", resize=320, fixed_size=480))
+    args = namespace(method="maskcut", resize=320)  # --resize alone replaces MaskCut's square
+    resolve_method_args(args)
+    assert (args.resize, args.fixed_size) == (320, 0)
+    assert set(METHODS) == {"maskdistill", "lost", "tokencut", "maskcut"}
+
+
+def test_patch_keys_concatenate_heads_in_dino_order():
+    key = torch.arange(2 * 3 * 5 * 4, dtype=torch.float32).reshape(2, 3, 5, 4)  # B, heads, 1 + N, d
+    features = PatchFeatures(query=key, key=key, grid=(2, 2))
+    # DINO: qkv[1] is (B, heads, T, d) -> transpose(1, 2) -> reshape(B, T, heads * d), CLS dropped
+    expected = key.transpose(1, 2).reshape(2, 5, 12)[:, 1:]
+    assert torch.equal(features.patch_keys, expected)
