@@ -229,7 +229,12 @@ def self_training_rounds(cfg: dict, info: DistInfo, rounds: Sequence[RoundSettin
                                   iou_thresholds=tuple(iou_thresholds))
             report = evaluate_instances(test_results, test_json, options)
             write_json(round.directory / "eval.json", report.to_json(), indent=2)
-            print(f"round {round.number}: {test_results} against {test_json}\n{format_report(report)}")
+            against = f"{test_results} against {report.reference}"
+            metrics = report.metrics
+            main_numbers = "; ".join(f"{t} AP {metrics[t]['AP'] or 0.0:.1f} AP50 {metrics[t]['AP50'] or 0.0:.1f}"
+                                     for t in ("bbox", "segm"))
+            print(f"round {round.number}: {against}\n{format_report(report)}\n"
+                  f"round {round.number}: {main_numbers}: {against}")
             result["eval"] = str(round.directory / "eval.json")
         barrier()
         return result

@@ -66,7 +66,12 @@ def test_train_cutler_sh_runs_its_rounds_and_skips_them_when_rerun(tiny_coco, tm
     for number in (1, 2, 3):  # the GT lists the training images: their predictions are evaluated
         assert set(load_json(out / f"round{number}" / "eval.json")["metrics"]) == {"bbox", "segm"}
         assert not (out / f"round{number}" / "inference").exists()
-    assert "round 3: " in proc.stdout
+    for number in (1, 2, 3):  # the summary line says what was compared with what
+        metrics = load_json(out / f"round{number}" / "eval.json")["metrics"]
+        numbers = "; ".join(f"{t} AP {metrics[t]['AP'] or 0.0:.1f} AP50 {metrics[t]['AP50'] or 0.0:.1f}"
+                            for t in ("bbox", "segm"))
+        assert (f"round {number}: {numbers}: {out / f'round{number}' / 'train_results.json'} against the ground truth "
+                f"in {gt}") in proc.stdout.splitlines()
 
     stamps = [(out / f"round{n}" / "model_final.pth").stat().st_mtime_ns for n in (1, 2, 3)]
     rerun = _recipe("train_cutler.sh", images, out, gt)
@@ -92,6 +97,9 @@ def test_train_maskx_sh_trains_box_then_mask_stage_and_prints_set_a_and_b(tiny_c
     for name, ids in sets.items():  # each set evaluated on its own classes, masks and boxes
         report = load_json(run / "inference" / f"eval_{name}.json")
         assert report["eval_category_ids"] == sorted(ids) and set(report["metrics"]) == {"bbox", "segm"}
-    table = proc.stdout.strip().splitlines()[-3:]
+    table = proc.stdout.strip().splitlines()[-5:]
     assert table[0].startswith("| run | mask AP on B | AP50 on B | mask AP on A | AP50 on A")
     assert table[2].startswith(f"| {run} | ")
+    val_json = tiny_coco / "annotations" / "instances_val2017.json"
+    assert table[4] == f"{run}: mask AP of inference/results.json against the ground truth in {val_json}"
+    assert f"segm AP 0.0  AP50 0.0  AP75 0.0: {run / 'inference' / 'results.json'} against the ground truth" in proc.stdout
