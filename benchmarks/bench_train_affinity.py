@@ -9,17 +9,12 @@ default, or synthetic shapes with --synthetic), then times full training steps (
 backward, SGD; AMP on CUDA when the config says so) on batches made beforehand, one sample's data
 loading (image decode, masks, PA target), and inference on one image at the test size.
 """
-import sys
-from pathlib import Path
-
-if __package__ in (None, ""):  # run as a script from the repo root
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
-
 import argparse
 import resource
 import statistics
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 

@@ -11,12 +11,6 @@ Examples (from the repository root):
   python detectron2_train/train_affinity.py --config ... --val_json instances_val2017.json --val_root coco/val2017
       (held-back images: BCE and boundary F-score of the PA map next to the best constant map)
 """
-import sys
-from pathlib import Path
-
-if __package__ in (None, ""):  # run as a script from the repo root
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
-
 import argparse
 
 from utils.config import add_config_args, load_run_config
@@ -70,5 +64,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"PA predictor: {result['checkpoint']}")
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The `maskdistill-train-affinity` console script: `main` with one-line errors and exit codes."""
     run_cli(main)
+
+
+if __name__ == "__main__":
+    cli()
