@@ -9,8 +9,8 @@
 #   NPROC=8 sh detectron2_train/train_ggn.sh datasets/coco output/ggn   (8 GPUs through torchrun)
 #
 # COCO_ROOT holds annotations/instances_{train,val}2017.json, train2017/ and val2017/. Every path and
-# setting below and in _common.sh (TINY, NPROC, BACKBONE_WEIGHTS, EXTRA, PYTHON) can be set from the
-# environment (VAR=value sh train_ggn.sh). A rerun skips finished steps and resumes the trainings.
+# setting below and in _launch.sh (TINY, NPROC, PYTHON) can be set from the environment
+# (VAR=value sh train_ggn.sh). A rerun skips finished steps and resumes the trainings and the pseudo-masks.
 set -eu
 
 COCO_ROOT=${1:-${COCO_ROOT:-datasets/coco}}
@@ -24,16 +24,17 @@ MAX_DETS=${MAX_DETS:-10 20 50 100}                        # the k of the open-wo
 BACKBONE_WEIGHTS=${BACKBONE_WEIGHTS:-imagenet}            # both ResNet-50s: imagenet, none or PATH
 PA_EXTRA=${PA_EXTRA:-}                                    # more --set overrides of the PA predictor
 GROUP_EXTRA=${GROUP_EXTRA:-}                              # more gen_pa_masks.py flags
+EXTRA=${EXTRA:-}                                          # more --set overrides of the Mask R-CNN
 TRAIN_JSON="$COCO_ROOT/annotations/instances_train2017.json"
 VAL_JSON="$COCO_ROOT/annotations/instances_val2017.json"
-TINY_EXTRA=""
-. "$(dirname "$0")/_common.sh"
+. "$(dirname "$0")/_launch.sh"                           # PYTHON, TINY, NPROC, LAUNCH
 if [ "$TINY" = 1 ]; then  # tiny models from scratch, a few iterations, pseudo-masks for 8 images
     CONFIG=configs/detectron2/tiny_ggn_coco.yaml
     PA_CONFIG=configs/affinity/tiny_ggn_voc.yaml
     BACKBONE_WEIGHTS=none
     PA_EXTRA="solver.max_iter=10 $PA_EXTRA"
     GROUP_EXTRA="--max_images 8 --num_workers 0 $GROUP_EXTRA"
+    EXTRA="solver.max_iter=4 solver.checkpoint_period=1000 $EXTRA"
 fi
 mkdir -p "$OUTPUT"
 
