@@ -10,7 +10,6 @@ backward, SGD; AMP on CUDA when the config says so) on batches made beforehand, 
 loading (image decode, masks, PA target), and inference on one image at the test size.
 """
 import argparse
-import resource
 import statistics
 import tempfile
 import time
@@ -20,7 +19,7 @@ import torch
 
 from detectron2_train.affinity import AffinityDataset, affinity_loss, build_affinity_model, collate_affinity, pad_images
 from detectron2_train.affinity_engine import SCHEMA
-from benchmarks.timing import add_timing_args, timing_device
+from benchmarks.timing import add_timing_args, print_peak_memory, timing_device
 from tests.helpers.synthetic_shapes import make_dataset
 from utils.config import load_config
 from utils.errors import run_cli
@@ -105,9 +104,7 @@ def main() -> None:
     print(f"train: {train_s * 1000:.1f} ms/iter (median of {len(times)}), {batch / train_s:.1f} images/s")
     print(f"data: {data_s * 1000:.1f} ms/sample (decode, masks, PA target; mean of {count})")
     print(f"inference: {inf_s * 1000:.1f} ms/image at test size (median), {1 / inf_s:.1f} images/s")
-    print(f"peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
-    if device.type == "cuda":
-        print(f"peak CUDA memory: {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB")
+    print_peak_memory(device)
 
 
 if __name__ == "__main__":

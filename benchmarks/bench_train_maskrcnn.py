@@ -5,7 +5,6 @@
       --image_size 800 --iters 20 --set solver.ims_per_batch=2     # the real R50-FPN model (GPU)
 """
 import argparse
-import resource
 import statistics
 import tempfile
 import time
@@ -16,7 +15,7 @@ import torch
 from detectron2_train.data import CocoInstances, collate_lists
 from detectron2_train.engine import SCHEMA
 from detectron2_train.modeling import build_model, set_image_sizes
-from benchmarks.timing import add_timing_args, timing_device
+from benchmarks.timing import add_timing_args, print_peak_memory, timing_device
 from tests.helpers.synthetic_shapes import make_dataset
 from utils.config import load_config
 from utils.errors import run_cli
@@ -85,9 +84,7 @@ def main() -> None:
           f"{params / 1e6:.2f} M parameters, images {size}x{size}, batch {batch}")
     print(f"train: {train_s * 1000:.1f} ms/iter (median of {len(times)}), {batch / train_s:.1f} images/s")
     print(f"inference: {inf_s * 1000:.1f} ms/image (median), {1 / inf_s:.1f} images/s")
-    print(f"peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
-    if device.type == "cuda":
-        print(f"peak CUDA memory: {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB")
+    print_peak_memory(device)
 
 
 if __name__ == "__main__":

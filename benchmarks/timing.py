@@ -1,7 +1,9 @@
-"""Flags shared by the training benchmarks (bench_train_*.py): timed and warm-up iterations, device, CPU threads."""
+"""Shared by the training benchmarks (bench_train_*.py): the flags (timed and warm-up iterations, device, CPU
+threads) and the peak-memory lines."""
 from __future__ import annotations
 
 import argparse
+import resource
 
 import torch
 
@@ -20,3 +22,9 @@ def timing_device(args: argparse.Namespace) -> torch.device:
     if args.threads:
         torch.set_num_threads(args.threads)
     return resolve_device(args.device)
+
+
+def print_peak_memory(device: torch.device) -> None:
+    print(f"peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+    if device.type == "cuda":
+        print(f"peak CUDA memory: {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB")
