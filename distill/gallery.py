@@ -118,7 +118,7 @@ def _panel(image: dict, annotations: list[dict], base: Image.Image, scale: float
         ordered = sorted(annotations, key=lambda a: -float(a.get("score", 1.0)))
         tags = [f"{float(a.get('score', 1.0)):.2f}" for a in ordered]
     rles = [_rle(a, image) for a in ordered]
-    masks = [mask_utils.decode(r).astype(bool) for r in rles]
+    masks = [mask_utils.decode(r) for r in rles]  # uint8, 0/1
     fill, marks = draw_layers(base.size, scale, masks, tags)
     stem = f"{folder}/{flat_name(image['file_name'])}"
     save_image(fill, out_dir / f"{stem}.fill.png")

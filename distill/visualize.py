@@ -1,7 +1,8 @@
 """Drawing masks for people to look at: the transparent layers of the HTML gallery (`utils/gallery.py`),
 and `gen_masks.py --vis_dir`'s overlay PNGs and gallery.
 
-For an image with masks (best first) this draws, at the thumbnail size (longer side `MAX_SIDE`):
+For an image with masks (best first) this draws, at the thumbnail size (longer side `MAX_SIDE`, masks
+sampled at the pixel centres):
 - `fill`: every mask in its own colour (`COLOURS`, by rank), opaque (the page sets the opacity);
 - `marks`: its outline and box in the same colour, its rank and score (or GT category) in a tag,
   and the patch that seeded it in yellow.
@@ -57,44 +58,64 @@ def thumbnail(image: Image.Image) -> tuple[Image.Image, float]:
     return image.resize(size, Image.BILINEAR), scale
 
 
+# Layers are palette images: index 0 transparent, 1.. the mask colours, then the tags' background and the
+# seeds' yellow. They encode 10x faster than RGBA and are a few KiB.
+TAG_INDEX = len(COLOURS) + 1
+SEED_INDEX = len(COLOURS) + 2
+PALETTE = [0, 0, 0, *(v for c in COLOURS for v in c), 0, 0, 0, *SEED_COLOUR]
+
+
+def _palette_image(indices: np.ndarray) -> Image.Image:
+    image = Image.fromarray(indices, "P")
+    image.putpalette(PALETTE)
+    image.info["transparency"] = 0
+    return image
+
+
+def downsample(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """A full-size mask at `size` (width, height), uint8, by nearest sampling at the pixel centres."""
+    return cv2.resize(np.ascontiguousarray(mask, dtype=np.uint8), size, interpolation=cv2.INTER_NEAREST_EXACT)
+
+
 def draw_layers(size: tuple[int, int], scale: float, masks: list[np.ndarray], tags: list[str],
                 seeds: list[tuple[float, float, float, float] | None] | None = None) -> tuple[Image.Image, Image.Image]:
-    """The `fill` and `marks` RGBA layers (`size` = thumbnail (width, height)) of full-size boolean
-    `masks`, best first; `tags` label them (e.g. scores), `seeds` are (x0, y0, x1, y1) boxes in pixels."""
+    """The `fill` and `marks` layers (palette images with a transparent index, `size` = thumbnail
+    (width, height)) of full-size boolean `masks`, best first; `tags` label them (e.g. scores), `seeds`
+    are (x0, y0, x1, y1) boxes in original pixels."""
     width, height = size
-    fill = np.zeros((height, width, 4), np.uint8)
-    marks = np.zeros((height, width, 4), np.uint8)
-    boxes = []
+    fill = np.zeros((height, width), np.uint8)
+    marks = np.zeros((height, width), np.uint8)
+    corners = []
     for rank in reversed(range(len(masks))):  # the best mask is drawn last, on top
-        mask = masks[rank].astype(np.uint8)
-        small = cv2.resize(mask * 255, (width, height), interpolation=cv2.INTER_AREA) > 127 if scale < 1 else mask > 0
-        rgba = (*colour(rank), 255)
-        fill[small] = rgba
-        contours, _ = cv2.findContours(small.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-        cv2.drawContours(marks, contours, -1, rgba, thickness=2)
-        x, y, w, h = (v * scale for v in mask_to_bbox(mask))
+        small = downsample(masks[rank], size) if scale < 1 else masks[rank].astype(np.uint8)
+        index = rank % len(COLOURS) + 1
+        fill[small > 0] = index
+        contours, _ = cv2.findContours(small, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        cv2.drawContours(marks, contours, -1, index, thickness=2)
+        x, y, w, h = (int(v) for v in mask_to_bbox(small))
         if w and h:
-            cv2.rectangle(marks, (int(x), int(y)), (max(int(x), int(x + w) - 1), max(int(y), int(y + h) - 1)), rgba, 1)
-        boxes.append((rank, x, y))
-    marks_image = Image.fromarray(marks, "RGBA")
-    draw = ImageDraw.Draw(marks_image)
-    for rank, seed in enumerate(seeds or []):
+            cv2.rectangle(marks, (x, y), (x + w - 1, y + h - 1), index, 1)
+        corners.append((rank, x, y))
+    for seed in seeds or []:
         if seed is not None:
-            draw.rectangle([v * scale for v in seed], outline=(*SEED_COLOUR, 255), width=1)
-    for rank, x, y in boxes:
+            x0, y0, x1, y1 = (int(v * scale) for v in seed)
+            cv2.rectangle(marks, (x0, y0), (x1, y1), SEED_INDEX, 1)
+    marks_image = _palette_image(marks)
+    draw = ImageDraw.Draw(marks_image)
+    for rank, x, y in corners:
         label = f"{rank + 1}:{tags[rank]}" if rank < len(tags) else str(rank + 1)
         left, top, right, bottom = draw.textbbox((x + 2, y + 2), label, font=TAG_FONT)
-        draw.rectangle([left - 1, top - 1, right + 1, bottom + 1], fill=(0, 0, 0, 200))
-        draw.text((x + 2, y + 2), label, fill=(*colour(rank), 255), font=TAG_FONT)
-    return Image.fromarray(fill, "RGBA"), marks_image
+        draw.rectangle([left - 1, top - 1, right + 1, bottom + 1], fill=TAG_INDEX)
+        draw.text((x + 2, y + 2), label, fill=rank % len(COLOURS) + 1, font=TAG_FONT)
+    return _palette_image(fill), marks_image
 
 
 def composite(base: Image.Image, fill: Image.Image, marks: Image.Image) -> Image.Image:
     """The image with its layers on top (the fill at `FILL_ALPHA`), as RGB."""
-    faded = np.asarray(fill).copy()
+    faded = np.asarray(fill.convert("RGBA")).copy()
     faded[..., 3] = (faded[..., 3] * FILL_ALPHA).astype(np.uint8)
     out = Image.alpha_composite(base.convert("RGBA"), Image.fromarray(faded, "RGBA"))
-    return Image.alpha_composite(out, marks).convert("RGB")
+    return Image.alpha_composite(out, marks.convert("RGBA")).convert("RGB")
 
 
 def save_image(image: Image.Image, path: Path) -> None:
@@ -104,7 +125,7 @@ def save_image(image: Image.Image, path: Path) -> None:
         if path.suffix.lower() in (".jpg", ".jpeg"):
             image.convert("RGB").save(tmp, format="JPEG", quality=88)
         else:
-            image.save(tmp, format="PNG", compress_level=1 if image.mode == "RGBA" else 6)  # layers: mostly empty
+            image.save(tmp, format="PNG", compress_level=1)  # 3-4x faster than the default 6, about 10% larger
 
 
 def gallery_paths(vis_dir: Path, file_name: str) -> dict[str, Path]:

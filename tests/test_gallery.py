@@ -15,7 +15,7 @@ from PIL import Image
 
 import make_gallery
 from distill.gallery import build_gallery
-from distill.visualize import COLOURS, draw_layers, flat_name, overlay_name, save_overlay, write_gallery
+from distill.visualize import COLOURS, downsample, draw_layers, flat_name, overlay_name, save_overlay, write_gallery
 from utils.coco_io import load_json, make_annotation
 from utils.errors import UserError
 
@@ -210,15 +210,31 @@ def test_page_is_self_contained_and_its_links_resolve(page):
 
 
 def test_layers_are_drawn_exactly():
-    mask = box_mask(2, 3, 10, 8)
-    fill, marks = draw_layers(SIZE, 1.0, [mask, box_mask(20, 10, 10, 10)], ["0.90", "0.25"])
-    fill = np.asarray(fill)
-    assert (fill[mask] == [*COLOURS[0], 255]).all()
-    assert (fill[box_mask(20, 10, 10, 10)] == [*COLOURS[1], 255]).all()
-    assert (fill[..., 3] > 0).sum() == 180
-    marks = np.asarray(marks)
-    assert tuple(marks[3, 20 - 18]) == (*COLOURS[0], 255)  # the outline runs along the mask's edge
-    assert marks[7, 7, 3] == 0 or tuple(marks[7, 7]) != (*COLOURS[0], 255)  # not inside (tag aside)
+    size = (200, 150)
+    first, second = np.zeros((150, 200), bool), np.zeros((150, 200), bool)
+    first[30:110, 20:120] = True
+    second[100:140, 150:190] = True
+    fill, marks = draw_layers(size, 1.0, [first, second], ["0.90", "0.25"], [(60, 70, 75, 85), None])
+    assert fill.mode == marks.mode == "P" and fill.info["transparency"] == 0
+    fill = np.asarray(fill.convert("RGBA"))
+    assert (fill[first] == [*COLOURS[0], 255]).all() and (fill[second] == [*COLOURS[1], 255]).all()
+    assert (fill[..., 3] > 0).sum() == first.sum() + second.sum()
+    marks = np.asarray(marks.convert("RGBA"))
+    outline = (marks == [*COLOURS[0], 255]).all(axis=2)
+    # along the left, right and bottom edges (the rank tag covers the top-left corner), never inside
+    assert outline[50:110, 20].all() and outline[30:110, 119].all() and outline[109, 20:120].all()
+    assert not outline[60:100, 50:110].any()
+    seed = (marks == [255, 255, 0, 255]).all(axis=2)
+    assert seed[70:86, 75].all() and seed[85, 60:76].all() and seed.sum() == 2 * 16 + 2 * 14
+    assert (marks[95, 100] == 0).all()  # transparent inside
+
+
+def test_masks_are_sampled_at_pixel_centres():
+    mask = np.zeros((10, 10), bool)
+    mask[2:6, 4:10] = True  # sampled at rows and columns 1, 3, 5, 7, 9
+    expected = np.zeros((5, 5), np.uint8)
+    expected[1:3, 2:5] = 1
+    assert (downsample(mask, (5, 5)) == expected).all()
 
 
 def test_overlay_names_keep_the_path_readable_and_do_not_collide():
