@@ -28,7 +28,7 @@ from utils.coco_io import (annotations_by_image, check_writable_folder, decode_s
                            load_predictions, segmentation_to_rle)
 from utils.errors import UserError
 from utils.gallery import Column, GalleryImage, MaskCaption, Panel, relative_link, write_gallery
-from utils.images import ImageReadError, load_rgb
+from utils.images import ImageReadError, load_rgb, read_size
 
 
 @dataclass
@@ -166,6 +166,15 @@ def build_gallery(out_dir: str | os.PathLike, image_root: str | os.PathLike, mas
     missing = [image["file_name"] for image in images if not (image_root / image["file_name"]).is_file()]
     if missing:
         raise UserError(f"{len(missing)} image(s) not found under {image_root}, e.g. {missing[0]}")
+    for image in images:  # header reads only: the masks must be drawn on the image they were made for
+        path = image_root / image["file_name"]
+        try:
+            size = read_size(path)
+        except ImageReadError as exc:
+            raise UserError(f"cannot read image {path}: {exc}") from None
+        if size != (image["height"], image["width"]):
+            raise UserError(f"image {path} is {size[1]}x{size[0]}, but its masks are for "
+                            f"{image['width']}x{image['height']}")
 
     gt_by_image = annotations_by_image(gt["annotations"]) if gt else {}
     categories = {c["id"]: c.get("name", str(c["id"])) for c in gt["categories"]} if gt else {}
@@ -175,11 +184,8 @@ def build_gallery(out_dir: str | os.PathLike, image_root: str | os.PathLike, mas
         path = image_root / image["file_name"]
         try:
             original = load_rgb(path)
-        except ImageReadError as exc:
+        except ImageReadError as exc:  # a header that reads, with broken data after it
             raise UserError(f"cannot read image {path}: {exc}") from None
-        if (original.height, original.width) != (image["height"], image["width"]):
-            raise UserError(f"image {path} is {original.width}x{original.height}, but its masks are for "
-                            f"{image['width']}x{image['height']}")
         base, scale = thumbnail(original)
         thumb = f"images/{flat_name(image['file_name'])}.jpg"
         save_image(base, out_dir / thumb)

@@ -284,8 +284,13 @@ def test_bad_arguments_are_refused_before_writing(dataset, tmp_path, change, mes
     assert not (tmp_path / "out").exists()
 
 
-def test_missing_image_and_conflicting_ids_are_refused(dataset, tmp_path):
+def test_missing_image_wrong_size_and_conflicting_ids_are_refused(dataset, tmp_path):
     root, files = dataset
+    data = load_json(files["lost"])
+    data["images"][4]["width"] = 41  # zebras/004.jpg, which has no masks
+    files["lost"].write_text(json.dumps(data))
+    with pytest.raises(UserError, match="zebras/004.jpg is 40x30, but its masks are for 41x30"):
+        build_gallery(tmp_path / "out", root, [str(files["lost"])])
     (root / "zebras" / "003.jpg").unlink()
     with pytest.raises(UserError, match=r"1 image\(s\) not found under .*zebras/003.jpg"):
         build_gallery(tmp_path / "out", root, [str(files["lost"])])
