@@ -25,7 +25,7 @@ import numpy as np
 
 from distill.gallery import build_gallery
 from distill.visualize import overlay_name, save_overlay
-from utils.coco_io import decode_segmentation, make_annotation
+from utils.coco_io import OBJECT_CATEGORY, decode_segmentation, make_annotation
 from utils.images import load_rgb
 
 TINY_COCO = Path(__file__).resolve().parents[2] / "shared" / "data" / "tiny_coco"
@@ -51,7 +51,7 @@ def masks_files(folder: Path, num_images: int) -> tuple[list[str], str]:
     for name, annotations in (("gt-as-masks", as_masks), ("boxes", boxes)):
         path = folder / f"{name}.json"
         path.write_text(json.dumps({"info": {"settings": {"method": name, "weights": "dino"}}, "images": images,
-                                    "annotations": annotations, "categories": [{"id": 1, "name": "object"}]}))
+                                    "annotations": annotations, "categories": [OBJECT_CATEGORY]}))
         paths.append(str(path))
     return paths, str(TINY_COCO / "annotations" / "instances_val2017.json")
 
