@@ -7,7 +7,7 @@ A panel stacks transparent layers on the image's thumbnail: `fill` (each mask in
 opacity slider) and `marks` (outlines, boxes, seeds, rank tags); the view modes show either or both.
 Its caption lists every mask: rank, score (or GT category), box `[x, y, w, h]` and area, with the
 column's name. The page sorts and filters the rows by score, mask count, IoU with the GT and
-agreement between columns, pages through them (24 a page by default, arrows keys too), and keeps its
+agreement between columns, pages through them (24 a page by default, arrow keys too), and keeps its
 state in the URL's `#...` so that a view can be shared. A banner shows each column's settings, and a
 red one any column made with random weights.
 
@@ -134,9 +134,9 @@ def _metrics(columns: list[Column]) -> list[tuple[str, str]]:
 def _row_data(image: GalleryImage, columns: list[Column]) -> dict[str, str]:
     data = {"name": image.name}
     for i, column in enumerate(columns):
-        panel = image.panels.get(column.label)
         if column.kind != "masks":
             continue
+        panel = image.panels.get(column.label)
         data[f"top-{i}"] = _number(panel.top_score if panel else None)
         data[f"count-{i}"] = str(len(panel.masks)) if panel else ""
         data[f"iou-{i}"] = _number(panel.top_gt_iou if panel else None)
