@@ -4,17 +4,12 @@
   python benchmarks/bench_train_maskrcnn.py --config configs/detectron2/base_mask_rcnn.yaml \
       --image_size 800 --iters 20 --set solver.ims_per_batch=2     # the real R50-FPN model (GPU)
 """
-import sys
-from pathlib import Path
-
-if __package__ in (None, ""):  # run as a script from the repo root
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
-
 import argparse
 import resource
 import statistics
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 

@@ -20,7 +20,7 @@ from detectron2_train.transfer_head import TRANSFER_INPUTS
 from detectron2_train.splits import read_class_list
 from utils.checkpoint import latest_checkpoint, read_torch_file, unwrap
 from utils.coco_eval import EvalOptions, evaluate_predictions
-from utils.coco_io import load_coco_dataset, load_json, make_annotation, write_json
+from utils.coco_io import load_coco_dataset, load_json, make_annotation, reference_name, write_json
 from utils.cli import float_range, int_range
 from utils.config import ConfigSchema, save_config
 from utils.distributed import DistInfo, barrier
@@ -320,8 +320,10 @@ def run(cfg: dict, info: DistInfo, resume: bool = False, overwrite: bool = False
     if info.is_main:  # saved once the results are: a failed run leaves no inference folder behind
         save_config(cfg, results_file.parent / "config.yaml")
         print(f"wrote {len(results)} predictions to {results_file}")
-        if evaluate and load_coco_dataset(test_json)["annotations"]:
+        reference = load_coco_dataset(test_json)
+        if evaluate and reference["annotations"]:
             summary = coco_evaluate(test_json, results, class_agnostic=cfg["data"]["class_agnostic"])
             write_json(results_file.parent / "coco_eval.json", summary, indent=2)
+            against = f"{results_file} against {reference_name(reference, test_json)}"
             for iou_type, stats in summary.items():
-                print(f"{iou_type}: " + "  ".join(f"{k} {v:.1f}" for k, v in stats.items()))
+                print(f"{iou_type} " + "  ".join(f"{k} {v:.1f}" for k, v in stats.items()) + f": {against}")

@@ -11,14 +11,13 @@ Examples (from the repository root):
   python detectron2_train/train_net.py --config ... --rounds 3 --score_thresh 0.7 0.8 \
       --train_json pseudo_masks.json --train_root DIR --test_json gt.json --test_root DIR --output_dir output/st
       (self-training: OUTPUT_DIR/round1, round2, round3; a rerun skips finished rounds)
+  python detectron2_train/train_net.py --config configs/detectron2/cutler/cascade_mask_rcnn_r50.yaml \
+      --round_config configs/detectron2/cutler/cascade_mask_rcnn_r50_self_train.yaml --rounds 3 \
+      --score_thresh 0.7 0.65 --add_back_iou 0.5 --init_from_previous --train_json maskcut.json ...
+      (CutLER: a detector on MaskCut masks, then two self-training rounds)
 """
-import sys
-from pathlib import Path
-
-if __package__ in (None, ""):  # run as a script from the repo root
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
-
 import argparse
+from pathlib import Path
 
 from detectron2_train.engine import SCHEMA, run
 from detectron2_train.modeling import MASK_HEADS, STAGES
@@ -92,6 +91,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--init_from_previous", action="store_true",
                    help="with --rounds: start each round n > 1 from round n-1's weights (default: from the "
                         "backbone weights, as in round 1)")
+    p.add_argument("--add_back_iou", type=float_range(0, 1), default=None, metavar="IOU",
+                   help="with --rounds, CutLER's merge: keep the predictions scoring at least T (no best-one "
+                        "fallback) and add back the previous round's pseudo-masks whose mask IoU with every kept "
+                        "prediction is below IOU (CutLER: 0.5)")
+    p.add_argument("--round_config", metavar="FILE",
+                   help="with --rounds: the YAML config of rounds n > 1 instead of --config (the --set overrides "
+                        "and flags apply to both), e.g. CutLER's self-training config")
     add_device_arg(p)
     add_num_workers_arg(p, None, help="data loading processes per training process, 0 = in the main process "
                                       "(data.num_workers)")
@@ -118,8 +124,11 @@ def round_settings(args: argparse.Namespace) -> list:
         if not number.isdigit() or not 1 <= int(number) <= args.rounds or "=" not in override:
             raise UserError(f"--round_set {item!r} must look like N:KEY=VALUE with N in 1..{args.rounds}")
         overrides.setdefault(int(number), []).append(override)
+    later_config = config_from_args(argparse.Namespace(**{**vars(args), "config": args.round_config})) \
+        if args.round_config else None
     return [RoundSettings(score_thresh=per_round(args.score_thresh, max(n - 2, 0)),
-                          overrides=tuple(overrides.get(n, [])), init_from_previous=args.init_from_previous)
+                          overrides=tuple(overrides.get(n, [])), init_from_previous=args.init_from_previous,
+                          add_back_iou=args.add_back_iou, config=later_config if n > 1 else None)
             for n in range(1, args.rounds + 1)]
 
 
@@ -138,6 +147,9 @@ def main(argv: list[str] | None = None) -> None:
     rounds = round_settings(args) if args.rounds is not None else None
     if rounds is None and len(args.score_thresh) > 1:
         raise UserError("several --score_thresh values need --rounds")
+    for flag in ("add_back_iou", "round_config"):
+        if rounds is None and getattr(args, flag) is not None:
+            raise UserError(f"--{flag} needs --rounds")
     check_run_outputs(args, cfg)
     with distributed_session(args.device) as info:
         if rounds is not None:
@@ -149,5 +161,10 @@ def main(argv: list[str] | None = None) -> None:
                 pseudo_only=args.pseudo_only, results_path=args.results, evaluate=not args.no_eval)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The `maskdistill-train-net` console script: `main` with one-line errors and exit codes."""
     run_cli(main)
+
+
+if __name__ == "__main__":
+    cli()
