@@ -48,5 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The `maskdistill-make-gallery` console script: `main` with one-line errors and exit codes."""
     run_cli(main)
+
+
+if __name__ == "__main__":
+    cli()

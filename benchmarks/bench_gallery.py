@@ -8,18 +8,14 @@ area), column "boxes" the same objects as box masks; the GT is the third column 
 median seconds and images/s of a whole gallery (thumbnails, 3 columns of layers, IoUs, the page), the
 page's size on disk, the median milliseconds of one `save_overlay` (MaskCut-like: 3 masks), and peak RSS.
 """
-import sys
-from pathlib import Path
-
-if __package__ in (None, ""):  # run as a script from the repo root
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
-
 import argparse
 import json
 import resource
 import statistics
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 
