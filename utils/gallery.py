@@ -246,7 +246,7 @@ border:4px solid #600} table.settings{border-collapse:collapse} table.settings t
 vertical-align:top} table.settings td{padding:2px 8px} .src{color:#777} details{display:inline-block;margin-left:8px}
 pre{font-size:11px;max-height:300px;overflow:auto;background:#f4f4f4}
 #controls{position:sticky;top:0;background:#fff;padding:6px 0;border-bottom:1px solid #ccc;z-index:5;font-size:13px;
-display:flex;flex-wrap:wrap;gap:6px 12px;align-items:center} #controls input[type=number]{width:4.5em}
+display:flex;flex-wrap:wrap;gap:6px 12px;align-items:center} #controls input[type=number]{width:4.5em} #controls select{max-width:20em}
 #items{display:flex;flex-wrap:wrap;gap:4px 24px;align-items:flex-start}
 .panels{display:flex;flex-wrap:wrap;gap:10px} .panel{margin:0;width:var(--thumb)}
 .panel.gt .ph{color:#060} .stack{position:relative;width:100%;background:#eee}
