@@ -302,7 +302,7 @@ def generate(args: argparse.Namespace, settings: dict, make_source: Callable[[ar
     else:
         print(f"shard {shard}/{num_shards} done: {final_part}; run with --merge once every shard is done")
     if args.vis_dir and Path(args.vis_dir).is_dir():
-        write_gallery(Path(args.vis_dir))
+        write_gallery(Path(args.vis_dir), settings)
     return stats
 
 
