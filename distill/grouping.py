@@ -417,5 +417,6 @@ def image_record(job: dict) -> tuple[str, int] | tuple[int, str]:
                    for mask, score in zip(proposals.masks, proposals.scores)]
     if job.get("overlay"):
         save_overlay(load_rgb(job["overlay"][0]), list(proposals.masks), [float(s) for s in proposals.scores],
-                     [None] * len(annotations), Path(job["overlay"][1]))
+                     [None] * len(annotations), Path(job["overlay"][1]), file_name=image["file_name"],
+                     source=job["overlay"][0])
     return json.dumps({"index": job["index"], "image": image, "annotations": annotations}), len(annotations)
