@@ -8,6 +8,9 @@ Examples (from the repository root):
       --test_json images.json --test_root DIR --results results.json
   python detectron2_train/train_net.py --config ... --pseudo_from results.json --score_thresh 0.7 \
       --train_json images.json --train_root DIR --output_dir output/round2
+  python detectron2_train/train_net.py --config configs/detectron2/voc_class_agnostic.yaml --train_json \
+      instances_train2017.json --seen_classes splits/A.txt --pseudo_json pa_masks.json --pseudo_topk 3 ...
+      (GGN: the seen classes' annotations + the best pseudo-masks that cover something else)
   python detectron2_train/train_net.py --config ... --rounds 3 --score_thresh 0.7 0.8 \
       --train_json pseudo_masks.json --train_root DIR --test_json gt.json --test_root DIR --output_dir output/st
       (self-training: OUTPUT_DIR/round1, round2, round3; a rerun skips finished rounds)
@@ -56,6 +59,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--mask_classes", metavar="A.txt",
                    help="class list of set A (one name or id per line): only these classes get a mask loss; "
                         "the others train boxes only (data.mask_classes)")
+    p.add_argument("--seen_classes", metavar="A.txt",
+                   help="class list (one name or id per line, e.g. make_split.py's A.txt): train on the annotations "
+                        "of these classes only, class-agnostically (data.seen_classes)")
+    p.add_argument("--pseudo_json", metavar="P.json",
+                   help="GGN pseudo-masks with scores (gen_pa_masks.py output) for --train_json's images: per image, "
+                        "the --pseudo_topk best with mask IoU < 0.5 to every annotated object join the class-agnostic "
+                        "training set, written to OUTPUT_DIR/training_set.json (data.pseudo_json)")
+    p.add_argument("--pseudo_topk", type=int_range(1), metavar="K",
+                   help="with --pseudo_json: pseudo-masks kept per image (default 3) (data.pseudo_topk)")
     p.add_argument("--transfer_grad", action="store_true",
                    help="let the mask loss reach the box head through the transfer function "
                         "(ablation; default is stop-gradient) (model.transfer.grad)")
@@ -109,6 +121,7 @@ def config_from_args(args: argparse.Namespace) -> dict:
     return load_run_config(args, SCHEMA, flags={
         "data.train_json": args.train_json, "data.train_root": args.train_root, "data.test_json": args.test_json,
         "data.test_root": args.test_root, "data.mask_classes": args.mask_classes, "data.num_workers": args.num_workers,
+        "data.seen_classes": args.seen_classes, "data.pseudo_json": args.pseudo_json, "data.pseudo_topk": args.pseudo_topk,
         "model.mask_head": args.mask_head, "model.stage": args.stage, "data.class_agnostic": True if args.class_agnostic else None,
         "model.transfer.grad": True if args.transfer_grad else None})
 
