@@ -36,5 +36,10 @@ def main(argv: list[str] | None = None) -> None:
     print(f"wrote {len(dataset['annotations'])} instances in {len(dataset['images'])} images to {args.out_file}")
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The `maskdistill-convert-voc` console script: `main` with one-line errors and exit codes."""
     run_cli(main)
+
+
+if __name__ == "__main__":
+    cli()

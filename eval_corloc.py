@@ -49,5 +49,10 @@ def main(argv: list[str] | None = None) -> None:
     print(f"CorLoc: {result.corloc:.2f}")
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The `maskdistill-eval-corloc` console script: `main` with one-line errors and exit codes."""
     run_cli(main)
+
+
+if __name__ == "__main__":
+    cli()

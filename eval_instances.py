@@ -67,5 +67,10 @@ def main(argv: list[str] | None = None) -> None:
     print(format_report(result))
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The `maskdistill-eval-instances` console script: `main` with one-line errors and exit codes."""
     run_cli(main)
+
+
+if __name__ == "__main__":
+    cli()

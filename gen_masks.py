@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 
-from distill.cli import add_image_arguments, add_output_arguments
+from distill.cli import add_image_arguments, add_output_arguments, image_ids_mode
 from utils.cli import add_device_arg, add_num_workers_arg, float_range, int_range
 from utils.errors import run_cli
 
@@ -27,7 +27,10 @@ ARCHS = ["vit_small", "vit_base", "dinov2_vits14", "dinov2_vitb14", "dinov2_vits
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_image_arguments(p)
+    images = add_image_arguments(p)
+    images.add_argument("--gt_json", dest="image_ids", type=lambda path: image_ids_mode(f"from:{path}"),
+                        help="folder: alias of --image_ids from:GT.json: image ids from that COCO file by file name, "
+                             "so the masks line up with it whatever its numbering")
 
     model = p.add_argument_group("backbone")
     model.add_argument("--arch", default="vit_small", choices=ARCHS,
@@ -99,5 +102,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The `maskdistill-gen-masks` console script: `main` with one-line errors and exit codes."""
     run_cli(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -9,48 +9,32 @@ Examples:
 
 `--affinity oracle` computes the PA map from the ground-truth masks of --gt_json (the upper bound of
 the grouping); a checkpoint path uses a trained PA predictor. Writes PRED_JSON_PATH (a COCO dataset),
-PRED.results.json (the annotations as a COCO results list) and PRED.config.yaml.
+PRED.results.json (the annotations as a COCO results list) and PRED.config.yaml, through the job of
+gen_masks.py: several processes or machines run --shard 0/4 ... --shard 3/4 then --merge (or torchrun,
+one shard per rank), an interrupted run continues with --resume (refused if the settings or the PA
+checkpoint's content changed), and --vis_dir draws every image's masks into a gallery.
 """
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from utils.cli import DEVICE_CHOICES, add_device_arg, add_num_workers_arg, check_outputs, float_range, int_range
+from distill.cli import add_image_arguments, add_output_arguments
+from utils.cli import DEVICE_CHOICES, add_device_arg, add_num_workers_arg, float_range, int_range
 from utils.errors import run_cli
-
-# The flags that change the masks: recorded with the output.
-SETTINGS = ("dataset", "dataset_root", "year", "set", "voc_split_folder", "coco_json", "file_list", "image_ids",
-            "max_images", "affinity", "gt_json", "peak_radius", "globalization", "border_ratio", "nms_iou", "min_area",
-            "topk", "mask_format")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    data = p.add_argument_group("images (as gen_masks.py)")
-    data.add_argument("--dataset", required=True, choices=["VOCClass", "COCO20k", "folder"],
-                      help="image set: VOC (VOCdevkit layout), COCO20k (COCO JSON + file list), or any folder "
-                           "of images searched recursively")
-    data.add_argument("--dataset_root", required=True, help="VOCdevkit folder, COCO image root, or the image folder")
-    data.add_argument("--year", default="2012", help="VOC year (default: %(default)s)")
-    data.add_argument("--set", default="trainval", help="VOC image set name (default: %(default)s)")
-    data.add_argument("--voc_split_folder", default="Segmentation", choices=["Segmentation", "Main"],
-                      help="VOC ImageSets sub-folder holding the image list (default: %(default)s)")
-    data.add_argument("--coco_json", help="COCO20k: the COCO instances JSON the subset is taken from")
-    data.add_argument("--file_list", help="COCO20k: text file of image file names")
-    data.add_argument("--image_ids", default="auto", choices=["auto", "filename", "sequential"],
-                      help="folder: image ids from integer file names (auto: when all are distinct integers, "
-                           "so COCO folders match their GT) or 1..N (default: %(default)s)")
-    data.add_argument("--max_images", type=int_range(0), default=0, help="process only the first N images (0: all)")
+    add_image_arguments(p)
 
-    affinity = p.add_argument_group("affinity")
-    affinity.add_argument("--affinity", required=True,
+    # The group titles are those of distill.cli.SETTING_GROUPS: their flags are the recorded settings.
+    affinity = p.add_argument_group("backbone", "the PA map: the oracle or a trained PA predictor")
+    affinity.add_argument("--affinity",
                           help="'oracle' (PA of the ground-truth masks of --gt_json) or a PA predictor checkpoint "
-                               "(train_affinity.py)")
+                               "(train_affinity.py); required except with --merge")
     affinity.add_argument("--gt_json", help="oracle: COCO instances JSON of the images (ids and sizes must match)")
-    add_device_arg(affinity, help=f"predictor device: {DEVICE_CHOICES} (default: auto)")
 
-    grouping = p.add_argument_group("grouping and ranking (distill/grouping.py)")
+    grouping = p.add_argument_group("method", "grouping and ranking of the PA map (distill/grouping.py)")
     grouping.add_argument("--topk", type=int_range(1), default=20, help="masks kept per image, best first (default: %(default)s)")
     grouping.add_argument("--globalization", type=float_range(0, 1), default=0.5,
                           help="weight of the spectral (global) boundary blended with the local one, 0 = off "
@@ -64,31 +48,27 @@ def build_parser() -> argparse.ArgumentParser:
                                "(default: %(default)s)")
     grouping.add_argument("--min_area", type=int_range(0), default=0, help="drop masks with fewer pixels (default: %(default)s)")
 
-    out = p.add_argument_group("output")
-    out.add_argument("--pred_json_path", required=True, help="output COCO JSON (images, annotations, categories)")
-    out.add_argument("--mask_format", default="rle", choices=["rle", "polygon"], help="mask encoding (default: %(default)s)")
-    out.add_argument("--overwrite", action="store_true", help="replace an existing output")
-    add_num_workers_arg(out, None, help="grouping worker processes, 0 = in the main process (default: min(4, CPUs - 1))")
+    add_output_arguments(p)
+
+    speed = p.add_argument_group("speed")
+    add_num_workers_arg(speed, None, help="grouping worker processes, 0 = in the main process (default: min(4, CPUs - 1))")
+    add_device_arg(speed, help=f"PA predictor device: {DEVICE_CHOICES} (default: auto)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from distill.pa_source import ORACLE, generate_pa_masks
-    from utils.errors import UserError
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from distill.pa_source import generate_pa_masks
 
-    check_outputs(args.pred_json_path, overwrite=args.overwrite)
-    if args.affinity == ORACLE and not args.gt_json:
-        raise UserError("--affinity oracle needs --gt_json")
-    settings = {k: getattr(args, k) for k in SETTINGS}
-    for key in ("dataset_root", "gt_json", "coco_json", "file_list"):
-        if settings[key]:
-            settings[key] = str(Path(settings[key]).resolve())
-    if settings["affinity"] != ORACLE:
-        settings["affinity"] = str(Path(settings["affinity"]).resolve())
-    generate_pa_masks(args, settings)
+    generate_pa_masks(parser, args)
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The `maskdistill-gen-pa-masks` console script: `main` with one-line errors and exit codes."""
     run_cli(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -8,17 +8,12 @@ Both models train through engine.train with the same config, data, seed and iter
 engine.run_inference and are scored with pycocotools. Prints one line per run, the medians per
 head, the training time and the peak RSS.
 """
-import sys
-from pathlib import Path
-
-if __package__ in (None, ""):  # run as a script from the repo root
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
-
 import argparse
 import resource
 import statistics
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 

@@ -7,17 +7,12 @@ and K-means (s).
 
 Prints throughput and peak memory (RSS; CUDA max allocated on GPU).
 """
-import sys
-from pathlib import Path
-
-if __package__ in (None, ""):  # run as a script from the repo root
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
-
 import argparse
 import json
 import resource
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch

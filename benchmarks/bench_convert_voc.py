@@ -5,18 +5,13 @@ voc_mini's 3 real images (about 500x375, 12 instances) are copied under new name
 there are `--images` of them; `synthetic` writes VOC-sized palette PNGs with 2-6 instances and void
 boundaries instead (the default when ../shared/data is absent). Prints images/s (median) and peak RSS.
 """
-import sys
-from pathlib import Path
-
-if __package__ in (None, ""):  # run as a script from the repo root
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
-
 import argparse
 import resource
 import shutil
 import statistics
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 from scipy import ndimage

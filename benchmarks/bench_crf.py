@@ -3,17 +3,12 @@
     python benchmarks/bench_crf.py [--repeats 3] [--workers 2]
 Prints images/s (median of the repeats) and peak memory.
 """
-import sys
-from pathlib import Path
-
-if __package__ in (None, ""):  # run as a script from the repo root
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
-
 import argparse
 import resource
 import statistics
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 

@@ -12,18 +12,15 @@ from __future__ import annotations
 
 import argparse
 import resource
-import sys
 from pathlib import Path
 
-sys.path[0] = str(Path(__file__).resolve().parents[1])
-
-from distill.features import FEATURE_SETTINGS, feature_setting  # noqa: E402
-from distill.quality import METHODS, evaluate_discovery, shared_ground_truth  # noqa: E402
-from distill.vit import ARCHS, build_vit  # noqa: E402
-from utils.coco_io import write_json  # noqa: E402
-from utils.distributed import resolve_device  # noqa: E402
-from utils.errors import UserError, run_cli  # noqa: E402
-from utils.precision import PRECISIONS, precision_name, resolve_precision  # noqa: E402
+from distill.features import FEATURE_SETTINGS, feature_setting
+from distill.quality import METHODS, evaluate_discovery, shared_ground_truth
+from distill.vit import ARCHS, build_vit
+from utils.coco_io import write_json
+from utils.distributed import resolve_device
+from utils.errors import UserError, run_cli
+from utils.precision import PRECISIONS, precision_name, resolve_precision
 
 
 def main() -> int:

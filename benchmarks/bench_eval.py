@@ -5,17 +5,12 @@ with perturbed GT predictions, repeated --copies times to scale the prediction c
 
 Prints predictions/s and peak RSS.
 """
-import sys
-from pathlib import Path
-
-if __package__ in (None, ""):  # run as a script from the repo root
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
-
 import argparse
 import json
 import resource
 import tempfile
 import time
+from pathlib import Path
 
 
 def main() -> None:

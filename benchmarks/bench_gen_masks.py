@@ -25,19 +25,17 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path[0] = str(Path(__file__).resolve().parents[1])
+import numpy as np
+import torch
+import torchvision.transforms.functional as TF
+from PIL import Image
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torchvision.transforms.functional as TF  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from distill.data import InputPolicy, folder_entries, upsample_patch_mask  # noqa: E402
-from distill.reference import explicit_last_qk, literal_mask  # noqa: E402
-from distill.vit import build_vit, resolve_patch_size  # noqa: E402
-from utils.coco_io import make_annotation  # noqa: E402
-from utils.distributed import resolve_device  # noqa: E402
-from utils.images import IMAGENET_MEAN, IMAGENET_STD, load_rgb  # noqa: E402
+from distill.data import InputPolicy, folder_entries, upsample_patch_mask
+from distill.reference import explicit_last_qk, literal_mask
+from distill.vit import build_vit, resolve_patch_size
+from utils.coco_io import make_annotation
+from utils.distributed import resolve_device
+from utils.images import IMAGENET_MEAN, IMAGENET_STD, load_rgb
 
 
 def peak_memory_mb(device: torch.device) -> dict:

@@ -6,12 +6,6 @@ str-RLE and uncompressed RLE, scores in [0, 1], false positives), the 50 images 
 VOC-sized images with a few instances when ../shared/data is absent. Each repeat repaints every PNG
 (`overwrite=True`), loading of the two JSON files included. Prints images/s (median of the repeats) and peak RSS.
 """
-import sys
-from pathlib import Path
-
-if __package__ in (None, ""):  # run as a script from the repo root
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
-
 import argparse
 import contextlib
 import io
@@ -19,6 +13,7 @@ import resource
 import statistics
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 

@@ -20,18 +20,15 @@ from __future__ import annotations
 
 import argparse
 import resource
-import sys
 import time
 from pathlib import Path
 
-sys.path[0] = str(Path(__file__).resolve().parents[1])
+import numpy as np
+from pycocotools import mask as mask_utils
+from scipy import ndimage as ndi
 
-import numpy as np  # noqa: E402
-from pycocotools import mask as mask_utils  # noqa: E402
-from scipy import ndimage as ndi  # noqa: E402
-
-from distill.grouping import GroupingOptions, group, oracle_affinity  # noqa: E402
-from utils.coco_io import annotations_by_image, load_coco_dataset, make_annotation, segmentation_to_rle  # noqa: E402
+from distill.grouping import GroupingOptions, group, oracle_affinity
+from utils.coco_io import annotations_by_image, load_coco_dataset, make_annotation, segmentation_to_rle
 
 DEFAULT_GT = Path(__file__).resolve().parents[2] / "shared" / "data" / "tiny_coco" / "annotations" / "instances_val2017.json"
 

@@ -4,12 +4,6 @@
     python benchmarks/bench_segmentation.py --crop 512 --batch 8 --amp --device cuda --iters 20
 Prints the median seconds per training iteration, images/s, inference images/s and peak memory.
 """
-import sys
-from pathlib import Path
-
-if __package__ in (None, ""):  # run as a script from the repo root
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
-
 import argparse
 import resource
 import statistics

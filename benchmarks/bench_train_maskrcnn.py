@@ -4,26 +4,20 @@
   python benchmarks/bench_train_maskrcnn.py --config configs/detectron2/base_mask_rcnn.yaml \
       --image_size 800 --iters 20 --set solver.ims_per_batch=2     # the real R50-FPN model (GPU)
 """
-import sys
-from pathlib import Path
-
-if __package__ in (None, ""):  # run as a script from the repo root
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
-
 import argparse
-import resource
 import statistics
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
 from detectron2_train.data import CocoInstances, collate_lists
 from detectron2_train.engine import SCHEMA
 from detectron2_train.modeling import build_model, set_image_sizes
+from benchmarks.timing import add_timing_args, print_peak_memory, timing_device
 from tests.helpers.synthetic_shapes import make_dataset
 from utils.config import load_config
-from utils.distributed import resolve_device
 from utils.errors import run_cli
 
 
@@ -34,14 +28,9 @@ def main() -> None:
                    help="config overrides, e.g. model.mask_head=transfer")
     p.add_argument("--image_size", type=int, default=64, help="side of the square synthetic images (default 64)")
     p.add_argument("--num_images", type=int, default=16, help="synthetic images (default 16)")
-    p.add_argument("--iters", type=int, default=30, help="timed training iterations (default 30)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed iterations first (default 3)")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    add_timing_args(p)
     args = p.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
+    device = timing_device(args)
     cfg = load_config(args.config, args.overrides, SCHEMA)
     size = args.image_size
     cfg["input"].update(min_size_train=[size], max_size_train=size, min_size_test=size, max_size_test=size)
@@ -95,9 +84,7 @@ def main() -> None:
           f"{params / 1e6:.2f} M parameters, images {size}x{size}, batch {batch}")
     print(f"train: {train_s * 1000:.1f} ms/iter (median of {len(times)}), {batch / train_s:.1f} images/s")
     print(f"inference: {inf_s * 1000:.1f} ms/image (median), {1 / inf_s:.1f} images/s")
-    print(f"peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
-    if device.type == "cuda":
-        print(f"peak CUDA memory: {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB")
+    print_peak_memory(device)
 
 
 if __name__ == "__main__":

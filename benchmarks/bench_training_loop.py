@@ -8,12 +8,6 @@ per iteration. Also the per-iteration reseeding alone (against `torch.manual_see
 Mask R-CNN loop called every iteration), the SHA-256 throughput of `utils.fingerprint.file_digest`
 (run once per training start for every file the config names) and the peak RSS.
 """
-import sys
-from pathlib import Path
-
-if __package__ in (None, ""):  # run as a script from the repo root
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
-
 import argparse
 import os
 import resource
@@ -21,6 +15,7 @@ import statistics
 import tempfile
 import time
 import timeit
+from pathlib import Path
 
 import torch
 from torch import nn

@@ -6,18 +6,13 @@ Two files: tiny_coco's val2017 GT (polygons, crowd RLE), and a results list of -
 480x640 images (gen_masks-like output). For each: JSON parsing alone, the checked load, and, for scale, decoding
 every mask with pycocotools. Medians of --repeats runs taken alternately; prints masks/s and peak RSS.
 """
-import sys
-from pathlib import Path
-
-if __package__ in (None, ""):  # run as a script from the repo root
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
-
 import argparse
 import json
 import resource
 import statistics
 import tempfile
 import time
+from pathlib import Path
 
 
 def timed(fn) -> float:

@@ -1,12 +1,11 @@
-# Shared by train_voc.sh and train_coco.sh, which source it (POSIX sh) after setting OUTPUT,
-# IMAGES (the image root of their JSONs), CONFIG (the full-size config) and TINY_EXTRA (overrides
-# only the TINY=1 smoke test adds). Gives the common settings and `self_train`.
+# Shared by train_voc.sh, train_coco.sh and train_cutler.sh, which source it (POSIX sh) after setting
+# OUTPUT, IMAGES (the image root of their JSONs), CONFIG (the full-size config), TINY_EXTRA (overrides
+# only the TINY=1 smoke test adds) and optionally TINY_CONFIG (the config of the smoke test; default
+# tiny_test.yaml). Gives the common settings and `self_train`.
 #
-# Every setting below can be set from the environment (VAR=value sh train_voc.sh).
+# Every setting below and in _launch.sh can be set from the environment (VAR=value sh train_voc.sh).
 
-PYTHON=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python )}
-TINY=${TINY:-0}                                    # 1: tiny model, random ViT, a few iterations
-NPROC=${NPROC:-1}                                  # processes (GPUs) for training
+. "$(dirname "$0")/_launch.sh"                    # PYTHON, TINY, NPROC, LAUNCH
 ROUNDS=${ROUNDS:-1}                                # self-training rounds (1: train on the pseudo-masks only)
 SCORE_THRESH=${SCORE_THRESH:-0.7}                  # self-training: keep predictions scoring at least this;
                                                    # several values ("0.7 0.8") set rounds 2, 3, ... one by one
@@ -16,32 +15,31 @@ EXTRA=${EXTRA:-}                                   # more --set overrides, e.g. 
 OVERWRITE=${OVERWRITE:-0}                          # 1: rerun rounds recorded with other settings (else refused)
 
 if [ "$TINY" = 1 ]; then
-    CONFIG=configs/detectron2/tiny_test.yaml
+    CONFIG=${TINY_CONFIG:-configs/detectron2/tiny_test.yaml}
     VIT_WEIGHTS=random
     GEN_EXTRA="--resize 224 --max_size 320 --batch_size 1 --num_workers 0"
     EXTRA="solver.max_iter=4 solver.checkpoint_period=1000 $TINY_EXTRA model.mask_head=agnostic model.box_score_thresh=0.0 $EXTRA"
 else
     GEN_EXTRA=""
 fi
-if [ "$NPROC" -gt 1 ]; then
-    LAUNCH="$PYTHON -m torch.distributed.run --nproc_per_node $NPROC"
-else
-    LAUNCH="$PYTHON"
-fi
 
-# self_train TEST_JSON
+# self_train TEST_JSON [FLAG ...]
 #   The self-training rounds of detectron2_train/train_net.py --rounds, in $OUTPUT/round1 .. round$ROUNDS:
 #   class-agnostic training on $OUTPUT/pseudo_masks.json (round 1) or on the previous round's
 #   predictions scoring at least SCORE_THRESH on those images; each round predicts the training images
-#   (train_results.json) and TEST_JSON, and evaluates the latter (eval.json: masks and boxes, IoU 0.5
-#   and 0.7). A rerun skips finished rounds and resumes an interrupted one.
+#   (train_results.json) and TEST_JSON (none when empty), and evaluates the latter (eval.json: masks and
+#   boxes, IoU 0.5 and 0.7). More train_net.py flags follow TEST_JSON. A rerun skips finished rounds and
+#   resumes an interrupted one.
 self_train() {
-    _overwrite=""
+    _test_json=$1
+    shift
+    if [ -n "$_test_json" ]; then
+        set -- "$@" --test_json "$_test_json" --test_root "$IMAGES"
+    fi
     if [ "$OVERWRITE" = 1 ]; then
-        _overwrite="--overwrite"
+        set -- "$@" --overwrite
     fi
     $LAUNCH detectron2_train/train_net.py --config "$CONFIG" --output_dir "$OUTPUT" --rounds "$ROUNDS" \
-        --score_thresh $SCORE_THRESH --class_agnostic $_overwrite \
-        --train_json "$OUTPUT/pseudo_masks.json" --train_root "$IMAGES" --test_json "$1" --test_root "$IMAGES" \
-        --set model.backbone_weights="$BACKBONE_WEIGHTS" $EXTRA
+        --score_thresh $SCORE_THRESH --class_agnostic --train_json "$OUTPUT/pseudo_masks.json" \
+        --train_root "$IMAGES" "$@" --set model.backbone_weights="$BACKBONE_WEIGHTS" $EXTRA
 }

@@ -7,7 +7,9 @@ belong to the same object; grouping its map (distill/grouping.py) gives masks of
   and `tiny` test backbone as Mask R-CNN) and an UperNet-style head: P2-P5 each through a 3x3
   conv, upsampled to stride 4, concatenated, fused by a 3x3 conv and a 1x1 conv to one logit,
   upsampled bilinearly to the input size. GGN uses UperNet's head (with a pyramid pooling module
-  on C5) on a ResNet-50; here the FPN's top-down path takes that role.
+  on C5) on a ResNet-50; here the FPN's top-down path takes that role. Optional (`fine_channels` > 0,
+  not in GGN): a stride-2 branch on the image predicts instead, from its own features and the head's;
+  small images (the tiny CPU configs) need it, as a stride-4 map blurs their 2-pixel boundaries.
 - Target (utils/affinity.py): the fraction of the 8 neighbours at distance 1 in the same
   instance, background counting as one instance; `loss_mask` leaves out pixels whose 8 pairs
   are all background-background.
@@ -16,7 +18,7 @@ belong to the same object; grouping its map (distill/grouping.py) gives masks of
 - Data: `AffinityDataset` reads a COCO JSON (optionally only some categories, e.g. the VOC classes
   as seen classes) with the conventions of detectron2_train/data.py: images are float (3, H, W)
   in [0, 1], flips and scales are seeded by (seed, sample position) for an exact resume.
-A trainer is then: `model(images)` -> logits, `affinity_loss(logits, targets...)`.
+The trainer is detectron2_train/affinity_engine.py (train_affinity.py).
 """
 from __future__ import annotations
 
@@ -49,6 +51,7 @@ AFFINITY_MODEL_DEFAULTS = {
     "fpn_norm": False,  # also normalise the FPN convolutions with model.norm (build_backbone)
     "head_channels": 128,
     "head_norm": "gn",  # bn | gn (head)
+    "fine_channels": 0,  # > 0: a full-resolution branch on the image refines the stride-4 map (not in GGN)
 }
 AFFINITY_INPUT_DEFAULTS = {  # shorter side (0: the image's own size), capped by the longer side
     "min_size_train": [0],  # GGN trains and infers at the original COCO resolution
@@ -63,9 +66,10 @@ AFFINITY_INPUT_DEFAULTS = {  # shorter side (0: the image's own size), capped by
 
 
 class AffinityHead(nn.Module):
-    """UperNet-style fusion of FPN levels into one PA logit map at the resolution of the first level."""
+    """UperNet-style fusion of FPN levels into one PA logit map at the resolution of the first level
+    (`fused`: the features before the last 1x1 convolution, which a head without `predict` lacks)."""
 
-    def __init__(self, in_channels: int, channels: int, num_levels: int, norm: str):
+    def __init__(self, in_channels: int, channels: int, num_levels: int, norm: str, predict: bool = True):
         super().__init__()
         make_norm = norm_layer_factory(norm)
 
@@ -74,13 +78,37 @@ class AffinityHead(nn.Module):
 
         self.levels = nn.ModuleList(conv_norm_relu(in_channels, channels) for _ in range(num_levels))
         self.fuse = conv_norm_relu(num_levels * channels, channels)
-        self.predict = nn.Conv2d(channels, 1, 1)
+        self.predict = nn.Conv2d(channels, 1, 1) if predict else None
 
-    def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
+    def fused(self, features: list[torch.Tensor]) -> torch.Tensor:
         size = features[0].shape[-2:]
         fused = [conv(f) if i == 0 else F.interpolate(conv(f), size=size, mode="bilinear", align_corners=False)
                  for i, (conv, f) in enumerate(zip(self.levels, features))]
-        return self.predict(self.fuse(torch.cat(fused, dim=1)))
+        return self.fuse(torch.cat(fused, dim=1))
+
+    def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
+        if self.predict is None:
+            raise RuntimeError("this head has no prediction layer (the fine branch predicts): call fused()")
+        return self.predict(self.fused(features))
+
+
+class FineBranch(nn.Module):
+    """A stride-2 prediction (not in GGN): two 3x3 convolutions on the image (the first with stride 2),
+    concatenated with the head's fused stride-4 features upsampled to stride 2, and a 3x3 convolution to
+    one logit. The stride-4 map blurs a boundary over 4 pixels; this puts it back on the image's edges."""
+
+    def __init__(self, channels: int, coarse_channels: int, norm: str):
+        super().__init__()
+        make_norm = norm_layer_factory(norm)
+        self.image = nn.Sequential(nn.Conv2d(3, channels, 3, stride=2, padding=1, bias=False), make_norm(channels),
+                                   nn.ReLU(inplace=True), nn.Conv2d(channels, channels, 3, padding=1, bias=False),
+                                   make_norm(channels), nn.ReLU(inplace=True))
+        self.predict = nn.Conv2d(channels + coarse_channels, 1, 3, padding=1)
+
+    def forward(self, image: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
+        fine = self.image(image)
+        coarse = F.interpolate(coarse, size=fine.shape[-2:], mode="bilinear", align_corners=False)
+        return self.predict(torch.cat([fine, coarse], dim=1))
 
 
 class AffinityNet(nn.Module):
@@ -92,13 +120,18 @@ class AffinityNet(nn.Module):
         if cfg["head_norm"] not in ("bn", "gn"):
             raise UserError(f"model.head_norm must be bn or gn, got {cfg['head_norm']!r}")
         self.backbone = build_backbone(cfg)
-        self.head = AffinityHead(self.backbone.out_channels, int(cfg["head_channels"]), 4, cfg["head_norm"])
+        fine = int(cfg["fine_channels"])
+        self.head = AffinityHead(self.backbone.out_channels, int(cfg["head_channels"]), 4, cfg["head_norm"],
+                                 predict=fine == 0)  # DDP refuses parameters that get no gradient
+        self.fine = FineBranch(fine, int(cfg["head_channels"]), cfg["head_norm"]) if fine > 0 else None
         self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        features = self.backbone((images - self.pixel_mean) / self.pixel_std)
-        logits = self.head([features[level] for level in ("0", "1", "2", "3")])  # P2..P5
+        normalised = (images - self.pixel_mean) / self.pixel_std
+        features = self.backbone(normalised)
+        levels = [features[level] for level in ("0", "1", "2", "3")]  # P2..P5
+        logits = self.fine(normalised, self.head.fused(levels)) if self.fine is not None else self.head(levels)
         return F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
 
 

@@ -16,11 +16,12 @@ from detectron2_train.copy_paste import CopyPaste
 from detectron2_train.data import CocoInstances, categories_of, collate_lists, inference_loader
 from detectron2_train.modeling import (BACKBONES, MASK_HEADS, MODEL_DEFAULTS, ROI_HEADS, STAGES, build_model,
                                        set_image_sizes)
+from detectron2_train.pseudo_gt import training_json
 from detectron2_train.transfer_head import TRANSFER_INPUTS
 from detectron2_train.splits import read_class_list
 from utils.checkpoint import latest_checkpoint, read_torch_file, unwrap
 from utils.coco_eval import EvalOptions, evaluate_predictions
-from utils.coco_io import load_coco_dataset, load_json, make_annotation, write_json
+from utils.coco_io import load_coco_dataset, load_json, make_annotation, reference_name, write_json
 from utils.cli import float_range, int_range
 from utils.config import ConfigSchema, save_config
 from utils.distributed import DistInfo, barrier
@@ -41,6 +42,9 @@ DEFAULTS = {
         "class_agnostic": False,  # train one 'object' class whatever the categories
         "filter_empty": False,  # drop images without instances (kept as negatives by default)
         "mask_classes": None,  # class list file (set A): only these classes train masks
+        "seen_classes": None,  # class list file: train on these classes' annotations only (class-agnostic)
+        "pseudo_json": None,  # GGN pseudo-masks (gen_pa_masks.py) added to the class-agnostic training set
+        "pseudo_topk": 3,  # per image, the best pseudo-masks with IoU < 0.5 to every annotation (pseudo_gt.py)
         "num_workers": 2,
     },
     "input": {
@@ -83,9 +87,9 @@ DEFAULTS = {
 POSITIVE = float_range(0, min_inclusive=False)
 SCHEMA = ConfigSchema(DEFAULTS, types={
     "data.train_json": str, "data.train_root": str, "data.test_json": str, "data.test_root": str,
-    "data.mask_classes": str, "model.transfer.embedding_file": str,
+    "data.mask_classes": str, "data.seen_classes": str, "data.pseudo_json": str, "model.transfer.embedding_file": str,
 }, ranges={
-    "data.num_workers": int_range(0),
+    "data.num_workers": int_range(0), "data.pseudo_topk": int_range(1),
     "input.min_size_train": int_range(1), "input.max_size_train": int_range(1),
     "input.min_size_test": int_range(1), "input.max_size_test": int_range(1), "input.hflip_prob": float_range(0, 1),
     "solver.base_lr": POSITIVE, "solver.momentum": float_range(0, 1, max_inclusive=False),
@@ -180,7 +184,7 @@ def train(cfg: dict, info: DistInfo, resume: bool = False, overwrite: bool = Fal
     if cfg["model"]["stage"] == "mask" and not init_weights and not resumable:
         raise UserError("model.stage mask trains the mask branch of a trained detector: pass --weights with the "
                         "box stage's checkpoint (model.stage box)")
-    dataset = CocoInstances(data_cfg["train_json"], data_cfg["train_root"],
+    dataset = CocoInstances(training_json(cfg, info), data_cfg["train_root"],
                             class_agnostic=data_cfg["class_agnostic"], filter_empty=data_cfg["filter_empty"],
                             flip_prob=cfg["input"]["hflip_prob"], seed=loop.seed,
                             augment=CopyPaste.from_config(cfg["input"]["copy_paste"], loop.seed))
@@ -320,8 +324,10 @@ def run(cfg: dict, info: DistInfo, resume: bool = False, overwrite: bool = False
     if info.is_main:  # saved once the results are: a failed run leaves no inference folder behind
         save_config(cfg, results_file.parent / "config.yaml")
         print(f"wrote {len(results)} predictions to {results_file}")
-        if evaluate and load_coco_dataset(test_json)["annotations"]:
+        reference = load_coco_dataset(test_json)
+        if evaluate and reference["annotations"]:
             summary = coco_evaluate(test_json, results, class_agnostic=cfg["data"]["class_agnostic"])
             write_json(results_file.parent / "coco_eval.json", summary, indent=2)
+            against = f"{results_file} against {reference_name(reference, test_json)}"
             for iou_type, stats in summary.items():
-                print(f"{iou_type}: " + "  ".join(f"{k} {v:.1f}" for k, v in stats.items()))
+                print(f"{iou_type} " + "  ".join(f"{k} {v:.1f}" for k, v in stats.items()) + f": {against}")

@@ -9,12 +9,6 @@ folder per split of the MaskX R-CNN paper, OUT_DIR/E1_A20B60/A.txt ... OUT_DIR/E
 `--mask_classes OUT_DIR/A.txt`; evaluate each set with
 `eval_instances.py --eval_classes $(cut -d' ' -f1 OUT_DIR/A.txt)`.
 """
-import sys
-from pathlib import Path
-
-if __package__ in (None, ""):  # run as a script from the repo root
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
-
 import argparse
 
 from detectron2_train.splits import SPLITS, write_splits
@@ -45,5 +39,10 @@ def main(argv: list[str] | None = None) -> None:
     print(write_splits(categories, args.split, args.out_dir, args.num_a, args.seed, args.overwrite))
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The `maskdistill-make-split` console script: `main` with one-line errors and exit codes."""
     run_cli(main)
+
+
+if __name__ == "__main__":
+    cli()

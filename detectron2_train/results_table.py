@@ -27,8 +27,8 @@ def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f}"
 
 
-def read_set_eval(run_dir: Path, name: str, iou_type: str) -> tuple[dict, list[int]]:
-    """(metrics, evaluated category ids) of RUN_DIR/inference/eval_<name>.json."""
+def read_set_eval(run_dir: Path, name: str, iou_type: str) -> tuple[dict, list[int], str]:
+    """(metrics, evaluated category ids, what they were compared with) of RUN_DIR/inference/eval_<name>.json."""
     path = run_dir / "inference" / f"eval_{name}.json"
     if not path.is_file():
         raise UserError(f"{run_dir} has no inference/eval_{name}.json (write it with eval_instances.py "
@@ -43,7 +43,7 @@ def read_set_eval(run_dir: Path, name: str, iou_type: str) -> tuple[dict, list[i
         raise UserError(f"{path} evaluates all classes; set {name} needs eval_instances.py --eval_classes")
     if iou_type not in report["metrics"]:
         raise UserError(f"{path} has no {iou_type} metrics (evaluate with --iou_type {iou_type} or both)")
-    return report["metrics"][iou_type], list(report["eval_category_ids"])
+    return report["metrics"][iou_type], list(report["eval_category_ids"]), report.get("reference", "")
 
 
 def run_row(run_dir: str | os.PathLike, iou_type: str = "segm") -> dict:
@@ -57,15 +57,19 @@ def run_row(run_dir: str | os.PathLike, iou_type: str = "segm") -> dict:
         raise UserError(f"{run_dir} has no inference/results.json: run train_net.py with --test_json (or --eval_only)")
     row: dict = {"run": str(run_dir)}
     seen: dict[str, set] = {}
+    references: set[str] = set()
     for name in SETS:
-        metrics, ids = read_set_eval(run_dir, name, iou_type)
+        metrics, ids, reference = read_set_eval(run_dir, name, iou_type)
         row[name] = (metrics.get("AP"), metrics.get("AP50"))
         seen[name] = set(ids)
+        references.add(reference)
     if seen["A"] & seen["B"]:
         raise UserError(f"{run_dir}: eval_A.json and eval_B.json share categories {sorted(seen['A'] & seen['B'])[:5]}")
     overall = run_dir / "inference" / "coco_eval.json"
     stats = load_json(overall, "COCO summary").get(iou_type, {}) if overall.is_file() else {}
     row["all"] = (stats.get("AP"), stats.get("AP50"))
+    # older eval_instances.py reports do not say what they compared with
+    row["reference"] = " / ".join(sorted(references)) or "the --gt_file of its eval_A.json and eval_B.json"
     return row
 
 
@@ -79,4 +83,5 @@ def summarize_runs(run_dirs: list[str], iou_type: str = "segm") -> str:
               "|---|---|---|---|---|---|---|\n")
     lines = [f"| {r['run']} | " + " | ".join(_fmt(v) for key in ("B", "A", "all") for v in r[key]) + " |"
              for r in rows]
-    return header + "\n".join(lines)
+    compared = [f"{r['run']}: {kind} AP of inference/results.json against {r['reference']}" for r in rows]
+    return header + "\n".join(lines) + "\n\n" + "\n".join(compared)

@@ -8,11 +8,6 @@ the set evaluations inference/eval_A.json and inference/eval_B.json written by
       --eval_classes $(cut -d' ' -f1 A.txt) --out_json RUN_DIR/inference/eval_A.json
 (and the same with B.txt). inference/coco_eval.json, when present, fills the all-classes columns.
 """
-import sys
-from pathlib import Path
-
-if __package__ in (None, ""):  # run as a script from the repo root
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import argparse
 
@@ -29,5 +24,10 @@ def main(argv: list[str] | None = None) -> None:
     print(summarize_runs(args.run_dirs, args.iou_type))
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The `maskdistill-summarize` console script: `main` with one-line errors and exit codes."""
     run_cli(main)
+
+
+if __name__ == "__main__":
+    cli()

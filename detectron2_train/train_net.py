@@ -8,17 +8,19 @@ Examples (from the repository root):
       --test_json images.json --test_root DIR --results results.json
   python detectron2_train/train_net.py --config ... --pseudo_from results.json --score_thresh 0.7 \
       --train_json images.json --train_root DIR --output_dir output/round2
+  python detectron2_train/train_net.py --config configs/detectron2/voc_class_agnostic.yaml --train_json \
+      instances_train2017.json --seen_classes splits/A.txt --pseudo_json pa_masks.json --pseudo_topk 3 ...
+      (GGN: the seen classes' annotations + the best pseudo-masks that cover something else)
   python detectron2_train/train_net.py --config ... --rounds 3 --score_thresh 0.7 0.8 \
       --train_json pseudo_masks.json --train_root DIR --test_json gt.json --test_root DIR --output_dir output/st
       (self-training: OUTPUT_DIR/round1, round2, round3; a rerun skips finished rounds)
+  python detectron2_train/train_net.py --config configs/detectron2/cutler/cascade_mask_rcnn_r50.yaml \
+      --round_config configs/detectron2/cutler/cascade_mask_rcnn_r50_self_train.yaml --rounds 3 \
+      --score_thresh 0.7 0.65 --add_back_iou 0.5 --init_from_previous --train_json maskcut.json ...
+      (CutLER: a detector on MaskCut masks, then two self-training rounds)
 """
-import sys
-from pathlib import Path
-
-if __package__ in (None, ""):  # run as a script from the repo root
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
-
 import argparse
+from pathlib import Path
 
 from detectron2_train.engine import SCHEMA, run
 from detectron2_train.modeling import MASK_HEADS, STAGES
@@ -57,6 +59,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--mask_classes", metavar="A.txt",
                    help="class list of set A (one name or id per line): only these classes get a mask loss; "
                         "the others train boxes only (data.mask_classes)")
+    p.add_argument("--seen_classes", metavar="A.txt",
+                   help="class list (one name or id per line, e.g. make_split.py's A.txt): train on the annotations "
+                        "of these classes only, class-agnostically (data.seen_classes)")
+    p.add_argument("--pseudo_json", metavar="P.json",
+                   help="GGN pseudo-masks with scores (gen_pa_masks.py output) for --train_json's images: per image, "
+                        "the --pseudo_topk best with mask IoU < 0.5 to every annotated object join the class-agnostic "
+                        "training set, written to OUTPUT_DIR/training_set.json (data.pseudo_json)")
+    p.add_argument("--pseudo_topk", type=int_range(1), metavar="K",
+                   help="with --pseudo_json: pseudo-masks kept per image (default 3) (data.pseudo_topk)")
     p.add_argument("--transfer_grad", action="store_true",
                    help="let the mask loss reach the box head through the transfer function "
                         "(ablation; default is stop-gradient) (model.transfer.grad)")
@@ -92,6 +103,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--init_from_previous", action="store_true",
                    help="with --rounds: start each round n > 1 from round n-1's weights (default: from the "
                         "backbone weights, as in round 1)")
+    p.add_argument("--add_back_iou", type=float_range(0, 1), default=None, metavar="IOU",
+                   help="with --rounds, CutLER's merge: keep the predictions scoring at least T (no best-one "
+                        "fallback) and add back the previous round's pseudo-masks whose mask IoU with every kept "
+                        "prediction is below IOU (CutLER: 0.5)")
+    p.add_argument("--round_config", metavar="FILE",
+                   help="with --rounds: the YAML config of rounds n > 1 instead of --config (the --set overrides "
+                        "and flags apply to both), e.g. CutLER's self-training config")
     add_device_arg(p)
     add_num_workers_arg(p, None, help="data loading processes per training process, 0 = in the main process "
                                       "(data.num_workers)")
@@ -103,6 +121,7 @@ def config_from_args(args: argparse.Namespace) -> dict:
     return load_run_config(args, SCHEMA, flags={
         "data.train_json": args.train_json, "data.train_root": args.train_root, "data.test_json": args.test_json,
         "data.test_root": args.test_root, "data.mask_classes": args.mask_classes, "data.num_workers": args.num_workers,
+        "data.seen_classes": args.seen_classes, "data.pseudo_json": args.pseudo_json, "data.pseudo_topk": args.pseudo_topk,
         "model.mask_head": args.mask_head, "model.stage": args.stage, "data.class_agnostic": True if args.class_agnostic else None,
         "model.transfer.grad": True if args.transfer_grad else None})
 
@@ -118,8 +137,11 @@ def round_settings(args: argparse.Namespace) -> list:
         if not number.isdigit() or not 1 <= int(number) <= args.rounds or "=" not in override:
             raise UserError(f"--round_set {item!r} must look like N:KEY=VALUE with N in 1..{args.rounds}")
         overrides.setdefault(int(number), []).append(override)
+    later_config = config_from_args(argparse.Namespace(**{**vars(args), "config": args.round_config})) \
+        if args.round_config else None
     return [RoundSettings(score_thresh=per_round(args.score_thresh, max(n - 2, 0)),
-                          overrides=tuple(overrides.get(n, [])), init_from_previous=args.init_from_previous)
+                          overrides=tuple(overrides.get(n, [])), init_from_previous=args.init_from_previous,
+                          add_back_iou=args.add_back_iou, config=later_config if n > 1 else None)
             for n in range(1, args.rounds + 1)]
 
 
@@ -138,6 +160,9 @@ def main(argv: list[str] | None = None) -> None:
     rounds = round_settings(args) if args.rounds is not None else None
     if rounds is None and len(args.score_thresh) > 1:
         raise UserError("several --score_thresh values need --rounds")
+    for flag in ("add_back_iou", "round_config"):
+        if rounds is None and getattr(args, flag) is not None:
+            raise UserError(f"--{flag} needs --rounds")
     check_run_outputs(args, cfg)
     with distributed_session(args.device) as info:
         if rounds is not None:
@@ -149,5 +174,10 @@ def main(argv: list[str] | None = None) -> None:
                 pseudo_only=args.pseudo_only, results_path=args.results, evaluate=not args.no_eval)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The `maskdistill-train-net` console script: `main` with one-line errors and exit codes."""
     run_cli(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -70,7 +70,7 @@ def finish_image(job: ImageJob) -> tuple[str, int]:
     if job.overlay is not None:
         seeds = [job.geometry.patch_box(*p.seed_patch) if p.seed_patch else None for p, _ in kept]
         save_overlay(load_rgb(job.overlay[0]), [m for _, m in kept], [p.score for p, _ in kept], seeds,
-                     job.overlay[1])
+                     job.overlay[1], file_name=job.image["file_name"], source=job.overlay[0])
     return json.dumps({"index": job.index, "image": job.image, "annotations": annotations}), len(annotations)
 
 

@@ -304,13 +304,6 @@ def write_subset_gt(args: argparse.Namespace, subset: dict | None) -> None:
         write_json(out_dir / "coco20k_gt_class_agnostic.json", class_agnostic(subset))
 
 
-def dataset_entries(args: argparse.Namespace) -> list[ImageEntry]:
-    """The images of the image-set flags (for COCO20k, the subset's GT is written next to the output)."""
-    entries, subset = load_image_set(args)
-    write_subset_gt(args, subset)
-    return entries
-
-
 def parse_shard(text: str) -> tuple[int, int]:
     try:
         shard, count = (int(v) for v in text.split("/"))
@@ -444,7 +437,7 @@ def generate(args: argparse.Namespace, settings: dict, make_source: Callable[[ar
         else:
             print(f"shard {shard}/{num_shards} done: {final_part}; run with --merge once every shard is done")
     if args.vis_dir and Path(args.vis_dir).is_dir():
-        write_gallery(Path(args.vis_dir))
+        write_gallery(Path(args.vis_dir), settings)
     return stats
 
 

@@ -37,6 +37,7 @@ import heapq
 import json
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 from scipy import ndimage as ndi
@@ -47,8 +48,10 @@ from skimage.feature import peak_local_max
 from skimage.segmentation import watershed
 from threadpoolctl import threadpool_limits
 
+from distill.visualize import save_overlay
 from utils.affinity import instance_label_map, pairwise_affinity
 from utils.coco_io import decode_segmentation, make_annotation
+from utils.images import load_rgb
 
 
 @dataclass(frozen=True)
@@ -399,11 +402,12 @@ def group(pa: np.ndarray, options: GroupingOptions = GroupingOptions()) -> Propo
     return Proposals(masks, scores.astype(np.float32), num_regions, tree.num_nodes, seconds)
 
 
-def image_record(job: dict) -> str | tuple[int, str]:
-    """The record line (`{"index", "image", "annotations"}`) of one image of a generation job: its PA
-    map (`pa`, or the oracle's from `annotations`) grouped with `options` (a GroupingOptions dict) into
-    scored masks. A job with an `error` (an unreadable image) comes back as (index, reason). Runs in
-    the worker processes of distill/pa_source.py, so this module stays free of torch."""
+def image_record(job: dict) -> tuple[str, int] | tuple[int, str]:
+    """(the record line `{"index", "image", "annotations"}`, its number of masks) of one image of a
+    generation job: its PA map (`pa`, or the oracle's from `annotations`) grouped with `options` (a
+    GroupingOptions dict) into scored masks, drawn on the image when the job has an `overlay`
+    (image file, PNG). A job with an `error` (an unreadable image) comes back as (index, reason).
+    Runs in the worker processes of distill/pa_source.py, so this module stays free of torch."""
     if "error" in job:
         return job["index"], job["error"]
     image = job["image"]
@@ -411,4 +415,8 @@ def image_record(job: dict) -> str | tuple[int, str]:
     proposals = group(pa, GroupingOptions(**job["options"]))
     annotations = [make_annotation(mask, image["id"], 1, float(score), job["mask_format"])
                    for mask, score in zip(proposals.masks, proposals.scores)]
-    return json.dumps({"index": job["index"], "image": image, "annotations": annotations})
+    if job.get("overlay"):
+        save_overlay(load_rgb(job["overlay"][0]), list(proposals.masks), [float(s) for s in proposals.scores],
+                     [None] * len(annotations), Path(job["overlay"][1]), file_name=image["file_name"],
+                     source=job["overlay"][0])
+    return json.dumps({"index": job["index"], "image": image, "annotations": annotations}), len(annotations)

@@ -2,23 +2,18 @@
 oracle) or from a trained PA predictor, grouped into its top-k class-agnostic masks
 (distill/grouping.py) and written as COCO annotations with scores.
 
-`PAMaskSource` has the shape of a mask source of the generation engine: `plan` lays out the
-batches over the data set (one image each), `run` processes them and hands one record per image
-(`{"index", "image", "annotations"}`) to a writer with `write(lines)` and `skip(entry, reason)`.
-The grouping, the CPU-heavy part, runs in worker processes while the main process reads images
-and runs the predictor; records come back in data-set order.
-
-`generate_pa_masks` is the job of `gen_pa_masks.py`. Until the engine of distill/generate.py
-takes several annotations per image record and a command's own settings, it writes the output of
-a single run itself (the COCO dataset, its results list and the config, as gen_masks.py does),
-without shards or resume.
+`PAMaskSource` is a mask source of the generation job (distill/generate.py): `plan` lays out the
+batches over the data set (one image each), `run` processes them and hands one record per image to
+the job's writer, so `gen_pa_masks.py` gets shards, `--resume`, `--merge`, skipped images, atomic
+output and the `--vis_dir` gallery from the job. The grouping, the CPU-heavy part, runs in worker
+processes while the main process reads images and runs the predictor; records come back in
+data-set order. The recorded settings include the SHA-256 of the PA checkpoint (or of the oracle's
+GT), so a resume or a merge refuses parts grouped from another predictor.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing
-import sys
 from collections import deque
 from dataclasses import asdict
 from pathlib import Path
@@ -29,14 +24,16 @@ import torchvision.transforms.functional as TF
 from tqdm import tqdm
 
 from detectron2_train.affinity import AFFINITY_INPUT_DEFAULTS, load_affinity_model, predict_affinity
+from distill.cli import settings_from
 from distill.data import ImageEntry, worker_count
-from distill.generate import CATEGORIES, dataset_entries, results_path
+from distill.generate import PartWriter, RunStats, load_image_set, merge, run
 from distill.grouping import GroupingOptions, image_record
-from utils.coco_io import (annotations_by_image, check_can_write, check_writable, image_index, load_coco_dataset,
-                           write_json)
-from utils.config import save_config
+from distill.visualize import overlay_name
+from utils.cli import check_outputs
+from utils.coco_io import annotations_by_image, image_index, load_coco_dataset
 from utils.distributed import resolve_device
 from utils.errors import UserError
+from utils.fingerprint import file_digest
 from utils.images import ImageReadError, load_rgb, read_size
 
 ORACLE = "oracle"
@@ -50,13 +47,15 @@ def _init_worker() -> None:
 
 
 class PAMaskSource:
-    """Top-k masks per image from the oracle (`affinity='oracle'`, with `gt_json`) or a PA checkpoint."""
+    """Top-k masks per image from the oracle (`affinity='oracle'`, with `gt_json`) or a PA checkpoint;
+    with `vis_dir`, an overlay PNG of each image's masks there."""
 
     def __init__(self, affinity: str, options: GroupingOptions, mask_format: str = "rle", gt_json: str | None = None,
-                 device: str = "auto", workers: int | None = None):
+                 device: str = "auto", workers: int | None = None, vis_dir: str | None = None):
         options.check()
         self.options, self.mask_format = options, mask_format
         self.workers = worker_count(workers)
+        self.vis_dir = Path(vis_dir) if vis_dir else None
         self.model = None
         if affinity == ORACLE:
             if not gt_json:
@@ -69,28 +68,36 @@ class PAMaskSource:
             sizes = {**AFFINITY_INPUT_DEFAULTS, **config.get("input", {})}
             self.min_size, self.max_size = int(sizes["min_size_test"]), int(sizes["max_size_test"])
 
+    def check_gt(self, entries: list[ImageEntry], sizes: dict[int, tuple[int, int]]) -> None:
+        """Oracle: every image must be in the GT, with the size the GT gives it."""
+        for entry in entries:
+            gt_image = self.gt_images.get(entry.image_id)
+            if gt_image is None:
+                raise UserError(f"{entry.file_name}: image id {entry.image_id} is not in --gt_json {self.gt_json}")
+            if entry.index in sizes and sizes[entry.index] != (gt_image["height"], gt_image["width"]):
+                raise UserError(f"{entry.file_name} is {sizes[entry.index][0]}x{sizes[entry.index][1]} (height x "
+                                f"width) but --gt_json says {gt_image['height']}x{gt_image['width']}")
+
     def plan(self, entries: list[ImageEntry], sizes: dict[int, tuple[int, int]]) -> list[list[int]]:
-        """One image per batch, in data-set order; the oracle first checks that the GT knows every image."""
+        """One image per batch, in data-set order (the readable images of `sizes`)."""
         self.entries = {e.index: e for e in entries}
         self.sizes = sizes
         if self.model is None:
-            for entry in entries:
-                gt_image = self.gt_images.get(entry.image_id)
-                if gt_image is None:
-                    raise UserError(f"{entry.file_name}: image id {entry.image_id} is not in --gt_json {self.gt_json}")
-                if entry.index in sizes and sizes[entry.index] != (gt_image["height"], gt_image["width"]):
-                    raise UserError(f"{entry.file_name} is {sizes[entry.index][0]}x{sizes[entry.index][1]} (height x "
-                                    f"width) but --gt_json says {gt_image['height']}x{gt_image['width']}")
+            self.check_gt(entries, sizes)
         return [[index] for index in sorted(sizes)]
 
-    def _jobs(self, batches: list[list[int]]) -> Iterator[dict]:
+    def _jobs(self, batches: list[list[int]], done: set[int]) -> Iterator[dict]:
         options = asdict(self.options)
         for batch in batches:
             for index in batch:
+                if index in done:
+                    continue
                 entry = self.entries[index]
                 height, width = self.sizes[index]
                 image = {"id": entry.image_id, "file_name": entry.file_name, "height": height, "width": width}
                 job = {"index": index, "image": image, "options": options, "mask_format": self.mask_format}
+                if self.vis_dir is not None:
+                    job["overlay"] = (str(entry.path), str(self.vis_dir / overlay_name(entry.file_name)))
                 if self.model is None:
                     job["annotations"] = self.gt_annotations.get(entry.image_id, [])
                 else:
@@ -103,26 +110,30 @@ class PAMaskSource:
                                                  self.min_size, self.max_size)
                 yield job
 
-    def run(self, batches: list[list[int]], writer) -> None:  # noqa: ANN001 (the engine's writer)
+    def run(self, batches: list[list[int]], writer: PartWriter) -> None:
         """Group every image of `batches`; records are written in order, at most 2 x workers pending."""
-        total = sum(map(len, batches))
+        if self.vis_dir is not None:
+            self.vis_dir.mkdir(parents=True, exist_ok=True)
+        total = sum(index not in writer.done for batch in batches for index in batch)
         with tqdm(total=total, desc="PA masks", unit="img", disable=None, dynamic_ncols=True) as bar:
-            def write(result: str | tuple[int, str]) -> None:
-                if isinstance(result, tuple):
+            def write(result: tuple[str, int] | tuple[int, str]) -> None:
+                if isinstance(result[0], int):
                     writer.skip(self.entries[result[0]], result[1])
                 else:
-                    writer.write([result])
+                    writer.write([result[0]])
+                    writer.stats.annotations += result[1]
                 bar.update(1)
 
+            jobs = self._jobs(batches, writer.done)
             if self.workers == 0:
-                for job in self._jobs(batches):
+                for job in jobs:
                     write(image_record(job))
                 return
             # fork shares the loaded modules at no cost (the workers run no torch); spawn where there is no fork
             method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
             with multiprocessing.get_context(method).Pool(self.workers, initializer=_init_worker) as pool:
                 pending: deque = deque()
-                for job in self._jobs(batches):
+                for job in jobs:
                     pending.append(pool.apply_async(image_record, (job,)))
                     while len(pending) > 2 * self.workers:
                         write(pending.popleft().get())
@@ -130,22 +141,7 @@ class PAMaskSource:
                     write(pending.popleft().get())
 
 
-# ----------------------------------------------------------------------------- the job (single run)
-
-
-class _Collector:
-    """Keeps the records of a single run in memory (the engine writes them to part files instead)."""
-
-    def __init__(self) -> None:
-        self.records: list[dict] = []
-        self.skipped: list[dict] = []
-
-    def write(self, lines: list[str]) -> None:
-        self.records += [json.loads(line) for line in lines]
-
-    def skip(self, entry: ImageEntry, reason: str) -> None:
-        print(f"warning: skipping {entry.path}: {reason}", file=sys.stderr)
-        self.skipped.append({"file_name": entry.file_name, "reason": reason})
+# ----------------------------------------------------------------------------- the job
 
 
 def grouping_options(args: argparse.Namespace) -> GroupingOptions:
@@ -159,36 +155,49 @@ def grouping_options(args: argparse.Namespace) -> GroupingOptions:
     return options
 
 
-def generate_pa_masks(args: argparse.Namespace, settings: dict) -> int:
-    """Run `gen_pa_masks.py`: returns the number of images written."""
-    out = Path(args.pred_json_path)
-    check_can_write(out, args.overwrite)
-    check_writable(out)
+def make_source(args: argparse.Namespace) -> PAMaskSource:
+    """The source of `gen_pa_masks.py`'s flags. The oracle checks here, before the job writes anything,
+    that its GT knows every image of the set with the same size."""
     source = PAMaskSource(args.affinity, grouping_options(args), args.mask_format, args.gt_json, args.device,
-                          args.num_workers)
-    entries = dataset_entries(args)
-    if args.max_images:
-        entries = entries[: args.max_images]
-    collector = _Collector()
-    sizes: dict[int, tuple[int, int]] = {}
-    for entry in entries:
-        try:
-            sizes[entry.index] = read_size(entry.path)
-        except ImageReadError as exc:
-            collector.skip(entry, str(exc))
-    source.run(source.plan(entries, sizes), collector)
+                          args.num_workers, vis_dir=args.vis_dir)
+    if source.model is None:
+        entries = load_image_set(args)[0][: args.max_images or None]  # reads only: the job writes
+        sizes = {}
+        for entry in entries:
+            try:
+                sizes[entry.index] = read_size(entry.path)
+            except ImageReadError:
+                pass  # skipped by the job
+        source.check_gt(entries, sizes)
+    return source
 
-    records = sorted(collector.records, key=lambda r: r["index"])
-    annotations = [{"id": n + 1, **a} for n, a in enumerate(a for r in records for a in r["annotations"])]
-    write_json(out, {"info": {"description": "GGN pseudo-masks: top-k per image grouped from pairwise affinity",
-                              "settings": settings},
-                     "images": [r["image"] for r in records], "annotations": annotations,
-                     "categories": CATEGORIES, "skipped_images": collector.skipped})
-    write_json(results_path(out), annotations)
-    save_config(settings, out.with_suffix(".config.yaml"))
-    print(f"wrote {len(records)} images, {len(annotations)} masks ({len(collector.skipped)} skipped) to {out}")
-    if collector.skipped:
-        print(f"warning: skipped {len(collector.skipped)} unreadable image(s); they are listed under "
-              "'skipped_images'", file=sys.stderr)
-    return len(records)
 
+def pa_settings(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict:
+    """The recorded settings: the setting flags, with paths resolved and the SHA-256 of the file the PA
+    comes from (the checkpoint, or the oracle's GT), so that a retrained predictor is not mixed in."""
+    # "method" names the source in the output's info.description ("ggn pseudo-masks"), as gen_masks.py's --method does.
+    settings = {"method": "ggn", **settings_from(parser, args)}
+    source_file = args.gt_json if args.affinity == ORACLE else args.affinity
+    if args.affinity != ORACLE:
+        settings["affinity"] = str(Path(args.affinity).resolve())
+    if settings.get("gt_json"):
+        settings["gt_json"] = str(Path(args.gt_json).resolve())
+    # A missing file is reported by the source, after the job has checked the outputs.
+    settings["affinity_sha256"] = file_digest(source_file) if Path(source_file).is_file() else None
+    return settings
+
+
+def generate_pa_masks(parser: argparse.ArgumentParser, args: argparse.Namespace) -> RunStats | None:
+    """`gen_pa_masks.py`: merge shard parts, or check the flags and run the job (None after a merge)."""
+    # The outputs first (as every command), before any input is read; a shard's existing output is the merge's business.
+    check_outputs(args.pred_json_path, folders=[args.vis_dir], overwrite=args.overwrite if args.shard == "0/1" else None)
+    if args.merge:
+        merge(args)
+        return None
+    if not args.dataset or not args.dataset_root:
+        raise UserError("--dataset and --dataset_root are required (or --merge)")
+    if args.affinity is None:
+        raise UserError("--affinity is required (or --merge)")
+    if args.affinity == ORACLE and not args.gt_json:
+        raise UserError("--affinity oracle needs --gt_json (the ground truth the affinity is computed from)")
+    return run(args, pa_settings(parser, args), make_source)

@@ -4,12 +4,6 @@ Hungarian matching of the clusters to the classes, then mIoU.
     python segmentation/eval_cluster.py --config configs/segmentation/deeplab_voc.yml \\
         --model_path outputs/segmentation/deeplab_voc/model_final.pth
 """
-import sys
-from pathlib import Path
-
-if __package__ in (None, ""):  # run as a script from the repo root
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
-
 import argparse
 
 from segmentation.engine import VAL_KEYS, build_val_dataset, class_names, format_iou, load_trained_model
@@ -69,5 +63,10 @@ def main(argv=None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The `maskdistill-seg-eval-cluster` console script: `main` with one-line errors and exit codes."""
     run_cli(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -4,12 +4,6 @@ Example:
     python segmentation/gen_segmentation.py --results outputs/maskrcnn/results.json \\
         --dataset data/voc_trainaug.json --out_dir outputs/pseudo_labels --threshold 0.5
 """
-import sys
-from pathlib import Path
-
-if __package__ in (None, ""):  # run as a script from the repo root
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
-
 import argparse
 
 from segmentation.painting import generate_segmentation
@@ -54,5 +48,10 @@ def main(argv=None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The `maskdistill-gen-segmentation` console script: `main` with one-line errors and exit codes."""
     run_cli(main)
+
+
+if __name__ == "__main__":
+    cli()

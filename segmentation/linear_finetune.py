@@ -8,13 +8,8 @@ Results go to <root_dir of config_env>/<config_exp name>/ (results.json, metrics
 training resumes automatically from the latest checkpoint there when it was made with the same settings,
 `pretrained` network and data (anything else is refused); an existing results.json needs --overwrite.
 """
-import sys
-from pathlib import Path
-
-if __package__ in (None, ""):  # run as a script from the repo root
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
-
 import argparse
+from pathlib import Path
 
 from segmentation.probe import load_probe_config, run_linear_probe
 from utils.cli import DEVICE_CHOICES, add_device_arg, check_outputs, int_range
@@ -75,5 +70,10 @@ def main(argv=None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The `maskdistill-seg-linear-finetune` console script: `main` with one-line errors and exit codes."""
     run_cli(main)
+
+
+if __name__ == "__main__":
+    cli()

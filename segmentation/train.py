@@ -4,12 +4,6 @@ Single process:   python segmentation/train.py --config configs/segmentation/dee
 Several GPUs:     torchrun --nproc_per_node 4 segmentation/train.py --config ... --set solver.batch_size=16
 Resume:           add --resume (continues from the latest model_XXXXXXX.pth in the output folder)
 """
-import sys
-from pathlib import Path
-
-if __package__ in (None, ""):  # run as a script from the repo root
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
-
 import argparse
 
 from segmentation.engine import SCHEMA, TINY_EXAMPLE, TRAIN_KEYS, train
@@ -47,5 +41,10 @@ def main(argv=None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The `maskdistill-seg-train` console script: `main` with one-line errors and exit codes."""
     run_cli(main)
+
+
+if __name__ == "__main__":
+    cli()

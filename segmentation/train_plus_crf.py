@@ -6,12 +6,6 @@ Each round lives in OUTPUT_DIR/round<r>/ (its labels in round<r>/labels/); rerun
 and resumes where it stopped, and refuses rounds recorded with other settings (--overwrite reruns them).
 Works under torchrun like segmentation/train.py.
 """
-import sys
-from pathlib import Path
-
-if __package__ in (None, ""):  # run as a script from the repo root
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
-
 import argparse
 
 from segmentation.crf import CRFParams
@@ -54,5 +48,10 @@ def main(argv=None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The `maskdistill-seg-train-plus-crf` console script: `main` with one-line errors and exit codes."""
     run_cli(main)
+
+
+if __name__ == "__main__":
+    cli()

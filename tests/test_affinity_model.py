@@ -33,6 +33,21 @@ def test_forward_gives_one_logit_per_pixel_and_trains_every_part():
         build_affinity_model({**TINY, "head_norm": "ln"})
 
 
+def test_the_stride_2_branch_predicts_every_pixel_and_every_parameter_learns():
+    """model.fine_channels: a stride-2 prediction from image convolutions and the head's fused features. Every
+    parameter gets a gradient (DistributedDataParallel refuses unused ones), so the head has no 1x1 predictor."""
+    torch.manual_seed(0)
+    model = build_affinity_model({**TINY, "fine_channels": 4})
+    assert model.head.predict is None and model.fine.predict.in_channels == 4 + TINY["head_channels"]
+    logits = model(torch.rand(2, 3, 50, 70))
+    assert logits.shape == (2, 50, 70)
+    logits.square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+    assert model.fine.image[0].stride == (2, 2)
+    with pytest.raises(RuntimeError, match="no prediction layer"):
+        model.head([torch.rand(1, 32, 8, 8)] * 4)
+
+
 def test_loss_by_hand_leaves_background_pairs_out_and_weights_positives():
     # At logit 0, BCE is log 2 per unit of weight: w * y * log 2 + (1 - y) * log 2, with w = 0.05.
     target = torch.tensor([[[1.0, 0.5, 0.0]], [[1.0, 1.0, 0.25]]])

@@ -11,8 +11,9 @@ import pytest
 import torch
 import yaml
 
+from detectron2_train import affinity_engine
 from detectron2_train import engine as rcnn_engine
-from detectron2_train import train_net
+from detectron2_train import train_affinity, train_net
 from detectron2_train.modeling import build_model
 from segmentation import engine as seg_engine
 from segmentation import eval_cluster, linear_finetune, train, train_plus_crf
@@ -24,7 +25,7 @@ from utils.errors import UserError
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
 # Which schema each YAML is read with, first match wins; every file must match one.
-SCHEMA_OF = [("detectron2/*.yaml", rcnn_engine.SCHEMA), ("segmentation/env.yml", ENV_SCHEMA),
+SCHEMA_OF = [("detectron2/*.yaml", rcnn_engine.SCHEMA), ("affinity/*.yaml", affinity_engine.SCHEMA), ("segmentation/env.yml", ENV_SCHEMA),
              ("segmentation/*linear_*.yml", PROBE_SCHEMA), ("segmentation/*.yml", seg_engine.SCHEMA)]
 ALL_YAMLS = sorted(p.relative_to(CONFIGS).as_posix() for p in CONFIGS.rglob("*") if p.suffix in (".yaml", ".yml"))
 NOT_RECIPES = {"segmentation/env.yml"}  # an environment file (root_dir), not a model config
@@ -102,7 +103,7 @@ def test_detectron2_twins_train_on_tiny_coco(tiny_coco, tmp_path, capsys):
     subset.write_text(json.dumps({**data, "images": data["images"][:8],
                                   "annotations": [a for a in data["annotations"] if a["image_id"] in ids]}))
     (tmp_path / "A.txt").write_text("person\ncar\n")
-    for twin in ("tiny_test", "tiny_voc_class_agnostic", "tiny_coco20k", "tiny_transfer"):
+    for twin in ("tiny_test", "tiny_voc_class_agnostic", "tiny_coco20k", "tiny_transfer", "tiny_ggn_coco"):
         out = tmp_path / twin
         extra = ["--mask_classes", tmp_path / "A.txt"] if twin == "tiny_transfer" else []
         _run(capsys, train_net.main, ["--config", CONFIGS / "detectron2" / f"{twin}.yaml", "--device", "cpu",
@@ -117,6 +118,20 @@ def test_detectron2_twins_train_on_tiny_coco(tiny_coco, tmp_path, capsys):
         assert saved["model"]["mask_head"] == recipe["model"]["mask_head"]
         num_categories = len(state["extra"]["categories"])
         assert num_categories == (1 if recipe["data"]["class_agnostic"] else 80)
+
+
+def test_affinity_twins_train_on_tiny_coco(tiny_coco, tmp_path, capsys):
+    torch.set_num_threads(1)
+    (tmp_path / "A.txt").write_text("person\ncar\n")
+    for twin in ("tiny_test", "tiny_ggn_voc"):
+        out = tmp_path / twin
+        _run(capsys, train_affinity.main, ["--config", CONFIGS / "affinity" / f"{twin}.yaml", "--device", "cpu",
+                                           "--train_json", tiny_coco / "annotations" / "instances_train2017.json",
+                                           "--train_root", tiny_coco / "train2017", "--seen_classes", tmp_path / "A.txt",
+                                           "--output_dir", out, "--set", "solver.max_iter=2"])
+        state = torch.load(out / "model_final.pth", weights_only=False)
+        assert state["iteration"] == 2 and state["config"]["model"]["backbone"] == "tiny"
+        assert state["extra"]["seen_category_ids"] == [1, 3]
 
 
 def test_segmentation_twins_train_and_probe_on_voc_mini(voc_mini, tmp_path, capsys):
@@ -146,11 +161,12 @@ def test_segmentation_twins_train_and_probe_on_voc_mini(voc_mini, tmp_path, caps
 
 @pytest.mark.parametrize("main,keys", [
     (train_net.main, ["data.train_json", "data.train_root"]),
+    (train_affinity.main, ["data.train_json", "data.train_root", "data.seen_classes"]),
     (train.main, ["data.image_dir", "data.label_dir", "data.train_list", "data.val_list"]),
     (train_plus_crf.main, ["data.image_dir", "data.label_dir", "data.train_list"]),
     (linear_finetune.main, ["pretrained", "data.image_dir", "data.label_dir", "data.train_list", "data.val_list"]),
     (eval_cluster.main, ["data.val_list", "data.val_label_dir"]),
-], ids=["train_net", "train", "train_plus_crf", "linear_finetune", "eval_cluster"])
+], ids=["train_net", "train_affinity", "train", "train_plus_crf", "linear_finetune", "eval_cluster"])
 def test_help_lists_the_keys_to_set_and_an_example_that_names_real_files(main, keys, capsys):
     with pytest.raises(SystemExit) as info:
         main(["--help"])

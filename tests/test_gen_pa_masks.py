@@ -43,10 +43,11 @@ def test_oracle_output_is_the_grouping_of_the_gt_affinity(val, tmp_path, monkeyp
     assert sorted(data) == ["annotations", "categories", "images", "info", "skipped_images"]
     assert data["categories"] == [{"id": 1, "name": "object", "supercategory": "object"}]
     assert data["info"]["settings"]["topk"] == 5 and data["info"]["settings"]["affinity"] == "oracle"
+    assert data["info"]["description"] == "ggn pseudo-masks"
     assert json.loads(out.with_suffix(".results.json").read_text()) == data["annotations"]
     assert yaml.safe_load(out.with_suffix(".config.yaml").read_text()) == data["info"]["settings"]
     assert [a["id"] for a in data["annotations"]] == list(range(1, len(data["annotations"]) + 1))
-    assert f"wrote 2 images, {len(data['annotations'])} masks" in stdout
+    assert "wrote 2 images (0 skipped)" in stdout
 
     gt = json.loads(gt_json.read_text())
     gt_by_image = annotations_by_image(gt["annotations"])
@@ -120,3 +121,86 @@ def test_bad_input_is_one_line_and_writes_nothing(val, tmp_path, monkeypatch, ca
     out.write_text("{}")
     code, _, stderr = run(monkeypatch, capsys, *base, "--affinity", "oracle", "--gt_json", gt_json)
     assert code == 2 and "already exists" in stderr
+
+
+def test_shards_merge_resume_and_gallery_come_from_the_job(val, tmp_path, monkeypatch, capsys):
+    """Two shards merged equal a single run; a resume after a killed run writes the same file; the
+    gallery holds one overlay per image."""
+    images, gt_json = val
+    base = ["--dataset", "folder", "--dataset_root", images, "--affinity", "oracle", "--gt_json", gt_json,
+            "--max_images", 3, "--topk", 3, "--globalization", 0, "--num_workers", 0]
+    single = tmp_path / "single.json"
+    code, _, stderr = run(monkeypatch, capsys, *base, "--pred_json_path", single, "--vis_dir", tmp_path / "vis")
+    assert code == 0, stderr
+    expected = json.loads(single.read_text())
+    assert len(expected["images"]) == 3
+    assert len(list((tmp_path / "vis").glob("*.png"))) == 3
+    page = (tmp_path / "vis" / "index.html").read_text()
+    assert all(image["file_name"] in page for image in expected["images"]) and "ggn" in page
+
+    sharded = tmp_path / "sharded.json"
+    for shard in ("0/2", "1/2"):
+        code, _, stderr = run(monkeypatch, capsys, *base, "--pred_json_path", sharded, "--shard", shard)
+        assert code == 0, stderr
+    code, stdout, stderr = run(monkeypatch, capsys, "--merge", "--pred_json_path", sharded)
+    assert code == 0 and "merged 2 shards: 3 images" in stdout, stderr
+    assert json.loads(sharded.read_text()) == expected
+
+    # A killed run: the part holds its header and the first image's record only.
+    resumed = tmp_path / "resumed.json"
+    parts = tmp_path / "resumed.json.parts"
+    parts.mkdir()
+    first = expected["images"][0]
+    header = {"kind": "header", "settings": expected["info"]["settings"]}
+    record = {"index": 0, "image": first,
+              "annotations": [{k: v for k, v in a.items() if k != "id"} for a in expected["annotations"]
+                              if a["image_id"] == first["id"]]}
+    (parts / "shard-00000-of-00001.jsonl.inprogress").write_text(json.dumps(header) + "\n" + json.dumps(record) + "\n")
+    code, _, stderr = run(monkeypatch, capsys, *base, "--pred_json_path", resumed)
+    assert code == 2 and "pass --resume" in stderr
+    code, _, stderr = run(monkeypatch, capsys, *base, "--pred_json_path", resumed, "--topk", 4, "--resume")
+    assert code == 2 and "was made with topk=3, not 4" in stderr
+    code, stdout, stderr = run(monkeypatch, capsys, *base, "--pred_json_path", resumed, "--resume")
+    assert code == 0 and "wrote 3 images (0 skipped)" in stdout, stderr
+    assert json.loads(resumed.read_text()) == expected
+
+
+def test_resume_refuses_a_retrained_checkpoint_and_skips_unreadable_images(tmp_path, monkeypatch, capsys):
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    from PIL import Image
+
+    for n in (1, 2):
+        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(images / f"{n}.jpg")
+    (images / "3.jpg").write_bytes(b"not an image")
+    config = {"model": {"backbone": "tiny", "fpn_channels": 16, "head_channels": 8, "norm": "gn"},
+              "input": {"min_size_test": 40, "max_size_test": 64}}
+    checkpoint = tmp_path / "pa.pth"
+    torch.manual_seed(0)
+    save_checkpoint(checkpoint, build_affinity_model(config["model"]), config=config)
+    out = tmp_path / "pa.json"
+    base = ["--dataset", "folder", "--dataset_root", images, "--affinity", checkpoint, "--num_workers", 0,
+            "--globalization", 0, "--pred_json_path", out]
+    code, stdout, stderr = run(monkeypatch, capsys, *base)
+    assert code == 0 and "wrote 2 images (1 skipped)" in stdout, stderr
+    data = json.loads(out.read_text())
+    assert [i["file_name"] for i in data["images"]] == ["1.jpg", "2.jpg"]
+    assert [s["file_name"] for s in data["skipped_images"]] == ["3.jpg"]
+    from utils.fingerprint import file_digest
+
+    assert data["info"]["settings"]["affinity_sha256"] == file_digest(checkpoint)
+
+    # Same path, other weights: the parts of the first predictor are refused.
+    (tmp_path / "pa.json.parts").mkdir()
+    part = tmp_path / "pa.json.parts" / "shard-00000-of-00001.jsonl.inprogress"
+    part.write_text(json.dumps({"kind": "header", "settings": data["info"]["settings"]}) + "\n")
+    torch.manual_seed(1)
+    save_checkpoint(checkpoint, build_affinity_model(config["model"]), config=config)
+    code, _, stderr = run(monkeypatch, capsys, *base, "--resume", "--overwrite")
+    assert code == 0, stderr  # --overwrite starts again
+    part.parent.mkdir(exist_ok=True)
+    part.write_text(json.dumps({"kind": "header", "settings": data["info"]["settings"]}) + "\n")
+    out.unlink()
+    code, _, stderr = run(monkeypatch, capsys, *base, "--resume")
+    assert code == 2 and "was made with affinity_sha256=" in stderr and stderr.count("\n") == 1

@@ -84,3 +84,12 @@ def test_cutler_configs_hold_the_published_hyper_parameters():
     for name in ("cascade_mask_rcnn_r50", "cascade_mask_rcnn_r50_self_train"):  # SyncBN kept, tiny backbone
         tiny = load_config(CONFIGS / "cutler" / f"{name}.yaml", TINY_MODEL[:2] + TINY_MODEL[3:6], DEFAULTS)
         assert build_model(tiny, 1).roi_heads.num_stages == 3
+
+
+def test_docs_list_every_maskx_and_cutler_config():
+    """docs/mask_rcnn.md names each config of maskx/ and cutler/ (with its paper row or CutLER config)."""
+    docs = (CONFIGS.parents[1] / "docs" / "mask_rcnn.md").read_text()
+    names = [f"`{p.relative_to(CONFIGS / 'maskx').as_posix()}`" for p in (CONFIGS / "maskx").rglob("*.yaml")]
+    names += [f"`cutler/{p.name}`" for p in (CONFIGS / "cutler").glob("*.yaml")]
+    names += [f"`{p.name}`" for p in CONFIGS.glob("tiny_maskx_*.yaml")]
+    assert len(names) == 19 + 5 + 2 and [n for n in names if n not in docs] == []

@@ -11,8 +11,8 @@ import pytest
 
 from detectron2_train.results_table import summarize_runs
 from detectron2_train.splits import paper_random_splits, read_class_list, write_splits
-from utils.coco_eval import EvalOptions, evaluate_predictions
-from utils.coco_io import make_annotation, write_json
+from utils.coco_eval import EvalOptions, evaluate_instances, format_report
+from utils.coco_io import make_annotation, reference_name, write_json
 from utils.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,9 +30,12 @@ def _gt() -> dict:
             "categories": [{"id": 1, "name": "rectangle"}, {"id": 2, "name": "ellipse"}]}
 
 
-def _finished_run(root: Path, name: str, shift_b: int) -> Path:
-    """A run whose set-A masks are exact and whose set-B masks are shifted by `shift_b` pixels."""
+def _finished_run(root: Path, name: str, shift_b: int, gt_info: dict | None = None) -> Path:
+    """A run whose set-A masks are exact and whose set-B masks are shifted by `shift_b` pixels, evaluated against
+    root/gt.json (with `gt_info` as its info)."""
     gt = _gt()
+    gt_path = root / "gt.json"
+    write_json(gt_path, {**gt, "info": gt_info or {}})
     results = []
     for ann in gt["annotations"]:
         mask = np.zeros((32, 32), dtype=np.uint8)
@@ -43,8 +46,8 @@ def _finished_run(root: Path, name: str, shift_b: int) -> Path:
     write_json(run / "inference" / "results.json", results)
     (run / "model_final.pth").write_bytes(b"")
     for set_name, classes in (("A", ("rectangle",)), ("B", ("ellipse",))):
-        report = evaluate_predictions(results, gt, EvalOptions(iou_types=("bbox", "segm"), eval_classes=classes),
-                                      agnostic_recall=False)
+        report = evaluate_instances(run / "inference" / "results.json", gt_path,
+                                    EvalOptions(iou_types=("bbox", "segm"), eval_classes=classes))
         write_json(run / "inference" / f"eval_{set_name}.json", report.to_json())
     return run
 
@@ -58,7 +61,26 @@ def test_table_has_set_b_then_set_a_for_every_run(tmp_path):
     assert lines[0] == "| run | mask AP on B | AP50 on B | mask AP on A | AP50 on A | AP (all) | AP50 (all) |"
     assert lines[2] == f"| {exact} | 100.0 | 100.0 | 100.0 | 100.0 | 61.5 | 99.0 |"
     assert lines[3] == f"| {shifted} | 10.0 | 100.0 | 100.0 | 100.0 | - | - |"
-    assert summarize_runs([str(shifted)], "bbox").splitlines()[2] == f"| {shifted} | 10.0 | 100.0 | 100.0 | 100.0 | - | - |"
+    against = f"mask AP of inference/results.json against the ground truth in {tmp_path / 'gt.json'}"
+    assert lines[4:] == ["", f"{exact}: {against}", f"{shifted}: {against}"]
+    box = summarize_runs([str(shifted)], "bbox").splitlines()
+    assert box[2] == f"| {shifted} | 10.0 | 100.0 | 100.0 | 100.0 | - | - |"
+    assert box[-1] == f"{shifted}: box AP of inference/results.json against the ground truth in {tmp_path / 'gt.json'}"
+
+
+def test_summary_says_when_the_reference_is_pseudo_labels(tmp_path):
+    """A reference written by mask discovery or self-training (its info says so) is named as pseudo-labels, in the
+    summarize table, in eval_instances.py's report and in train_net.py's summary line (reference_name)."""
+    run = _finished_run(tmp_path, "run", shift_b=0, gt_info={"description": "maskcut pseudo-masks"})
+    assert summarize_runs([str(run)]).splitlines()[-1] == (
+        f"{run}: mask AP of inference/results.json against the pseudo-labels in {tmp_path / 'gt.json'}")
+    assert reference_name({"info": {"description": "pseudo-labels from r1/train_results.json"}}, "r2.json") == (
+        "the pseudo-labels in r2.json")
+    assert reference_name({"images": []}, "gt.json") == "the ground truth in gt.json"
+    report = evaluate_instances(run / "inference" / "results.json", tmp_path / "gt.json", EvalOptions())
+    assert format_report(report).splitlines()[0] == (
+        f"evaluated 4 predictions against 4 objects in 2 images (2 categories) of the pseudo-labels in "
+        f"{tmp_path / 'gt.json'}")
 
 
 def test_unfinished_or_inconsistent_runs_are_one_line_errors(tmp_path):

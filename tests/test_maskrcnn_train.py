@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import socket
 import subprocess
 import sys
@@ -20,12 +19,12 @@ from detectron2_train.modeling import build_model, set_image_sizes
 from tests.helpers.synthetic_shapes import make_dataset
 from utils.coco_eval import EvalOptions, evaluate_predictions
 from utils.coco_io import box_iou_xywh, decode_segmentation, load_json
-from utils.checkpoint import rng_states, save_checkpoint
+from utils.checkpoint import save_checkpoint
 from utils.config import load_config
 from utils.distributed import DistInfo
 from utils.errors import UserError
 from utils.fingerprint import fingerprint
-from training_helpers import Killed, assert_same_weights, kill_after, records, tear_metrics
+from training_helpers import assert_resumed_runs_match, copy_with_foreign_rng, kill_and_resume
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "detectron2" / "tiny_test.yaml"
@@ -97,35 +96,15 @@ def test_killed_run_resumes_exactly_on_every_rank(tmp_path, one_thread, monkeypa
         configs[name]["input"]["min_size_train"] = [56, 64, 72]  # the multi-scale draw uses the global RNG
     straight = train(configs["straight"], DistInfo())
 
-    kill_after(monkeypatch, 5)
-    with pytest.raises(Killed):
-        train(configs["killed"], DistInfo())
-    monkeypatch.undo()
     killed_dir = Path(configs["killed"]["output_dir"])
-    assert sorted(p.name for p in killed_dir.glob("*.pth")) == ["model_0000003.pth"]
-    tear_metrics(killed_dir / "metrics.jsonl")
-    with pytest.raises(UserError, match="--resume"):
-        train(configs["killed"], DistInfo())
-    resumed = train(configs["killed"], DistInfo(), resume=True)
-
-    # Every rank > 0 under torchrun resumes without its own RNG state: resume from a copy of the
-    # checkpoint whose saved RNG states are someone else's.
+    resumed = kill_and_resume(lambda resume=False: train(configs["killed"], DistInfo(), resume=resume), monkeypatch,
+                              killed_dir)
+    # Every rank > 0 under torchrun resumes without its own RNG state.
     other_dir = Path(configs["other_rank"]["output_dir"])
-    other_dir.mkdir(parents=True)
-    state = torch.load(Path(configs["straight"]["output_dir"]) / "model_0000003.pth", weights_only=False)
-    torch.manual_seed(12345)
-    random.seed(12345)
-    np.random.seed(12345)
-    state["rng"] = rng_states()
-    torch.save(state, other_dir / "model_0000003.pth")
+    copy_with_foreign_rng(Path(configs["straight"]["output_dir"]) / "model_0000003.pth", other_dir)
     other = train(configs["other_rank"], DistInfo(), resume=True)
 
-    assert_same_weights(straight, resumed)
-    assert_same_weights(straight, other)
-    straight_log = records(Path(configs["straight"]["output_dir"]) / "metrics.jsonl")
-    assert [r["iteration"] for r in straight_log] == [1, 2, 3, 4, 5, 6]
-    assert records(killed_dir / "metrics.jsonl") == straight_log
-    assert records(other_dir / "metrics.jsonl") == straight_log[3:]
+    assert_resumed_runs_match(Path(straight), Path(resumed), Path(other), killed_dir, other_dir)
     start = build_model(configs["straight"], 2).state_dict()
     final = torch.load(straight, weights_only=False)["model"]
     changed = sum(not torch.equal(start[k], final[k]) for k in start if start[k].is_floating_point())

@@ -2,12 +2,19 @@
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
+from typing import Callable, TypeVar
 
+import numpy as np
 import pytest
 import torch
 
 import utils.training
+from utils.checkpoint import rng_states
+from utils.errors import UserError
+
+T = TypeVar("T")
 
 
 class Killed(Exception):
@@ -45,3 +52,41 @@ def assert_same_weights(path_a: Path, path_b: Path) -> None:
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+def kill_and_resume(run: Callable[..., T], monkeypatch: pytest.MonkeyPatch, output_dir: Path,
+                    iterations: int = 5, checkpoints: tuple[str, ...] = ("model_0000003.pth",)) -> T:
+    """Kill `run()` after `iterations` (leaving `checkpoints` and a torn metrics line), check that a rerun
+    without resume is refused, and return `run(resume=True)`."""
+    kill_after(monkeypatch, iterations)
+    with pytest.raises(Killed):
+        run()
+    monkeypatch.undo()
+    assert sorted(p.name for p in output_dir.glob("*.pth")) == list(checkpoints)
+    tear_metrics(output_dir / "metrics.jsonl")
+    with pytest.raises(UserError, match="--resume"):
+        run()
+    return run(resume=True)
+
+
+def copy_with_foreign_rng(checkpoint: Path, output_dir: Path) -> None:
+    """Copy `checkpoint` into `output_dir` with someone else's RNG states: what every rank > 0 resumes
+    from under torchrun, where only rank 0's states are saved."""
+    output_dir.mkdir(parents=True)
+    state = torch.load(checkpoint, weights_only=False)
+    torch.manual_seed(12345)
+    random.seed(12345)
+    np.random.seed(12345)
+    state["rng"] = rng_states()
+    torch.save(state, output_dir / checkpoint.name)
+
+
+def assert_resumed_runs_match(straight: Path, resumed: Path, other: Path, killed_dir: Path, other_dir: Path) -> None:
+    """A killed-and-resumed run and a rank resumed with foreign RNG states end with the weights and
+    metrics log of an uninterrupted 6-iteration run (checkpoint at 3)."""
+    assert_same_weights(straight, resumed)
+    assert_same_weights(straight, other)
+    straight_log = records(straight.parent / "metrics.jsonl")
+    assert [r["iteration"] for r in straight_log] == [1, 2, 3, 4, 5, 6]
+    assert records(killed_dir / "metrics.jsonl") == straight_log
+    assert records(other_dir / "metrics.jsonl") == straight_log[3:]

@@ -15,12 +15,6 @@ distill/cluster.py. It is the one file under utils/ that imports a stage package
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-if __package__ in (None, ""):  # run as a script from the repo root
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
-
 import argparse
 
 from distill.cluster import ClusterSettings, cluster_masks
@@ -79,5 +73,10 @@ def main(argv: list[str] | None = None) -> None:
     cluster_masks(ClusterSettings(**vars(build_parser().parse_args(argv))))
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The `maskdistill-cluster` console script: `main` with one-line errors and exit codes."""
     run_cli(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -33,7 +33,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from utils.coco_io import (OBJECT_CATEGORY, box_iou_xywh, check_image_ids, load_coco_dataset, load_predictions,
-                           match_by_file_name, segmentation_to_rle)
+                           match_by_file_name, reference_name, segmentation_to_rle)
 from utils.errors import UserError
 from utils.validate import require_gt_fields
 
@@ -64,6 +64,7 @@ class EvalResult:
     metrics: dict = field(default_factory=dict)  # iou_type -> {name: value}
     summaries: dict = field(default_factory=dict)  # iou_type -> pycocotools' printed table
     notes: list[str] = field(default_factory=list)
+    reference: str = ""  # what the predictions were compared with (utils.coco_io.reference_name), when known
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -329,12 +330,14 @@ def evaluate_instances(pred_path: str | os.PathLike, gt_path: str | os.PathLike,
     # Both files name their images: match them by name whatever their ids, and evaluate the predictions' images.
     anns, matched_ids = match_by_file_name(anns, dataset, gt["images"], str(pred_path), str(gt_path))
     if matched_ids is None:
-        return evaluate_predictions(anns, gt, options, str(pred_path), str(gt_path))
-    kept = set(matched_ids)
-    subset = {**gt, "images": [img for img in gt["images"] if img["id"] in kept],
-              "annotations": [a for a in gt["annotations"] if a["image_id"] in kept]}
-    result = evaluate_predictions(anns, subset, options, str(pred_path), str(gt_path))
-    result.notes.insert(0, f"scored over {len(kept)} of {len(gt['images'])} GT images (matched by file_name)")
+        result = evaluate_predictions(anns, gt, options, str(pred_path), str(gt_path))
+    else:
+        kept = set(matched_ids)
+        subset = {**gt, "images": [img for img in gt["images"] if img["id"] in kept],
+                  "annotations": [a for a in gt["annotations"] if a["image_id"] in kept]}
+        result = evaluate_predictions(anns, subset, options, str(pred_path), str(gt_path))
+        result.notes.insert(0, f"scored over {len(kept)} of {len(gt['images'])} GT images (matched by file_name)")
+    result.reference = reference_name(gt, gt_path)
     return result
 
 
@@ -434,8 +437,9 @@ def format_report(result: EvalResult) -> str:
     def fmt(v: float | None) -> str:
         return "n/a" if v is None else f"{v:.2f}"
 
-    lines = [f"evaluated {result.num_predictions} predictions against {result.num_gt} GT objects "
-             f"in {result.num_images} images ({len(result.eval_category_ids)} categories)"]
+    lines = [f"evaluated {result.num_predictions} predictions against {result.num_gt} objects "
+             f"in {result.num_images} images ({len(result.eval_category_ids)} categories) of "
+             f"{result.reference or 'the ground truth'}"]
     lines += [f"note: {n}" for n in result.notes]
     order = [t for t in ("bbox", "segm") if t in result.metrics]
     for iou_type in order:

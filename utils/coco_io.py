@@ -279,6 +279,15 @@ def annotations_by_image(anns: list[dict]) -> dict[int, list[dict]]:
     return grouped
 
 
+def reference_name(dataset: dict, path: str | os.PathLike) -> str:
+    """What an evaluation compares with, for summary lines: "the pseudo-labels in PATH" when the COCO dataset
+    was written by this toolkit's mask discovery or self-training (its info.description names pseudo-masks or
+    pseudo-labels: gen_masks.py, gen_pa_masks.py, train_net.py's rounds), else "the ground truth in PATH"."""
+    description = str((dataset.get("info") or {}).get("description", "")).lower()
+    kind = "pseudo-labels" if "pseudo-mask" in description or "pseudo-label" in description else "ground truth"
+    return f"the {kind} in {os.fspath(path)}"
+
+
 def confident_else_best(preds: list[dict], threshold: float) -> tuple[list[dict], list[dict]]:
     """Split one image's predictions into (kept, rest): those scoring at least `threshold` (score >= threshold),
     or, when none does, the single best one (the first of equal best scores), as MaskDistill keeps every image
