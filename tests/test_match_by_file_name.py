@@ -80,7 +80,7 @@ def test_instances_match_by_file_name_and_evaluate_only_the_predicted_images(tmp
                                                        "--class_agnostic"])
     assert code == 0, err
     assert "note: scored over 3 of 5 GT images (matched by file_name)" in stdout
-    assert "evaluated 3 predictions against 3 GT objects in 3 images" in stdout
+    assert "evaluated 3 predictions against 3 objects in 3 images" in stdout
     # Equal scores keep GT image order (ids 3, 4, 5): hit, miss, hit. Precision 1 up to recall 1/3 (34 of the
     # 101 recall points), then 2/3 up to recall 2/3 (33 points): AP50 = (34 + 33 * 2/3) / 101 = 55.45 %.
     assert stdout.strip().splitlines()[-1] == "segm AP50: 55.45"
