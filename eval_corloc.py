@@ -42,6 +42,9 @@ def main(argv: list[str] | None = None) -> None:
                              args.iou_threshold)
     if args.out_json:
         write_json(args.out_json, result.to_json(), indent=2)
+    if result.matched_by == "file_name":
+        print(f"CorLoc {result.corloc:.2f} % over {result.num_images} of {result.num_gt_images} GT images "
+              "(matched by file_name)")
     print(result.summary())
     print(f"CorLoc: {result.corloc:.2f}")
 

@@ -4,6 +4,8 @@ Examples:
   python gen_masks.py --dataset folder --dataset_root ../shared/data/tiny_coco/val2017 \\
       --weights random --pred_json_path masks.json
   python gen_masks.py --method maskcut --dataset folder --dataset_root IMAGES --pred_json_path maskcut.json
+  python gen_masks.py --dataset folder --dataset_root val2017 --gt_json instances_val2017.json \\
+      --exclude 'masks' --pred_json_path masks.json   # ids from the GT by file name; masks/ left out
   python gen_masks.py --dataset VOCClass --dataset_root VOCdevkit --year 2012 --set trainval \\
       --pred_json_path voc12_masks.json
   Several processes or machines: run --shard 0/4 ... --shard 3/4 anywhere, then --merge; or
@@ -13,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 
-from distill.cli import add_image_arguments, add_output_arguments
+from distill.cli import add_image_arguments, add_output_arguments, image_ids_mode
 from utils.cli import add_device_arg, add_num_workers_arg, float_range, int_range
 from utils.errors import run_cli
 
@@ -25,7 +27,10 @@ ARCHS = ["vit_small", "vit_base", "dinov2_vits14", "dinov2_vitb14", "dinov2_vits
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_image_arguments(p)
+    images = add_image_arguments(p)
+    images.add_argument("--gt_json", dest="image_ids", type=lambda path: image_ids_mode(f"from:{path}"),
+                        help="folder: alias of --image_ids from:GT.json: image ids from that COCO file by file name, "
+                             "so the masks line up with it whatever its numbering")
 
     model = p.add_argument_group("backbone")
     model.add_argument("--arch", default="vit_small", choices=ARCHS,

@@ -17,8 +17,9 @@ from utils.cli import int_range
 SETTING_GROUPS = ("images", "backbone", "method", "encoding")
 
 
-def add_image_arguments(parser: argparse.ArgumentParser) -> None:
-    """The image-set flags (group "images"), shared by every mask source's command."""
+def add_image_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """The image-set flags (group "images"), shared by every mask source's command; returns the group, for a
+    command's own image-set flags."""
     data = parser.add_argument_group("images")
     data.add_argument("--dataset", choices=["VOCClass", "COCO20k", "folder"],
                       help="image set: VOC (VOCdevkit layout), COCO20k (COCO JSON + file list), or any folder "
@@ -31,11 +32,30 @@ def add_image_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--coco_json", help="COCO20k: the COCO instances JSON the subset is taken from")
     data.add_argument("--file_list", help="COCO20k: text file of image file names (LOST's coco_20k_filenames.txt); "
                                           "the subset GT and its class-agnostic twin are written next to the output")
-    data.add_argument("--image_ids", default="auto", choices=["auto", "filename", "sequential"],
-                      help="folder: image ids from integer file names (auto: when all are distinct integers, "
-                           "so COCO folders match their GT) or 1..N (default: %(default)s)")
+    data.add_argument("--image_ids", default="auto", type=image_ids_mode,
+                      help="folder: image ids from a COCO file by file name (from:GT.json: the same path relative "
+                           "to --dataset_root, else the same base name when unique), from integer "
+                           "file names (filename; auto: when all are distinct integers) or 1..N (sequential) "
+                           "(default: %(default)s)")
+    data.add_argument("--skip_images_not_in_gt", action="store_true",
+                      help="with --image_ids from:GT.json (gen_masks.py: --gt_json): leave out the images the GT does not "
+                           "have (by default they are an error)")
+    data.add_argument("--exclude", action="append", metavar="GLOB",
+                      help="folder: leave out files whose path relative to --dataset_root, or one of its folders, "
+                           "matches GLOB, e.g. --exclude masks --exclude '*_mask.png' (repeatable)")
     data.add_argument("--max_images", type=int_range(0), default=0,
                       help="process only the first N images (0: all)")
+    return data
+
+
+def image_ids_mode(text: str) -> str:
+    """argparse type of --image_ids: auto, filename, sequential or from:GT.json (kept as an absolute path, so that
+    a resume from another folder records the same setting)."""
+    if text in ("auto", "filename", "sequential"):
+        return text
+    if text.startswith("from:") and len(text) > len("from:"):
+        return "from:" + str(Path(text[len("from:"):]).resolve())
+    raise argparse.ArgumentTypeError(f"{text!r}: use auto, filename, sequential or from:GT.json")
 
 
 def add_output_arguments(parser: argparse.ArgumentParser) -> None:

@@ -2,10 +2,14 @@
 size-grouped batching, and the mapping of patch masks back to pixels."""
 from __future__ import annotations
 
+import fnmatch
 import math
 import os
+import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 import torch
@@ -13,10 +17,10 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 from torch.utils.data import Dataset
 
-from utils.coco_io import OBJECT_CATEGORY, load_coco_dataset
-from utils.errors import UserError
+from utils.coco_io import OBJECT_CATEGORY, ImagesByName, load_coco_dataset, read_text_lines
+from utils.errors import UserError, print_safely
 from utils.images import IMAGENET_MEAN, IMAGENET_STD, ImageReadError, list_images, load_rgb
-from utils.voc import voc_image_id  # the image-id convention of convert_voc.py
+from utils.voc import read_image_set, voc_image_id  # the image-id convention of convert_voc.py
 
 
 @dataclass
@@ -35,10 +39,7 @@ def voc_entries(root: Path, year: str, image_set: str, split_folder: str = "Segm
     voc = root / f"VOC{year}"
     if not voc.is_dir():
         raise UserError(f"--dataset_root {root} has no VOC{year}/ folder (expected a VOCdevkit directory)")
-    list_file = voc / "ImageSets" / split_folder / f"{image_set}.txt"
-    if not list_file.is_file():
-        raise UserError(f"VOC image list not found: {list_file}")
-    stems = [line.split()[0] for line in list_file.read_text().splitlines() if line.strip()]
+    stems = read_image_set(voc, split_folder, image_set)
     return [ImageEntry(i, voc_image_id(s), f"VOC{year}/JPEGImages/{s}.jpg", voc / "JPEGImages" / f"{s}.jpg")
             for i, s in enumerate(stems)]
 
@@ -46,15 +47,13 @@ def voc_entries(root: Path, year: str, image_set: str, split_folder: str = "Segm
 def coco20k_entries(root: Path, coco_json: Path, file_list: Path) -> tuple[list[ImageEntry], dict]:
     """The COCO20k subset (the LOST file list) of a COCO instances JSON, and that subset's GT."""
     dataset = load_coco_dataset(coco_json)
-    if not file_list.is_file():
-        raise UserError(f"COCO20k file list not found: {file_list}")
-    wanted = [line.strip() for line in file_list.read_text().splitlines() if line.strip()]
+    wanted = read_text_lines(file_list, "COCO20k file list")
     by_name = {Path(img["file_name"]).name: img for img in dataset["images"]}
     entries, images = [], []
     for i, name in enumerate(wanted):
         img = by_name.get(Path(name).name)
         if img is None:
-            raise UserError(f"{file_list}: {name} is not an image of {coco_json}")
+            raise UserError(f"{file_list}: {name!r} is not an image of {coco_json}")
         rel = name if (root / name).is_file() else img["file_name"]
         entries.append(ImageEntry(i, int(img["id"]), rel, root / rel))
         images.append(img)
@@ -76,18 +75,111 @@ def class_agnostic(dataset: dict) -> dict:
     }
 
 
-def folder_entries(root: Path, image_ids: str = "auto") -> list[ImageEntry]:
-    """Every image under `root`, recursively. Ids are the file stems when all are distinct integers
-    (COCO's `000000397133.jpg` -> 397133, so outputs line up with COCO GT) under `auto`, else 1..N."""
-    files = list_images(root)
+# Folder names that hold label images, not photos (VOC's SegmentationClass, CityScapes' gtFine, ...).
+LABEL_FOLDER_WORDS = ("mask", "label", "annot", "segmentation", "gt", "ground", "trimap")
+
+
+def folder_entries(root: Path, image_ids: str = "auto", exclude: Iterable[str] = (),
+                   skip_images_not_in_gt: bool = False) -> list[ImageEntry]:
+    """Every image under `root`, recursively, less those matching an `exclude` glob. Ids: `from:GT.json` takes
+    them from a COCO file by file name (`gt_image_ids`); otherwise the file stems when all are distinct integers
+    (COCO's `000000397133.jpg` -> 397133, so outputs line up with COCO GT) under `auto`, else 1..N.
+    Warns when the folder seems to mix photos with label masks (`label_like_files`)."""
+    files = [f for f in list_images(root) if not is_excluded(f, exclude)]
     if not files:
-        raise UserError(f"no images found under {root}")
+        excluded = f" (less those matching --exclude {' '.join(exclude)})" if exclude else ""
+        raise UserError(f"no images found under {root}{excluded}")
+    warn_label_like(root, files)
+    if image_ids.startswith("from:"):
+        ids = gt_image_ids(files, Path(image_ids[len("from:"):]), root, skip_images_not_in_gt)
+        kept = [(f, i) for f, i in zip(files, ids) if i is not None]
+        return [ImageEntry(n, image_id, f, root / f) for n, (f, image_id) in enumerate(kept)]
     stems = [Path(f).stem for f in files]
     numeric = all(s.isdigit() for s in stems) and len({int(s) for s in stems}) == len(stems)
     if image_ids == "filename" and not numeric:
         raise UserError("--image_ids filename needs distinct integer file names")
     use_stems = image_ids == "filename" or (image_ids == "auto" and numeric)
     return [ImageEntry(i, int(s) if use_stems else i + 1, f, root / f) for i, (f, s) in enumerate(zip(files, stems))]
+
+
+def is_excluded(relative: str, patterns: Iterable[str]) -> bool:
+    """Whether a path relative to the folder, or one of its parent folders, matches a glob (`masks`, `masks/*`
+    and `*/masks` leave out a folder of masks; `*.png` every PNG)."""
+    parts = relative.split("/")
+    prefixes = ["/".join(parts[: n + 1]) for n in range(len(parts))]
+    return any(fnmatch.fnmatchcase(prefix, pattern) for pattern in patterns for prefix in prefixes)
+
+
+def _is_label_png(path: Path) -> bool:
+    """A PNG that stores one value per pixel (palette, grayscale or 1-bit): how label masks are saved."""
+    if path.suffix.lower() != ".png":
+        return False
+    try:
+        with Image.open(path) as img:  # the header only
+            return img.mode in ("P", "L", "1", "I", "I;16")
+    except OSError:
+        return False
+
+
+def label_like_files(root: Path, files: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
+    """(single-channel PNGs in a folder named like masks/labels/annotations, pairs of files of one stem in two
+    folders): signs that ground-truth masks sit among the photos."""
+    in_label_folder = [f for f in files if any(token.startswith(LABEL_FOLDER_WORDS) for part in f.split("/")[:-1]
+                                               for token in re.split(r"[^a-z]+", part.lower()))]
+    label_pngs = [f for f in in_label_folder if _is_label_png(root / f)]
+    first_by_stem: dict[str, str] = {}
+    twins = []
+    for f in files:
+        stem, folder = Path(f).stem, str(Path(f).parent)
+        other = first_by_stem.setdefault(stem, f)
+        if other != f and str(Path(other).parent) != folder:
+            twins.append((other, f))
+    return label_pngs, twins
+
+
+def warn_label_like(root: Path, files: list[str]) -> None:
+    """One `warning:` line when the folder seems to mix photos with label masks (--exclude leaves them out)."""
+    label_pngs, twins = label_like_files(root, files)
+    if not label_pngs and not twins:
+        return
+    signs = []
+    if label_pngs:
+        signs.append(f"{len(label_pngs)} single-channel PNG(s) in label-like folders, e.g. {label_pngs[0]}")
+    if twins:
+        signs.append(f"{len(twins)} name(s) in two folders, e.g. {twins[0][0]} and {twins[0][1]}")
+    suspect = label_pngs[0] if label_pngs else twins[0][1]
+    folder = suspect.split("/")[0] if "/" in suspect else "*.png"
+    print_safely(f"warning: {root} may mix photos with label masks ({'; '.join(signs)}); every image found is "
+                 f"processed: pass --exclude '{folder}' to leave them out", sys.stderr)
+
+
+def gt_image_ids(files: list[str], gt_path: Path, root: Path, skip_missing: bool) -> list[int | str | None]:
+    """The id of each file (relative to `root`) in the COCO file `gt_path`, matched by `file_name`: the same
+    relative path, else the same base name when only one GT image has it. A file not in the GT is an error
+    naming a few, unless `skip_missing` (its id is then None)."""
+    gt_images = load_coco_dataset(gt_path)["images"]
+    gt_by_name = ImagesByName(gt_images)
+    ids: list[int | str | None] = []
+    missing: list[str] = []
+    owner: dict = {}
+    for f in files:
+        img = gt_by_name.find(f)
+        if img is None:
+            missing.append(f)
+            ids.append(None)
+            continue
+        if img["id"] in owner:
+            raise UserError(f"{owner[img['id']]} and {f} both match image {img['file_name']!r} of {gt_path} "
+                            "(by base name); pass --exclude to leave one out")
+        owner[img["id"]] = f
+        ids.append(img["id"])
+    if missing and not skip_missing:
+        examples = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
+        raise UserError(f"{len(missing)} of {len(files)} images under {root} are not in {gt_path} by file_name "
+                        f"({examples}); pass --skip_images_not_in_gt to leave them out, or --exclude GLOB")
+    if len(missing) == len(files):
+        raise UserError(f"no image under {root} is in {gt_path} by file_name")
+    return ids
 
 
 # ----------------------------------------------------------------------------- sizes

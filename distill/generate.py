@@ -32,7 +32,8 @@ from tqdm import tqdm
 
 from distill.data import ImageEntry, class_agnostic, coco20k_entries, folder_entries, voc_entries
 from distill.visualize import write_gallery
-from utils.coco_io import OBJECT_CATEGORY, atomic_path, check_can_write, write_json
+from utils.coco_io import (OBJECT_CATEGORY, atomic_path, check_can_write, check_writable, check_writable_folder,
+                           write_json)
 from utils.config import save_config
 from utils.errors import UserError
 from utils.images import ImageReadError, read_size
@@ -94,29 +95,74 @@ def results_path(pred_json_path: Path) -> Path:
     return pred_json_path.with_suffix(".results.json")
 
 
-def read_records(path: Path) -> tuple[dict | None, list[tuple[int, int]]]:
-    """(header, [(index, byte offset)]) of a part file. A torn last line (a killed run) is dropped
-    and truncated away, so the file can be appended to again."""
+class PartError(UserError):
+    """A part file that is not what the job wrote: a corrupt or missing record, or fewer records than planned."""
+
+
+@dataclass
+class PartScan:
+    header: dict | None
+    offsets: list[tuple[int, int]]  # (image index, byte offset) of each record
+    good_end: int  # byte offset after the last whole record
+
+
+def _record_problem(record: object) -> str | None:
+    """Why a parsed line is not an image record, or None when it is one."""
+    if not isinstance(record, dict):
+        return "not a JSON object"
+    index = record.get("index")
+    if not isinstance(index, int) or isinstance(index, bool) or index < 0:
+        return "no image 'index'"
+    if "skipped" in record:
+        return None if isinstance(record["skipped"], dict) else "a malformed 'skipped' entry"
+    if not isinstance(record.get("image"), dict) or not isinstance(record.get("annotations"), list):
+        return "no 'image' and 'annotations'"
+    return None
+
+
+def scan_part(path: Path, finished: bool) -> PartScan:
+    """Read and check every line of a part file: a header, then one record per image. In an unfinished part
+    the last line may be torn by a kill (it is left out: the caller truncates it away and the image is
+    redone); any other bad line, and any bad line of a finished part, is a `PartError` naming the line."""
     header, offsets, good_end = None, [], 0
-    with open(path, "rb+") as f:
-        while True:
-            offset = f.tell()
-            line = f.readline()
-            if not line:
-                break
+    with open(path, "rb") as f:
+        for number, line in enumerate(iter(f.readline, b""), start=1):
             try:
                 record = json.loads(line)
-            except json.JSONDecodeError:
-                break
-            if not line.endswith(b"\n"):
-                break
-            good_end = f.tell()
-            if record.get("kind") == "header":
+                problem = None if line.endswith(b"\n") else "cut short"
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                record, problem = None, "not valid JSON"
+            if problem is None:
+                if number == 1:
+                    if not (isinstance(record, dict) and record.get("kind") == "header"
+                            and isinstance(record.get("settings"), dict)):
+                        problem = "not the part's header"
+                else:
+                    problem = _record_problem(record)
+            if problem is not None:
+                if not finished and not f.readline():  # the last line of an unfinished part: torn by a kill
+                    break
+                raise PartError(f"{path}: line {number}: {problem}; the part is corrupt: rerun its shard with "
+                                "--overwrite")
+            if number == 1:
                 header = record
             else:
-                offsets.append((record["index"], offset))
-        f.truncate(good_end)
-    return header, offsets
+                offsets.append((record["index"], good_end))
+            good_end = f.tell()
+    return PartScan(header, offsets, good_end)
+
+
+def peek_part(path: Path) -> tuple[dict | None, bool]:
+    """(header, whether any image record follows it) of an unfinished part, read without changing it."""
+    with open(path, "rb") as f:
+        first, second = f.readline(), f.readline()
+    try:
+        header = json.loads(first)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        header = None
+    if not (isinstance(header, dict) and header.get("kind") == "header" and isinstance(header.get("settings"), dict)):
+        header = None
+    return header, bool(second.strip())
 
 
 def check_settings(header: dict | None, settings: dict, source: Path) -> None:
@@ -129,17 +175,59 @@ def check_settings(header: dict | None, settings: dict, source: Path) -> None:
                             "use the same settings, or --overwrite to start again")
 
 
+class PartLock:
+    """An exclusive, non-blocking `flock` on `<part>.lock`, held for a whole run of one shard, so that two runs
+    on the same `--pred_json_path` (a second one with --overwrite or --resume included) never write the same part:
+    the second is refused, naming the first. The lock file holds the holder's pid, host and start time; it is
+    never removed while held (a removed and recreated file would let a second holder in)."""
+
+    def __init__(self, part: Path) -> None:
+        self.path = part.with_name(part.name + ".lock")
+        self.fd: int | None = None
+
+    def __enter__(self) -> "PartLock":
+        import fcntl
+        import socket
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 200).decode("utf-8", "replace").strip() or "unknown"
+            os.close(fd)
+            raise UserError(f"another run is writing {self.path.with_suffix('')} ({holder}); wait for it to finish or "
+                            "stop it, then run again") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}"
+                     .encode())
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # releases the lock
+            self.fd = None
+
+
 def assemble(part_files: list[Path], out_path: Path, settings: dict) -> tuple[int, int]:
     """Stream the records of all parts, in data-set order, into one COCO file. Returns (images, skipped)."""
     located = []
     for file_number, path in enumerate(part_files):
-        header, offsets = read_records(path)
-        check_settings(header, settings, path)
-        located += [(index, file_number, offset) for index, offset in offsets]
+        scan = scan_part(path, finished=True)
+        if scan.header is None:
+            raise PartError(f"{path} is empty: rerun its shard with --overwrite")
+        check_settings(scan.header, settings, path)
+        planned = scan.header.get("planned_images")  # absent in parts written before it was recorded
+        if planned is not None and planned != len(scan.offsets):
+            raise PartError(f"{path} holds {len(scan.offsets)} image records but its shard planned {planned}; "
+                            "rerun its shard with --overwrite")
+        located += [(index, file_number, offset) for index, offset in scan.offsets]
     located.sort()
-    for (a, _, _), (b, _, _) in zip(located, located[1:]):
+    for (a, file_a, _), (b, file_b, _) in zip(located, located[1:]):
         if a == b:
-            raise UserError(f"image #{a} appears in two parts of {parts_dir(out_path)}; rerun its shard with --overwrite")
+            where = f"twice in {part_files[file_a]}" if file_a == file_b else f"in two parts of {parts_dir(out_path)}"
+            raise PartError(f"image #{a} appears {where}; rerun its shard with --overwrite")
     handles = [open(p, "rb") for p in part_files]
 
     def records(kind: str) -> Iterator[dict]:
@@ -187,22 +275,33 @@ def assemble(part_files: list[Path], out_path: Path, settings: dict) -> tuple[in
 # ----------------------------------------------------------------------------- job
 
 
-def dataset_entries(args: argparse.Namespace) -> list[ImageEntry]:
+def load_image_set(args: argparse.Namespace) -> tuple[list[ImageEntry], dict | None]:
+    """The images of the image-set flags, and for COCO20k the subset's GT (written by `write_subset_gt`).
+    Reads only: nothing is written, so a refused run leaves nothing behind."""
     root = Path(args.dataset_root)
     if not root.is_dir():
         raise UserError(f"--dataset_root {root} is not a directory")
+    exclude = getattr(args, "exclude", None) or []
+    if args.dataset != "folder" and (exclude or args.image_ids.startswith("from:")):
+        flag = "--exclude" if exclude else "--gt_json (--image_ids from:)"
+        raise UserError(f"{flag} applies to --dataset folder; {args.dataset} names its images itself")
     if args.dataset == "VOCClass":
-        return voc_entries(root, args.year, args.set, args.voc_split_folder)
+        return voc_entries(root, args.year, args.set, args.voc_split_folder), None
     if args.dataset == "COCO20k":
         if not args.coco_json or not args.file_list:
             raise UserError("--dataset COCO20k needs --coco_json and --file_list")
-        entries, subset = coco20k_entries(root, Path(args.coco_json), Path(args.file_list))
-        out_dir = Path(args.pred_json_path).parent
-        if not (out_dir / "coco20k_gt.json").exists() or args.overwrite:
-            write_json(out_dir / "coco20k_gt.json", subset)
-            write_json(out_dir / "coco20k_gt_class_agnostic.json", class_agnostic(subset))
-        return entries
-    return folder_entries(root, args.image_ids)
+        return coco20k_entries(root, Path(args.coco_json), Path(args.file_list))
+    return folder_entries(root, args.image_ids, exclude, getattr(args, "skip_images_not_in_gt", False)), None
+
+
+def write_subset_gt(args: argparse.Namespace, subset: dict | None) -> None:
+    """COCO20k: the subset's GT and its class-agnostic twin, next to the output (kept unless --overwrite)."""
+    if subset is None:
+        return
+    out_dir = Path(args.pred_json_path).parent
+    if not (out_dir / "coco20k_gt.json").exists() or args.overwrite:
+        write_json(out_dir / "coco20k_gt.json", subset)
+        write_json(out_dir / "coco20k_gt_class_agnostic.json", class_agnostic(subset))
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -216,7 +315,11 @@ def parse_shard(text: str) -> tuple[int, int]:
 
 
 def merge(args: argparse.Namespace) -> int:
+    """Join the finished shard parts into `--pred_json_path`. Every record of every part is checked first
+    (`scan_part`, and its count against the images its shard planned): a corrupt part stops the merge,
+    naming its file and line, before the output is written."""
     out = Path(args.pred_json_path)
+    check_writable(out)
     check_can_write(out, args.overwrite)
     folder = parts_dir(out)
     finished = sorted(folder.glob("shard-*-of-*.jsonl")) if folder.is_dir() else []
@@ -226,47 +329,56 @@ def merge(args: argparse.Namespace) -> int:
     missing = [i for i in range(count) if not part_path(out, i, count).exists()]
     if missing:
         raise UserError(f"cannot merge: shard(s) {missing} of {count} are not finished in {folder}")
-    header, _ = read_records(finished[0])
+    header = scan_part(finished[0], finished=True).header
+    if header is None:
+        raise PartError(f"{finished[0]} is empty: rerun its shard with --overwrite")
     images, skipped = assemble([part_path(out, i, count) for i in range(count)], out, header["settings"])
     save_config(header["settings"], out.with_suffix(".config.yaml"))
     print(f"merged {count} shards: {images} images, {skipped} skipped -> {out}")
     return 0
 
 
+def check_part_state(final_part: Path, progress_part: Path, args: argparse.Namespace, settings: dict,
+                     shard_name: str) -> None:
+    """Refuse what would mix or lose results: a finished part (without --overwrite), an unfinished one with
+    image records (without --resume or --overwrite) or made with other settings (with --resume). Reads only;
+    an unfinished part holding no image record (a run stopped before its first image) is simply replaced."""
+    if args.overwrite:
+        return
+    if final_part.exists():
+        raise UserError(f"shard {shard_name} is already finished ({final_part}); run --merge, or --overwrite to redo it")
+    if not progress_part.exists():
+        return
+    header, has_records = peek_part(progress_part)
+    if not has_records:
+        return
+    if not args.resume:
+        raise UserError(f"unfinished results exist in {progress_part}; pass --resume to continue, "
+                        "or --overwrite to start again")
+    check_settings(header, settings, progress_part)
+
+
 def generate(args: argparse.Namespace, settings: dict, make_source: Callable[[argparse.Namespace], MaskSource]) -> RunStats:
     """Run (one shard of) a mask-generation job: the image-set and output flags of `args`, the recorded
-    `settings` (`distill.cli.settings_from`), and the mask source `make_source(args)` (made after the cheap checks
-    and before any file is written, so that a source that refuses its arguments leaves nothing behind)."""
+    `settings` (`distill.cli.settings_from`), and the mask source `make_source(args)`.
+
+    Everything that can refuse the run (flags, outputs, the existing parts, the image set, the source with its
+    weights) is checked before any file or folder is created, so a refused run leaves nothing behind. The shard's
+    part is then locked (`PartLock`) for the whole run and its state checked again under the lock."""
     out = Path(args.pred_json_path)
     shard, num_shards = parse_shard(args.shard)
+    check_writable(out)
+    if args.vis_dir:
+        check_writable_folder(args.vis_dir, f"--vis_dir {args.vis_dir}")
     if num_shards == 1:
         check_can_write(out, args.overwrite)
     final_part = part_path(out, shard, num_shards)
     progress_part = final_part.with_name(final_part.name + ".inprogress")
-    if final_part.exists() and not args.overwrite:
-        raise UserError(f"shard {shard}/{num_shards} is already finished ({final_part}); "
-                        "run --merge, or --overwrite to redo it")
-    if progress_part.exists() and not (args.resume or args.overwrite):
-        raise UserError(f"unfinished results exist in {progress_part}; pass --resume to continue, "
-                        "or --overwrite to start again")
-    if progress_part.exists() and args.resume and not args.overwrite:
-        check_settings(read_records(progress_part)[0], settings, progress_part)
-
-    entries = dataset_entries(args)
+    check_part_state(final_part, progress_part, args, settings, f"{shard}/{num_shards}")
+    entries, subset = load_image_set(args)
     if args.max_images:
         entries = entries[: args.max_images]
     source = make_source(args)
-
-    if args.overwrite:
-        for p in (final_part, progress_part):
-            p.unlink(missing_ok=True)
-    done: set[int] = set()
-    if progress_part.exists():
-        done = {index for index, _ in read_records(progress_part)[1]}
-    else:
-        progress_part.parent.mkdir(parents=True, exist_ok=True)
-        with open(progress_part, "w") as f:
-            f.write(json.dumps({"kind": "header", "settings": settings}) + "\n")
 
     stats = RunStats()
     start = time.perf_counter()
@@ -277,30 +389,53 @@ def generate(args: argparse.Namespace, settings: dict, make_source: Callable[[ar
             sizes[entry.index] = read_size(entry.path)
         except ImageReadError as exc:
             unreadable.append((entry, str(exc)))
+    unreadable = [(entry, reason) for entry, reason in unreadable if entry.index % num_shards == shard]
     # Batches are planned over the whole data set and then dealt to the shards, so every image is
     # computed in the same batch however the job is sharded or resumed: the outputs are identical.
     batches = source.plan(entries, sizes)[shard::num_shards]
-    batches = [b for b in batches if any(index not in done for index in b)]
-    with open(progress_part, "a") as part:
-        writer = PartWriter(part, done, stats)
-        for entry, reason in unreadable:
-            if entry.index % num_shards == shard:
-                writer.skip(entry, reason)
-        if batches:
-            source.run(batches, writer)
-    stats.seconds["total"] = time.perf_counter() - start
-    if stats.skipped:
-        print(f"warning: skipped {stats.skipped} unreadable image(s); they are listed under 'skipped_images'",
-              file=sys.stderr)
+    planned = sum(map(len, batches)) + len(unreadable)
 
-    progress_part.rename(final_part)
-    if num_shards == 1:
-        images, skipped = assemble([final_part], out, settings)
-        save_config(settings, out.with_suffix(".config.yaml"))
-        shutil.rmtree(parts_dir(out))
-        print(f"wrote {images} images ({skipped} skipped) to {out}")
-    else:
-        print(f"shard {shard}/{num_shards} done: {final_part}; run with --merge once every shard is done")
+    with PartLock(final_part):
+        if num_shards == 1:
+            check_can_write(out, args.overwrite)  # again: another run may have finished meanwhile
+        check_part_state(final_part, progress_part, args, settings, f"{shard}/{num_shards}")
+        write_subset_gt(args, subset)
+        if args.overwrite:
+            final_part.unlink(missing_ok=True)
+        done: set[int] = set()
+        if progress_part.exists() and not args.overwrite:
+            scan = scan_part(progress_part, finished=False)
+            if scan.offsets:
+                with open(progress_part, "rb+") as f:
+                    f.truncate(scan.good_end)  # a line torn by a kill is redone
+                done = {index for index, _ in scan.offsets}
+                recorded = scan.header.get("planned_images") if scan.header else None
+                if recorded not in (None, planned):
+                    raise UserError(f"{progress_part} was planned for {recorded} images of this shard, but the "
+                                    f"image set now gives {planned}: it changed; --overwrite to start again")
+        if not done:
+            with open(progress_part, "w") as f:
+                f.write(json.dumps({"kind": "header", "settings": settings, "planned_images": planned}) + "\n")
+        batches = [b for b in batches if any(index not in done for index in b)]
+        with open(progress_part, "a") as part:
+            writer = PartWriter(part, done, stats)
+            for entry, reason in unreadable:
+                writer.skip(entry, reason)
+            if batches:
+                source.run(batches, writer)
+        stats.seconds["total"] = time.perf_counter() - start
+        if stats.skipped:
+            print(f"warning: skipped {stats.skipped} unreadable image(s); they are listed under 'skipped_images'",
+                  file=sys.stderr)
+
+        progress_part.rename(final_part)
+        if num_shards == 1:
+            images, skipped = assemble([final_part], out, settings)
+            save_config(settings, out.with_suffix(".config.yaml"))
+            shutil.rmtree(parts_dir(out))  # the lock file too: it is held until the end
+            print(f"wrote {images} images ({skipped} skipped) to {out}")
+        else:
+            print(f"shard {shard}/{num_shards} done: {final_part}; run with --merge once every shard is done")
     if args.vis_dir and Path(args.vis_dir).is_dir():
         write_gallery(Path(args.vis_dir), settings)
     return stats

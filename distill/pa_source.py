@@ -26,7 +26,7 @@ from tqdm import tqdm
 from detectron2_train.affinity import AFFINITY_INPUT_DEFAULTS, load_affinity_model, predict_affinity
 from distill.cli import settings_from
 from distill.data import ImageEntry, worker_count
-from distill.generate import PartWriter, RunStats, dataset_entries, merge, run
+from distill.generate import PartWriter, RunStats, load_image_set, merge, run
 from distill.grouping import GroupingOptions, image_record
 from distill.visualize import overlay_name
 from utils.cli import check_outputs
@@ -161,7 +161,7 @@ def make_source(args: argparse.Namespace) -> PAMaskSource:
     source = PAMaskSource(args.affinity, grouping_options(args), args.mask_format, args.gt_json, args.device,
                           args.num_workers, vis_dir=args.vis_dir)
     if source.model is None:
-        entries = dataset_entries(args)[: args.max_images or None]
+        entries = load_image_set(args)[0][: args.max_images or None]  # reads only: the job writes
         sizes = {}
         for entry in entries:
             try:

@@ -248,7 +248,15 @@ def test_resume_after_interruption_loses_nothing(small_folder, tmp_path, monkeyp
 
 def test_resume_refuses_changed_settings(small_folder, tmp_path, monkeypatch, capsys):
     out = tmp_path / "masks.json"
-    monkeypatch.setattr(engine_module, "backbone_features", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    real_features, calls = engine_module.backbone_features, []
+
+    def interrupted(*a, **k):  # after the first batch: the part holds image records
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_features(*a, **k)
+
+    monkeypatch.setattr(engine_module, "backbone_features", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run_inprocess(*common_args(small_folder, out))
     assert "topk=0.4, not 0.2" in run_main_expecting_error([*common_args(small_folder, out), "--resume", "--topk", 0.2],

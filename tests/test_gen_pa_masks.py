@@ -200,7 +200,9 @@ def test_resume_refuses_a_retrained_checkpoint_and_skips_unreadable_images(tmp_p
     code, _, stderr = run(monkeypatch, capsys, *base, "--resume", "--overwrite")
     assert code == 0, stderr  # --overwrite starts again
     part.parent.mkdir(exist_ok=True)
-    part.write_text(json.dumps({"kind": "header", "settings": data["info"]["settings"]}) + "\n")
+    # a part holding an image (one holding none is simply replaced, see tests/test_gen_masks_safety.py)
+    part.write_text(json.dumps({"kind": "header", "settings": data["info"]["settings"]}) + "\n"
+                    + json.dumps({"index": 0, "image": data["images"][0], "annotations": []}) + "\n")
     out.unlink()
     code, _, stderr = run(monkeypatch, capsys, *base, "--resume")
     assert code == 2 and "was made with affinity_sha256=" in stderr and stderr.count("\n") == 1

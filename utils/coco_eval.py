@@ -33,7 +33,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from utils.coco_io import (OBJECT_CATEGORY, box_iou_xywh, check_image_ids, load_coco_dataset, load_predictions,
-                           reference_name, segmentation_to_rle)
+                           match_by_file_name, reference_name, segmentation_to_rle)
 from utils.errors import UserError
 from utils.validate import require_gt_fields
 
@@ -326,8 +326,17 @@ def evaluate_instances(pred_path: str | os.PathLike, gt_path: str | os.PathLike,
     """Evaluate a predictions file (results list or COCO dict) against a COCO GT file."""
     check_options(options)
     gt = load_coco_dataset(gt_path)
-    anns, _ = load_predictions(pred_path)
-    result = evaluate_predictions(anns, gt, options, str(pred_path), str(gt_path))
+    anns, dataset = load_predictions(pred_path)
+    # Both files name their images: match them by name whatever their ids, and evaluate the predictions' images.
+    anns, matched_ids = match_by_file_name(anns, dataset, gt["images"], str(pred_path), str(gt_path))
+    if matched_ids is None:
+        result = evaluate_predictions(anns, gt, options, str(pred_path), str(gt_path))
+    else:
+        kept = set(matched_ids)
+        subset = {**gt, "images": [img for img in gt["images"] if img["id"] in kept],
+                  "annotations": [a for a in gt["annotations"] if a["image_id"] in kept]}
+        result = evaluate_predictions(anns, subset, options, str(pred_path), str(gt_path))
+        result.notes.insert(0, f"scored over {len(kept)} of {len(gt['images'])} GT images (matched by file_name)")
     result.reference = reference_name(gt, gt_path)
     return result
 

@@ -86,6 +86,8 @@ def read_text_lines(path: str | os.PathLike, what: str = "list file") -> list[st
         raise UserError(f"{what} {path} is a folder, not a file") from None
     except OSError as exc:
         raise UserError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    if "\0" in text:
+        raise UserError(f"{what} {path} is not a text file (it holds NUL bytes); expected one name per line")
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
@@ -179,13 +181,16 @@ def decode_segmentation(segm: list | dict, height: int, width: int) -> np.ndarra
     return mask_utils.decode(segmentation_to_rle(segm, height, width)).astype(np.uint8)
 
 
-def mask_to_polygons(mask: np.ndarray) -> list[list[float]]:
-    """Binary mask -> COCO polygons (outer contours with at least 3 points)."""
+def mask_to_polygons(mask: np.ndarray) -> list[list[float]] | None:
+    """Binary mask -> COCO polygons (the outer contours), or None when a part of the mask has no valid polygon:
+    a straight line one pixel wide, or a single pixel, traces fewer than 3 points (which pycocotools refuses),
+    and an outline of no area would lose its pixels."""
     import cv2
 
     contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-    polygons = [c.reshape(-1).astype(float).tolist() for c in contours if len(c) >= 3]
-    return polygons
+    if not contours or any(len(c) < 3 or cv2.contourArea(c) == 0 for c in contours):
+        return None
+    return [c.reshape(-1).astype(float).tolist() for c in contours]
 
 
 def mask_to_bbox(mask: np.ndarray) -> list[float]:
@@ -221,6 +226,8 @@ def make_annotation(mask: np.ndarray, image_id: int, category_id: int = 1, score
         segmentation: Any = mask_to_rle(mask)
     elif mask_format == "polygon":
         segmentation = mask_to_polygons(mask)
+        if segmentation is None:  # too thin for a polygon: this annotation keeps the mask as RLE
+            segmentation = mask_to_rle(mask)
     else:
         raise ValueError(f"unknown mask format {mask_format!r}")
     ann = {
@@ -235,6 +242,30 @@ def make_annotation(mask: np.ndarray, image_id: int, category_id: int = 1, score
     if ann_id is not None:
         ann["id"] = ann_id
     return ann
+
+
+def posix_file_name(name: object) -> str:
+    """A COCO `file_name` as a POSIX path (Windows separators turned, a leading './' dropped)."""
+    return Path(str(name).replace("\\", "/")).as_posix()
+
+
+class ImagesByName:
+    """COCO images looked up by `file_name`: the same path (POSIX, without a leading './'), else the same base name
+    when a single image has it. How the images of two files are matched when their ids cannot be trusted."""
+
+    def __init__(self, images: list[dict]) -> None:
+        self.by_path: dict[str, dict] = {}
+        by_base: dict[str, list[dict]] = {}
+        for img in images:
+            if img.get("file_name"):
+                path = posix_file_name(img["file_name"])
+                self.by_path[path] = img
+                by_base.setdefault(Path(path).name, []).append(img)
+        self.by_base = {base: found[0] for base, found in by_base.items() if len(found) == 1}
+
+    def find(self, file_name: object) -> dict | None:
+        path = posix_file_name(file_name)
+        return self.by_path.get(path) or self.by_base.get(Path(path).name)
 
 
 def image_index(dataset: dict) -> dict[int, dict]:
@@ -281,6 +312,47 @@ def check_image_ids(pred_anns: list[dict], dataset: dict, pred_name: str, gt_nam
             raise UserError(f"{pred_name}: annotation #{i} has image_id {ann['image_id']!r} which is not in {gt_name}")
         if "segmentation" in ann:
             validate.check_mask_fits_image(ann["segmentation"], f"{pred_name}: annotation #{i}", image)
+
+
+def match_by_file_name(pred_anns: list[dict], pred_dataset: dict | None, gt_images: list[dict], pred_name: str,
+                       gt_name: str) -> tuple[list[dict], list | None]:
+    """Match predictions to GT images by `file_name` when both files name their images (a COCO dict of
+    predictions, as `gen_masks.py` writes, and a GT whose images all have names), whatever their ids: ids are
+    remapped to the GT's. Returns (the annotations, the GT ids of the predictions' images in their order), or the
+    annotations unchanged and None when either file lacks names (then ids are trusted).
+
+    A prediction image is the GT image of the same path, else of the same base name when one GT image has it. One
+    that is in no GT image, or whose height/width differ from it, is an error saying what to pass."""
+    pred_images = (pred_dataset or {}).get("images") or []
+    if not pred_images or not all(img.get("file_name") for img in pred_images) or \
+            not gt_images or not all(img.get("file_name") for img in gt_images):
+        return pred_anns, None
+    gt_by_name = ImagesByName(gt_images)
+    remap: dict = {}
+    owner: dict = {}
+    for img in pred_images:
+        name = posix_file_name(img["file_name"])
+        gt_img = gt_by_name.find(name)
+        if gt_img is None:
+            raise UserError(f"{pred_name}: image {name!r} (id {img['id']!r}) is not in {gt_name} (matched by "
+                            f"file_name); pass the --gt_file the predictions were made for, or make them with "
+                            f"gen_masks.py --gt_json {gt_name}")
+        if (img["height"], img["width"]) != (gt_img["height"], gt_img["width"]):
+            raise UserError(f"{pred_name}: image {name!r} is {img['height']}x{img['width']} (h x w) but "
+                            f"{gt_img['height']}x{gt_img['width']} in {gt_name}: not the same image; pass the "
+                            f"--gt_file the predictions were made for")
+        if gt_img["id"] in owner:
+            raise UserError(f"{pred_name}: images {owner[gt_img['id']]!r} and {name!r} both match "
+                            f"{gt_img['file_name']!r} of {gt_name} (by file_name)")
+        owner[gt_img["id"]] = name
+        remap[img["id"]] = gt_img["id"]
+    remapped = []
+    for i, ann in enumerate(pred_anns):
+        if ann["image_id"] not in remap:
+            raise UserError(f"{pred_name}: annotation #{i} has image_id {ann['image_id']!r}, which is not in its "
+                            "own 'images'")
+        remapped.append({**ann, "image_id": remap[ann["image_id"]]})
+    return remapped, list(remap.values())
 
 
 # ----------------------------------------------------------------------------- outputs

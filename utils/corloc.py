@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from utils.coco_io import box_iou_xywh, load_coco_dataset, load_predictions, segmentation_to_rle
+from utils.coco_io import box_iou_xywh, load_coco_dataset, load_predictions, match_by_file_name, segmentation_to_rle
 from utils.errors import UserError
 from utils.validate import check_mask_fits_image
 from utils.voc import parse_voc_xml, read_image_set, voc_image_id
@@ -39,6 +39,7 @@ class GroundTruthBoxes:
     source: str = ""
     no_hard: bool = False
     removed: str = ""  # what was removed from the GT, for the report
+    images: list = field(default_factory=list)  # the COCO GT's images (file names: predictions are matched by them)
 
 
 @dataclass
@@ -52,11 +53,13 @@ class CorLocResult:
     num_skipped: int  # not counted: no GT box left with --no_hard
     per_image: dict  # image key -> bool, for the counted images
     removed: str = ""
+    matched_by: str = "image_id"  # how predictions were matched to GT images: image_id or file_name
 
     def summary(self) -> str:
         skipped = f", {self.num_skipped} skipped (no GT box left after --no_hard)" if self.num_skipped else ""
         removed = f" ({self.removed})" if self.removed else ""
-        return (f"{self.num_images} of {self.num_gt_images} ground-truth images counted{skipped}; "
+        matched = " (the predictions' images, matched by file_name)" if self.matched_by == "file_name" else ""
+        return (f"{self.num_images} of {self.num_gt_images} ground-truth images counted{matched}{skipped}; "
                 f"{self.num_correct} correctly localised; misses include {self.num_without_prediction} without "
                 f"a prediction and {self.num_without_gt} without a GT box{removed}")
 
@@ -66,14 +69,15 @@ class CorLocResult:
                 "num_without_gt": self.num_without_gt, "num_skipped": self.num_skipped,
                 "denominator": "images of the ground truth, less those skipped: with --no_hard, images left "
                                "without a GT box are skipped; otherwise they are counted as misses",
-                "gt_removed": self.removed,
+                "gt_removed": self.removed, "matched_by": self.matched_by,
                 "per_image": {str(k): v for k, v in self.per_image.items()}}
 
 
 def gt_from_coco(path: str | os.PathLike, no_hard: bool = False) -> GroundTruthBoxes:
     """GT boxes from a COCO instances JSON: crowd regions removed, corners rounded (LOST's `extract_gt_COCO`)."""
     data = load_coco_dataset(path)
-    gt = GroundTruthBoxes(source=str(path), no_hard=no_hard, removed="crowd regions are not GT boxes")
+    gt = GroundTruthBoxes(source=str(path), no_hard=no_hard, removed="crowd regions are not GT boxes",
+                          images=data["images"])
     for img in data["images"]:
         gt.boxes[img["id"]] = []
         gt.sizes[img["id"]] = (img["height"], img["width"])
@@ -118,10 +122,10 @@ def prediction_box(ann: dict, size: tuple[int, int] | None) -> list[float]:
     return mask_utils.toBbox(rle).tolist()
 
 
-def most_confident_boxes(pred_path: str | os.PathLike, gt: GroundTruthBoxes, keyed_by_name: bool) -> dict:
-    """The most confident prediction's box per GT image key; predictions on unknown images, and masks that
-    do not fit their image, raise."""
-    anns, dataset = load_predictions(pred_path)
+def most_confident_boxes(anns: list[dict], dataset: dict | None, pred_path: str | os.PathLike, gt: GroundTruthBoxes,
+                         keyed_by_name: bool) -> dict:
+    """The most confident prediction's box per GT image key, of predictions as `load_predictions` gives them;
+    predictions on unknown images, and masks that do not fit their image, raise."""
     id_to_key: dict = {}
     if keyed_by_name:
         # VOC: image names; map prediction image ids through the prediction file's images (file_name)
@@ -154,10 +158,13 @@ def most_confident_boxes(pred_path: str | os.PathLike, gt: GroundTruthBoxes, key
     return {key: prediction_box(ann, gt.sizes.get(key)) for key, ann in best.items()}
 
 
-def corloc(pred_boxes: dict, gt: GroundTruthBoxes, iou_threshold: float = 0.5) -> CorLocResult:
-    """CorLoc over the GT images, by LOST's protocol (see the module docstring)."""
+def corloc(pred_boxes: dict, gt: GroundTruthBoxes, iou_threshold: float = 0.5, image_keys: list | None = None,
+           matched_by: str = "image_id") -> CorLocResult:
+    """CorLoc over the GT images (or those of `image_keys`), by LOST's protocol (see the module docstring)."""
     per_image, without_pred, without_gt, skipped = {}, 0, 0, 0
-    for key, gt_boxes in gt.boxes.items():
+    keys = gt.boxes if image_keys is None else image_keys
+    for key in keys:
+        gt_boxes = gt.boxes[key]
         if len(gt_boxes) == 0:
             if gt.no_hard:
                 skipped += 1
@@ -177,7 +184,7 @@ def corloc(pred_boxes: dict, gt: GroundTruthBoxes, iou_threshold: float = 0.5) -
     correct = sum(per_image.values())
     return CorLocResult(corloc=100.0 * correct / len(per_image), num_correct=correct, num_images=len(per_image),
                         num_gt_images=len(gt.boxes), num_without_prediction=without_pred, num_without_gt=without_gt,
-                        num_skipped=skipped, per_image=per_image, removed=gt.removed)
+                        num_skipped=skipped, per_image=per_image, removed=gt.removed, matched_by=matched_by)
 
 
 def evaluate_corloc(pred_path: str | os.PathLike, gt_file: str | None = None, voc_root: str | None = None,
@@ -187,5 +194,10 @@ def evaluate_corloc(pred_path: str | os.PathLike, gt_file: str | None = None, vo
     if not 0.0 < iou_threshold <= 1.0:
         raise UserError(f"--iou_threshold {iou_threshold} is not in (0, 1]")
     gt = gt_from_coco(gt_file, no_hard) if gt_file else gt_from_voc(voc_root, image_set, no_hard)
-    boxes = most_confident_boxes(pred_path, gt, keyed_by_name=voc_root is not None)
-    return corloc(boxes, gt, iou_threshold)
+    anns, dataset = load_predictions(pred_path)
+    # A COCO GT and a predictions file that both name their images are matched by name, whatever their ids
+    # (a GT numbering its images 1..N, masks numbered by file name), and only the predictions' images count.
+    anns, image_keys = match_by_file_name(anns, dataset, gt.images, str(pred_path), str(gt_file)) if gt_file \
+        else (anns, None)
+    boxes = most_confident_boxes(anns, dataset, pred_path, gt, keyed_by_name=voc_root is not None)
+    return corloc(boxes, gt, iou_threshold, image_keys, "image_id" if image_keys is None else "file_name")
