@@ -195,7 +195,7 @@ def run_deeplab(s: PipelineSettings, folder: Path, results: dict) -> dict:
     args = script.parse_args(deeplab_argv(s, results["semantic"], folder))
     config = load_run_config(args, SCHEMA)
     with distributed_session(config["device"]) as dist:
-        result = train_plus_crf(config, dist, args.rounds, 1 if s.tiny else None, CRFParams(), overwrite=True)
+        result = train_plus_crf(config, dist, args.rounds, None, CRFParams(), overwrite=True)
     return {**result, "config": config}
 
 
