@@ -215,10 +215,9 @@ def instance_metrics(predictions: str, gt: str, against: str, stage: str, label:
     from utils.coco_eval import EvalOptions, evaluate_instances
 
     report = evaluate_instances(predictions, gt, EvalOptions(iou_types=("bbox", "segm"), class_agnostic=True))
-    numbers = report.to_json()
     rows = []
     for iou_type, name in (("segm", "mask"), ("bbox", "box")):
-        table = numbers.get(iou_type) or {}
+        table = report.metrics.get(iou_type) or {}
         for key, shown in (("AP", "AP"), ("AP50", "AP50")):
             if key in table:
                 rows.append(metric(f"{label} {name} {shown}", table[key], against, stage))
@@ -282,7 +281,7 @@ def run_eval(s: PipelineSettings, folder: Path, results: dict) -> dict:
         write_json(folder / "corloc.json", corloc.to_json(), indent=1)
         rows.append(metric(f"{s.method} masks CorLoc", corloc.corloc,
                            f"{Path(s.gt_json).name} boxes (most confident mask per image, IoU >= 0.5, "
-                           f"{corloc.counted} images)", "masks"))
+                           f"{corloc.num_images} images)", "masks"))
         # The same K-means (same features from the cache, same seed) with the GT: clusters matched to classes.
         cluster_gt = cluster_settings(s, masks, Path(results["cluster"]["cache_dir"]), s.gt_json)
         cluster_gt.output_file, cluster_gt.metrics_json = str(folder / "clusters_vs_gt.json"), str(folder / "cluster_metrics.json")

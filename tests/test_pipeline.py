@@ -43,7 +43,7 @@ def test_quick_start_writes_the_report_with_its_metrics(first_run):
     assert metrics["maskdistill masks mask AP"]["against"] == (
         "instances_val2017.json (50 images, 382 objects, class-agnostic)")
     assert metrics["maskdistill masks CorLoc"]["value"] == json.loads(
-        (first_run / "eval" / "corloc.json").read_text())["corloc"]
+        (first_run / "eval" / "corloc.json").read_text())["CorLoc"]
     # the GT-free agreement of the last round with what it trained on
     own = [row for row in rows if "its own training pseudo-labels" in row["against"]]
     assert own and own[0]["against"].startswith("its own training pseudo-labels (round2/pseudo_labels.json")
