@@ -35,8 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", default=None,
                    help="gen_masks.py --weights: 'dino' (official, the default), a checkpoint path, or 'random' "
                         "(the default with --tiny)")
-    p.add_argument("--num_classes", type=int_range(1), default=20,
-                   help="K-means clusters = pseudo-classes of Mask R-CNN and DeepLab (default: %(default)s)")
+    p.add_argument("--num_classes", type=int_range(1), default=None,
+                   help="K-means clusters = pseudo-classes of Mask R-CNN and DeepLab (default: 20; 5 with --tiny)")
     p.add_argument("--self_training_rounds", type=int_range(1), default=2,
                    help="Mask R-CNN rounds: round 1 on the clusters, each next on the previous round's confident "
                         "predictions (default: %(default)s)")

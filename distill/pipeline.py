@@ -39,6 +39,8 @@ TINY_MASK_RCNN = ["solver.max_iter=8", "solver.warmup_iters=4", "solver.steps=[6
                   "solver.ims_per_batch=2", "model.box_score_thresh=0.0", "model.detections_per_img=5"]
 TINY_DEEPLAB = ["solver.max_iter=6", "solver.checkpoint_period=0", "data.crop_size=48"]
 FULL_DEEPLAB = ["model.weights=imagenet"]
+TINY_CRF_ITERATIONS = 2  # mean-field iterations of the CRF rounds (MaskDistill's 10 without --tiny)
+TINY_NUM_CLASSES = 5  # the CRF's cost grows with the classes
 
 
 @dataclass
@@ -50,7 +52,7 @@ class PipelineSettings:
     method: str = "maskdistill"
     gt_json: str | None = None
     tiny: bool = False
-    num_classes: int = 20
+    num_classes: int | None = None  # default 20, TINY_NUM_CLASSES with --tiny
     weights: str | None = None  # gen_masks.py --weights (default: the official DINO; --tiny: random)
     self_training_rounds: int = 2
     score_thresh: float = 0.7
@@ -184,9 +186,14 @@ def deeplab_argv(s: PipelineSettings, semantic: dict, folder: Path) -> list[str]
             "--rounds", str(s.crf_rounds), "--set", *overrides]
 
 
+def crf_params(s: PipelineSettings):
+    from segmentation.crf import CRFParams
+
+    return CRFParams(iterations=TINY_CRF_ITERATIONS) if s.tiny else CRFParams()
+
+
 def run_deeplab(s: PipelineSettings, folder: Path, results: dict) -> dict:
     from segmentation import train_plus_crf as script
-    from segmentation.crf import CRFParams
     from segmentation.engine import SCHEMA
     from segmentation.rounds import train_plus_crf
     from utils.config import load_run_config
@@ -195,7 +202,7 @@ def run_deeplab(s: PipelineSettings, folder: Path, results: dict) -> dict:
     args = script.parse_args(deeplab_argv(s, results["semantic"], folder))
     config = load_run_config(args, SCHEMA)
     with distributed_session(config["device"]) as dist:
-        result = train_plus_crf(config, dist, args.rounds, None, CRFParams(), overwrite=True)
+        result = train_plus_crf(config, dist, args.rounds, None, crf_params(s), overwrite=True)
     return {**result, "config": config}
 
 
@@ -314,7 +321,8 @@ def build_steps(s: PipelineSettings) -> list[Step]:
         Step("semantic", {"label_threshold": s.label_threshold}, lambda f, r: run_semantic(s, f, r),
              inputs=("cluster", "maskrcnn")),
         Step("deeplab", {**common, "crf_rounds": s.crf_rounds, "config": DEEPLAB_CONFIG[s.tiny],
-                         "overrides": TINY_DEEPLAB if s.tiny else FULL_DEEPLAB},
+                         "overrides": TINY_DEEPLAB if s.tiny else FULL_DEEPLAB,
+                         "crf_iterations": TINY_CRF_ITERATIONS if s.tiny else None},
              lambda f, r: run_deeplab(s, f, r), inputs=("semantic",)),
         Step("eval", {**common, "gt_json": s.gt_json}, lambda f, r: run_eval(s, f, r),
              inputs=("masks", "cluster", "maskrcnn", "semantic", "deeplab")),
@@ -336,6 +344,9 @@ def run_pipeline(s: PipelineSettings) -> list[StepRecord]:
 
 
 def settings_from_args(args: argparse.Namespace) -> PipelineSettings:
-    return PipelineSettings(**{k: v for k, v in vars(args).items() if k in PipelineSettings.__dataclass_fields__})
+    settings = PipelineSettings(**{k: v for k, v in vars(args).items() if k in PipelineSettings.__dataclass_fields__})
+    if settings.num_classes is None:
+        settings.num_classes = TINY_NUM_CLASSES if settings.tiny else 20
+    return settings
 
 
