@@ -120,13 +120,14 @@ def run_masks(s: PipelineSettings, folder: Path, results: dict) -> dict:
             "skipped_images": len(getattr(stats, "skipped", []) or [])}
 
 
-def cluster_settings(s: PipelineSettings, masks: str, folder: Path, gt_file: str | None = None,
-                     output_name: str = "labelled.json"):
+def cluster_settings(s: PipelineSettings, masks: str, output_file: Path, gt_file: str | None = None):
+    """The clustering of `masks`. The crop features are cached next to the masks (OUT/masks/), keyed by
+    content: a rerun of the clustering with other settings, and the evaluation's, reuse them."""
     from distill.cluster import ClusterSettings
 
     return ClusterSettings(input_file=masks, image_root=str(Path(s.images).resolve()),
-                           output_file=str(folder / output_name), num_classes=s.num_classes, gt_file=gt_file,
-                           cache_dir=str(folder), overwrite=True, device=s.device,
+                           output_file=str(output_file), num_classes=s.num_classes, gt_file=gt_file,
+                           overwrite=True, device=s.device,
                            num_workers=0 if s.tiny else 2)
 
 
@@ -134,10 +135,10 @@ def run_cluster(s: PipelineSettings, folder: Path, results: dict) -> dict:
     from distill.cluster import cluster_masks
 
     # Without the ground truth: the training labels are K-means clusters, never GT classes.
-    settings = cluster_settings(s, results["masks"]["masks"], folder)
+    settings = cluster_settings(s, results["masks"]["masks"], folder / "labelled.json")
     metrics = cluster_masks(settings)
     return {"labelled": settings.output_file, "num_clusters": metrics["num_clusters"],
-            "cluster_sizes": metrics["cluster_sizes"], "cache_dir": str(folder)}
+            "cluster_sizes": metrics["cluster_sizes"]}
 
 
 def mask_rcnn_argv(s: PipelineSettings, labelled: str, folder: Path) -> list[str]:
@@ -265,7 +266,7 @@ def miou_metrics(s: PipelineSettings, results: dict, folder: Path) -> list[dict]
         table = evaluate_clusters(model, dataset, len(class_names), class_names, device,
                                   max_fit_pixels=20_000 if s.tiny else 200_000)
     write_json(folder / "miou.json", {**table, "mapping": {str(k): v for k, v in table["mapping"].items()}}, indent=1)
-    return [metric("DeepLab mIoU (K-means on its pixel embeddings, Hungarian-matched)", table["mIoU"],
+    return [metric("DeepLab mIoU (K-means on its pixel embeddings, Hungarian-matched)", 100 * table["mIoU"],
                    f"{Path(s.gt_json).name} painted into {len(class_names)}-class maps ({len(names)} images)",
                    "deeplab")]
 
@@ -290,8 +291,8 @@ def run_eval(s: PipelineSettings, folder: Path, results: dict) -> dict:
                            f"{Path(s.gt_json).name} boxes (most confident mask per image, IoU >= 0.5, "
                            f"{corloc.num_images} images)", "masks"))
         # The same K-means (same features from the cache, same seed) with the GT: clusters matched to classes.
-        cluster_gt = cluster_settings(s, masks, Path(results["cluster"]["cache_dir"]), s.gt_json)
-        cluster_gt.output_file, cluster_gt.metrics_json = str(folder / "clusters_vs_gt.json"), str(folder / "cluster_metrics.json")
+        cluster_gt = cluster_settings(s, masks, folder / "clusters_vs_gt.json", s.gt_json)
+        cluster_gt.metrics_json = str(folder / "cluster_metrics.json")
         scores = cluster_masks(cluster_gt)
         for name in ("ACC", "NMI", "ARI"):
             if name in scores:

@@ -32,7 +32,7 @@ def render_report(records: Sequence[StepRecord], title: str, links: Mapping[str,
     if links:
         parts.append("<p>" + " · ".join(f"<a href='{esc(href)}'>{esc(name)}</a>" for name, href in links.items())
                      + "</p>")
-    parts.append("<h2>Metrics</h2><table><tr><th>stage</th><th>metric</th><th>value</th><th>measured against</th></tr>")
+    parts.append("<h2>Metrics</h2><table><tr><th>stage</th><th>metric</th><th>value (%)</th><th>measured against</th></tr>")
     for row in metrics:
         parts.append(f"<tr><td>{esc(str(row['stage']))}</td><td>{esc(str(row['metric']))}</td>"
                      f"<td>{_value(row['value'])}</td><td>{esc(str(row['against']))}</td></tr>")
