@@ -22,14 +22,14 @@ Examples (from the repository root):
 import argparse
 from pathlib import Path
 
-from detectron2_train.engine import SCHEMA, run
-from detectron2_train.modeling import MASK_HEADS, STAGES
-from detectron2_train.self_training import RoundSettings, self_training_rounds
 from utils.cli import add_device_arg, add_num_workers_arg, check_outputs, float_range, int_range
 from utils.config import add_config_args, load_run_config
-from utils.distributed import distributed_session
 from utils.errors import UserError, run_cli
-from utils.rounds import per_round
+
+# detectron2_train.modeling's MASK_HEADS and STAGES, spelled out so that --help does not import torch
+# (tests/test_entry_points.py checks they agree).
+MASK_HEADS = ("standard", "agnostic", "agnostic_mlp", "transfer")
+STAGES = ("e2e", "box", "mask")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -118,6 +118,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def config_from_args(args: argparse.Namespace) -> dict:
     """Defaults < YAML file < --set overrides < --output_dir and the explicit flags above (each checked)."""
+    from detectron2_train.engine import SCHEMA  # torch: after parsing, so that --help stays quick
+
     return load_run_config(args, SCHEMA, flags={
         "data.train_json": args.train_json, "data.train_root": args.train_root, "data.test_json": args.test_json,
         "data.test_root": args.test_root, "data.mask_classes": args.mask_classes, "data.num_workers": args.num_workers,
@@ -128,6 +130,9 @@ def config_from_args(args: argparse.Namespace) -> dict:
 
 def round_settings(args: argparse.Namespace) -> list:
     """One RoundSettings per round from --rounds, --score_thresh, --round_set and --init_from_previous."""
+    from detectron2_train.self_training import RoundSettings
+    from utils.rounds import per_round
+
     for flag in ("eval_only", "pseudo_from", "pseudo_only", "results"):
         if getattr(args, flag):
             raise UserError(f"--{flag} does not go with --rounds")
@@ -164,6 +169,10 @@ def main(argv: list[str] | None = None) -> None:
         if rounds is None and getattr(args, flag) is not None:
             raise UserError(f"--{flag} needs --rounds")
     check_run_outputs(args, cfg)
+    from detectron2_train.engine import run
+    from detectron2_train.self_training import self_training_rounds
+    from utils.distributed import distributed_session
+
     with distributed_session(args.device) as info:
         if rounds is not None:
             self_training_rounds(cfg, info, rounds, init_weights=args.weights, evaluate=not args.no_eval,

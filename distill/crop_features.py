@@ -211,7 +211,7 @@ def extract_features(mask_set: MaskSet, model, device, patch_size: int, batch_si
     every `save_every_s` seconds and an interrupted run resumes from it."""
     import torch
     from torch.utils.data import DataLoader
-    from tqdm import tqdm
+    from utils.progress import Progress
 
     dim = model.vit.embed_dim
     features = np.full((len(mask_set.annotations), dim), np.nan, dtype=np.float32)
@@ -254,7 +254,7 @@ def extract_features(mask_set: MaskSet, model, device, patch_size: int, batch_si
 
     last_save = time.monotonic()
     total = sum(len(c) for _, c in per_image.values())
-    bar = tqdm(total=total, desc=f"features ({mask_set.name})", unit="crop", disable=None if progress is None else not progress)
+    bar = Progress(total=total, desc=f"features ({mask_set.name})", unit="crop", enabled=progress is not False)
     try:
         for crops in loader:
             if isinstance(crops, str):  # an unreadable image: one clear error (finished crops are kept)

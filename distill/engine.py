@@ -22,7 +22,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from distill.data import (Geometry, ImageEntry, InputPolicy, MaskGenDataset, collate, size_grouped_batches,
                           upsample_patch_mask, worker_count)
@@ -39,6 +38,7 @@ from utils.errors import UserError
 from utils.images import load_rgb
 from utils.precision import autocast as precision_autocast
 from utils.precision import precision_name, resolve_precision
+from utils.progress import progress
 
 MAX_PENDING_BATCHES = 2  # batches whose post-processing may lag behind the network
 
@@ -189,7 +189,7 @@ class ViTMaskSource:
         args, dataset, device = self.args, self.dataset, self.device
         seconds = writer.stats.seconds
         with PostProcessing(post_workers, writer) as post, \
-                tqdm(total=sum(map(len, batches)), desc=args.method, unit="img", disable=None, dynamic_ncols=True) as bar:
+                progress(total=sum(map(len, batches)), desc=args.method, unit="img") as bar:
             for batch in loader:
                 for index, reason in batch["failed"]:
                     writer.skip(dataset.entries[index], reason)

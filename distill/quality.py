@@ -21,7 +21,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from pycocotools import mask as mask_utils
-from tqdm import tqdm
 
 from distill.data import ImageEntry, InputPolicy, MaskGenDataset, folder_entries, upsample_patch_mask, voc_entries
 from distill.features import discovery_features
@@ -32,6 +31,7 @@ from utils.coco_io import box_iou_xywh, load_coco_dataset, mask_to_bbox, segment
 from utils.errors import UserError
 from utils.images import read_size
 from utils.precision import autocast
+from utils.progress import Progress
 from utils.voc import convert_voc_instances
 
 @dataclass
@@ -125,7 +125,7 @@ def evaluate_discovery(model: DinoViT, gt_sets: list[GroundTruthSet], methods: l
                                  keep_working=any(METHODS[m].refine is not None for m in methods))
         scores = {"baseline": Score(), **{(m, s): Score() for m in methods for s in settings}}
         model_seconds = 0.0
-        for entry in tqdm(entries, desc=gt.name, unit="img", disable=None if progress is None else not progress):
+        for entry in Progress(entries, desc=gt.name, unit="img", enabled=progress is not False):
             item = dataset[entry.index]
             if item["image"] is None:
                 raise UserError(f"cannot read {entry.path}: {item['error']}")

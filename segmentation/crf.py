@@ -20,13 +20,12 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-from tqdm import tqdm
 
-from segmentation.data import check_pair_sizes, find_image
 from utils.cli import check_outputs, float_range, int_range
 from utils.errors import UserError, run_cli
 from utils.images import ImageReadError, load_rgb
 from utils.label_png import IGNORE_INDEX, read_label_png, write_label_png
+from utils.progress import progress
 
 
 @dataclass(frozen=True)
@@ -158,6 +157,8 @@ def refine_folder(image_dir: str | os.PathLike, mask_dir: str | os.PathLike, out
                   workers: int | None = None, mask_type: str = "auto", gt_prob: float = 0.8,
                   fill_ignore: bool = False, overwrite: bool = False, params: CRFParams = CRFParams()) -> dict:
     """Refine every `*.png` under `mask_dir` (recursively) into `out_dir`; finished files are skipped."""
+    from segmentation.data import check_pair_sizes, find_image  # torch: not at import, so that --help stays quick
+
     image_dir, mask_dir, out_dir = Path(image_dir), Path(mask_dir), Path(out_dir)
     for folder, what in ((image_dir, "image"), (mask_dir, "mask")):
         if not folder.is_dir():
@@ -183,23 +184,22 @@ def refine_folder(image_dir: str | os.PathLike, mask_dir: str | os.PathLike, out
     return {"masks": len(masks), "refined": len(jobs), "skipped": skipped}
 
 
-def run_pool(function: Callable, jobs: list, workers: int | None, desc: str, progress: bool = True) -> list:
+def run_pool(function: Callable, jobs: list, workers: int | None, desc: str, show_progress: bool = True) -> list:
     """Map `function` over `jobs` with a pool of CPU processes (in-process for one worker), with a progress bar.
 
-    Results come in completion order. `progress=False` hides the bar (for callers that keep their own).
+    Results come in completion order. `show_progress=False` hides the bar (for callers that keep their own).
     """
     workers = default_workers() if workers is None else max(1, int(workers))
     results = []
-    disable = None if progress else True
     if workers == 1 or len(jobs) <= 1:
-        for job in tqdm(jobs, desc=desc, unit="img", disable=disable):
+        for job in progress(jobs, desc=desc, unit="img", enabled=show_progress):
             results.append(function(job))
         return results
     # fork starts workers without re-importing anything (as DataLoader workers do); spawn where there is no fork.
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
     with multiprocessing.get_context(method).Pool(min(workers, len(jobs))) as pool:
-        for result in tqdm(pool.imap_unordered(function, jobs, chunksize=1), total=len(jobs), desc=desc,
-                           unit="img", disable=disable):
+        for result in progress(pool.imap_unordered(function, jobs, chunksize=1), total=len(jobs), desc=desc,
+                               unit="img", enabled=show_progress):
             results.append(result)
     return results
 

@@ -6,13 +6,10 @@ Hungarian matching of the clusters to the classes, then mIoU.
 """
 import argparse
 
-from segmentation.engine import VAL_KEYS, build_val_dataset, class_names, format_iou, load_trained_model
-from segmentation.kmeans_eval import evaluate_clusters
-from segmentation.probe import PROBE_SCHEMA
+from segmentation.settings import VAL_KEYS
 from utils.cli import add_device_arg, check_outputs, int_range
 from utils.coco_io import write_json
 from utils.config import add_config_args, load_run_config
-from utils.distributed import resolve_device
 from utils.errors import UserError, run_cli
 
 
@@ -41,6 +38,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     check_outputs(args.output, overwrite=args.overwrite)
+    # torch: after parsing, so that --help stays quick
+    from segmentation.engine import build_val_dataset, class_names, format_iou, load_trained_model
+    from segmentation.kmeans_eval import evaluate_clusters
+    from segmentation.probe import PROBE_SCHEMA
+    from utils.distributed import resolve_device
+
     config = load_run_config(args, PROBE_SCHEMA)  # any segmentation config: a training or a linear-probe one
     num_classes = int(config["data"]["num_classes"])
     if args.num_clusters is not None and args.num_clusters != num_classes:

@@ -11,13 +11,13 @@ import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from segmentation.data import SegmentationDataset
 from segmentation.engine import iou_result, worker_batches
 from segmentation.model import DeepLabV3
 from utils.label_png import IGNORE_INDEX
 from utils.metrics import confusion_matrix
+from utils.progress import progress
 
 
 @torch.no_grad()
@@ -37,7 +37,7 @@ def fit_kmeans(model: DeepLabV3, dataset: SegmentationDataset, num_clusters: int
     per_image = max(1, max_fit_pixels // max(1, len(dataset)))
     samples = []
     loader = DataLoader(dataset, batch_size=1, num_workers=num_workers)
-    for batch in tqdm(worker_batches(loader), total=len(dataset), desc="embed", unit="img", disable=None):
+    for batch in progress(worker_batches(loader), total=len(dataset), desc="embed", unit="img"):
         emb = _embeddings(model, batch["image"].to(device)).flatten(1).T.cpu().numpy()  # (h*w, C)
         take = rng.choice(emb.shape[0], size=min(per_image, emb.shape[0]), replace=False)
         samples.append(emb[take])
@@ -71,7 +71,7 @@ def evaluate_clusters(model: DeepLabV3, dataset: SegmentationDataset, num_classe
                                             num_workers)).to(device)
     joint = np.zeros((num_classes, num_clusters), dtype=np.int64)  # rows: class, columns: cluster
     loader = DataLoader(dataset, batch_size=1, num_workers=num_workers)
-    for batch in tqdm(worker_batches(loader), total=len(dataset), desc="assign", unit="img", disable=None):
+    for batch in progress(worker_batches(loader), total=len(dataset), desc="assign", unit="img"):
         label = batch["label"][0].numpy()
         emb = _embeddings(model, batch["image"].to(device), size=label.shape)
         flat = emb.flatten(1).T  # (H*W, C)

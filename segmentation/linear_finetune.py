@@ -11,10 +11,8 @@ training resumes automatically from the latest checkpoint there when it was made
 import argparse
 from pathlib import Path
 
-from segmentation.probe import load_probe_config, run_linear_probe
 from utils.cli import DEVICE_CHOICES, add_device_arg, check_outputs, int_range
 from utils.config import config_epilog
-from utils.distributed import distributed_session
 from utils.errors import run_cli
 
 
@@ -58,6 +56,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from segmentation.probe import load_probe_config, run_linear_probe  # torch: after parsing (quick --help)
+    from utils.distributed import distributed_session
+
     config = load_probe_config(args.config_env, args.config_exp, args.overrides)
     if args.device:
         config["device"] = args.device

@@ -15,9 +15,9 @@ from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.models.segmentation.deeplabv3 import ASPP, DeepLabHead
 
 from utils.errors import UserError
+from segmentation.settings import BACKBONES
 from utils.resnets import TinyResNet, load_resnet_weights
 
-BACKBONES = ("resnet50", "resnet101", "resnet18", "tiny")
 
 
 class DeepLabV3(nn.Module):

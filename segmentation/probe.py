@@ -119,7 +119,7 @@ def evaluate_with_crf(model: nn.Module, dataset: SegmentationDataset, config: di
             probs = torch.softmax(predict_logits(model, batch["image"].to(dist.device), amp), dim=1)
             jobs.append((index, str(dataset.images[index]), probs[0].cpu().numpy().astype(np.float16), params))
             labels[index] = batch["label"][0].numpy()
-        for index, pred in run_pool(_crf_argmax_job, jobs, workers, desc="crf", progress=False):
+        for index, pred in run_pool(_crf_argmax_job, jobs, workers, desc="crf", show_progress=False):
             conf += confusion_matrix(pred, labels.pop(index), num_classes, IGNORE_INDEX)
             progress.update(1)
     progress.close()

@@ -6,10 +6,9 @@ Resume:           add --resume (continues from the latest model_XXXXXXX.pth in t
 """
 import argparse
 
-from segmentation.engine import SCHEMA, TINY_EXAMPLE, TRAIN_KEYS, train
+from segmentation.settings import SCHEMA, TINY_EXAMPLE, TRAIN_KEYS
 from utils.cli import check_outputs
 from utils.config import add_config_args, load_run_config
-from utils.distributed import distributed_session
 from utils.errors import run_cli
 
 
@@ -34,6 +33,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     config = load_run_config(args, SCHEMA)
     check_outputs(folders=[config["output_dir"]])
+    from segmentation.engine import train  # torch: after parsing, so that --help stays quick
+    from utils.distributed import distributed_session
+
     with distributed_session(config["device"]) as dist:
         result = train(config, dist, resume=args.resume, overwrite=args.overwrite)
     if dist.is_main:

@@ -8,12 +8,9 @@ Works under torchrun like segmentation/train.py.
 """
 import argparse
 
-from segmentation.crf import CRFParams
-from segmentation.engine import SCHEMA, TINY_EXAMPLE, TRAIN_KEYS
-from segmentation.rounds import train_plus_crf
+from segmentation.settings import SCHEMA, TINY_EXAMPLE, TRAIN_KEYS
 from utils.cli import check_outputs, int_range
 from utils.config import add_config_args, load_run_config
-from utils.distributed import distributed_session
 from utils.errors import run_cli
 
 
@@ -40,6 +37,10 @@ def main(argv=None) -> int:
     config = load_run_config(args, SCHEMA)
     check_outputs(folders=[config["output_dir"]])
     rounds = args.rounds if args.rounds is not None else int(config["crf_rounds"]["rounds"])
+    from segmentation.crf import CRFParams  # torch: after parsing, so that --help stays quick
+    from segmentation.rounds import train_plus_crf
+    from utils.distributed import distributed_session
+
     with distributed_session(config["device"]) as dist:
         result = train_plus_crf(config, dist, rounds, args.workers, CRFParams(), args.overwrite)
     if dist.is_main:

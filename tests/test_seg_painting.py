@@ -67,17 +67,22 @@ def _write_coco(tmp_path, preds):
     return tmp_path / "results.json", tmp_path / "dataset.json"
 
 
-def test_generate_writes_palette_pngs_and_list(tmp_path):
+def test_generate_writes_palette_pngs_and_list(tmp_path, capsys):
     a = _box_mask(6, 8, 0, 4, 0, 5)
     results, dataset = _write_coco(tmp_path, [_pred(a, 7, 0.3, image_id=1)])
     stats = generate_segmentation(results, dataset, tmp_path / "out", threshold=0.5)
-    assert stats["written"] == 2 and stats["fallback"] == 1 and stats["empty"] == 1
+    assert stats["written"] == 1 and stats["fallback"] == 1 and stats["empty"] == 1 and stats["listed"] == 1
     img = Image.open(tmp_path / "out" / "sub" / "a.png")
     assert img.mode == "P"
     assert np.array(img.getpalette()[:3 * 256]).reshape(256, 3).tolist() == voc_palette().tolist()
     np.testing.assert_array_equal(read_label_png(tmp_path / "out" / "sub" / "a.png"), a * 7)
-    assert not read_label_png(tmp_path / "out" / "b.png").any()
-    assert (tmp_path / "out" / "train.txt").read_text().split() == ["sub/a", "b"]
+    # b has no prediction: not painted all background, not listed, and the warning names it
+    assert not (tmp_path / "out" / "b.png").exists()
+    assert (tmp_path / "out" / "train.txt").read_text().split() == ["sub/a"]
+    assert "warning: 1 of 2 images have no prediction and are left out of" in capsys.readouterr().err
+    kept = generate_segmentation(results, dataset, tmp_path / "kept", threshold=0.5, keep_empty=True)
+    assert kept["written"] == 2 and not read_label_png(tmp_path / "kept" / "b.png").any()
+    assert (tmp_path / "kept" / "train.txt").read_text().split() == ["sub/a", "b"]
     # contiguous ids: 3 -> 1, 7 -> 2
     generate_segmentation(results, dataset, tmp_path / "c", threshold=0.5, class_ids="contiguous")
     assert read_label_png(tmp_path / "c" / "sub" / "a.png").max() == 2
@@ -129,7 +134,7 @@ def test_file_names_that_are_not_utf8_are_painted_under_their_own_bytes(tmp_path
     data["images"][0]["file_name"] = "sub/\udcffa.jpg"  # what os.listdir gives for the bytes b"\xffa.jpg"
     dataset.write_text(json.dumps(data))
     code, _, stderr = run_main(gen_segmentation.main, ["--results", str(results), "--dataset", str(dataset),
-                                                       "--out_dir", str(tmp_path / "out")])
+                                                       "--out_dir", str(tmp_path / "out"), "--keep_empty"])
     assert code == 0, stderr
     assert os.listdir(os.fsencode(tmp_path / "out" / "sub")) == [b"\xffa.png"]
     np.testing.assert_array_equal(read_label_png(tmp_path / "out" / "sub" / "\udcffa.png"), a * 7)
@@ -173,8 +178,38 @@ def test_resume_with_other_settings_is_refused_unless_overwrite(tmp_path):
     a = _box_mask(6, 8, 0, 4, 0, 5)
     results, dataset = _write_coco(tmp_path, [_pred(a, 7, 0.3, image_id=1)])
     generate_segmentation(results, dataset, tmp_path / "out", threshold=0.5)
-    assert generate_segmentation(results, dataset, tmp_path / "out", threshold=0.5)["skipped"] == 2
+    assert generate_segmentation(results, dataset, tmp_path / "out", threshold=0.5)["skipped"] == 1  # b has no prediction: never painted
     with pytest.raises(UserError, match=r"painted with threshold=0\.5, not 0\.2"):
         generate_segmentation(results, dataset, tmp_path / "out", threshold=0.2, ignore_uncertain=True)
     stats = generate_segmentation(results, dataset, tmp_path / "out", threshold=0.2, overwrite=True)
-    assert stats["written"] == 2 and stats["fallback"] == 0
+    assert stats["written"] == 1 and stats["fallback"] == 0
+
+
+def test_labels_are_named_from_the_images_common_folder(tmp_path):
+    """VOC's file_name VOC2012/JPEGImages/<id>.jpg gives OUT/<id>.png and the list entry <id>."""
+    a = _box_mask(6, 8, 0, 4, 0, 5)
+    dataset = {"images": [{"id": 1, "file_name": "VOC2012/JPEGImages/2008_000001.jpg", "height": 6, "width": 8},
+                          {"id": 2, "file_name": "VOC2012/JPEGImages/2008_000002.jpg", "height": 6, "width": 8}],
+               "annotations": [], "categories": [{"id": 7, "name": "y"}]}
+    (tmp_path / "dataset.json").write_text(json.dumps(dataset))
+    (tmp_path / "results.json").write_text(json.dumps([_pred(a, 7, 0.9, image_id=1), _pred(a, 7, 0.9, image_id=2)]))
+    stats = generate_segmentation(tmp_path / "results.json", tmp_path / "dataset.json", tmp_path / "out")
+    assert stats["image_subdir"] == "VOC2012/JPEGImages"
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.png")) == ["2008_000001.png", "2008_000002.png"]
+    assert (tmp_path / "out" / "train.txt").read_text().split() == ["2008_000001", "2008_000002"]
+
+
+def test_common_image_folder():
+    from segmentation.painting import common_image_folder
+
+    assert common_image_folder(["VOC2012/JPEGImages/a.jpg", "VOC2012/JPEGImages/b.jpg"]) == "VOC2012/JPEGImages"
+    assert common_image_folder(["x/a/1.jpg", "x/b/2.jpg"]) == "x"
+    assert common_image_folder(["a.jpg", "x/b.jpg"]) == ""
+    assert common_image_folder(["x/a.jpg"]) == "x"
+
+
+def test_no_prediction_at_all_is_refused_before_writing(tmp_path):
+    results, dataset = _write_coco(tmp_path, [])
+    with pytest.raises(UserError, match="no image of .* has a prediction: nothing to train on"):
+        generate_segmentation(results, dataset, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -159,7 +159,7 @@ def convert_voc_instances(voc_root: str | os.PathLike, image_set: str = "trainva
     for every PNG in `SegmentationObject`. `file_name` is relative to the VOCdevkit folder
     (`VOC2012/JPEGImages/2011_000003.jpg`), like gen_masks.py's VOC output.
     """
-    from tqdm import tqdm
+    from utils.progress import Progress
 
     root = Path(voc_root)
     obj_dir, cls_dir = root / "SegmentationObject", root / "SegmentationClass"
@@ -181,8 +181,8 @@ def convert_voc_instances(voc_root: str | os.PathLike, image_set: str = "trainva
         name_of[image_id] = name
 
     images, annotations = [], []
-    for name, image_id in tqdm(zip(names, image_ids), total=len(names), desc="convert", unit="img",
-                               disable=None if progress is None else not progress):
+    for name, image_id in Progress(zip(names, image_ids), total=len(names), desc="convert", unit="img",
+                                   enabled=progress is not False):
         objects = read_label_png(obj_dir / f"{name}.png")
         classes = read_label_png(cls_dir / f"{name}.png")
         if objects.shape != classes.shape:

@@ -1,0 +1,69 @@
+"""Run every stage of MaskDistill on a folder of images, resumably, and write OUT/report.html.
+
+    python pipeline.py --images ../shared/data/tiny_coco/val2017 --out OUT \\
+        --gt_json ../shared/data/tiny_coco/annotations/instances_val2017.json --tiny
+    python pipeline.py --images MY_IMAGES --out OUT --method maskcut
+
+Stages, each in OUT/<stage>/: masks (gen_masks.py, with a gallery in masks/vis/index.html), cluster
+(utils/cluster.py), maskrcnn (Mask R-CNN with self-training rounds), semantic (gen_segmentation.py),
+deeplab (DeepLab-v3 with CRF rounds), eval (metrics; against --gt_json where given). A rerun skips
+finished stages; a changed setting reruns from the first stage it affects. See docs/pipeline.md.
+"""
+from __future__ import annotations
+
+import argparse
+
+from utils.cli import add_device_arg, float_range, int_range
+from utils.errors import run_cli
+
+METHODS = ["maskdistill", "maskcut"]  # distill.pipeline.METHODS, spelled out so that --help does not import it
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--images", required=True, help="folder of images (searched recursively)")
+    p.add_argument("--out", required=True, help="output folder: one sub-folder per stage, and report.html")
+    p.add_argument("--method", default="maskdistill", choices=METHODS,
+                   help="mask discovery: maskdistill (one mask per image) or maskcut (several, CRF-refined) "
+                        "(default: %(default)s)")
+    p.add_argument("--gt_json", default=None,
+                   help="COCO instances of the same images: adds mask/box AP, CorLoc, clustering ACC/NMI/ARI and "
+                        "mIoU against it (only the eval stage reads it; it never trains anything)")
+    p.add_argument("--tiny", action="store_true",
+                   help="tiny CPU configs, random ViT weights and a few iterations per stage: checks the whole "
+                        "chain in minutes; the numbers mean nothing")
+    p.add_argument("--weights", default=None,
+                   help="gen_masks.py --weights: 'dino' (official, the default), a checkpoint path, or 'random' "
+                        "(the default with --tiny)")
+    p.add_argument("--num_classes", type=int_range(1), default=None,
+                   help="K-means clusters = pseudo-classes of Mask R-CNN and DeepLab (default: 20; 5 with --tiny)")
+    p.add_argument("--self_training_rounds", type=int_range(1), default=2,
+                   help="Mask R-CNN rounds: round 1 on the clusters, each next on the previous round's confident "
+                        "predictions (default: %(default)s)")
+    p.add_argument("--score_thresh", type=float_range(0, 1), default=0.7,
+                   help="self-training: predictions kept as the next round's pseudo-labels (default: %(default)s)")
+    p.add_argument("--label_threshold", type=float_range(0, 1), default=0.5,
+                   help="gen_segmentation.py --threshold: predictions painted into the semantic labels "
+                        "(default: %(default)s)")
+    p.add_argument("--crf_rounds", type=int_range(0), default=1,
+                   help="DeepLab refinement rounds on its own CRF-refined predictions, 0 = train once "
+                        "(default: %(default)s)")
+    add_device_arg(p)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from distill.pipeline import run_pipeline, settings_from_args
+
+    run_pipeline(settings_from_args(args))
+    return 0
+
+
+def cli() -> None:
+    """Console-script entry point (`maskdistill-pipeline`)."""
+    run_cli(main)
+
+
+if __name__ == "__main__":
+    cli()

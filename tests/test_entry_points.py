@@ -1,0 +1,78 @@
+"""Every entry point answers --help without importing torch (quick help, also on a login node)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+# Every script with a command line (`if __name__ == "__main__"`), and a flag its --help must show.
+ENTRY_POINTS = {
+    "pipeline.py": "--gt_json",
+    "gen_masks.py": "--pred_json_path",
+    "gen_pa_masks.py": "--pred_json_path",
+    "eval_instances.py": "--gt_file",
+    "eval_corloc.py": "--gt_file",
+    "convert_voc.py": "--help",
+    "make_gallery.py": "--masks",
+    "utils/cluster.py": "--num_classes",
+    "detectron2_train/train_net.py": "--rounds",
+    "detectron2_train/train_affinity.py": "--config",
+    "detectron2_train/make_split.py": "--help",
+    "detectron2_train/summarize.py": "--help",
+    "segmentation/gen_segmentation.py": "--keep_empty",
+    "segmentation/train.py": "--config",
+    "segmentation/train_plus_crf.py": "--rounds",
+    "segmentation/crf.py": "--help",
+    "segmentation/eval_cluster.py": "--model_path",
+    "segmentation/linear_finetune.py": "--config_exp",
+}
+
+# One interpreter runs every --help in turn and reports, per script, its help text and whether torch
+# was imported by then (a script that imports it marks itself; the ones before it are already reported).
+PROBE = r"""
+import contextlib, io, json, runpy, sys
+report = {}
+for script in json.loads(sys.argv[1]):
+    sys.argv = [script, "--help"]
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        try:
+            runpy.run_path(script, run_name="__main__")
+        except SystemExit as exc:
+            code = exc.code
+    report[script] = {"torch": "torch" in sys.modules, "exit": code, "help": out.getvalue()}
+print(json.dumps(report))
+"""
+
+
+@pytest.fixture(scope="module")
+def help_report() -> dict:
+    proc = subprocess.run([sys.executable, "-c", PROBE, json.dumps(list(ENTRY_POINTS))], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_every_entry_point_is_listed():
+    scripts = {p.relative_to(REPO).as_posix() for p in REPO.rglob("*.py")
+               if not {".venv", "tests", "benchmarks", "env"} & set(p.parts) and "__main__" in p.read_text()}
+    assert scripts == set(ENTRY_POINTS)
+
+
+@pytest.mark.parametrize("script", list(ENTRY_POINTS))
+def test_help_does_not_import_torch(help_report, script):
+    entry = help_report[script]
+    assert entry["exit"] == 0 and ENTRY_POINTS[script] in entry["help"]
+    assert not entry["torch"], f"{script} --help imports torch"
+
+
+def test_spelled_out_choices_agree():
+    from detectron2_train import modeling, train_net
+    from segmentation import model, settings
+
+    assert (train_net.MASK_HEADS, train_net.STAGES) == (modeling.MASK_HEADS, modeling.STAGES)
+    assert model.BACKBONES is settings.BACKBONES
