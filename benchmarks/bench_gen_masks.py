@@ -160,26 +160,22 @@ def ncut_step(args: argparse.Namespace) -> dict:
 
 
 def half_agreement(args: argparse.Namespace) -> dict:
-    """Mask IoU between the pipeline in fp32 and under bf16 autocast (`--half`), image by image."""
-    from utils.coco_io import decode_segmentation
+    """Mask agreement between the pipeline in fp32 and in bf16 (`--precision bf16`), image by image:
+    Hungarian-matched mask IoU (`distill.quality.matched_mask_iou`), so methods with several masks
+    per image (MaskCut) are compared mask for mask."""
+    from distill.quality import mask_file_agreement
 
-    masks = {}
+    runs = {}
     for half in (False, True):
         with tempfile.TemporaryDirectory() as tmp:
             run_args = argparse.Namespace(**{**vars(args), "half": half, "keep_json": str(Path(tmp) / "m.json")})
             timing = run_pipeline(run_args)
-            data = json.loads(Path(run_args.keep_json).read_text())
-        sizes = {img["id"]: (img["height"], img["width"]) for img in data["images"]}
-        masks[half] = ({a["image_id"]: decode_segmentation(a["segmentation"], *sizes[a["image_id"]])
-                        for a in data["annotations"]}, timing["images_per_s"])
-    ious = []
-    for image_id, fp32 in masks[False][0].items():
-        bf16 = masks[True][0][image_id]
-        union = np.logical_or(fp32, bf16).sum()
-        ious.append(np.logical_and(fp32, bf16).sum() / union if union else 1.0)
-    return {"images": len(ious), "mean_iou": float(np.mean(ious)), "median_iou": float(np.median(ious)),
-            "identical_masks": int(sum(i == 1.0 for i in ious)), "fp32_images_per_s": masks[False][1],
-            "bf16_images_per_s": masks[True][1]}
+            runs[half] = (json.loads(Path(run_args.keep_json).read_text()), timing["images_per_s"])
+    ious = list(mask_file_agreement(runs[False][0], runs[True][0]).values())
+    return {"method": args.method, "images": len(ious), "masks_fp32": len(runs[False][0]["annotations"]),
+            "masks_bf16": len(runs[True][0]["annotations"]), "mean_iou": float(np.mean(ious)),
+            "median_iou": float(np.median(ious)), "identical_images": int(sum(i == 1.0 for i in ious)),
+            "fp32_images_per_s": runs[False][1], "bf16_images_per_s": runs[True][1]}
 
 
 def main() -> None:
