@@ -128,13 +128,14 @@ def scipy_solver(graphs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def ncut_step(args: argparse.Namespace) -> dict:
     """MaskCut's patch level (its graphs, eigensolves and partitions for 3 cuts) on real backbone
     features, with scipy's per-image solver and with `distill.ncut`'s batched one; both must agree."""
+    from distill.features import feature_setting
     from distill.maskcut import maskcut
     from distill.methods import backbone_features
 
     device = resolve_device(args.device)
     model = build_vit(args.arch, args.patch_size, args.weights).to(device)
     entries = folder_entries(Path(args.folder))[: args.max_images]
-    policy = InputPolicy(0, args.max_size, args.fixed_size or 480, args.patch_size)
+    policy = InputPolicy(0, args.max_size, args.fixed_size or 480, model.patch_size)
     mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
     images = []
     for entry in entries:
@@ -143,20 +144,24 @@ def ncut_step(args: argparse.Namespace) -> dict:
         img = img.resize(geometry.working[::-1], Image.LANCZOS).resize(geometry.network[::-1], Image.LANCZOS)
         images.append((TF.pil_to_tensor(img).float() / 255 - mean) / std)
     with torch.inference_mode():
-        features = backbone_features(model, torch.stack(images).to(device))
+        features = backbone_features(model, torch.stack(images).to(device), feature_setting(args.arch))
         keys = features.patch_keys
         sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-        timings, results = {}, {}
-        for name, solver in (("scipy", scipy_solver), ("torch", None)):
-            start = time.perf_counter()
-            results[name] = maskcut(keys, features.grid, **({"solver": solver} if solver else {}))
-            sync()
-            timings[name] = time.perf_counter() - start
+        runs, results = {"scipy": [], "torch": []}, {}
+        for _ in range(args.repeats):  # alternating, so that load changes hit both alike
+            for name, solver in (("scipy", scipy_solver), ("torch", None)):
+                start = time.perf_counter()
+                results[name] = maskcut(keys, features.grid, **({"solver": solver} if solver else {}))
+                sync()
+                runs[name].append(time.perf_counter() - start)
+        timings = {name: float(np.median(seconds)) for name, seconds in runs.items()}
     same = all(np.array_equal(a.mask, b.mask) for ra, rb in zip(results["scipy"], results["torch"])
                for a, b in zip(ra, rb)) and all(len(a) == len(b) for a, b in zip(results["scipy"], results["torch"]))
     return {"mode": "ncut", "images": len(entries), "patches": keys.shape[1],
             "scipy_s_per_image": timings["scipy"] / len(entries), "torch_s_per_image": timings["torch"] / len(entries),
-            "speed_up": timings["scipy"] / timings["torch"], "identical_masks": same, **peak_memory_mb(device)}
+            "speed_up": timings["scipy"] / timings["torch"], "runs_s": runs,
+            "paired_ratios": [a / b for a, b in zip(runs["scipy"], runs["torch"])], "identical_masks": same,
+            **peak_memory_mb(device)}
 
 
 def half_agreement(args: argparse.Namespace) -> dict:
@@ -188,7 +193,7 @@ def main() -> None:
     p.add_argument("--method", default="maskdistill", choices=["maskdistill", "lost", "tokencut", "maskcut"],
                    help="pipeline: the discovery method (default: %(default)s)")
     p.add_argument("--max_images", type=int, default=8, help="images per run (default: %(default)s)")
-    p.add_argument("--repeats", type=int, default=3, help="runs per mode with --mode both; medians are reported")
+    p.add_argument("--repeats", type=int, default=3, help="runs per mode with --mode both or ncut (alternating); medians are reported")
     p.add_argument("--arch", default="vit_small", help="vit_small, vit_base, dinov2_vits14, ... (see distill/vit.py)")
     p.add_argument("--patch_size", type=int, default=None, help="16 or 8 for DINO, 14 for DINOv2 (default: the arch's)")
     p.add_argument("--weights", default="random", help="random (timing only), dino, or a checkpoint path")
