@@ -126,13 +126,14 @@ def scipy_solver(graphs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def ncut_step(args: argparse.Namespace) -> dict:
     """MaskCut's patch level (its graphs, eigensolves and partitions for 3 cuts) on real backbone
     features, with scipy's per-image solver and with `distill.ncut`'s batched one; both must agree."""
+    from distill.features import feature_setting
     from distill.maskcut import maskcut
     from distill.methods import backbone_features
 
     device = resolve_device(args.device)
     model = build_vit(args.arch, args.patch_size, args.weights).to(device)
     entries = folder_entries(Path(args.folder))[: args.max_images]
-    policy = InputPolicy(0, args.max_size, args.fixed_size or 480, args.patch_size)
+    policy = InputPolicy(0, args.max_size, args.fixed_size or 480, model.patch_size)
     mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
     images = []
     for entry in entries:
@@ -141,43 +142,43 @@ def ncut_step(args: argparse.Namespace) -> dict:
         img = img.resize(geometry.working[::-1], Image.LANCZOS).resize(geometry.network[::-1], Image.LANCZOS)
         images.append((TF.pil_to_tensor(img).float() / 255 - mean) / std)
     with torch.inference_mode():
-        features = backbone_features(model, torch.stack(images).to(device))
+        features = backbone_features(model, torch.stack(images).to(device), feature_setting(args.arch))
         keys = features.patch_keys
         sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-        timings, results = {}, {}
-        for name, solver in (("scipy", scipy_solver), ("torch", None)):
-            start = time.perf_counter()
-            results[name] = maskcut(keys, features.grid, **({"solver": solver} if solver else {}))
-            sync()
-            timings[name] = time.perf_counter() - start
+        runs, results = {"scipy": [], "torch": []}, {}
+        for _ in range(args.repeats):  # alternating, so that load changes hit both alike
+            for name, solver in (("scipy", scipy_solver), ("torch", None)):
+                start = time.perf_counter()
+                results[name] = maskcut(keys, features.grid, **({"solver": solver} if solver else {}))
+                sync()
+                runs[name].append(time.perf_counter() - start)
+        timings = {name: float(np.median(seconds)) for name, seconds in runs.items()}
     same = all(np.array_equal(a.mask, b.mask) for ra, rb in zip(results["scipy"], results["torch"])
                for a, b in zip(ra, rb)) and all(len(a) == len(b) for a, b in zip(results["scipy"], results["torch"]))
     return {"mode": "ncut", "images": len(entries), "patches": keys.shape[1],
             "scipy_s_per_image": timings["scipy"] / len(entries), "torch_s_per_image": timings["torch"] / len(entries),
-            "speed_up": timings["scipy"] / timings["torch"], "identical_masks": same, **peak_memory_mb(device)}
+            "speed_up": timings["scipy"] / timings["torch"], "runs_s": runs,
+            "paired_ratios": [a / b for a, b in zip(runs["scipy"], runs["torch"])], "identical_masks": same,
+            **peak_memory_mb(device)}
 
 
 def half_agreement(args: argparse.Namespace) -> dict:
-    """Mask IoU between the pipeline in fp32 and under bf16 autocast (`--half`), image by image."""
-    from utils.coco_io import decode_segmentation
+    """Mask agreement between the pipeline in fp32 and in bf16 (`--precision bf16`), image by image:
+    Hungarian-matched mask IoU (`distill.quality.matched_mask_iou`), so methods with several masks
+    per image (MaskCut) are compared mask for mask."""
+    from distill.quality import mask_file_agreement
 
-    masks = {}
+    runs = {}
     for half in (False, True):
         with tempfile.TemporaryDirectory() as tmp:
             run_args = argparse.Namespace(**{**vars(args), "half": half, "keep_json": str(Path(tmp) / "m.json")})
             timing = run_pipeline(run_args)
-            data = json.loads(Path(run_args.keep_json).read_text())
-        sizes = {img["id"]: (img["height"], img["width"]) for img in data["images"]}
-        masks[half] = ({a["image_id"]: decode_segmentation(a["segmentation"], *sizes[a["image_id"]])
-                        for a in data["annotations"]}, timing["images_per_s"])
-    ious = []
-    for image_id, fp32 in masks[False][0].items():
-        bf16 = masks[True][0][image_id]
-        union = np.logical_or(fp32, bf16).sum()
-        ious.append(np.logical_and(fp32, bf16).sum() / union if union else 1.0)
-    return {"images": len(ious), "mean_iou": float(np.mean(ious)), "median_iou": float(np.median(ious)),
-            "identical_masks": int(sum(i == 1.0 for i in ious)), "fp32_images_per_s": masks[False][1],
-            "bf16_images_per_s": masks[True][1]}
+            runs[half] = (json.loads(Path(run_args.keep_json).read_text()), timing["images_per_s"])
+    ious = list(mask_file_agreement(runs[False][0], runs[True][0]).values())
+    return {"method": args.method, "images": len(ious), "masks_fp32": len(runs[False][0]["annotations"]),
+            "masks_bf16": len(runs[True][0]["annotations"]), "mean_iou": float(np.mean(ious)),
+            "median_iou": float(np.median(ious)), "identical_images": int(sum(i == 1.0 for i in ious)),
+            "fp32_images_per_s": runs[False][1], "bf16_images_per_s": runs[True][1]}
 
 
 def main() -> None:
@@ -190,7 +191,7 @@ def main() -> None:
     p.add_argument("--method", default="maskdistill", choices=["maskdistill", "lost", "tokencut", "maskcut"],
                    help="pipeline: the discovery method (default: %(default)s)")
     p.add_argument("--max_images", type=int, default=8, help="images per run (default: %(default)s)")
-    p.add_argument("--repeats", type=int, default=3, help="runs per mode with --mode both; medians are reported")
+    p.add_argument("--repeats", type=int, default=3, help="runs per mode with --mode both or ncut (alternating); medians are reported")
     p.add_argument("--arch", default="vit_small", help="vit_small, vit_base, dinov2_vits14, ... (see distill/vit.py)")
     p.add_argument("--patch_size", type=int, default=None, help="16 or 8 for DINO, 14 for DINOv2 (default: the arch's)")
     p.add_argument("--weights", default="random", help="random (timing only), dino, or a checkpoint path")

@@ -219,7 +219,11 @@ def recorded_backbone(mask_set: MaskSet) -> tuple[dict, str] | None:
 
 
 def resolve_backbone(settings: ClusterSettings, target: MaskSet) -> Backbone:
-    """The masks' recorded backbone; a field set in `settings` wins, with a warning when it differs."""
+    """The masks' recorded backbone; a field set in `settings` wins, with a warning when it differs.
+    The patch size follows the arch (`distill.vit.resolve_patch_size`: 14 for DINOv2, 16 for DINO
+    ViT-S by default): a recorded patch size is only reused with the arch it was recorded with."""
+    from distill.vit import resolve_patch_size
+
     recorded = recorded_backbone(target)
     chosen = {}
     for key in BACKBONE_KEYS:
@@ -228,16 +232,20 @@ def resolve_backbone(settings: ClusterSettings, target: MaskSet) -> Backbone:
         if given is not None and made_with is not None and given != made_with:
             print(f"warning: --{key} {given} differs from the {made_with} that made the masks "
                   f"({recorded[1]}); the features use {given}", file=sys.stderr)
-        chosen[key] = given if given is not None else made_with if made_with is not None else getattr(
-            GEN_MASKS_BACKBONE, key)
+        chosen[key] = given if given is not None else made_with
+    arch = str(chosen["arch"] or GEN_MASKS_BACKBONE.arch)
+    recorded_arch = (recorded[0].get("arch") if recorded else None) or GEN_MASKS_BACKBONE.arch
+    patch_size = settings.patch_size if settings.patch_size is not None else (
+        chosen["patch_size"] if recorded_arch == arch else None)
+    patch_size = resolve_patch_size(arch, None if patch_size is None else int(patch_size))
+    weights = str(chosen["weights"] or GEN_MASKS_BACKBONE.weights)
     if recorded is None and any(getattr(settings, key) is None for key in BACKBONE_KEYS):
-        print(f"warning: {target.json_path} records no gen_masks.py settings; using arch {chosen['arch']}, "
-              f"patch size {chosen['patch_size']}, weights {chosen['weights']}", file=sys.stderr)
-    weights = str(chosen["weights"])
+        print(f"warning: {target.json_path} records no gen_masks.py settings; using arch {arch}, "
+              f"patch size {patch_size}, weights {weights}", file=sys.stderr)
     if settings.weights is None and weights not in ("dino", "random") and not Path(weights).is_file():
         raise UserError(f"the masks were made with --weights {weights} ({recorded[1] if recorded else 'default'}), "
                         f"which is not a file here; pass --weights PATH (the same checkpoint)")
-    return Backbone(str(chosen["arch"]), int(chosen["patch_size"]), weights)
+    return Backbone(arch, patch_size, weights)
 
 
 def label_categories(gt: GroundTruth | None, trial: dict, num_clusters: int) -> tuple[dict[int, int], list[dict]]:
@@ -248,6 +256,16 @@ def label_categories(gt: GroundTruth | None, trial: dict, num_clusters: int) -> 
                 [dict(c) for c in gt.categories])
     return ({k: k + 1 for k in range(num_clusters)},
             [{"id": k + 1, "name": f"cluster_{k + 1}", "supercategory": ""} for k in range(num_clusters)])
+
+
+def category_id_meaning(gt: GroundTruth | None, trial: dict, settings: ClusterSettings, num_clusters: int) -> str:
+    """What the written `category_id`s are, in words (kept in the output's `info.category_ids`)."""
+    if gt is None or "mapping" not in trial:
+        return (f"cluster ids 1..{num_clusters} (K-means clusters, not matched to any ground truth; "
+                "not comparable with a GT file's class ids)")
+    source = settings.gt_file or f"{settings.gt_voc_root} (VOC)"
+    return (f"class ids of {source}: each of the {num_clusters} clusters takes the GT class it was matched to "
+            f"({trial['matching']} matching)")
 
 
 def cluster_masks(settings: ClusterSettings) -> dict:
@@ -319,6 +337,9 @@ def cluster_masks(settings: ClusterSettings) -> dict:
     base = dict(target.dataset) if target.dataset is not None else {}
     base.update(images=list(target.images.values()) if target.dataset is None else target.dataset["images"],
                 annotations=annotations, categories=categories)
+    meaning = category_id_meaning(gt, trials[chosen], settings, num_clusters)
+    info = dict(base["info"]) if isinstance(base.get("info"), dict) else {}
+    base["info"] = info | {"category_ids": meaning}
     output = Path(settings.output_file)
     write_json(output, base)
 
@@ -350,7 +371,15 @@ def cluster_masks(settings: ClusterSettings) -> dict:
     if settings.metrics_json:
         write_json(settings.metrics_json, metrics, indent=2)
 
+    metrics["category_ids"] = meaning
     print(f"labelled {len(annotations)} masks into {num_clusters} clusters -> {output}")
+    print(f"category_id in {output}: {meaning}")
+    if "mapping" not in trials[chosen]:  # no GT, or no mask overlapping a GT box
+        print(f"WARNING: {output} holds CLUSTER ids 1..{num_clusters}, not classes. A GT file's category ids "
+              f"(COCO: 1 person, 2 bicycle, ...) are other things with the same numbers: class-aware AP against "
+              f"it compares unrelated ids and scores about 0. Pass that GT to utils/cluster.py as --gt_file "
+              f"(or --gt_voc_root) so the clusters are matched to its classes, or evaluate with --class_agnostic.",
+              file=sys.stderr)
     if metrics["num_skipped"]:
         print(f"skipped {metrics['num_skipped']} masks with empty or out-of-image boxes (see warnings above)")
     if gt is not None and "ACC" in metrics:

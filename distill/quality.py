@@ -154,3 +154,48 @@ def evaluate_discovery(model: DinoViT, gt_sets: list[GroundTruthSet], methods: l
         results[gt.name] = {"scores": {k: v.summary() for k, v in scores.items()}, "model_seconds": model_seconds,
                             "images": len(entries)}
     return results
+
+
+# ----------------------------------------------------------------------------- agreement of two mask sets
+
+
+def matched_mask_iou(first: list[np.ndarray], second: list[np.ndarray]) -> float:
+    """Agreement of two sets of masks of one image: the IoUs of a one-to-one Hungarian matching
+    (scipy's `linear_sum_assignment`, maximising the IoU sum), summed and divided by the larger
+    count, so an unmatched mask counts 0. Two empty sets agree (1.0); one empty set scores 0."""
+    from scipy.optimize import linear_sum_assignment
+
+    if not first or not second:
+        return float(not first and not second)
+    a = np.stack([m.reshape(-1) for m in first]).astype(np.float32)
+    b = np.stack([m.reshape(-1) for m in second]).astype(np.float32)
+    inter = a @ b.T
+    union = a.sum(1)[:, None] + b.sum(1)[None, :] - inter
+    iou = np.where(union > 0, inter / np.maximum(union, 1), 1.0)
+    rows, cols = linear_sum_assignment(iou, maximize=True)
+    return float(iou[rows, cols].sum() / max(len(first), len(second)))
+
+
+def masks_by_file_name(dataset: dict) -> dict[str, list[np.ndarray]]:
+    """A COCO mask file's masks per image base name (every image listed, also those without masks).
+    Each RLE is decoded at its own `size`, so a file whose `images` swap width and height (CutLER's
+    maskcut.py) still decodes right."""
+    images = {img["id"]: img for img in dataset["images"]}
+    masks: dict[str, list[np.ndarray]] = {Path(img["file_name"]).name: [] for img in images.values()}
+    for ann in dataset["annotations"]:
+        img, segm = images[ann["image_id"]], ann["segmentation"]
+        height, width = segm["size"] if isinstance(segm, dict) and "size" in segm else (img["height"], img["width"])
+        masks[Path(img["file_name"]).name].append(mask_utils.decode(segmentation_to_rle(segm, height, width)) > 0)
+    return masks
+
+
+def mask_file_agreement(first: dict, second: dict) -> dict[str, float]:
+    """`matched_mask_iou` per image of two COCO mask files of the same images (matched by base name);
+    an image in only one file raises, since the files would not describe the same run."""
+    a, b = masks_by_file_name(first), masks_by_file_name(second)
+    if set(a) != set(b):
+        first_only, second_only = sorted(set(a) - set(b)), sorted(set(b) - set(a))
+        raise UserError(f"the two mask files list different images ({len(first_only)} only in the first, e.g. "
+                        f"{first_only[:1]}; {len(second_only)} only in the second, e.g. {second_only[:1]}); "
+                        "compare runs on the same images")
+    return {name: matched_mask_iou(a[name], b[name]) for name in sorted(a)}

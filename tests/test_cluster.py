@@ -321,6 +321,38 @@ def test_metrics_are_exact_on_hand_made_colour_squares(tmp_path):
     labelled = json.loads((tmp_path / "labelled.json").read_text())
     assert [a["category_id"] for a in labelled["annotations"]] == [a["category_id"] for a in gt["annotations"]]
     assert labelled["categories"] == gt["categories"]
+    assert labelled["info"]["category_ids"] == (f"class ids of {tmp_path / 'gt.json'}: each of the 2 clusters "
+                                                "takes the GT class it was matched to (hungarian matching)")
+
+
+def test_dinov2_backbone_from_the_masks_and_cluster_ids_said_out_loud(tmp_path, capsys):
+    """Masks recorded with a DINOv2 ViT-S/14 are clustered with it (patch size 14: a 24 px crop is padded
+    to 28, a 2 x 2 grid); identical crops give identical features, so the 2 clusters are the 2 colours.
+    Without ground truth the output holds cluster ids, which is written into the file and warned about:
+    a GT file's class ids 1, 2 are other things with the same numbers."""
+    gt, masks = _colour_squares(tmp_path / "images")
+    masks["info"] = {"settings": {"arch": "dinov2_vits14", "patch_size": 14, "weights": "random"}}
+    (tmp_path / "masks.json").write_text(json.dumps(masks))
+    out = tmp_path / "labelled.json"
+    capsys.readouterr()
+    metrics = cluster.cluster_masks(ClusterSettings(
+        input_file=str(tmp_path / "masks.json"), image_root=str(tmp_path / "images"), output_file=str(out),
+        num_classes=2, num_workers=0, device="cpu"))
+    assert metrics["backbone"] == {"arch": "dinov2_vits14", "patch_size": 14, "weights": "random"}
+    assert metrics["cluster_sizes"] == [4, 4]
+    labelled = json.loads(out.read_text())
+    ids = [a["category_id"] for a in labelled["annotations"]]
+    truth = [a["category_id"] for a in gt["annotations"]]  # red 1, green 2: the clusters are the colours
+    assert ids == truth or ids == [3 - c for c in truth]
+    meaning = "cluster ids 1..2 (K-means clusters, not matched to any ground truth; not comparable with a GT file's class ids)"
+    assert labelled["info"] == {"settings": masks["info"]["settings"], "category_ids": meaning}
+    assert metrics["category_ids"] == meaning
+    captured = capsys.readouterr()
+    assert f"category_id in {out}: {meaning}" in captured.out
+    assert captured.err.count(f"WARNING: {out} holds CLUSTER ids 1..2, not classes.") == 1
+    assert "--gt_file" in captured.err and "--class_agnostic" in captured.err
+    features = np.load(next(tmp_path.glob("masks.features.*.npy")))
+    assert features.shape == (8, 384)
 
 
 def test_backbone_comes_from_the_masks_recorded_settings(tmp_path, capsys):
@@ -356,6 +388,25 @@ def test_backbone_comes_from_the_masks_recorded_settings(tmp_path, capsys):
     target = mask_set(tmp_path / "other.json", {"images": []})
     assert cluster.resolve_backbone(ClusterSettings("m", "r", "o"), target) == cluster.GEN_MASKS_BACKBONE
     assert "records no gen_masks.py settings" in capsys.readouterr().err
+    # With --arch only, the patch size is the arch's (14 for DINOv2), never gen_masks.py's default 16.
+    assert cluster.resolve_backbone(ClusterSettings("m", "r", "o", arch="dinov2_vits14"), target) == \
+        crop_features.Backbone("dinov2_vits14", 14, "dino")
+    assert capsys.readouterr().err.strip() == (f"warning: {tmp_path / 'other.json'} records no gen_masks.py settings; "
+                                               "using arch dinov2_vits14, patch size 14, weights dino")
+
+    # DINOv2 masks: the recorded arch and patch size (also when the patch size was left unset).
+    for recorded_patch in (14, None):
+        dinov2 = {"info": {"settings": {"arch": "dinov2_vitb14", "patch_size": recorded_patch, "weights": "random"}}}
+        assert cluster.resolve_backbone(ClusterSettings("m", "r", "o"), mask_set(tmp_path / "v2.json", dinov2)) == \
+            crop_features.Backbone("dinov2_vitb14", 14, "random")
+    assert capsys.readouterr().err == ""
+    # --arch dinov2_vits14 over masks made with DINO ViT-S/16: the recorded 16 belongs to the other arch.
+    target = mask_set(tmp_path / "masks.results.json", None)  # masks.config.yaml: vit_small, 16, random
+    assert cluster.resolve_backbone(ClusterSettings("m", "r", "o", arch="dinov2_vits14"), target) == \
+        crop_features.Backbone("dinov2_vits14", 14, "random")
+    assert "--arch dinov2_vits14 differs from the vit_small that made the masks" in capsys.readouterr().err
+    with pytest.raises(UserError, match="--arch dinov2_vits14 has patch size 14, not --patch_size 16"):
+        cluster.resolve_backbone(ClusterSettings("m", "r", "o", arch="dinov2_vits14", patch_size=16), target)
 
 
 def test_interrupted_extraction_resumes_from_partial(tiny_coco, tmp_path):

@@ -4,8 +4,10 @@
     python utils/cluster.py --input_file voc12_masks.json --image_root VOCdevkit --output_file labelled.json \
         --gt_voc_root VOCdevkit/VOC2012 --num_classes 20 --support_file voc07_masks.json --support_root VOCdevkit
 
-The backbone is the one gen_masks.py recorded for the masks (arch, patch size, weights); --arch,
---patch_size and --weights override it, with a warning when they differ. Features are cached by
+The backbone is the one gen_masks.py recorded for the masks (arch, patch size, weights; DINO or
+DINOv2); --arch, --patch_size and --weights override it, with a warning when they differ. Without
+ground truth the category ids written are cluster ids, not classes (the output says so, and a
+warning explains why they must not be scored against a GT file's class ids). Features are cached by
 content next to each mask file (or in --cache_dir), so a rerun with other clustering settings or
 another --output_file skips the network. With ground truth, clusters are matched to classes and
 ACC/NMI/ARI are reported. See docs/evaluation.md.
@@ -45,8 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="where feature caches (.npy, keyed by content) go (default: next to each mask file)")
     out.add_argument("--overwrite", action="store_true", help="replace an existing --output_file or --metrics_json")
     model = p.add_argument_group("backbone (default: the one recorded with the masks by gen_masks.py)")
-    model.add_argument("--arch", default=None, help="ViT size, e.g. vit_small or vit_base")
-    model.add_argument("--patch_size", type=int_range(1), default=None, help="ViT patch size, e.g. 8 or 16")
+    model.add_argument("--arch", default=None,
+                       help="backbone as gen_masks.py names it: vit_small, vit_base (DINO), dinov2_vits14, dinov2_vitb14, "
+                            "dinov2_vits14_reg, dinov2_vitb14_reg (DINOv2)")
+    model.add_argument("--patch_size", type=int_range(1), default=None,
+                       help="ViT patch size: 8 or 16 for DINO, 14 for DINOv2 (default: the recorded one when --arch is "
+                            "the recorded arch, else the arch's own)")
     model.add_argument("--weights", default=None, help="'dino' (official checkpoint), 'random' (tests only) or a path")
     km = p.add_argument_group("clustering")
     km.add_argument("--num_classes", type=int_range(1), default=None,
