@@ -15,13 +15,11 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from distill.quality import mask_file_agreement  # noqa: E402
-from utils.coco_io import load_json, write_json  # noqa: E402
-from utils.errors import run_cli  # noqa: E402
+from distill.quality import mask_file_agreement
+from utils.coco_io import load_json, write_json
+from utils.errors import run_cli
 
 
 def main() -> int:
