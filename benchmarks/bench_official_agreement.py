@@ -11,9 +11,6 @@ docs/gen_masks.md ("Agreement with the official code") for the runs and figures.
 from __future__ import annotations
 
 import argparse
-import json
-import sys
-from pathlib import Path
 
 import numpy as np
 
