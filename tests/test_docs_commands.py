@@ -54,10 +54,10 @@ class DocCommand:
         return f"{self.where}: {self.text}"
 
 
-def _block_lines(path: str) -> list[tuple[int, str]]:
+def _block_lines(path: Path) -> list[tuple[int, str]]:
     """(line number, command line) of every command line of the file's code blocks, continuations joined."""
     found, language, pending, start = [], None, "", 0
-    for number, line in enumerate((REPO / path).read_text().splitlines(), 1):
+    for number, line in enumerate(path.read_text().splitlines(), 1):
         stripped = line.strip()
         if stripped.startswith("```"):
             language = None if language is not None else stripped[3:].strip()
@@ -91,9 +91,10 @@ def _optional_variants(text: str) -> list[str]:
     return variants
 
 
-def doc_commands() -> list[DocCommand]:
+def doc_commands(paths: list[Path]) -> list[DocCommand]:
     commands = []
-    for path in DOC_FILES:
+    for path in paths:
+        label = path.relative_to(REPO).as_posix() if path.is_relative_to(REPO) else path.name
         loops: list[tuple[str, list[str]]] = []
         for number, line in _block_lines(path):
             loop = re.match(r"for (\w+) in (.*); do$", line)
@@ -117,11 +118,11 @@ def doc_commands() -> list[DocCommand]:
                         key, value = words.pop(0).split("=", 1)
                         env[key] = value
                     if words:
-                        commands.append(DocCommand(f"{path}:{number}", variant, env, words))
+                        commands.append(DocCommand(f"{label}:{number}", variant, env, words))
     return commands
 
 
-COMMANDS = doc_commands()
+COMMANDS = doc_commands([REPO / path for path in DOC_FILES])
 CONSOLE_SCRIPTS = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
 
 
@@ -153,7 +154,40 @@ def test_every_command_is_recognised():
     external = [c for c in COMMANDS if script_and_args(c) and script_and_args(c)[0] in EXTERNAL]
     unknown = [str(c) for c in COMMANDS if id(c) not in known and c not in external]
     assert not unknown
-    assert len(PYTHON_COMMANDS) > 80 and len(SH_COMMANDS) > 10  # the extraction found the docs' commands
+
+
+def test_extraction_on_a_hand_made_page(tmp_path):
+    page = tmp_path / "page.md"
+    page.write_text("""Inline `python not_a_command.py` is prose.
+
+```
+tree/
+python a.py --x 1 \\
+    --y "two words"   # a comment
+output line
+```
+
+```sh
+# a comment line
+NPROC=2 sh detectron2_train/train_voc.sh ROOT OUT
+for s in A B; do
+  python b.py --in $s.json --classes $(cut -f1 $s.txt) [--opt]
+done
+```
+
+```python
+python c.py
+```
+""")
+    found = [(c.where, c.text, c.env, c.words) for c in doc_commands([page])]
+    b_words = ["python", "b.py", "--in", "{}.json", "--classes", "SUBSTITUTED"]
+    assert found == [
+        ("page.md:5", 'python a.py --x 1 --y "two words"', {}, ["python", "a.py", "--x", "1", "--y", "two words"]),
+        ("page.md:12", "NPROC=2 sh detectron2_train/train_voc.sh ROOT OUT", {"NPROC": "2"},
+         ["sh", "detectron2_train/train_voc.sh", "ROOT", "OUT"]),
+        *[("page.md:14", f"python b.py --in {s}.json --classes SUBSTITUTED{opt}", {},
+           [w.format(s) for w in b_words] + opt.split()) for s in "AB" for opt in (" --opt", "")],
+    ]
 
 
 @pytest.fixture(scope="module")
