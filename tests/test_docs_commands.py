@@ -199,9 +199,7 @@ def parse_report() -> dict[str, dict]:
         if absent:
             missing[str(cmd)] = {"ok": False, "error": f"no such file: {', '.join(absent)}"}
             continue
-        # --round_config files are read after the first config; their existence is checked above.
-        payload.append({"script": script, "argv": args,
-                        "configs": [p for f, p in zip(args, args[1:]) if f in CONFIG_FLAGS[:3]]})
+        payload.append({"script": script, "argv": args, "configs": configs_of(args)})
     proc = subprocess.run([sys.executable, "-m", "tests.helpers.script_probe", "parse", json.dumps(payload)],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
