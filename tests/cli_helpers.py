@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import shlex
 from typing import Callable
 
 from utils.errors import run_cli
@@ -25,3 +26,12 @@ def error_line(stderr: str) -> str:
     lines = [ln for ln in stderr.strip().splitlines() if "error: " in ln]
     assert len(lines) == 1, stderr
     return lines[0]
+
+
+def documented_argv(command: str, placeholders: dict[str, str]) -> list[str]:
+    """The arguments of a documented `python SCRIPT ARGS` command (one line, as in the docs) for a test to run:
+    `../shared/data` points at the real data folder and each placeholder word is replaced."""
+    from tests.conftest import SHARED_DATA
+
+    words = shlex.split(command)[2:]
+    return [placeholders.get(w, w.replace("../shared/data", str(SHARED_DATA), 1)) for w in words]

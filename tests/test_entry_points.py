@@ -31,28 +31,13 @@ ENTRY_POINTS = {
     "segmentation/linear_finetune.py": "--config_exp",
 }
 
-# One interpreter runs every --help in turn and reports, per script, its help text and whether torch
-# was imported by then (a script that imports it marks itself; the ones before it are already reported).
-PROBE = r"""
-import contextlib, io, json, runpy, sys
-report = {}
-for script in json.loads(sys.argv[1]):
-    sys.argv = [script, "--help"]
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        try:
-            runpy.run_path(script, run_name="__main__")
-        except SystemExit as exc:
-            code = exc.code
-    report[script] = {"torch": "torch" in sys.modules, "exit": code, "help": out.getvalue()}
-print(json.dumps(report))
-"""
-
 
 @pytest.fixture(scope="module")
 def help_report() -> dict:
-    proc = subprocess.run([sys.executable, "-c", PROBE, json.dumps(list(ENTRY_POINTS))], cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
+    """One interpreter runs every --help in turn (tests/helpers/script_probe.py) and reports, per script,
+    its help text and whether torch was imported by then."""
+    proc = subprocess.run([sys.executable, "-m", "tests.helpers.script_probe", "help", json.dumps(list(ENTRY_POINTS))],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout.strip().splitlines()[-1])
 

@@ -20,6 +20,10 @@ from utils.coco_io import decode_segmentation, mask_to_bbox
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["--weights", "random", "--num_workers", "0"]
+# The README's first gen_masks command, word for word (tests/test_docs_commands.py checks that the README still
+# says it); run from the repository root, so masks.json is put in tmp_path.
+README_GEN_MASKS = ("python gen_masks.py --dataset folder --dataset_root ../shared/data/tiny_coco/val2017 "
+                    "--weights random --pred_json_path masks.json")
 
 
 def run_cli(*args, env=None):
@@ -126,8 +130,7 @@ def test_readme_command_on_tiny_coco_is_accepted_by_loadres(tiny_coco, tmp_path)
     from pycocotools.coco import COCO
 
     out = tmp_path / "masks.json"
-    result = run_cli("--dataset", "folder", "--dataset_root", tiny_coco / "val2017", "--weights", "random",
-                     "--pred_json_path", out, "--resize", 96)
+    result = run_cli(*cli_helpers.documented_argv(README_GEN_MASKS, {"masks.json": str(out)}), "--resize", 96)
     assert result.returncode == 0, result.stderr
     data = check_masks_file(out, tiny_coco / "val2017")
     gt = COCO(str(tiny_coco / "annotations" / "instances_val2017.json"))

@@ -9,17 +9,18 @@ import pytest
 
 import pipeline
 from distill.pipeline import run_pipeline, settings_from_args
-from tests.cli_helpers import error_line, run_main
+from tests.cli_helpers import documented_argv, error_line, run_main
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_COCO = REPO.parent / "shared" / "data" / "tiny_coco"
 STAGES = ["masks", "cluster", "maskrcnn", "semantic", "deeplab", "eval"]
+# The README's quick start, word for word (tests/test_docs_commands.py checks that the README still says it).
+README_QUICK_START = ("python pipeline.py --images ../shared/data/tiny_coco/val2017 --out OUT "
+                      "--gt_json ../shared/data/tiny_coco/annotations/instances_val2017.json --tiny")
 
 
 def quick_start_argv(out: Path) -> list[str]:
-    """The README's quick start: python pipeline.py --images ... --out OUT --gt_json ... --tiny."""
-    return ["--images", str(TINY_COCO / "val2017"), "--out", str(out),
-            "--gt_json", str(TINY_COCO / "annotations" / "instances_val2017.json"), "--tiny"]
+    return documented_argv(README_QUICK_START, {"OUT": str(out)})
 
 
 @pytest.fixture(scope="module")
