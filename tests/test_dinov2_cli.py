@@ -72,7 +72,15 @@ def test_dinov2_run_records_its_resolved_settings_and_resume_refuses_another_pre
         "dinov2_vits14", 14, "centred", "bf16")
 
     interrupted = tmp_path / "interrupted.json"
-    monkeypatch.setattr(engine_module, "backbone_features", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    real_features, calls = engine_module.backbone_features, []
+
+    def interrupted(*a, **k):  # after the first batch: the part holds image records (an empty part is replaced)
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_features(*a, **k)
+
+    monkeypatch.setattr(engine_module, "backbone_features", interrupted)
     with pytest.raises(KeyboardInterrupt):
         generate(*job(three_images, interrupted, "--half"))
     with pytest.raises(UserError, match="made with precision='bf16', not 'fp32'"):
