@@ -74,13 +74,13 @@ def test_dinov2_run_records_its_resolved_settings_and_resume_refuses_another_pre
     interrupted = tmp_path / "interrupted.json"
     real_features, calls = engine_module.backbone_features, []
 
-    def interrupted(*a, **k):  # after the first batch: the part holds image records (an empty part is replaced)
+    def stop_after_first_batch(*a, **k):  # after the first batch: the part holds image records (an empty part is replaced)
         calls.append(1)
         if len(calls) == 2:
             raise KeyboardInterrupt
         return real_features(*a, **k)
 
-    monkeypatch.setattr(engine_module, "backbone_features", interrupted)
+    monkeypatch.setattr(engine_module, "backbone_features", stop_after_first_batch)
     with pytest.raises(KeyboardInterrupt):
         generate(*job(three_images, interrupted, "--half"))
     with pytest.raises(UserError, match="made with precision='bf16', not 'fp32'"):
