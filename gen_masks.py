@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="backbone features the methods' patch graphs read: raw last-block keys, keys centred on "
                             "their mean over the image's patches (centred), or the final normalised output tokens "
                             "centred the same way (centred_tokens); CLS attention always reads the raw queries/keys; "
-                            "auto: the backbone's own (centred_tokens for DINOv2, raw for DINO; see docs/dinov2.md) "
+                            "auto: the backbone's own (centred for DINOv2, raw for DINO; see docs/dinov2.md) "
                             "(default: %(default)s)")
     model.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                        help="ViT compute precision: bf16 autocast or fp32; auto takes bf16 where the hardware runs it "

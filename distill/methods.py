@@ -123,7 +123,7 @@ def propose(method: Method, features: PatchFeatures, params: dict) -> list[list[
 
 def backbone_features(model: torch.nn.Module, images: torch.Tensor, setting: str) -> PatchFeatures:
     """Backbone output -> the methods' input: the one place where a backbone's features are taken, with
-    the per-backbone transform of `--features` (`distill.features`: DINOv2's output tokens, centred)."""
+    the per-backbone transform of `--features` (`distill.features`: DINOv2's keys are centred)."""
     features = discovery_features(model.last_qk(images, tokens=needs_tokens(setting)), setting)
     patch_size = model.patch_size
     grid = (images.shape[2] // patch_size, images.shape[3] // patch_size)

@@ -65,15 +65,15 @@ BACKBONES: dict[str, BackboneSpec] = {
         16: f"{_DINO}/dino_vitbase16_pretrain/dino_vitbase16_pretrain.pth",
         8: f"{_DINO}/dino_vitbase8_pretrain/dino_vitbase8_pretrain.pth"}),
     "dinov2_vits14": BackboneSpec("DINOv2", "vit_small_patch14_dinov2", (14,), {
-        14: f"{_DINOV2}/dinov2_vits14/dinov2_vits14_pretrain.pth"}, mask_token=True, features="centred_tokens"),
+        14: f"{_DINOV2}/dinov2_vits14/dinov2_vits14_pretrain.pth"}, mask_token=True, features="centred"),
     "dinov2_vitb14": BackboneSpec("DINOv2", "vit_base_patch14_dinov2", (14,), {
-        14: f"{_DINOV2}/dinov2_vitb14/dinov2_vitb14_pretrain.pth"}, mask_token=True, features="centred_tokens"),
+        14: f"{_DINOV2}/dinov2_vitb14/dinov2_vitb14_pretrain.pth"}, mask_token=True, features="centred"),
     "dinov2_vits14_reg": BackboneSpec("DINOv2", "vit_small_patch14_dinov2", (14,), {
         14: f"{_DINOV2}/dinov2_vits14/dinov2_vits14_reg4_pretrain.pth"}, register_tokens=4,
-        interpolate_offset=0.0, interpolate_antialias=True, mask_token=True, features="centred_tokens"),
+        interpolate_offset=0.0, interpolate_antialias=True, mask_token=True, features="centred"),
     "dinov2_vitb14_reg": BackboneSpec("DINOv2", "vit_base_patch14_dinov2", (14,), {
         14: f"{_DINOV2}/dinov2_vitb14/dinov2_vitb14_reg4_pretrain.pth"}, register_tokens=4,
-        interpolate_offset=0.0, interpolate_antialias=True, mask_token=True, features="centred_tokens"),
+        interpolate_offset=0.0, interpolate_antialias=True, mask_token=True, features="centred"),
 }
 ARCHS = tuple(BACKBONES)
 PATCH_SIZES = tuple(sorted({p for spec in BACKBONES.values() for p in spec.patch_sizes}))

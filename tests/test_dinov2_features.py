@@ -12,10 +12,11 @@ from utils.errors import UserError
 
 def test_auto_setting_per_backbone():
     assert {arch: feature_setting(arch) for arch in ARCHS} == {
-        "vit_small": "raw", "vit_base": "raw", "dinov2_vits14": "centred_tokens",
-        "dinov2_vitb14": "centred_tokens", "dinov2_vits14_reg": "centred_tokens", "dinov2_vitb14_reg": "centred_tokens"}
+        "vit_small": "raw", "vit_base": "raw", "dinov2_vits14": "centred", "dinov2_vitb14": "centred",
+        "dinov2_vits14_reg": "centred", "dinov2_vitb14_reg": "centred"}
     assert feature_setting("dinov2_vits14", "raw") == "raw"
     assert feature_setting("vit_small", "centred") == "centred"
+    assert feature_setting("dinov2_vits14", "centred_tokens") == "centred_tokens"
     with pytest.raises(UserError, match="unknown --features 'whitened'"):
         feature_setting("vit_small", "whitened")
 
