@@ -41,10 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--weights", default="dino",
                        help="'dino' (the official DINO or DINOv2 checkpoint of --arch via torch.hub, cached), a "
                             "checkpoint path, or 'random' (smoke tests only: the masks mean nothing) (default: %(default)s)")
-    model.add_argument("--features", default="auto", choices=["auto", "raw", "centred"],
-                       help="backbone features the methods read: raw last-block queries/keys, or keys centred on "
-                            "their mean over the image's patches for the patch graphs; auto: the backbone's own "
-                            "(centred for DINOv2, raw for DINO; see docs/dinov2.md) (default: %(default)s)")
+    model.add_argument("--features", default="auto", choices=["auto", "raw", "centred", "centred_tokens"],
+                       help="backbone features the methods' patch graphs read: raw last-block keys, keys centred on "
+                            "their mean over the image's patches (centred), or the final normalised output tokens "
+                            "centred the same way (centred_tokens); CLS attention always reads the raw queries/keys; "
+                            "auto: the backbone's own (centred for DINOv2, raw for DINO; see docs/dinov2.md) "
+                            "(default: %(default)s)")
     model.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                        help="ViT compute precision: bf16 autocast or fp32; auto takes bf16 where the hardware runs it "
                             "natively (CUDA with bf16, CPUs with AVX512-BF16 or AMX), fp32 elsewhere. Recorded in the "

@@ -30,7 +30,7 @@ def main() -> int:
     p.add_argument("--weights", default="dino", help="'dino' (official checkpoint via torch.hub) or a checkpoint path")
     p.add_argument("--method", default="maskdistill",
                    help=f"comma-separated discovery methods, of {list(METHODS)} (default: %(default)s)")
-    p.add_argument("--features", default="raw,centred",
+    p.add_argument("--features", default="raw,centred,centred_tokens",
                    help=f"comma-separated feature settings, of {list(FEATURE_SETTINGS)} or auto (default: %(default)s)")
     p.add_argument("--data_root", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"),
                    help="folder holding tiny_coco/ and voc_mini/ (default: ../shared/data)")

@@ -17,10 +17,19 @@ and passes them through `discovery_features(qk, setting)`, which returns `Discov
     92-96% of an average key's norm, and 100% of the patch-key products are positive), so graphs
     built from raw key products join every patch to every other and MaskDistill's mask is the
     whole image. Centring removes the shared part and keeps the differences between patches.
-    docs/dinov2.md has the measurements.
+  * `centred_tokens`: the final normalised output tokens (DINOv2's `x_norm_patchtokens`, split
+    into the heads' slices so that concatenating the heads gives the token back) minus their mean
+    over the image's N patches, in float32. An option, not a default: on the real ViT-S/14 at 320 px
+    it beats centred keys for LOST (tiny_coco CorLoc 25.0% vs 20.8%, voc_mini 66.7% vs 0%) and
+    MaskDistill, but not at their own inputs (LOST full resolution: 14.6% vs 16.7% on tiny_coco;
+    MaskDistill at 640: voc_mini CorLoc 33.3% vs 66.7%), and TokenCut and MaskCut stay about where
+    they were. It makes LOST's bf16 masks agree better with fp32 (0.944 vs 0.885). It costs the
+    rest of the last block (attention and MLP) in the backbone.
+  docs/dinov2.md has the measurements.
 
 `--features auto` takes the backbone's own setting (`BackboneSpec.features`: `centred` for every
-DINOv2 arch, `raw` for DINO).
+DINOv2 arch, `raw` for DINO). `needs_tokens(setting)` says whether the backbone must return
+its output tokens (`DinoViT.last_qk(images, tokens=True)`).
 """
 from __future__ import annotations
 
@@ -31,7 +40,7 @@ import torch
 from distill.vit import LastBlockQK, backbone_spec
 from utils.errors import UserError
 
-FEATURE_SETTINGS = ("raw", "centred")
+FEATURE_SETTINGS = ("raw", "centred", "centred_tokens")
 
 
 class DiscoveryFeatures(NamedTuple):
@@ -51,8 +60,13 @@ def feature_setting(arch: str, requested: str = "auto") -> str:
     return requested
 
 
+def needs_tokens(setting: str) -> bool:
+    """Whether `setting` reads the backbone's output tokens (`LastBlockQK.tokens`)."""
+    return setting == "centred_tokens"
+
+
 def centre_keys(key: torch.Tensor) -> torch.Tensor:
-    """(B, heads, 1 + N, d) keys minus their mean over the N patches (token 0 is CLS), in float32."""
+    """(B, heads, 1 + N, d) features minus their mean over the N patches (token 0 is CLS), in float32."""
     key = key.float()
     return key - key[:, :, 1:].mean(dim=2, keepdim=True)
 
@@ -63,4 +77,8 @@ def discovery_features(qk: LastBlockQK, setting: str) -> DiscoveryFeatures:
         return DiscoveryFeatures(qk.query, qk.key, qk.key)
     if setting == "centred":
         return DiscoveryFeatures(qk.query, qk.key, centre_keys(qk.key))
+    if setting == "centred_tokens":
+        if qk.tokens is None:
+            raise ValueError("the centred_tokens setting needs the output tokens: call last_qk(images, tokens=True)")
+        return DiscoveryFeatures(qk.query, qk.key, centre_keys(qk.tokens))
     raise ValueError(f"unknown feature setting {setting!r}; expected one of {FEATURE_SETTINGS}")

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from distill.data import Geometry
-from distill.features import discovery_features
+from distill.features import discovery_features, needs_tokens
 from distill.lost import lost
 from distill.maskcut import maskcut, refine_masks
 from distill.maskgen import propose_masks
@@ -124,7 +124,7 @@ def propose(method: Method, features: PatchFeatures, params: dict) -> list[list[
 def backbone_features(model: torch.nn.Module, images: torch.Tensor, setting: str) -> PatchFeatures:
     """Backbone output -> the methods' input: the one place where a backbone's features are taken, with
     the per-backbone transform of `--features` (`distill.features`: DINOv2's keys are centred)."""
-    features = discovery_features(model.last_qk(images), setting)
+    features = discovery_features(model.last_qk(images, tokens=needs_tokens(setting)), setting)
     patch_size = model.patch_size
     grid = (images.shape[2] // patch_size, images.shape[3] // patch_size)
     return PatchFeatures(query=features.query, key=features.key, grid=grid, graph_key=features.graph_key)

@@ -22,8 +22,8 @@ class PatchMask:
 class PatchFeatures:
     """The last block's queries and keys of a batch, (B, heads, 1 + N, head_dim), CLS first, then the
     N = grid_h * grid_w patches in raster order, as `distill.features.discovery_features` gives them:
-    raw `query`/`key` for CLS attention, and `graph_key` (raw or centred, per backbone) for the patch
-    graphs of every method."""
+    raw `query`/`key` for CLS attention, and `graph_key` (raw keys, centred keys or centred output
+    tokens, per backbone) for the patch graphs of every method."""
 
     query: torch.Tensor
     key: torch.Tensor

@@ -23,7 +23,7 @@ import torch
 from pycocotools import mask as mask_utils
 
 from distill.data import ImageEntry, InputPolicy, MaskGenDataset, folder_entries, upsample_patch_mask, voc_entries
-from distill.features import discovery_features
+from distill.features import discovery_features, needs_tokens
 from distill.methods import METHODS, propose
 from distill.patches import PatchFeatures
 from distill.vit import DinoViT
@@ -135,7 +135,7 @@ def evaluate_discovery(model: DinoViT, gt_sets: list[GroundTruthSet], methods: l
             scores["baseline"].add(score_mask(np.ones(original, dtype=bool), gt_masks, gt_boxes))
             start = time.perf_counter()
             with torch.inference_mode(), autocast(dtype, device):
-                qk = model.last_qk(item["image"][None].to(device))
+                qk = model.last_qk(item["image"][None].to(device), tokens=any(map(needs_tokens, settings)))
             model_seconds += time.perf_counter() - start
             for setting in settings:
                 with torch.inference_mode():

@@ -104,6 +104,9 @@ class LastBlockQK(NamedTuple):
 
     query: torch.Tensor
     key: torch.Tensor
+    # The final normalised output tokens (DINOv2's `x_norm`), split into the same heads, CLS first,
+    # registers dropped; only when `last_qk(..., tokens=True)` asks for them (None otherwise).
+    tokens: torch.Tensor | None = None
 
 
 def interpolate_pos_encoding(pos_embed: torch.Tensor, grid_h: int, grid_w: int, offset: float = 0.1,
@@ -194,10 +197,10 @@ class DinoViT(nn.Module):
                          dim=dim)
 
     # ------------------------------------------------------------------ public API
-    def last_qk(self, images: torch.Tensor) -> LastBlockQK:
+    def last_qk(self, images: torch.Tensor, tokens: bool = False) -> LastBlockQK:
         """Queries and keys of the last block, CLS first then the patches (no registers). All earlier
         blocks run timm's fused attention (`scaled_dot_product_attention`); the last block is only
-        run up to its qkv projection."""
+        run up to its qkv projection, unless `tokens` asks for the final normalised output tokens too."""
         x = self.prepare_tokens(images)
         for block in self.vit.blocks[:-1]:
             x = block(x)
@@ -205,7 +208,11 @@ class DinoViT(nn.Module):
         b, n, d = x.shape
         qkv = last.attn.qkv(last.norm1(x)).reshape(b, n, 3, self.num_heads, d // self.num_heads)
         qkv = self.without_registers(qkv.permute(2, 0, 3, 1, 4), dim=3)
-        return LastBlockQK(query=qkv[0], key=qkv[1])
+        if not tokens:
+            return LastBlockQK(query=qkv[0], key=qkv[1])
+        output = self.without_registers(self.vit.norm(last(x)))
+        output = output.reshape(b, output.shape[1], self.num_heads, d // self.num_heads).transpose(1, 2)
+        return LastBlockQK(query=qkv[0], key=qkv[1], tokens=output)
 
     def cls_features(self, images: torch.Tensor) -> torch.Tensor:
         """The final normalised CLS token, (B, D)."""

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from distill.features import centre_keys, discovery_features, feature_setting
+from distill.features import centre_keys, discovery_features, feature_setting, needs_tokens
 from distill.maskgen import propose_masks
 from distill.vit import ARCHS, LastBlockQK
 from utils.errors import UserError
@@ -16,6 +16,7 @@ def test_auto_setting_per_backbone():
         "dinov2_vits14_reg": "centred", "dinov2_vitb14_reg": "centred"}
     assert feature_setting("dinov2_vits14", "raw") == "raw"
     assert feature_setting("vit_small", "centred") == "centred"
+    assert feature_setting("dinov2_vits14", "centred_tokens") == "centred_tokens"
     with pytest.raises(UserError, match="unknown --features 'whitened'"):
         feature_setting("vit_small", "whitened")
 
@@ -33,6 +34,18 @@ def test_centring_subtracts_the_patch_mean_per_image_and_head():
     assert torch.equal(centred.graph_key, expected)
     raw = discovery_features(LastBlockQK(query, key), "raw")
     assert raw.query is query and raw.key is key and raw.graph_key is key
+
+
+def test_centred_tokens_graph_reads_the_output_tokens_centred():
+    key = torch.randn(2, 1, 3, 2)
+    query = torch.randn(2, 1, 3, 2)
+    tokens = key.flip(-1) * 3  # any tensor other than the keys
+    chosen = discovery_features(LastBlockQK(query, key, tokens), "centred_tokens")
+    assert chosen.query is query and chosen.key is key  # CLS attention keeps the raw keys
+    assert torch.equal(chosen.graph_key, centre_keys(tokens))
+    assert needs_tokens("centred_tokens") and not needs_tokens("centred") and not needs_tokens("raw")
+    with pytest.raises(ValueError, match="tokens=True"):
+        discovery_features(LastBlockQK(query, key), "centred_tokens")
 
 
 def common_component_keys(grid=6, heads=2):
