@@ -21,6 +21,20 @@ def run_main(main: Callable[[list[str]], object], argv: list[str]) -> tuple[int,
     return code, out.getvalue(), err.getvalue()
 
 
+def interrupt_on_call(real: Callable, call: int) -> Callable:
+    """`real`, except that its `call`-th call raises KeyboardInterrupt (a kill at that point of a run)."""
+    calls = 0
+
+    def wrapped(*args, **kwargs):
+        nonlocal calls
+        calls += 1
+        if calls == call:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    return wrapped
+
+
 def error_line(stderr: str) -> str:
     """The one `error: ...` line of a refused run (argparse's `prog: error: ...` counts too)."""
     lines = [ln for ln in stderr.strip().splitlines() if "error: " in ln]

@@ -10,6 +10,7 @@ from PIL import Image
 import distill.engine as engine_module
 import distill.vit as vit
 import gen_masks
+from tests import cli_helpers
 from utils.errors import UserError
 
 
@@ -72,15 +73,9 @@ def test_dinov2_run_records_its_resolved_settings_and_resume_refuses_another_pre
         "dinov2_vits14", 14, "centred", "bf16")
 
     interrupted = tmp_path / "interrupted.json"
-    real_features, calls = engine_module.backbone_features, []
-
-    def stop_after_first_batch(*a, **k):  # after the first batch: the part holds image records (an empty part is replaced)
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real_features(*a, **k)
-
-    monkeypatch.setattr(engine_module, "backbone_features", stop_after_first_batch)
+    # after the first batch: the part holds image records (an empty part is replaced)
+    monkeypatch.setattr(engine_module, "backbone_features",
+                        cli_helpers.interrupt_on_call(engine_module.backbone_features, 2))
     with pytest.raises(KeyboardInterrupt):
         generate(*job(three_images, interrupted, "--half"))
     with pytest.raises(UserError, match="made with precision='bf16', not 'fp32'"):

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
 
@@ -226,15 +225,8 @@ def test_resume_after_interruption_loses_nothing(small_folder, tmp_path, monkeyp
     run_inprocess(*common_args(small_folder, tmp_path / "straight.json", method))
     out = tmp_path / "resumed.json"
     args = common_args(small_folder, out, method)
-    real_features, calls = engine_module.backbone_features, []
-
-    def interrupted(*a, **k):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real_features(*a, **k)
-
-    monkeypatch.setattr(engine_module, "backbone_features", interrupted)
+    real_features = engine_module.backbone_features
+    monkeypatch.setattr(engine_module, "backbone_features", cli_helpers.interrupt_on_call(real_features, 3))
     with pytest.raises(KeyboardInterrupt):
         run_inprocess(*args)
     monkeypatch.setattr(engine_module, "backbone_features", real_features)
@@ -251,15 +243,9 @@ def test_resume_after_interruption_loses_nothing(small_folder, tmp_path, monkeyp
 
 def test_resume_refuses_changed_settings(small_folder, tmp_path, monkeypatch, capsys):
     out = tmp_path / "masks.json"
-    real_features, calls = engine_module.backbone_features, []
-
-    def interrupted(*a, **k):  # after the first batch: the part holds image records
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real_features(*a, **k)
-
-    monkeypatch.setattr(engine_module, "backbone_features", interrupted)
+    # after the first batch: the part holds image records
+    monkeypatch.setattr(engine_module, "backbone_features",
+                        cli_helpers.interrupt_on_call(engine_module.backbone_features, 2))
     with pytest.raises(KeyboardInterrupt):
         run_inprocess(*common_args(small_folder, out))
     assert "topk=0.4, not 0.2" in run_main_expecting_error([*common_args(small_folder, out), "--resume", "--topk", 0.2],
