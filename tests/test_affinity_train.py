@@ -87,6 +87,7 @@ def test_killed_run_resumes_exactly_on_every_rank(tmp_path, one_thread, monkeypa
         train(seen, DistInfo(), resume=True)
 
 
+@pytest.mark.slow
 def test_a_trained_predictor_beats_the_best_constant_map_on_held_back_images(tiny_coco, tmp_path, one_thread):
     """The done-when of GGN's PA predictor: configs/affinity/tiny_test.yaml (300 iterations, 128 px, the
     stride-2 branch) on the VOC-class masks of tiny_coco's train2017 images, scored on the 37 val2017

@@ -185,6 +185,7 @@ def test_help_lists_the_keys_to_set_and_an_example_that_names_real_files(main, k
 # ----------------------------------------------------------------------------- smoke configs train stably
 
 
+@pytest.mark.slow
 def test_tiny_mask_rcnn_loss_falls_on_real_images(tiny_coco, tmp_path):
     """configs/detectron2/tiny_test.yaml on tiny_coco's 50 train images (80 classes), its schedule cut to 60
     iterations (the 50 warm-up ones and 10 at the full rate): every loss stays finite and the total loss

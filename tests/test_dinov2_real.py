@@ -30,6 +30,7 @@ def test_real_checkpoint_loads_strictly_and_matches_the_official_forward(real_vi
     torch.testing.assert_close(cls, tokens[:, 0], rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.slow
 def test_dinov2_default_of_every_method_against_the_whole_image(real_vits14, tiny_coco, voc_mini):
     """voc_mini (3 images) and the first 6 tiny_coco val2017 images, shorter side 320, fp32. Measured
     here (mask IoU / CorLoc hits):

@@ -18,7 +18,7 @@ from tests import cli_helpers
 from utils.coco_io import decode_segmentation, mask_to_bbox
 
 REPO = Path(__file__).resolve().parents[1]
-FAST = ["--weights", "random", "--num_workers", "0"]
+FAST = ["--weights", "random", "--num_workers", "0", "--precision", "fp32"]
 # The README's first gen_masks command, word for word (tests/test_docs_commands.py checks that the README still
 # says it); run from the repository root, so masks.json is put in tmp_path.
 README_GEN_MASKS = ("python gen_masks.py --dataset folder --dataset_root ../shared/data/tiny_coco/val2017 "
@@ -110,6 +110,7 @@ def test_help_explains_every_flag():
 # ----------------------------------------------------------------------------- real data
 
 
+@pytest.mark.slow
 def test_voc_mini_end_to_end(voc_mini, tmp_path):
     out = tmp_path / "voc.json"
     result = run_cli("--dataset", "VOCClass", "--dataset_root", voc_mini, "--year", "2012", "--set", "trainval",
@@ -124,6 +125,7 @@ def test_voc_mini_end_to_end(voc_mini, tmp_path):
     assert not (tmp_path / "voc.json.parts").exists()
 
 
+@pytest.mark.slow
 def test_readme_command_on_tiny_coco_is_accepted_by_loadres(tiny_coco, tmp_path):
     """The README command (with --resize 96 to keep CI fast); its output loads into pycocotools."""
     from pycocotools.coco import COCO
@@ -158,7 +160,7 @@ def test_awkward_and_corrupt_images(tmp_path):
     (root / "notes.jpg").write_text("this is not an image")
 
     out = tmp_path / "masks.json"
-    result = run_cli("--dataset", "folder", "--dataset_root", root, "--resize", 0, "--pred_json_path", out, *FAST)
+    result = run_main("--dataset", "folder", "--dataset_root", root, "--resize", 0, "--pred_json_path", out, *FAST)
     assert result.returncode == 0, result.stderr
     assert "notes.jpg" in result.stderr and "truncated.jpg" in result.stderr
     data = check_masks_file(out, root)
@@ -201,7 +203,9 @@ def common_args(root, out, method="maskdistill"):
             "--method", method, *METHOD_FLAGS[method], *FAST]
 
 
-@pytest.mark.parametrize("method", ["maskdistill", "lost", "tokencut", "maskcut"])
+# One method in the quick tier; the others share the job and run with the slow tests.
+@pytest.mark.parametrize("method", ["maskdistill", *(pytest.param(m, marks=pytest.mark.slow)
+                                                    for m in ("lost", "tokencut", "maskcut"))])
 def test_shard_and_merge_equal_a_single_run(small_folder, tmp_path, method):
     run_inprocess(*common_args(small_folder, tmp_path / "single.json", method))
     sharded = tmp_path / "sharded.json"
@@ -260,6 +264,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_equal_a_single_run(small_folder, tmp_path):
     run_inprocess(*common_args(small_folder, tmp_path / "single.json"))
     out = tmp_path / "dist.json"
@@ -273,6 +278,7 @@ def test_torchrun_two_processes_equal_a_single_run(small_folder, tmp_path):
     assert not (tmp_path / "dist.json.parts").exists()
 
 
+@pytest.mark.slow
 def test_coco20k_subset_gt_and_polygon_output(tiny_coco, tmp_path):
     gt_file = tiny_coco / "annotations" / "instances_val2017.json"
     gt = json.loads(gt_file.read_text())

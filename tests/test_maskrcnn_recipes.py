@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 
@@ -43,6 +44,7 @@ def _few_images(gt_json: Path, image_dir: Path, count: int, out_json: Path, out_
     return ids
 
 
+@pytest.mark.slow
 def test_train_cutler_sh_runs_its_rounds_and_skips_them_when_rerun(tiny_coco, tmp_path):
     """MaskCut pseudo-masks, round 1 on CutLER's first config, rounds 2 and 3 on the self-training config from
     the previous weights, with the 0.7 / 0.65 thresholds and the add-back; evaluated on the images' own GT."""
@@ -90,6 +92,7 @@ def test_train_cutler_sh_runs_its_rounds_and_skips_them_when_rerun(tiny_coco, tm
     assert [(out / f"round{n}" / "model_final.pth").stat().st_mtime_ns for n in (1, 2, 3)] == stamps
 
 
+@pytest.mark.slow
 def test_train_maskx_sh_trains_box_then_mask_stage_and_prints_set_a_and_b(tiny_coco, tmp_path):
     """The whole script on a COCO root of tiny_coco's first 4 train and 4 val images (docs/mask_rcnn.md quotes
     the run on all 50 + 50)."""

@@ -85,6 +85,7 @@ def test_frozen_parts_stay_in_eval_mode_and_out_of_the_optimizer():
     assert not any(p.requires_grad for n, p in box.named_parameters() if n.startswith(MASK_BRANCH))
 
 
+@pytest.mark.slow
 def test_stage_wise_training_learns_set_b_masks(tmp_path, one_thread):
     """Faster R-CNN on rectangles + ellipses, then the transfer mask branch on rectangle masks only."""
     data = make_dataset(tmp_path / "syn", num_images=6, seed=1, empty_images=1)

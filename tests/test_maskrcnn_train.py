@@ -13,6 +13,7 @@ import pytest
 import torch
 import torchvision
 
+from detectron2_train import train_net
 from detectron2_train.data import CocoInstances
 from detectron2_train.engine import DEFAULTS, RESUME_HARMLESS_KEYS, predict, run, train
 from detectron2_train.modeling import build_model, set_image_sizes
@@ -24,6 +25,7 @@ from utils.config import load_config
 from utils.distributed import DistInfo
 from utils.errors import UserError
 from utils.fingerprint import fingerprint
+from tests.cli_helpers import run_main
 from training_helpers import assert_resumed_runs_match, copy_with_foreign_rng, kill_and_resume
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,6 +40,7 @@ def tiny_cfg(tmp_path: Path, data_json: Path, **solver) -> dict:
     return cfg
 
 
+@pytest.mark.slow
 def test_tiny_model_learns_synthetic_shapes_with_transfer_head(tmp_path, one_thread):
     """Loss goes down, trained objects are detected, and set-B (ellipse) boxes get good masks."""
     data = make_dataset(tmp_path / "syn", num_images=6, seed=1, empty_images=1)
@@ -127,6 +130,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_gloo(tmp_path):
     data = make_dataset(tmp_path / "syn", num_images=4, seed=3)
     out = tmp_path / "out"
@@ -217,16 +221,16 @@ def test_backbone_weights_from_torchvision_and_dino_checkpoints(tmp_path):
 def test_cli_corrupt_image_is_one_line_and_writes_nothing(tmp_path):
     data = make_dataset(tmp_path / "syn", num_images=2, seed=4)
     (data.parent / "images" / "0002.png").write_bytes(b"not a png")
-    cmd = [sys.executable, str(REPO / "detectron2_train" / "train_net.py"), "--config", str(TINY),
-           "--output_dir", str(tmp_path / "out"), "--device", "cpu", "--train_json", str(data),
-           "--train_root", str(data.parent / "images"), "--set", "solver.max_iter=2"]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=180)
-    lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    code, _, stderr = run_main(train_net.main, [
+        "--config", str(TINY), "--output_dir", str(tmp_path / "out"), "--device", "cpu", "--train_json", str(data),
+        "--train_root", str(data.parent / "images"), "--set", "solver.max_iter=2"])
+    lines = stderr.strip().splitlines()
+    assert code == 2 and len(lines) == 1, stderr
     assert lines[0].startswith("error: cannot read image") and "0002.png" in lines[0]
     assert not list((tmp_path / "out").glob("*.pth"))
 
 
+@pytest.mark.slow
 def test_train_voc_sh_runs_end_to_end_on_voc_mini(voc_mini, tmp_path):
     """The VOC recipe with TINY=1 and ROUNDS=2: pseudo-masks (random ViT), VOC GT, two self-training rounds
     (training, trainval and val predictions, evaluation). Skipping finished rounds is tested in

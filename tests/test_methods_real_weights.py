@@ -52,6 +52,7 @@ def top_mask_iou(predictions: list[dict], gt: dict) -> float:
     return float(np.mean(ious))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", list(METHOD_FLAGS))
 def test_most_confident_mask_beats_the_whole_image(method, subset, tmp_path, request):
     parser = gen_masks.build_parser()

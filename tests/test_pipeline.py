@@ -32,6 +32,7 @@ def first_run(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_quick_start_writes_the_report_with_its_metrics(first_run):
     for stage in STAGES:
         assert json.loads((first_run / stage / "step.json").read_text())["done"] is True
@@ -61,6 +62,7 @@ def test_quick_start_writes_the_report_with_its_metrics(first_run):
     assert (first_run / "deeplab" / "round1" / "model_final.pth").is_file()
 
 
+@pytest.mark.slow
 def test_rerun_skips_every_finished_step(first_run):
     args = pipeline.build_parser().parse_args(quick_start_argv(first_run))
     records = run_pipeline(settings_from_args(args))
@@ -68,6 +70,7 @@ def test_rerun_skips_every_finished_step(first_run):
     assert "skipped (done before)" in (first_run / "report.html").read_text()
 
 
+@pytest.mark.slow
 def test_changed_setting_reruns_from_the_affected_step(first_run):
     args = pipeline.build_parser().parse_args(quick_start_argv(first_run) + ["--crf_rounds", "0"])
     records = run_pipeline(settings_from_args(args))

@@ -1,11 +1,11 @@
 """Dense CRF: refines blocky VOC ground truth towards the true masks; the folder command and its errors."""
-import subprocess
-import sys
 
 import numpy as np
 from PIL import Image
 
+from segmentation import crf
 from segmentation.crf import dense_crf, refine_labels
+from tests.cli_helpers import run_main
 from utils.images import load_rgb
 from utils.label_png import read_label_png, write_label_png
 from utils.metrics import confusion_matrix, iou_from_confusion
@@ -56,7 +56,7 @@ def test_dense_crf_keeps_a_confident_softmax_and_sharpens_a_vague_one():
     assert (out.argmax(0)[:, :12] == 0).all() and (out.argmax(0)[:, 12:] == 1).all()
 
 
-def test_cli_refines_binary_masks_with_a_pool(tmp_path, voc_mini, repo_root):
+def test_cli_refines_binary_masks_with_a_pool(tmp_path, voc_mini):
     voc = voc_mini / "VOC2012"
     masks = tmp_path / "masks"
     masks.mkdir()
@@ -64,30 +64,29 @@ def test_cli_refines_binary_masks_with_a_pool(tmp_path, voc_mini, repo_root):
         gt = read_label_png(voc / "SegmentationClass" / f"{name}.png")
         fg = (blocky(gt) > 0) & (blocky(gt) < 255)
         Image.fromarray(fg.astype(np.uint8) * 255, mode="L").save(masks / f"{name}.png")
-    cmd = [sys.executable, "segmentation/crf.py", "--image_dir", str(voc / "JPEGImages"), "--mask_dir", str(masks),
-           "--out_dir", str(tmp_path / "out"), "--workers", "2"]
-    proc = subprocess.run(cmd, cwd=repo_root, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
+    argv = ["--image_dir", str(voc / "JPEGImages"), "--mask_dir", str(masks), "--out_dir", str(tmp_path / "out"),
+            "--workers", "2"]
+    code, _, stderr = run_main(crf.main, argv)
+    assert code == 0, stderr
     for name in NAMES[:2]:
         out = Image.open(tmp_path / "out" / f"{name}.png")
         values = set(np.unique(np.array(out)).tolist())
         assert out.mode == "L" and values <= {0, 255} and values == {0, 255}
-    rerun = subprocess.run(cmd, cwd=repo_root, capture_output=True, text=True)
-    assert "0 refined, 2 already done" in rerun.stdout
+    code, stdout, _ = run_main(crf.main, argv)
+    assert code == 0 and "0 refined, 2 already done" in stdout
 
 
-def test_cli_size_mismatch_is_one_clear_line(tmp_path, repo_root):
+def test_cli_size_mismatch_is_one_clear_line(tmp_path):
     (tmp_path / "img").mkdir()
     for name in ("0", "a"):
         Image.fromarray(np.zeros((10, 12, 3), np.uint8)).save(tmp_path / "img" / f"{name}.jpg")
     write_label_png(tmp_path / "masks" / "0.png", np.zeros((10, 12), np.uint8))  # good, and refined first
     write_label_png(tmp_path / "masks" / "a.png", np.zeros((10, 10), np.uint8))
-    proc = subprocess.run([sys.executable, "segmentation/crf.py", "--image_dir", str(tmp_path / "img"),
-                           "--mask_dir", str(tmp_path / "masks"), "--out_dir", str(tmp_path / "out"),
-                           "--workers", "1"], cwd=repo_root, capture_output=True, text=True)
-    assert proc.returncode == 2
-    assert proc.stderr.startswith("error: mask ") and "masks/a.png" in proc.stderr
-    assert proc.stderr.strip().count("\n") == 0
+    code, _, stderr = run_main(crf.main, ["--image_dir", str(tmp_path / "img"), "--mask_dir", str(tmp_path / "masks"),
+                                          "--out_dir", str(tmp_path / "out"), "--workers", "1"])
+    assert code == 2
+    assert stderr.startswith("error: mask ") and "masks/a.png" in stderr
+    assert stderr.strip().count("\n") == 0
     assert not (tmp_path / "out").exists()  # the sizes are checked before any mask is refined
 
 

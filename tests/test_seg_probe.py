@@ -48,6 +48,7 @@ def voc_tiny(tmp_path, voc_mini, repo_root):
     return tmp_path
 
 
+@pytest.mark.slow
 def test_linear_finetune_end_to_end_prints_miou(voc_tiny, capsys):
     assert linear_finetune.main(["--config_env", str(voc_tiny / "env.yml"),
                                  "--config_exp", str(voc_tiny / "linear_tiny.yml")]) == 0

@@ -103,6 +103,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_process_gloo_torchrun_trains(tmp_path, repo_root):
     data = make_synthetic_set(tmp_path / "data", count=3)  # uneven validation shards (2 + 1 images)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
