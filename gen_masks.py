@@ -98,9 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from distill.engine import generate_masks
+    from distill.engine import gen_masks_from_args, generate_masks
 
-    generate_masks(parser, args)
+    generate_masks(gen_masks_from_args(parser, args))
     return 0
 
 

@@ -95,12 +95,13 @@ def pipeline_argv(args: argparse.Namespace, out: Path, half: bool) -> list[str]:
 
 def run_pipeline(args: argparse.Namespace) -> dict:
     import gen_masks
-    from distill.engine import generate_masks
+    from distill.engine import gen_masks_from_args, generate_masks
 
     device = resolve_device(args.device)
     with tempfile.TemporaryDirectory() as tmp:
         parser = gen_masks.build_parser()
-        stats = generate_masks(parser, parser.parse_args(pipeline_argv(args, Path(tmp) / "masks.json", args.half)))
+        argv = pipeline_argv(args, Path(tmp) / "masks.json", args.half)
+        stats = generate_masks(gen_masks_from_args(parser, parser.parse_args(argv)))
         if args.keep_json:
             Path(args.keep_json).write_bytes((Path(tmp) / "masks.json").read_bytes())
     total = stats.seconds["total"]

@@ -1,16 +1,23 @@
 """The command-line flags shared by the commands that generate masks (`gen_masks.py`, and any other
-mask source run by `distill.generate`), and the settings they record.
+mask source run by `distill.generate`), the typed options they become, and the settings they record.
 
 Flags live in named argument groups. Those of `SETTING_GROUPS` change the masks, so they are the
 run's *settings*: recorded in every part file and in the output, and a resume or a merge refuses
 parts made with other values. A command adds its own flags to these groups (e.g. `gen_masks.py`'s
 "backbone" and "method") and they become settings with no list to keep in step. This module does
 not import torch, so `--help` is quick.
+
+A command turns its parsed flags into frozen dataclasses once, at the boundary (`options_from`), and
+the library takes those: `ImageSetOptions` (the flags of `add_image_arguments`) and `OutputOptions`
+(those of `add_output_arguments`, less `--merge`, a mode of the command rather than of the job).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Mapping, TypeVar
 
 from utils.cli import int_range
 
@@ -74,15 +81,56 @@ def add_output_arguments(parser: argparse.ArgumentParser) -> None:
                                        "and seed) and an index.html gallery here")
 
 
+@dataclass(frozen=True)
+class ImageSetOptions:
+    """The image set of a mask-generation job (the flags of `add_image_arguments`; their --help explains each)."""
+
+    dataset: str | None
+    dataset_root: str | None
+    year: str = "2012"
+    set: str = "trainval"
+    voc_split_folder: str = "Segmentation"
+    coco_json: str | None = None
+    file_list: str | None = None
+    image_ids: str = "auto"
+    skip_images_not_in_gt: bool = False
+    exclude: tuple[str, ...] = ()  # folder: globs left out
+    max_images: int = 0  # the first N images only (0: all)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "exclude", tuple(self.exclude or ()))  # argparse gives None or a list
+
+
+@dataclass(frozen=True)
+class OutputOptions:
+    """Where and how a mask-generation job writes (the flags of `add_output_arguments` but --merge)."""
+
+    pred_json_path: str
+    mask_format: str = "rle"
+    overwrite: bool = False
+    resume: bool = False
+    shard: str = "0/1"  # i/N
+    vis_dir: str | None = None
+
+
+Options = TypeVar("Options")
+
+
+def options_from(cls: type[Options], values: Mapping[str, Any]) -> Options:
+    """The dataclass `cls` from parsed flag values (flag dest -> value): the fields it has, the rest left out."""
+    return cls(**{f.name: values[f.name] for f in dataclasses.fields(cls) if f.name in values})
+
+
 def setting_names(parser: argparse.ArgumentParser) -> tuple[str, ...]:
     """The flags of the `SETTING_GROUPS` argument groups: what a resume or a merge must agree on."""
     return tuple(action.dest for group in parser._action_groups if group.title in SETTING_GROUPS
                  for action in group._group_actions)
 
 
-def settings_from(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict:
-    """The run's settings, as recorded in every part and in the output: the resolved setting flags."""
-    settings = {name: getattr(args, name) for name in setting_names(parser)}
+def settings_from(parser: argparse.ArgumentParser, values: Mapping[str, Any]) -> dict:
+    """The run's settings, as recorded in every part and in the output: the values (flag dest -> resolved
+    value) of the setting flags, in the parser's order."""
+    settings = {name: values[name] for name in setting_names(parser)}
     if settings.get("dataset_root"):
         settings["dataset_root"] = str(Path(settings["dataset_root"]).resolve())
     return settings

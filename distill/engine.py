@@ -6,6 +6,10 @@ scored patch masks per image with its graph work batched on the device. The per-
 (MaskCut's CRF, the upsampling to the original size, RLE encoding, overlays) runs in a pool of worker
 processes (`--post_workers`) while the next batch goes through the network; finished records are
 appended to the part file in batch order, so an interrupted run resumes from the last written image.
+
+`gen_masks.py` parses its flags and hands them to `gen_masks_from_args` once: it checks and resolves them
+(the arch's patch size, the backbone's features, the precision of the device, the method's defaults) into a
+frozen `GenMasksSettings` (or a `MergeParts` for --merge) that `generate_masks` runs.
 """
 from __future__ import annotations
 
@@ -16,7 +20,8 @@ import os
 import signal
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -25,9 +30,9 @@ from torch.utils.data import DataLoader
 
 from distill.data import (Geometry, ImageEntry, InputPolicy, MaskGenDataset, collate, size_grouped_batches,
                           upsample_patch_mask, worker_count)
-from distill.cli import settings_from
-from distill.generate import PartWriter, RunStats, merge, run
-from distill.methods import METHODS, backbone_features, method_params, propose, resolve_method_args
+from distill.cli import ImageSetOptions, OutputOptions, options_from, settings_from
+from distill.generate import MaskJob, MergeParts, PartWriter, RunStats, merge, run
+from distill.methods import METHODS, MethodSettings, backbone_features, propose, resolve_method
 from distill.patches import PatchMask
 from distill.visualize import overlay_name, save_overlay
 from distill.features import feature_setting
@@ -41,6 +46,43 @@ from utils.precision import precision_name, resolve_precision
 from utils.progress import progress
 
 MAX_PENDING_BATCHES = 2  # batches whose post-processing may lag behind the network
+
+
+@dataclass(frozen=True)
+class BackboneSettings:
+    """The ViT and its features, resolved (`resolve_backbone`)."""
+
+    arch: str
+    patch_size: int  # the arch's own when not given
+    weights: str  # 'dino', a checkpoint path, or 'random'
+    features: str  # what the patch graphs read: 'raw', 'centred' or 'centred_tokens' ('auto' resolved)
+    precision: str  # 'bf16' or 'fp32' ('auto' resolved for the device)
+
+
+@dataclass(frozen=True)
+class SpeedSettings:
+    """How fast, never what: batching and worker processes (not recorded)."""
+
+    batch_size: int = 8
+    num_workers: int | None = None  # DataLoader decoding workers (None: min(4, CPUs - 1))
+    post_workers: int | None = None  # per-image CPU work processes (None: min(8, CPUs))
+
+
+@dataclass(frozen=True)
+class GenMasksSettings:
+    """Everything a `gen_masks.py` run takes, checked and resolved (`gen_masks_from_args`)."""
+
+    job: MaskJob
+    backbone: BackboneSettings
+    method: MethodSettings
+    speed: SpeedSettings
+
+
+def resolve_backbone(arch: str, patch_size: int | None, weights: str, features: str, precision: str,
+                     device: str) -> BackboneSettings:
+    """The backbone settings with what was left to the arch or the hardware decided (and checked)."""
+    return BackboneSettings(arch, resolve_patch_size(arch, patch_size), weights, feature_setting(arch, features),
+                            precision_name(resolve_precision(precision, resolve_device(device))))
 
 
 @dataclass
@@ -148,32 +190,36 @@ def post_worker_count(requested: int | None) -> int:
 
 
 class ViTMaskSource:
-    """The mask source of `gen_masks.py`: `args.method` on the features of a ViT backbone.
+    """The mask source of `gen_masks.py`: a method on the features of a ViT backbone, for `job` (its device
+    and output encoding; under torchrun, the rank's job).
 
     Built before the job writes anything, so a bad `--weights` stops it with nothing left behind."""
 
-    def __init__(self, args: argparse.Namespace) -> None:
-        self.args = args
-        self.method = METHODS[args.method]
-        self.params = method_params(args)
-        self.policy = InputPolicy(args.resize, args.max_size, args.fixed_size, args.patch_size)
-        self.device = resolve_device(args.device)
-        self.model = build_vit(args.arch, args.patch_size, args.weights).to(self.device)
+    def __init__(self, job: MaskJob, backbone: BackboneSettings, method: MethodSettings,
+                 speed: SpeedSettings) -> None:
+        self.backbone, self.speed = backbone, speed
+        self.method = METHODS[method.name]
+        self.params = method.params
+        self.policy = InputPolicy(method.resize, method.max_size, method.fixed_size, backbone.patch_size)
+        self.mask_format = job.output.mask_format
+        self.vis_dir = Path(job.output.vis_dir) if job.output.vis_dir else None
+        self.device = resolve_device(job.device)
+        self.model = build_vit(backbone.arch, backbone.patch_size, backbone.weights).to(self.device)
         self.dataset: MaskGenDataset | None = None
 
     def plan(self, entries: list[ImageEntry], sizes: dict[int, tuple[int, int]]) -> list[list[int]]:
         self.dataset = MaskGenDataset(entries, sizes, self.policy, keep_working=self.method.refine is not None)
-        return size_grouped_batches(self.dataset, sorted(sizes), self.args.batch_size)
+        return size_grouped_batches(self.dataset, sorted(sizes), self.speed.batch_size)
 
     def run(self, batches: list[list[int]], writer: PartWriter) -> None:
-        args, device = self.args, self.device
-        workers = worker_count(args.num_workers)
+        device = self.device
+        workers = worker_count(self.speed.num_workers)
         loader = DataLoader(self.dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate,
                             pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None)
-        autocast = precision_autocast(resolve_precision(args.precision, device), device)
+        autocast = precision_autocast(resolve_precision(self.backbone.precision, device), device)
         sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-        vis_dir = Path(args.vis_dir) if args.vis_dir else None
-        post_workers = post_worker_count(args.post_workers)
+        vis_dir = self.vis_dir
+        post_workers = post_worker_count(self.speed.post_workers)
         threads = torch.get_num_threads()
         if device.type == "cpu" and self.method.refine is not None and post_workers:
             # The CRF workers keep their cores busy: threads of the main process beyond the cores left
@@ -186,10 +232,10 @@ class ViTMaskSource:
 
     def _run_batches(self, loader: DataLoader, batches: list[list[int]], writer: PartWriter, post_workers: int,
                      autocast, sync, vis_dir: Path | None) -> None:
-        args, dataset, device = self.args, self.dataset, self.device
+        dataset, device = self.dataset, self.device
         seconds = writer.stats.seconds
         with PostProcessing(post_workers, writer) as post, \
-                progress(total=sum(map(len, batches)), desc=args.method, unit="img") as bar:
+                progress(total=sum(map(len, batches)), desc=self.method.name, unit="img") as bar:
             for batch in loader:
                 for index, reason in batch["failed"]:
                     writer.skip(dataset.entries[index], reason)
@@ -197,7 +243,7 @@ class ViTMaskSource:
                     t0 = time.perf_counter()
                     images = batch["images"].to(device, non_blocking=True)
                     with torch.inference_mode(), autocast:
-                        features = backbone_features(self.model, images, args.features)
+                        features = backbone_features(self.model, images, self.backbone.features)
                     sync()
                     t1 = time.perf_counter()
                     with torch.inference_mode():
@@ -218,20 +264,32 @@ class ViTMaskSource:
         height, width = self.dataset.sizes[index]
         image = {"id": entry.image_id, "file_name": entry.file_name, "height": height, "width": width}
         overlay = (entry.path, vis_dir / overlay_name(entry.file_name)) if vis_dir else None
-        return ImageJob(index, image, self.dataset.geometry(index), proposals, self.args.method,
-                        self.args.mask_format, working, overlay)
+        return ImageJob(index, image, self.dataset.geometry(index), proposals, self.method.name,
+                        self.mask_format, working, overlay)
 
 
-def generate_masks(parser: argparse.ArgumentParser, args: argparse.Namespace) -> RunStats | None:
-    """`gen_masks.py`: merge shard parts, or check the flags and run the job (None after a merge)."""
+def gen_masks_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> GenMasksSettings | MergeParts:
+    """`gen_masks.py`'s parsed flags, checked and resolved into its settings (`args` is left as it is); with
+    --merge, the merge of the output's shard parts, and nothing else is checked."""
+    values = vars(args)
+    output = options_from(OutputOptions, values)
     if args.merge:
-        merge(args)
-        return None
+        return MergeParts(output)
     if not args.dataset or not args.dataset_root:
         raise UserError("--dataset and --dataset_root are required (or --merge)")
     # Resolved before they are recorded: a resume on other hardware must not silently change precision.
-    args.patch_size = resolve_patch_size(args.arch, args.patch_size)
-    args.features = feature_setting(args.arch, args.features)
-    args.precision = precision_name(resolve_precision(args.precision, resolve_device(args.device)))
-    resolve_method_args(args)
-    return run(args, settings_from(parser, args), ViTMaskSource)
+    backbone = resolve_backbone(args.arch, args.patch_size, args.weights, args.features, args.precision, args.device)
+    method = resolve_method(args.method, values, args.resize, args.fixed_size, args.max_size, backbone.patch_size)
+    resolved = {**values, **asdict(backbone), **method.params, "resize": method.resize,
+                "fixed_size": method.fixed_size}
+    job = MaskJob(options_from(ImageSetOptions, values), output, settings_from(parser, resolved), args.device)
+    return GenMasksSettings(job, backbone, method, options_from(SpeedSettings, values))
+
+
+def generate_masks(command: GenMasksSettings | MergeParts) -> RunStats | None:
+    """`gen_masks.py`: merge shard parts, or run the job (None after a merge)."""
+    if isinstance(command, MergeParts):
+        merge(command.output)
+        return None
+    return run(command.job, partial(ViTMaskSource, backbone=command.backbone, method=command.method,
+                                    speed=command.speed))

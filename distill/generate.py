@@ -7,29 +7,33 @@ any other, e.g. a trained predictor, implements the same two methods):
         def plan(self, entries, sizes) -> list[list[int]]   # batches over the whole data set
         def run(self, batches, writer: PartWriter) -> None  # process them, writing through `writer`
 
-`generate(args, settings, make_source)` does the rest: it reads the image set (the flags of `distill.cli.add_image_arguments`),
-checks the outputs, deals the planned batches to `--shard i/N` (so every image is computed in the same
-batch however the job is sharded or resumed), skips unreadable images, and appends one JSON line per
-image to a part file under `<pred_json_path>.parts/` (`shard-IIIII-of-NNNNN.jsonl.inprogress`, renamed
-without `.inprogress` once the shard is done). A single-shard run, and `merge` after a sharded one,
-assemble the parts into the final COCO file in data-set order, streaming, so memory does not grow
-with the number of images. Every part starts with a header holding the run's settings (the flags of
-`distill.cli.SETTING_GROUPS` argument groups): a resume or a merge refuses parts made with other settings.
+`generate(job, make_source)` does the rest for a `MaskJob` (the typed options of the image-set and
+output flags, `distill.cli.ImageSetOptions` and `OutputOptions`, the device and the recorded settings;
+a command builds it once from its parsed flags and nothing changes it): it reads the image set, checks
+the outputs, builds the source with `make_source(job)`, deals the planned batches to `--shard i/N` (so
+every image is computed in the same batch however the job is sharded or resumed), skips unreadable
+images, and appends one JSON line per image to a part file under `<pred_json_path>.parts/`
+(`shard-IIIII-of-NNNNN.jsonl.inprogress`, renamed without `.inprogress` once the shard is done). A
+single-shard run, and `merge` after a sharded one, assemble the parts into the final COCO file in
+data-set order, streaming, so memory does not grow with the number of images. Every part starts with a
+header holding the run's settings (the flags of `distill.cli.SETTING_GROUPS` argument groups): a resume
+or a merge refuses parts made with other settings.
+`run(job, make_source)` is `generate`, or under torchrun one shard per rank and a merge.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator, Protocol, TextIO
 
 from tqdm import tqdm
 
+from distill.cli import ImageSetOptions, OutputOptions
 from distill.data import ImageEntry, class_agnostic, coco20k_entries, folder_entries, voc_entries
 from distill.visualize import write_gallery
 from utils.coco_io import (OBJECT_CATEGORY, atomic_path, check_can_write, check_writable, check_writable_folder,
@@ -77,6 +81,24 @@ class MaskSource(Protocol):
     def plan(self, entries: list[ImageEntry], sizes: dict[int, tuple[int, int]]) -> list[list[int]]: ...
 
     def run(self, batches: list[list[int]], writer: PartWriter) -> None: ...
+
+
+@dataclass(frozen=True)
+class MaskJob:
+    """One mask-generation job: what it reads, where it writes, its device, and the settings it records
+    (`distill.cli.settings_from`: the header of every part, the output's `info.settings`, its `.config.yaml`)."""
+
+    images: ImageSetOptions
+    output: OutputOptions
+    settings: dict
+    device: str = "auto"
+
+
+@dataclass(frozen=True)
+class MergeParts:
+    """The `--merge` mode of a mask-generation command: join the finished shard parts of `output`."""
+
+    output: OutputOptions
 
 
 # ----------------------------------------------------------------------------- parts
@@ -275,31 +297,33 @@ def assemble(part_files: list[Path], out_path: Path, settings: dict) -> tuple[in
 # ----------------------------------------------------------------------------- job
 
 
-def load_image_set(args: argparse.Namespace) -> tuple[list[ImageEntry], dict | None]:
-    """The images of the image-set flags, and for COCO20k the subset's GT (written by `write_subset_gt`).
-    Reads only: nothing is written, so a refused run leaves nothing behind."""
-    root = Path(args.dataset_root)
+def load_image_set(images: ImageSetOptions) -> tuple[list[ImageEntry], dict | None]:
+    """The images of the set (the first `max_images`, when given), and for COCO20k the subset's GT (written by
+    `write_subset_gt`). Reads only: nothing is written, so a refused run leaves nothing behind."""
+    root = Path(images.dataset_root)
     if not root.is_dir():
         raise UserError(f"--dataset_root {root} is not a directory")
-    exclude = getattr(args, "exclude", None) or []
-    if args.dataset != "folder" and (exclude or args.image_ids.startswith("from:")):
-        flag = "--exclude" if exclude else "--gt_json (--image_ids from:)"
-        raise UserError(f"{flag} applies to --dataset folder; {args.dataset} names its images itself")
-    if args.dataset == "VOCClass":
-        return voc_entries(root, args.year, args.set, args.voc_split_folder), None
-    if args.dataset == "COCO20k":
-        if not args.coco_json or not args.file_list:
+    if images.dataset != "folder" and (images.exclude or images.image_ids.startswith("from:")):
+        flag = "--exclude" if images.exclude else "--gt_json (--image_ids from:)"
+        raise UserError(f"{flag} applies to --dataset folder; {images.dataset} names its images itself")
+    subset = None
+    if images.dataset == "VOCClass":
+        entries = voc_entries(root, images.year, images.set, images.voc_split_folder)
+    elif images.dataset == "COCO20k":
+        if not images.coco_json or not images.file_list:
             raise UserError("--dataset COCO20k needs --coco_json and --file_list")
-        return coco20k_entries(root, Path(args.coco_json), Path(args.file_list))
-    return folder_entries(root, args.image_ids, exclude, getattr(args, "skip_images_not_in_gt", False)), None
+        entries, subset = coco20k_entries(root, Path(images.coco_json), Path(images.file_list))
+    else:
+        entries = folder_entries(root, images.image_ids, list(images.exclude), images.skip_images_not_in_gt)
+    return entries[: images.max_images or None], subset
 
 
-def write_subset_gt(args: argparse.Namespace, subset: dict | None) -> None:
+def write_subset_gt(output: OutputOptions, subset: dict | None) -> None:
     """COCO20k: the subset's GT and its class-agnostic twin, next to the output (kept unless --overwrite)."""
     if subset is None:
         return
-    out_dir = Path(args.pred_json_path).parent
-    if not (out_dir / "coco20k_gt.json").exists() or args.overwrite:
+    out_dir = Path(output.pred_json_path).parent
+    if not (out_dir / "coco20k_gt.json").exists() or output.overwrite:
         write_json(out_dir / "coco20k_gt.json", subset)
         write_json(out_dir / "coco20k_gt_class_agnostic.json", class_agnostic(subset))
 
@@ -314,13 +338,13 @@ def parse_shard(text: str) -> tuple[int, int]:
     return shard, count
 
 
-def merge(args: argparse.Namespace) -> int:
-    """Join the finished shard parts into `--pred_json_path`. Every record of every part is checked first
+def merge(output: OutputOptions) -> int:
+    """Join the finished shard parts into `output.pred_json_path`. Every record of every part is checked first
     (`scan_part`, and its count against the images its shard planned): a corrupt part stops the merge,
     naming its file and line, before the output is written."""
-    out = Path(args.pred_json_path)
+    out = Path(output.pred_json_path)
     check_writable(out)
-    check_can_write(out, args.overwrite)
+    check_can_write(out, output.overwrite)
     folder = parts_dir(out)
     finished = sorted(folder.glob("shard-*-of-*.jsonl")) if folder.is_dir() else []
     if not finished:
@@ -338,12 +362,12 @@ def merge(args: argparse.Namespace) -> int:
     return 0
 
 
-def check_part_state(final_part: Path, progress_part: Path, args: argparse.Namespace, settings: dict,
+def check_part_state(final_part: Path, progress_part: Path, output: OutputOptions, settings: dict,
                      shard_name: str) -> None:
     """Refuse what would mix or lose results: a finished part (without --overwrite), an unfinished one with
     image records (without --resume or --overwrite) or made with other settings (with --resume). Reads only;
     an unfinished part holding no image record (a run stopped before its first image) is simply replaced."""
-    if args.overwrite:
+    if output.overwrite:
         return
     if final_part.exists():
         raise UserError(f"shard {shard_name} is already finished ({final_part}); run --merge, or --overwrite to redo it")
@@ -352,33 +376,31 @@ def check_part_state(final_part: Path, progress_part: Path, args: argparse.Names
     header, has_records = peek_part(progress_part)
     if not has_records:
         return
-    if not args.resume:
+    if not output.resume:
         raise UserError(f"unfinished results exist in {progress_part}; pass --resume to continue, "
                         "or --overwrite to start again")
     check_settings(header, settings, progress_part)
 
 
-def generate(args: argparse.Namespace, settings: dict, make_source: Callable[[argparse.Namespace], MaskSource]) -> RunStats:
-    """Run (one shard of) a mask-generation job: the image-set and output flags of `args`, the recorded
-    `settings` (`distill.cli.settings_from`), and the mask source `make_source(args)`.
+def generate(job: MaskJob, make_source: Callable[[MaskJob], MaskSource]) -> RunStats:
+    """Run (one shard of) a mask-generation job with the mask source `make_source(job)`.
 
     Everything that can refuse the run (flags, outputs, the existing parts, the image set, the source with its
     weights) is checked before any file or folder is created, so a refused run leaves nothing behind. The shard's
     part is then locked (`PartLock`) for the whole run and its state checked again under the lock."""
-    out = Path(args.pred_json_path)
-    shard, num_shards = parse_shard(args.shard)
+    output, settings = job.output, job.settings
+    out = Path(output.pred_json_path)
+    shard, num_shards = parse_shard(output.shard)
     check_writable(out)
-    if args.vis_dir:
-        check_writable_folder(args.vis_dir, f"--vis_dir {args.vis_dir}")
+    if output.vis_dir:
+        check_writable_folder(output.vis_dir, f"--vis_dir {output.vis_dir}")
     if num_shards == 1:
-        check_can_write(out, args.overwrite)
+        check_can_write(out, output.overwrite)
     final_part = part_path(out, shard, num_shards)
     progress_part = final_part.with_name(final_part.name + ".inprogress")
-    check_part_state(final_part, progress_part, args, settings, f"{shard}/{num_shards}")
-    entries, subset = load_image_set(args)
-    if args.max_images:
-        entries = entries[: args.max_images]
-    source = make_source(args)
+    check_part_state(final_part, progress_part, output, settings, f"{shard}/{num_shards}")
+    entries, subset = load_image_set(job.images)
+    source = make_source(job)
 
     stats = RunStats()
     start = time.perf_counter()
@@ -397,13 +419,13 @@ def generate(args: argparse.Namespace, settings: dict, make_source: Callable[[ar
 
     with PartLock(final_part):
         if num_shards == 1:
-            check_can_write(out, args.overwrite)  # again: another run may have finished meanwhile
-        check_part_state(final_part, progress_part, args, settings, f"{shard}/{num_shards}")
-        write_subset_gt(args, subset)
-        if args.overwrite:
+            check_can_write(out, output.overwrite)  # again: another run may have finished meanwhile
+        check_part_state(final_part, progress_part, output, settings, f"{shard}/{num_shards}")
+        write_subset_gt(output, subset)
+        if output.overwrite:
             final_part.unlink(missing_ok=True)
         done: set[int] = set()
-        if progress_part.exists() and not args.overwrite:
+        if progress_part.exists() and not output.overwrite:
             scan = scan_part(progress_part, finished=False)
             if scan.offsets:
                 with open(progress_part, "rb+") as f:
@@ -436,32 +458,33 @@ def generate(args: argparse.Namespace, settings: dict, make_source: Callable[[ar
             print(f"wrote {images} images ({skipped} skipped) to {out}")
         else:
             print(f"shard {shard}/{num_shards} done: {final_part}; run with --merge once every shard is done")
-    if args.vis_dir and Path(args.vis_dir).is_dir():
-        write_gallery(Path(args.vis_dir), settings)
+    if output.vis_dir and Path(output.vis_dir).is_dir():
+        write_gallery(Path(output.vis_dir), settings)
     return stats
 
 
-def run(args: argparse.Namespace, settings: dict, make_source: Callable[[argparse.Namespace], MaskSource]) -> RunStats:
-    """`generate`, or under `torchrun` one shard per rank followed by a merge on rank 0."""
+def run(job: MaskJob, make_source: Callable[[MaskJob], MaskSource]) -> RunStats:
+    """`generate`, or under `torchrun` one shard per rank (the job's copy with the rank's shard and device)
+    followed by a merge on rank 0."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
-        return generate(args, settings, make_source)
+        return generate(job, make_source)
     from utils.distributed import barrier, cleanup, init_distributed
 
-    info = init_distributed(args.device)
-    if args.shard != "0/1":
+    info = init_distributed(job.device)
+    output = job.output
+    if output.shard != "0/1":
         raise UserError("--shard is set by torchrun (one shard per rank); leave it out")
-    if Path(args.pred_json_path).exists() and not args.overwrite:
-        raise UserError(f"output {args.pred_json_path} already exists; pass --overwrite to replace it")
-    args.shard = f"{info.rank}/{info.world_size}"
-    if info.device.type == "cuda":
-        args.device = str(info.device)
+    if Path(output.pred_json_path).exists() and not output.overwrite:
+        raise UserError(f"output {output.pred_json_path} already exists; pass --overwrite to replace it")
+    rank_job = replace(job, output=replace(output, shard=f"{info.rank}/{info.world_size}"),
+                       device=str(info.device) if info.device.type == "cuda" else job.device)
     try:
-        stats = generate(args, settings, make_source)
+        stats = generate(rank_job, make_source)
         barrier()
         if info.is_main:
-            merge(args)
-            shutil.rmtree(parts_dir(Path(args.pred_json_path)))
+            merge(rank_job.output)
+            shutil.rmtree(parts_dir(Path(output.pred_json_path)))
         barrier()
     finally:
         cleanup()

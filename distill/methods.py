@@ -17,9 +17,8 @@ Each method carries the defaults of its official code: its parameters and its in
 """
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Mapping
 
 import numpy as np
 import torch
@@ -75,34 +74,44 @@ METHODS: dict[str, Method] = {
 METHOD_PARAMS = tuple(dict.fromkeys(name for method in METHODS.values() for name in method.params))
 
 
-def resolve_method_args(args: argparse.Namespace) -> None:
-    """Fill in the method's defaults for the flags left out (None), in place, so that the recorded
-    settings are the ones used; refuse flags that belong to another method.
+@dataclass(frozen=True)
+class MethodSettings:
+    """A method with its resolved parameters and input policy (`resolve_method`)."""
+
+    name: str
+    params: dict  # the method's parameters: flag name -> value
+    resize: int  # shorter side (0: the size as it is)
+    fixed_size: int  # square size (0: none)
+    max_size: int  # cap on the longer side
+
+
+def resolve_method(name: str, given: Mapping[str, object], resize: int | None, fixed_size: int | None,
+                   max_size: int, patch_size: int) -> MethodSettings:
+    """The method's settings: its defaults for the parameters left out (None) of `given` (flag name ->
+    value, for any of `METHOD_PARAMS`), so that the recorded settings are the ones used; refuse flags that
+    belong to another method.
 
     Input: `--fixed_size` and `--resize` exclude each other; without either, the method's own policy."""
-    method = METHODS[args.method]
-    for name in METHOD_PARAMS:
-        value = getattr(args, name)
-        if name in method.params:
-            setattr(args, name, method.params[name] if value is None else value)
+    method = METHODS[name]
+    params = {}
+    for flag in METHOD_PARAMS:
+        value = given.get(flag)
+        if flag in method.params:
+            params[flag] = method.params[flag] if value is None else value
         elif value is not None:
-            users = [m for m in METHODS if name in METHODS[m].params]
-            raise UserError(f"--{name} applies to --method {' or '.join(users)}, not {args.method}")
-    if args.fixed_size is not None and args.resize is not None:
+            users = [m for m in METHODS if flag in METHODS[m].params]
+            raise UserError(f"--{flag} applies to --method {' or '.join(users)}, not {name}")
+    if fixed_size is not None and resize is not None:
         raise UserError("--resize and --fixed_size exclude each other: give one of them")
-    if args.fixed_size is None:
-        args.fixed_size = method.fixed_size if args.resize is None else 0
-    if args.resize is None:
-        args.resize = 0 if args.fixed_size else method.resize
-    if args.fixed_size and args.fixed_size < args.patch_size:
-        raise UserError(f"--fixed_size {args.fixed_size} is smaller than the patch size {args.patch_size}")
-    if args.resize and args.resize >= args.max_size:
-        raise UserError(f"--max_size {args.max_size} must be larger than --resize {args.resize}")
-
-
-def method_params(args: argparse.Namespace) -> dict:
-    """The resolved parameters of `args.method`."""
-    return {name: getattr(args, name) for name in METHODS[args.method].params}
+    if fixed_size is None:
+        fixed_size = method.fixed_size if resize is None else 0
+    if resize is None:
+        resize = 0 if fixed_size else method.resize
+    if fixed_size and fixed_size < patch_size:
+        raise UserError(f"--fixed_size {fixed_size} is smaller than the patch size {patch_size}")
+    if resize and resize >= max_size:
+        raise UserError(f"--max_size {max_size} must be larger than --resize {resize}")
+    return MethodSettings(name, params, resize, fixed_size, max_size)
 
 
 GRAPH_BUDGET = 2**30  # bytes of N x N float64 patch graphs a method may hold at once

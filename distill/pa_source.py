@@ -9,24 +9,28 @@ output and the `--vis_dir` gallery from the job. The grouping, the CPU-heavy par
 processes while the main process reads images and runs the predictor; records come back in
 data-set order. The recorded settings include the SHA-256 of the PA checkpoint (or of the oracle's
 GT), so a resume or a merge refuses parts grouped from another predictor.
+
+`gen_pa_masks.py` hands its parsed flags to `gen_pa_masks_from_args` once, which checks them into a
+frozen `PAMasksSettings` (or a `MergeParts` for --merge) that `generate_pa_masks` runs.
 """
 from __future__ import annotations
 
 import argparse
 import multiprocessing
 from collections import deque
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator, Mapping
 
 import torch
 import torchvision.transforms.functional as TF
 from tqdm import tqdm
 
 from detectron2_train.affinity import AFFINITY_INPUT_DEFAULTS, load_affinity_model, predict_affinity
-from distill.cli import settings_from
+from distill.cli import ImageSetOptions, OutputOptions, options_from, settings_from
 from distill.data import ImageEntry, worker_count
-from distill.generate import PartWriter, RunStats, load_image_set, merge, run
+from distill.generate import MaskJob, MergeParts, PartWriter, RunStats, load_image_set, merge, run
 from distill.grouping import GroupingOptions, image_record
 from distill.visualize import overlay_name
 from utils.cli import check_outputs
@@ -144,24 +148,29 @@ class PAMaskSource:
 # ----------------------------------------------------------------------------- the job
 
 
-def grouping_options(args: argparse.Namespace) -> GroupingOptions:
+@dataclass(frozen=True)
+class PAMasksSettings:
+    """Everything a `gen_pa_masks.py` run takes, checked (`gen_pa_masks_from_args`)."""
+
+    job: MaskJob
+    affinity: str  # 'oracle' or a PA predictor checkpoint
+    gt_json: str | None  # the oracle's GT
+    grouping: GroupingOptions
+    num_workers: int | None = None  # grouping worker processes (None: min(4, CPUs - 1))
+
+
+def make_source(settings: PAMasksSettings, job: MaskJob) -> PAMaskSource:
+    """The source of `gen_pa_masks.py`'s settings, for `job` (under torchrun, the rank's). The oracle checks
+    here, before the job writes anything, that its GT knows every image of the set with the same size."""
     try:
-        options = GroupingOptions(peak_radius=args.peak_radius, globalization=args.globalization,
-                                  border_ratio=args.border_ratio, nms_iou=args.nms_iou, min_area=args.min_area,
-                                  topk=args.topk)
-        options.check()
+        settings.grouping.check()
     except ValueError as exc:
         raise UserError(str(exc)) from None
-    return options
-
-
-def make_source(args: argparse.Namespace) -> PAMaskSource:
-    """The source of `gen_pa_masks.py`'s flags. The oracle checks here, before the job writes anything,
-    that its GT knows every image of the set with the same size."""
-    source = PAMaskSource(args.affinity, grouping_options(args), args.mask_format, args.gt_json, args.device,
-                          args.num_workers, vis_dir=args.vis_dir)
+    output = job.output
+    source = PAMaskSource(settings.affinity, settings.grouping, output.mask_format, settings.gt_json, job.device,
+                          settings.num_workers, vis_dir=output.vis_dir)
     if source.model is None:
-        entries = load_image_set(args)[0][: args.max_images or None]  # reads only: the job writes
+        entries = load_image_set(job.images)[0]  # reads only: the job writes
         sizes = {}
         for entry in entries:
             try:
@@ -172,32 +181,46 @@ def make_source(args: argparse.Namespace) -> PAMaskSource:
     return source
 
 
-def pa_settings(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict:
-    """The recorded settings: the setting flags, with paths resolved and the SHA-256 of the file the PA
-    comes from (the checkpoint, or the oracle's GT), so that a retrained predictor is not mixed in."""
+def pa_settings(parser: argparse.ArgumentParser, values: Mapping[str, Any]) -> dict:
+    """The recorded settings: the setting flags (of `values`, flag dest -> value), with paths resolved and the
+    SHA-256 of the file the PA comes from (the checkpoint, or the oracle's GT), so that a retrained predictor
+    is not mixed in."""
     # "method" names the source in the output's info.description ("ggn pseudo-masks"), as gen_masks.py's --method does.
-    settings = {"method": "ggn", **settings_from(parser, args)}
-    source_file = args.gt_json if args.affinity == ORACLE else args.affinity
-    if args.affinity != ORACLE:
-        settings["affinity"] = str(Path(args.affinity).resolve())
+    settings = {"method": "ggn", **settings_from(parser, values)}
+    affinity, gt_json = values["affinity"], values["gt_json"]
+    source_file = gt_json if affinity == ORACLE else affinity
+    if affinity != ORACLE:
+        settings["affinity"] = str(Path(affinity).resolve())
     if settings.get("gt_json"):
-        settings["gt_json"] = str(Path(args.gt_json).resolve())
+        settings["gt_json"] = str(Path(gt_json).resolve())
     # A missing file is reported by the source, after the job has checked the outputs.
     settings["affinity_sha256"] = file_digest(source_file) if Path(source_file).is_file() else None
     return settings
 
 
-def generate_pa_masks(parser: argparse.ArgumentParser, args: argparse.Namespace) -> RunStats | None:
-    """`gen_pa_masks.py`: merge shard parts, or check the flags and run the job (None after a merge)."""
+def gen_pa_masks_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> PAMasksSettings | MergeParts:
+    """`gen_pa_masks.py`'s parsed flags, checked into its settings (`args` is left as it is); with --merge, the
+    merge of the output's shard parts."""
+    values = vars(args)
+    output = options_from(OutputOptions, values)
     # The outputs first (as every command), before any input is read; a shard's existing output is the merge's business.
-    check_outputs(args.pred_json_path, folders=[args.vis_dir], overwrite=args.overwrite if args.shard == "0/1" else None)
+    check_outputs(output.pred_json_path, folders=[output.vis_dir],
+                  overwrite=output.overwrite if output.shard == "0/1" else None)
     if args.merge:
-        merge(args)
-        return None
+        return MergeParts(output)
     if not args.dataset or not args.dataset_root:
         raise UserError("--dataset and --dataset_root are required (or --merge)")
     if args.affinity is None:
         raise UserError("--affinity is required (or --merge)")
     if args.affinity == ORACLE and not args.gt_json:
         raise UserError("--affinity oracle needs --gt_json (the ground truth the affinity is computed from)")
-    return run(args, pa_settings(parser, args), make_source)
+    job = MaskJob(options_from(ImageSetOptions, values), output, pa_settings(parser, values), args.device)
+    return PAMasksSettings(job, args.affinity, args.gt_json, options_from(GroupingOptions, values), args.num_workers)
+
+
+def generate_pa_masks(command: PAMasksSettings | MergeParts) -> RunStats | None:
+    """`gen_pa_masks.py`: merge shard parts, or run the job (None after a merge)."""
+    if isinstance(command, MergeParts):
+        merge(command.output)
+        return None
+    return run(command.job, partial(make_source, command))

@@ -107,13 +107,13 @@ def gen_masks_argv(s: PipelineSettings) -> list[str]:
 
 def run_masks(s: PipelineSettings, folder: Path, results: dict) -> dict:
     import gen_masks
-    from distill.engine import generate_masks
+    from distill.engine import gen_masks_from_args, generate_masks
 
     masks = folder / "masks.json"
     parser = gen_masks.build_parser()
     args = parser.parse_args(gen_masks_argv(s) + ["--pred_json_path", str(masks), "--vis_dir", str(folder / "vis"),
                                                   "--resume"])
-    stats = generate_masks(parser, args)
+    stats = generate_masks(gen_masks_from_args(parser, args))
     dataset = load_json(masks)
     return {"masks": str(masks), "gallery": str(folder / "vis" / "index.html"),
             "images": len(dataset["images"]), "annotations": len(dataset["annotations"]),

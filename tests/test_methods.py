@@ -1,6 +1,5 @@
 """LOST, TokenCut and MaskCut on hand-made patch features whose answer is known; MaskCut's pixel steps;
 the method registry's defaults and flag checks."""
-import argparse
 
 import numpy as np
 import pytest
@@ -9,7 +8,7 @@ import torch
 from distill.data import InputPolicy, torch_nearest_index, working_to_patch
 from distill.lost import lost
 from distill.maskcut import maskcut, refine_masks
-from distill.methods import METHODS, resolve_method_args
+from distill.methods import METHODS, MethodSettings, resolve_method
 from distill.patches import PatchFeatures, PatchMask
 from distill.tokencut import tokencut
 
@@ -167,10 +166,13 @@ def test_fixed_size_geometry_follows_cutler():
 # ----------------------------------------------------------------------------- registry
 
 
-def namespace(**overrides) -> argparse.Namespace:
+def resolve(**overrides) -> MethodSettings:
+    """`resolve_method` on flags as gen_masks.py parses them (None: left out)."""
     values = dict(method="maskdistill", heads=None, topk=None, k_patches=None, tau=None, num_objects=None,
                   resize=None, fixed_size=None, max_size=2048, patch_size=16)
-    return argparse.Namespace(**{**values, **overrides})
+    values.update(overrides)
+    return resolve_method(values["method"], values, values["resize"], values["fixed_size"], values["max_size"],
+                          values["patch_size"])
 
 
 @pytest.mark.parametrize("method,expected", [
@@ -180,21 +182,20 @@ def namespace(**overrides) -> argparse.Namespace:
     ("maskcut", dict(tau=0.15, num_objects=3, resize=0, fixed_size=480)),
 ])
 def test_each_method_gets_its_official_defaults(method, expected):
-    args = namespace(method=method)
-    resolve_method_args(args)
-    assert {k: getattr(args, k) for k in expected} == expected
+    settings = resolve(method=method)
+    resolved = {**settings.params, "resize": settings.resize, "fixed_size": settings.fixed_size}
+    assert {k: resolved.get(k) for k in expected} == expected
 
 
 def test_method_flags_are_checked():
     from utils.errors import UserError
 
     with pytest.raises(UserError, match="--tau applies to --method tokencut or maskcut"):
-        resolve_method_args(namespace(method="lost", tau=0.3))
+        resolve(method="lost", tau=0.3)
     with pytest.raises(UserError, match="exclude each other"):
-        resolve_method_args(namespace(method="maskcut", resize=320, fixed_size=480))
-    args = namespace(method="maskcut", resize=320)  # --resize alone replaces MaskCut's square
-    resolve_method_args(args)
-    assert (args.resize, args.fixed_size) == (320, 0)
+        resolve(method="maskcut", resize=320, fixed_size=480)
+    settings = resolve(method="maskcut", resize=320)  # --resize alone replaces MaskCut's square
+    assert (settings.resize, settings.fixed_size) == (320, 0)
     assert set(METHODS) == {"maskdistill", "lost", "tokencut", "maskcut"}
 
 

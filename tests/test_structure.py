@@ -49,6 +49,35 @@ def test_the_import_rule_sees_function_level_imports(tmp_path):
     assert imported_modules(tmp_path / "m.py") == {"os", "distill.vit"}
 
 
+def namespace_parameters(path: Path) -> list[str]:
+    """`function(parameter)` for every parameter of a function in `path` that takes an argparse Namespace: annotated
+    `argparse.Namespace`/`Namespace`, or an unannotated one named `args`."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            a = node.args
+            for arg in [*a.posonlyargs, *a.args, *a.kwonlyargs]:
+                annotation = ast.unparse(arg.annotation) if arg.annotation is not None else ""
+                if "Namespace" in annotation or (arg.arg == "args" and not annotation):
+                    found.append(f"{node.name}({arg.arg})")
+    return found
+
+
+def test_library_functions_take_typed_settings_not_a_namespace():
+    """Only the converters at the command boundary (`*_from_args`) take parsed flags; the library takes dataclasses."""
+    offenders = {path.relative_to(REPO).as_posix(): [f for f in namespace_parameters(path)
+                                                     if not f.split("(")[0].endswith("_from_args")]
+                 for path in sorted((REPO / "distill").glob("*.py"))}
+    assert {name: found for name, found in offenders.items() if found} == {}
+
+
+def test_the_namespace_rule_sees_annotated_and_bare_args(tmp_path):
+    (tmp_path / "m.py").write_text("import argparse\nfrom argparse import Namespace\n\n"
+                                   "def a(x: argparse.Namespace): ...\ndef b(*, y: 'Namespace | None'): ...\n"
+                                   "def c(args): ...\ndef d(*args): ...\ndef e(args: dict): ...\n")
+    assert namespace_parameters(tmp_path / "m.py") == ["a(x)", "b(y)", "c(args)"]
+
+
 def test_cluster_entry_point_runs_as_a_script_without_torch():
     """`python utils/cluster.py --help` as documented, in a fresh interpreter that never imports torch."""
     proc = subprocess.run([sys.executable, "-X", "importtime", "utils/cluster.py", "--help"], cwd=REPO,
