@@ -13,7 +13,7 @@ Examples (from the repository root):
 """
 import argparse
 
-from utils.config import add_config_args, load_run_config
+from utils.config import add_config_args, run_config_from_args
 from utils.errors import run_cli
 
 EXAMPLE = ("python detectron2_train/train_affinity.py --config configs/affinity/tiny_test.yaml "
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
     from detectron2_train.affinity_engine import SCHEMA, train
     from utils.distributed import distributed_session
 
-    cfg = load_run_config(args, SCHEMA, flags={
+    cfg = run_config_from_args(args, SCHEMA, flags={
         "data.train_json": args.train_json, "data.train_root": args.train_root,
         "data.seen_classes": args.seen_classes, "data.val_json": args.val_json, "data.val_root": args.val_root,
         "data.num_workers": args.num_workers})

@@ -23,7 +23,7 @@ import argparse
 from pathlib import Path
 
 from utils.cli import add_device_arg, add_num_workers_arg, check_outputs, float_range, int_range
-from utils.config import add_config_args, load_run_config
+from utils.config import add_config_args, run_config_from_args
 from utils.errors import UserError, run_cli
 
 # detectron2_train.modeling's MASK_HEADS and STAGES, spelled out so that --help does not import torch
@@ -120,7 +120,7 @@ def config_from_args(args: argparse.Namespace) -> dict:
     """Defaults < YAML file < --set overrides < --output_dir and the explicit flags above (each checked)."""
     from detectron2_train.engine import SCHEMA  # torch: after parsing, so that --help stays quick
 
-    return load_run_config(args, SCHEMA, flags={
+    return run_config_from_args(args, SCHEMA, flags={
         "data.train_json": args.train_json, "data.train_root": args.train_root, "data.test_json": args.test_json,
         "data.test_root": args.test_root, "data.mask_classes": args.mask_classes, "data.num_workers": args.num_workers,
         "data.seen_classes": args.seen_classes, "data.pseudo_json": args.pseudo_json, "data.pseudo_topk": args.pseudo_topk,

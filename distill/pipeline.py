@@ -197,11 +197,11 @@ def run_deeplab(s: PipelineSettings, folder: Path, results: dict) -> dict:
     from segmentation import train_plus_crf as script
     from segmentation.engine import SCHEMA
     from segmentation.rounds import train_plus_crf
-    from utils.config import load_run_config
+    from utils.config import run_config_from_args
     from utils.distributed import distributed_session
 
     args = script.parse_args(deeplab_argv(s, results["semantic"], folder))
-    config = load_run_config(args, SCHEMA)
+    config = run_config_from_args(args, SCHEMA)
     with distributed_session(config["device"]) as dist:
         result = train_plus_crf(config, dist, args.rounds, None, crf_params(s), overwrite=True)
     return {**result, "config": config}

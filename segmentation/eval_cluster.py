@@ -9,7 +9,7 @@ import argparse
 from segmentation.settings import VAL_KEYS
 from utils.cli import add_device_arg, check_outputs, int_range
 from utils.coco_io import write_json
-from utils.config import add_config_args, load_run_config
+from utils.config import add_config_args, run_config_from_args
 from utils.errors import UserError, run_cli
 
 
@@ -44,7 +44,7 @@ def main(argv=None) -> int:
     from segmentation.probe import PROBE_SCHEMA
     from utils.distributed import resolve_device
 
-    config = load_run_config(args, PROBE_SCHEMA)  # any segmentation config: a training or a linear-probe one
+    config = run_config_from_args(args, PROBE_SCHEMA)  # any segmentation config: a training or a linear-probe one
     num_classes = int(config["data"]["num_classes"])
     if args.num_clusters is not None and args.num_clusters != num_classes:
         raise UserError(f"--num_clusters {args.num_clusters}: Hungarian matching needs as many clusters as classes "

@@ -8,7 +8,7 @@ import argparse
 
 from segmentation.settings import SCHEMA, TINY_EXAMPLE, TRAIN_KEYS
 from utils.cli import check_outputs
-from utils.config import add_config_args, load_run_config
+from utils.config import add_config_args, run_config_from_args
 from utils.errors import run_cli
 
 
@@ -31,7 +31,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    config = load_run_config(args, SCHEMA)
+    config = run_config_from_args(args, SCHEMA)
     check_outputs(folders=[config["output_dir"]])
     from segmentation.engine import train  # torch: after parsing, so that --help stays quick
     from utils.distributed import distributed_session

@@ -64,11 +64,17 @@ def namespace_parameters(path: Path) -> list[str]:
 
 
 def test_library_functions_take_typed_settings_not_a_namespace():
-    """Only the converters at the command boundary (`*_from_args`) take parsed flags; the library takes dataclasses."""
-    offenders = {path.relative_to(REPO).as_posix(): [f for f in namespace_parameters(path)
-                                                     if not f.split("(")[0].endswith("_from_args")]
-                 for path in sorted((REPO / "distill").glob("*.py"))}
-    assert {name: found for name, found in offenders.items() if found} == {}
+    """Only the command boundary takes parsed flags: the entry-point modules themselves (they define `cli()`) and
+    the `*_from_args` converters; the library (every package) takes dataclasses or checked config dicts."""
+    offenders = {}
+    for package in ("distill", "segmentation", "detectron2_train", "utils"):
+        for path in sorted((REPO / package).glob("*.py")):
+            if "\ndef cli(" in path.read_text():
+                continue
+            found = [f for f in namespace_parameters(path) if not f.split("(")[0].endswith("_from_args")]
+            if found:
+                offenders[path.relative_to(REPO).as_posix()] = found
+    assert offenders == {}
 
 
 def test_the_namespace_rule_sees_annotated_and_bare_args(tmp_path):

@@ -382,7 +382,7 @@ def add_config_args(parser: argparse.ArgumentParser, config_help: str, set_examp
                     must_set: dict[str, str] | None = None, example: str | None = None) -> None:
     """Add `--config` and `--set KEY=VALUE ...`, plus `--output_dir` / `--device` when given a help text.
 
-    `load_run_config` reads them back. `--set` may be repeated; all the overrides apply, in order.
+    `run_config_from_args` reads them back. `--set` may be repeated; all the overrides apply, in order.
     `--output_dir` and `--device` added here set the config keys of the same name. With `must_set` and
     `example`, `--help` ends with the keys a user must set and an example command.
     """
@@ -415,7 +415,7 @@ def apply_flags(config: dict, flags: dict[str, Any], schema: ConfigSchema | None
     return config
 
 
-def load_run_config(args: argparse.Namespace, defaults: dict | ConfigSchema | None = None,
+def run_config_from_args(args: argparse.Namespace, defaults: dict | ConfigSchema | None = None,
                     flags: dict[str, Any] | None = None) -> dict:
     """Defaults < the `--config` YAML (with its `_base_` chain) < `--set` overrides < `--output_dir` /
     `--device` < a script's own `flags` (dotted key -> value, None when not given). All are checked."""

@@ -63,7 +63,7 @@ class _DryParse:
         self.configs_left: set[str] = set()
         parser_cls = argparse.ArgumentParser
         parse_args, parse_known_args = parser_cls.parse_args, parser_cls.parse_known_args
-        load_config, load_run_config = config.load_config, config.load_run_config
+        load_config, run_config_from_args = config.load_config, config.run_config_from_args
         probe = self
 
         def parsing(original):
@@ -98,7 +98,7 @@ class _DryParse:
         parser_cls.parse_known_args = parsing(parse_known_args)
         parser_cls.error = error
         config.load_config = loading(load_config, lambda path, *a, **k: path)
-        config.load_run_config = loading(load_run_config, lambda args, *a, **k: args.config)
+        config.run_config_from_args = loading(run_config_from_args, lambda args, *a, **k: args.config)
 
     def check(self, script: str, argv: list[str], configs: list[str]) -> dict:
         self.configs_left = {os.path.normpath(path) for path in configs}
