@@ -30,7 +30,6 @@ from distill.generate import PartWriter, RunStats, merge, run
 from distill.methods import METHODS, backbone_features, method_params, propose, resolve_method_args
 from distill.patches import PatchMask
 from distill.visualize import overlay_name, save_overlay
-from distill.features import feature_setting
 from distill.vit import build_vit, resolve_patch_size
 from utils.coco_io import make_annotation
 from utils.distributed import resolve_device
@@ -231,7 +230,6 @@ def generate_masks(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
         raise UserError("--dataset and --dataset_root are required (or --merge)")
     # Resolved before they are recorded: a resume on other hardware must not silently change precision.
     args.patch_size = resolve_patch_size(args.arch, args.patch_size)
-    args.features = feature_setting(args.arch, args.features)
     args.precision = precision_name(resolve_precision(args.precision, resolve_device(args.device)))
     resolve_method_args(args)
     return run(args, settings_from(parser, args), ViTMaskSource)
