@@ -19,10 +19,11 @@ from distill.cli import add_image_arguments, add_output_arguments, image_ids_mod
 from utils.cli import add_device_arg, add_num_workers_arg, float_range, int_range
 from utils.errors import run_cli
 
-# distill.methods.METHODS and distill.vit.ARCHS, spelled out so that --help does not import torch
-# (tests/test_methods.py and tests/test_dinov2_cli.py check they agree).
+# distill.methods.METHODS, distill.vit.ARCHS and distill.ncut.FOREGROUND_RULES, spelled out so that --help
+# does not import torch (tests/test_methods.py and tests/test_dinov2_cli.py check they agree).
 METHODS = ["maskdistill", "lost", "tokencut", "maskcut"]
 ARCHS = ["vit_small", "vit_base", "dinov2_vits14", "dinov2_vitb14", "dinov2_vits14_reg", "dinov2_vitb14_reg"]
+FOREGROUND_RULES = ["eigenvector", "attention"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,8 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="backbone features the methods' patch graphs read: raw last-block keys, keys centred on "
                             "their mean over the image's patches (centred), or the final normalised output tokens "
                             "centred the same way (centred_tokens); CLS attention always reads the raw queries/keys; "
-                            "auto: the backbone's own (centred for DINOv2, raw for DINO; see docs/dinov2.md) "
-                            "(default: %(default)s)")
+                            "auto: the method's default on the backbone (raw for DINO; on DINOv2 centred_tokens for "
+                            "lost, centred for the others; see docs/dinov2.md) (default: %(default)s)")
     model.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                        help="ViT compute precision: bf16 autocast or fp32; auto takes bf16 where the hardware runs it "
                             "natively (CUDA with bf16, CPUs with AVX512-BF16 or AMX), fp32 elsewhere. Recorded in the "
@@ -72,9 +73,14 @@ def build_parser() -> argparse.ArgumentParser:
                            "(default: tokencut 0.2, maskcut 0.15)")
     algo.add_argument("--num_objects", type=int_range(1), default=None,
                       help="maskcut: most masks per image, one normalized cut each (default 3)")
+    algo.add_argument("--foreground", default=None, choices=FOREGROUND_RULES,
+                      help="tokencut, maskcut: which side of a cut is the object: eigenvector (the official rule: "
+                           "the side of the eigenvector's largest magnitude, for maskcut also the side holding fewer "
+                           "than 3 image corners) or attention (the side the CLS token attends to more) "
+                           "(default: eigenvector; attention on DINOv2 archs)")
     algo.add_argument("--resize", type=int_range(0), default=None,
                       help="shorter side after resizing, as torchvision Resize (bilinear); 0 keeps the size "
-                           "(default: maskdistill 640, lost and tokencut 0)")
+                           "(default: maskdistill 640, lost and tokencut 0; lost 320 on DINOv2 archs)")
     algo.add_argument("--fixed_size", type=int_range(0), default=None,
                       help="resize to a fixed_size x fixed_size square (LANCZOS), as CutLER; excludes --resize "
                            "(default: maskcut 480, others 0 = off)")

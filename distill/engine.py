@@ -28,14 +28,14 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from distill.features import feature_setting
 from distill.data import (Geometry, ImageEntry, InputPolicy, MaskGenDataset, collate, size_grouped_batches,
                           upsample_patch_mask, worker_count)
 from distill.cli import ImageSetOptions, OutputOptions, options_from, settings_from
 from distill.generate import MaskJob, MergeParts, PartWriter, RunStats, merge, run
-from distill.methods import METHODS, MethodSettings, backbone_features, propose, resolve_method
+from distill.methods import METHODS, MethodSettings, backbone_features, method_features, propose, resolve_method
 from distill.patches import PatchMask
 from distill.visualize import overlay_name, save_overlay
-from distill.features import feature_setting
 from distill.vit import build_vit, resolve_patch_size
 from utils.coco_io import make_annotation
 from utils.distributed import resolve_device
@@ -278,8 +278,11 @@ def gen_masks_from_args(parser: argparse.ArgumentParser, args: argparse.Namespac
     if not args.dataset or not args.dataset_root:
         raise UserError("--dataset and --dataset_root are required (or --merge)")
     # Resolved before they are recorded: a resume on other hardware must not silently change precision.
-    backbone = resolve_backbone(args.arch, args.patch_size, args.weights, args.features, args.precision, args.device)
-    method = resolve_method(args.method, values, args.resize, args.fixed_size, args.max_size, backbone.patch_size)
+    # --features auto: the method's features on the arch's family (DINOv2's LOST reads centred output tokens).
+    features = method_features(args.method, args.arch, args.features)
+    backbone = resolve_backbone(args.arch, args.patch_size, args.weights, features, args.precision, args.device)
+    method = resolve_method(args.method, args.arch, values, args.resize, args.fixed_size, args.max_size,
+                            backbone.patch_size)
     resolved = {**values, **asdict(backbone), **method.params, "resize": method.resize,
                 "fixed_size": method.fixed_size}
     job = MaskJob(options_from(ImageSetOptions, values), output, settings_from(parser, resolved), args.device)

@@ -19,17 +19,18 @@ and passes them through `discovery_features(qk, setting)`, which returns `Discov
     whole image. Centring removes the shared part and keeps the differences between patches.
   * `centred_tokens`: the final normalised output tokens (DINOv2's `x_norm_patchtokens`, split
     into the heads' slices so that concatenating the heads gives the token back) minus their mean
-    over the image's N patches, in float32. An option, not a default: on the real ViT-S/14 at 320 px
-    it beats centred keys for LOST (tiny_coco CorLoc 25.0% vs 20.8%, voc_mini 66.7% vs 0%) and
-    MaskDistill, but not at their own inputs (LOST full resolution: 14.6% vs 16.7% on tiny_coco;
-    MaskDistill at 640: voc_mini CorLoc 33.3% vs 66.7%), and TokenCut and MaskCut stay about where
-    they were. It makes LOST's bf16 masks agree better with fp32 (0.944 vs 0.885). It costs the
-    rest of the last block (attention and MLP) in the backbone.
+    over the image's N patches, in float32. LOST's DINOv2 default (with a 320 shorter side; on the
+    real ViT-S/14 it beats centred keys there: tiny_coco CorLoc 25.0% vs 20.8%, voc_mini 2 of 3 vs
+    0); not the others' (MaskDistill at 640: voc_mini 1 of 3 vs 2 of 3). It makes LOST's bf16
+    masks agree better with fp32 (0.944 vs 0.885). It costs the rest of the last block (attention
+    and MLP) in the backbone.
   docs/dinov2.md has the measurements.
 
-`--features auto` takes the backbone's own setting (`BackboneSpec.features`: `centred` for every
-DINOv2 arch, `raw` for DINO). `needs_tokens(setting)` says whether the backbone must return
-its output tokens (`DinoViT.last_qk(images, tokens=True)`).
+`feature_setting(arch)` (`auto`) is the backbone's own setting (`BackboneSpec.features`: `centred` for
+every DINOv2 arch, `raw` for DINO); a method may replace it on a backbone family
+(`distill.methods.method_defaults`, which `--features auto` resolves through).
+`needs_tokens(setting)` says whether the backbone must return its output tokens
+(`DinoViT.last_qk(images, tokens=True)`).
 """
 from __future__ import annotations
 

@@ -24,7 +24,7 @@ from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
 from distill.visualize import colour, draw_layers, flat_name, save_image, thumbnail
-from utils.coco_io import (annotations_by_image, check_writable_folder, decode_segmentation, load_coco_dataset,
+from utils.coco_io import (annotations_by_image, check_writable_folder, load_coco_dataset,
                            load_predictions, segmentation_to_rle)
 from utils.errors import UserError
 from utils.gallery import Column, GalleryImage, MaskCaption, Panel, relative_link, write_gallery

@@ -14,6 +14,8 @@ Patch level (`maskcut`), for each image, from the last block's patch keys (all h
   side holding the largest |x| holds three or more corners, the corner rule applies for one sign
   and not for the other. `distill.ncut` returns the sign LAPACK returns, so the decision is the
   official one (for 30 real images, LAPACK's sign was the one that skips the rule in 6 of 7 such cases).
+  With `attention` (`--foreground attention`, the DINOv2 default) the object is instead the side
+  the CLS token attends to more, over the patches not yet taken (`distill.ncut.attended_side`).
 * Before cut t + 1 the features of every object found so far are zeroed (Eq. 3: "masking out"),
   which leaves their patches linked to all others by ε only.
 * Cut t >= 2 is dropped (an empty mask) when its mask has IoU > 0.5 with the mask of cut t − 1, or
@@ -47,7 +49,7 @@ from PIL import Image
 from scipy import ndimage
 
 from distill.data import Geometry, working_to_patch
-from distill.ncut import EPS, binary_affinity, cut_score, second_smallest_eigenvectors
+from distill.ncut import EPS, attended_side, binary_affinity, cut_score, second_smallest_eigenvectors
 from distill.patches import PatchMask, seed_component
 from segmentation.crf import CRFParams, PairwiseCRF
 
@@ -77,15 +79,18 @@ def _choose_foreground(vector: np.ndarray, grid: tuple[int, int]) -> tuple[np.nd
 
 
 def maskcut(keys: torch.Tensor, grid: tuple[int, int], num_objects: int = NUM_OBJECTS, tau: float = TAU,
-            eps: float = EPS, solver: Callable = second_smallest_eigenvectors) -> list[list[PatchMask]]:
+            eps: float = EPS, solver: Callable = second_smallest_eigenvectors,
+            attention: torch.Tensor | None = None) -> list[list[PatchMask]]:
     """Up to `num_objects` masks per image, in discovery order. keys: (B, N, D); grid: (grid_h, grid_w).
 
-    `solver(graphs) -> (values, vectors)` is the Ncut eigensolver (benchmarks swap in scipy's)."""
+    `solver(graphs) -> (values, vectors)` is the Ncut eigensolver (benchmarks swap in scipy's);
+    `attention`: None for the official foreground rule, or (B, N) CLS scores of the patches."""
     batch, num_patches, _ = keys.shape
     full_graph = binary_affinity(keys, tau, eps)
     removed = torch.zeros(batch, num_patches, dtype=torch.bool, device=keys.device)
     previous = np.zeros((batch, *grid), dtype=bool)
     found: list[list[tuple[np.ndarray, tuple[int, int]]]] = [[] for _ in range(batch)]
+    cls_scores = None if attention is None else attention.float().cpu().numpy()
     for step in range(num_objects):
         if step == 0:
             graph = full_graph
@@ -94,8 +99,12 @@ def maskcut(keys: torch.Tensor, grid: tuple[int, int], num_objects: int = NUM_OB
             graph = binary_affinity(keys * ~removed[..., None], tau, eps)
         _, vectors = solver(graph)
         vectors = vectors.cpu().numpy()
+        active = (~removed).cpu().numpy()
         for b in range(batch):
-            side, seed = _choose_foreground(vectors[b], grid)
+            if attention is None:
+                side, seed = _choose_foreground(vectors[b], grid)
+            else:
+                side, seed = attended_side(vectors[b], cls_scores[b], grid, active[b])
             mask = seed_component(side, seed)
             if step and (_iou(previous[b], mask) > MAX_IOU_WITH_PREVIOUS or mask.mean() <= MIN_AREA_FRACTION):
                 mask = np.zeros_like(mask)

@@ -8,12 +8,24 @@ resize, post-processing, output and resume; a method module owns only its algori
 
 Each method carries the defaults of its official code: its parameters and its input policy.
 
-| method      | parameters (default)            | input (default)                                  |
-|-------------|---------------------------------|--------------------------------------------------|
-| maskdistill | heads 5, topk 0.4               | shorter side 640 (bilinear), zero-padded         |
-| lost        | k_patches 100                   | full resolution, zero-padded                     |
-| tokencut    | tau 0.2                         | full resolution, zero-padded                     |
-| maskcut     | num_objects 3, tau 0.15         | fixed_size 480 (square LANCZOS), CRF on the masks |
+| method      | parameters (default)                        | input (default)                                  |
+|-------------|---------------------------------------------|--------------------------------------------------|
+| maskdistill | heads 5, topk 0.4                           | shorter side 640 (bilinear), zero-padded         |
+| lost        | k_patches 100                               | full resolution, zero-padded                     |
+| tokencut    | tau 0.2, foreground eigenvector             | full resolution, zero-padded                     |
+| maskcut     | num_objects 3, tau 0.15, foreground eigenvector | fixed_size 480 (square LANCZOS), CRF on the masks |
+
+The methods were designed on DINO; for another backbone family a method may replace some of these
+defaults and the backbone's feature setting (`Method.family_defaults`, measured in docs/dinov2.md):
+
+| method on DINOv2 | replaced defaults                                                    |
+|------------------|----------------------------------------------------------------------|
+| maskdistill      | none (features: the backbone's `centred` keys)                       |
+| lost             | features `centred_tokens`, shorter side 320                          |
+| tokencut         | foreground `attention` (features: `centred` keys)                    |
+| maskcut          | foreground `attention` (features: `centred` keys)                    |
+
+`method_defaults(method, arch)` gives the result; flags given explicitly still win.
 """
 from __future__ import annotations
 
@@ -24,12 +36,13 @@ import numpy as np
 import torch
 
 from distill.data import Geometry
-from distill.features import discovery_features, needs_tokens
+from distill.features import discovery_features, feature_setting, needs_tokens
 from distill.lost import lost
 from distill.maskcut import maskcut, refine_masks
-from distill.maskgen import propose_masks
+from distill.maskgen import class_token_scores, propose_masks
 from distill.patches import PatchFeatures, PatchMask
 from distill.tokencut import tokencut
+from distill.vit import backbone_spec
 from utils.errors import UserError
 
 
@@ -44,6 +57,9 @@ class Method:
     # original-size mask per proposal, or None where it is dropped.
     refine: Callable[[np.ndarray, list[PatchMask], Geometry], list[np.ndarray | None]] | None = None
     score: str = field(default="")  # what the score means, for --help
+    # Backbone family ("DINOv2") -> defaults that replace the official ones on it: parameters,
+    # "resize"/"fixed_size" and "features" (otherwise the backbone's own, `BackboneSpec.features`).
+    family_defaults: dict[str, dict] = field(default_factory=dict)
 
 
 def _maskdistill(features: PatchFeatures, params: dict) -> list[list[PatchMask]]:
@@ -55,23 +71,54 @@ def _lost(features: PatchFeatures, params: dict) -> list[list[PatchMask]]:
     return [[m] for m in lost(features.patch_keys, features.grid, k_patches=params["k_patches"])]
 
 
+def _cls_attention(features: PatchFeatures, params: dict) -> torch.Tensor | None:
+    """The CLS scores of the patches (G_cls over all heads) for `foreground attention`, else None."""
+    if params["foreground"] == "eigenvector":
+        return None
+    return class_token_scores(features.query, features.key, features.key.shape[1])
+
+
 def _tokencut(features: PatchFeatures, params: dict) -> list[list[PatchMask]]:
-    return [[m] for m in tokencut(features.patch_keys, features.grid, tau=params["tau"])]
+    return [[m] for m in tokencut(features.patch_keys, features.grid, tau=params["tau"],
+                                  attention=_cls_attention(features, params))]
 
 
 def _maskcut(features: PatchFeatures, params: dict) -> list[list[PatchMask]]:
-    return maskcut(features.patch_keys, features.grid, num_objects=params["num_objects"], tau=params["tau"])
+    return maskcut(features.patch_keys, features.grid, num_objects=params["num_objects"], tau=params["tau"],
+                   attention=_cls_attention(features, params))
 
 
 METHODS: dict[str, Method] = {
     "maskdistill": Method("maskdistill", _maskdistill, {"heads": 5, "topk": 0.4}, resize=640,
                           score="share of the thresholded CLS-attention mass inside the mask"),
-    "lost": Method("lost", _lost, {"k_patches": 100}, score="1 - Ncut/2 of the mask on LOST's graph"),
-    "tokencut": Method("tokencut", _tokencut, {"tau": 0.2}, score="1 - Ncut/2 of the mask on its graph"),
-    "maskcut": Method("maskcut", _maskcut, {"num_objects": 3, "tau": 0.15}, fixed_size=480, refine=refine_masks,
-                      score="1 - Ncut/2 of the patch mask on the image's unmasked graph"),
+    # DINOv2: LOST's degrees and seed expansion work on the centred output tokens at the patch grid of
+    # its official runs (DINO /16 on VOC's ~500x375 images: 23 rows), not at full resolution.
+    "lost": Method("lost", _lost, {"k_patches": 100}, score="1 - Ncut/2 of the mask on LOST's graph",
+                   family_defaults={"DINOv2": {"features": "centred_tokens", "resize": 320}}),
+    # DINOv2: the official foreground rules pick the background side of some cuts; the CLS attention does not.
+    "tokencut": Method("tokencut", _tokencut, {"tau": 0.2, "foreground": "eigenvector"},
+                       score="1 - Ncut/2 of the mask on its graph",
+                       family_defaults={"DINOv2": {"foreground": "attention"}}),
+    "maskcut": Method("maskcut", _maskcut, {"num_objects": 3, "tau": 0.15, "foreground": "eigenvector"},
+                      fixed_size=480, refine=refine_masks,
+                      score="1 - Ncut/2 of the patch mask on the image's unmasked graph",
+                      family_defaults={"DINOv2": {"foreground": "attention"}}),
 }
 METHOD_PARAMS = tuple(dict.fromkeys(name for method in METHODS.values() for name in method.params))
+
+
+def method_defaults(method: str, arch: str) -> dict:
+    """The defaults of `method` on `arch`: its parameters, "resize", "fixed_size" and "features" (a
+    setting of `distill.features`), the official ones unless the arch's family replaces them."""
+    spec = METHODS[method]
+    return {**spec.params, "resize": spec.resize, "fixed_size": spec.fixed_size, "features": feature_setting(arch),
+            **spec.family_defaults.get(backbone_spec(arch).family, {})}
+
+
+def method_features(method: str, arch: str, requested: str = "auto") -> str:
+    """The feature setting `--features requested` means for `method` on `arch`: `auto` is the method's default on
+    the arch's family (`method_defaults`), anything else is checked and kept."""
+    return method_defaults(method, arch)["features"] if requested == "auto" else feature_setting(arch, requested)
 
 
 @dataclass(frozen=True)
@@ -85,28 +132,29 @@ class MethodSettings:
     max_size: int  # cap on the longer side
 
 
-def resolve_method(name: str, given: Mapping[str, object], resize: int | None, fixed_size: int | None,
+def resolve_method(name: str, arch: str, given: Mapping[str, object], resize: int | None, fixed_size: int | None,
                    max_size: int, patch_size: int) -> MethodSettings:
-    """The method's settings: its defaults for the parameters left out (None) of `given` (flag name ->
-    value, for any of `METHOD_PARAMS`), so that the recorded settings are the ones used; refuse flags that
-    belong to another method.
+    """The method's settings on `arch`: its defaults there (`method_defaults`) for the parameters left out
+    (None) of `given` (flag name -> value, for any of `METHOD_PARAMS`), so that the recorded settings are
+    the ones used; refuse flags that belong to another method.
 
     Input: `--fixed_size` and `--resize` exclude each other; without either, the method's own policy."""
     method = METHODS[name]
+    defaults = method_defaults(name, arch)
     params = {}
     for flag in METHOD_PARAMS:
         value = given.get(flag)
         if flag in method.params:
-            params[flag] = method.params[flag] if value is None else value
+            params[flag] = defaults[flag] if value is None else value
         elif value is not None:
             users = [m for m in METHODS if flag in METHODS[m].params]
             raise UserError(f"--{flag} applies to --method {' or '.join(users)}, not {name}")
     if fixed_size is not None and resize is not None:
         raise UserError("--resize and --fixed_size exclude each other: give one of them")
     if fixed_size is None:
-        fixed_size = method.fixed_size if resize is None else 0
+        fixed_size = defaults["fixed_size"] if resize is None else 0
     if resize is None:
-        resize = 0 if fixed_size else method.resize
+        resize = 0 if fixed_size else defaults["resize"]
     if fixed_size and fixed_size < patch_size:
         raise UserError(f"--fixed_size {fixed_size} is smaller than the patch size {patch_size}")
     if resize and resize >= max_size:

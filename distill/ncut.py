@@ -23,9 +23,11 @@ vector, which MaskCut's corner rule depends on; a cut is several times cheaper t
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+FOREGROUND_RULES = ("eigenvector", "attention")  # which side of a cut is the object (`--foreground`)
 EPS = 1e-5  # TokenCut's weight for the edges below the threshold (`--eps`), so the graph stays connected
 TOL = 1e-9  # residual |e_k s_k| (C's norm is at most 2) at which a Ritz pair counts as converged
 _FIRST_CHECK = 8  # columns before the first convergence test (one small eigh per column after)
@@ -147,3 +149,22 @@ def ncut_value(affinity: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
 def cut_score(affinity: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     """1 − Ncut/2, in [0, 1]: how cleanly each mask is cut from the rest of its graph (higher is better)."""
     return 1.0 - ncut_value(affinity, masks) / 2.0
+
+
+def attended_side(vector: np.ndarray, attention: np.ndarray, grid: tuple[int, int],
+                  active: np.ndarray | None = None) -> tuple[np.ndarray, tuple[int, int]]:
+    """(foreground side, seed) of one cut by CLS attention (`--foreground attention`): of the two sides
+    of the split at the mean, the object is the one whose patches the CLS token attends to more on
+    average (over the `active` patches: MaskCut's later cuts leave out the objects already found);
+    the seed is that side's extreme patch of `vector` (its largest x above the mean, its smallest
+    below), as MaskCut seeds. vector, attention, active: (N,) over the grid's patches in raster order.
+
+    DINO's CLS attention highlights the object (Caron et al. 2021), which is what the official rules
+    (the side holding the largest |x|; MaskCut adds the corner prior) stand in for; on DINOv2 those
+    pick the background side of some cuts (docs/dinov2.md)."""
+    above = vector > vector.mean()
+    active = np.ones_like(above) if active is None else active
+    inside, outside = attention[above & active], attention[~above & active]
+    if outside.size and (not inside.size or outside.mean() > inside.mean()):
+        return ~above.reshape(grid), divmod(int((-vector).argmax()), grid[1])
+    return above.reshape(grid), divmod(int(vector.argmax()), grid[1])

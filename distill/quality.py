@@ -1,4 +1,4 @@
-"""Discovery quality against ground truth: each method x feature setting next to the whole-image baseline.
+"""Discovery quality against ground truth: each method x setting next to the whole-image baseline.
 
 For every image that has at least one non-crowd GT instance, the method's most confident mask
 is scored two ways:
@@ -8,12 +8,16 @@ is scored two ways:
 
 The whole-image baseline scores a mask covering the whole image the same way, so a setting that
 merely returns the image (as MaskDistill on raw DINOv2 keys does) scores exactly the baseline.
-Images are preprocessed exactly as by gen_masks.py (`distill.data.MaskGenDataset`) and run one at
-a time, so the figures do not depend on batching. `benchmarks/bench_discovery_quality.py` is the
+A setting (`DiscoveryRun`) is a method with its parameters, feature setting and input policy;
+`discovery_runs` fills in what is left out with the method's default on the backbone, so the
+default runs score what `gen_masks.py --arch A --method M` does by default. Images are
+preprocessed exactly as by gen_masks.py (`distill.data.MaskGenDataset`) and run one at a time,
+so the figures do not depend on batching. `benchmarks/bench_discovery_quality.py` is the
 command line; docs/dinov2.md holds the measured table.
 """
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,11 +26,12 @@ import numpy as np
 import torch
 from pycocotools import mask as mask_utils
 
-from distill.data import ImageEntry, InputPolicy, MaskGenDataset, folder_entries, upsample_patch_mask, voc_entries
-from distill.features import discovery_features, needs_tokens
-from distill.methods import METHODS, propose
+from distill.data import (Geometry, ImageEntry, InputPolicy, MaskGenDataset, folder_entries, upsample_patch_mask,
+                          voc_entries)
+from distill.features import discovery_features, feature_setting, needs_tokens
+from distill.methods import METHODS, method_defaults, propose
 from distill.patches import PatchFeatures
-from distill.vit import DinoViT
+from distill.vit import DinoViT, LastBlockQK
 from utils.coco_io import box_iou_xywh, load_coco_dataset, mask_to_bbox, segmentation_to_rle
 from utils.errors import UserError
 from utils.images import read_size
@@ -104,56 +109,103 @@ class Score:
 
     def summary(self) -> dict:
         return {"images": len(self.ious), "mask_iou": float(np.mean(self.ious)) if self.ious else float("nan"),
-                "corloc": 100.0 * float(np.mean(self.hits)) if self.hits else float("nan")}
+                "corloc": 100.0 * float(np.mean(self.hits)) if self.hits else float("nan"),
+                "hits": int(sum(self.hits))}
 
 
-def evaluate_discovery(model: DinoViT, gt_sets: list[GroundTruthSet], methods: list[str], settings: list[str],
-                       resize: int = 640, max_size: int = 2048, max_images: int = 0, dtype: torch.dtype = torch.float32,
-                       device: torch.device = torch.device("cpu"), progress: bool | None = None) -> dict:
-    """Scores per data set: `baseline` (whole image) and `(method, setting)` for every pair, plus the
-    seconds spent in the backbone. One backbone pass per image, on the image resized as `resize` and
-    `max_size` say and zero-padded, serves every method (each with its official parameters; MaskCut's
-    CRF runs on that resized image) and setting."""
+@dataclass(frozen=True)
+class DiscoveryRun:
+    """One scored configuration: a method, its parameters, the feature setting and the input policy."""
+
+    method: str
+    features: str
+    params: tuple[tuple[str, object], ...]  # (name, value), the method's parameters in order
+    resize: int  # shorter side (0: full resolution)
+    fixed_size: int  # square side (0: none); excludes resize
+
+    @property
+    def input(self) -> str:
+        if self.fixed_size:
+            return f"{self.fixed_size} x {self.fixed_size} square"
+        return f"shorter side {self.resize}" if self.resize else "full resolution"
+
+
+def discovery_runs(arch: str, methods: list[str], settings: list[str], resize: int | None = None,
+                   params: dict[str, list] | None = None) -> list[DiscoveryRun]:
+    """Every method x feature setting x listed parameter value, on `arch`. Left out (None / `auto`),
+    a parameter, the feature setting and the input are the method's default on `arch`
+    (`distill.methods.method_defaults`); `resize` given puts every method on that shorter side.
+    params: parameter name -> values to try, for the methods that have the parameter."""
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise UserError(f"unknown --method {unknown[0]!r}; choose from {list(METHODS)}")
+    runs = []
+    for name in methods:
+        defaults = method_defaults(name, arch)
+        choices = [[(key, value) for value in (params or {}).get(key, [None])] for key in METHODS[name].params]
+        for setting in settings:
+            features = defaults["features"] if setting == "auto" else feature_setting(arch, setting)
+            for chosen in itertools.product(*choices):
+                values = tuple((key, defaults[key] if value is None else value) for key, value in chosen)
+                size = (defaults["resize"], defaults["fixed_size"]) if resize is None else (resize, 0)
+                runs.append(DiscoveryRun(name, features, values, *size))
+    return list(dict.fromkeys(runs))
+
+
+def evaluate_discovery(model: DinoViT, gt_sets: list[GroundTruthSet], runs: list[DiscoveryRun], max_size: int = 2048,
+                       max_images: int = 0, dtype: torch.dtype = torch.float32,
+                       device: torch.device = torch.device("cpu"), progress: bool | None = None) -> dict:
+    """Scores per data set: `baseline` (whole image) and every run, plus the seconds spent in the
+    backbone. Per image, one backbone pass per input policy (the image resized as gen_masks.py does,
+    `max_size` capping the longer side) serves every run with that input; MaskCut's CRF runs on
+    that resized image."""
+    by_input: dict[tuple[int, int], list[DiscoveryRun]] = {}
+    for run in runs:
+        by_input.setdefault((run.resize, run.fixed_size), []).append(run)
     results: dict = {}
     for gt in gt_sets:
         entries = gt.entries[:max_images] if max_images else gt.entries
         sizes = {e.index: read_size(e.path) for e in entries}
-        dataset = MaskGenDataset(entries, sizes, InputPolicy(resize, max_size, 0, model.patch_size),
-                                 keep_working=any(METHODS[m].refine is not None for m in methods))
-        scores = {"baseline": Score(), **{(m, s): Score() for m in methods for s in settings}}
+        datasets = {size: MaskGenDataset(entries, sizes, InputPolicy(size[0], max_size, size[1], model.patch_size),
+                                         keep_working=any(METHODS[r.method].refine is not None for r in group))
+                    for size, group in by_input.items()}
+        scores = {"baseline": Score(), **{run: Score() for run in runs}}
         model_seconds = 0.0
         for entry in Progress(entries, desc=gt.name, unit="img", enabled=progress is not False):
-            item = dataset[entry.index]
-            if item["image"] is None:
-                raise UserError(f"cannot read {entry.path}: {item['error']}")
             original = sizes[entry.index]
-            geometry = dataset.geometry(entry.index)
             gt_masks, gt_boxes = gt.masks[entry.image_id], gt.boxes[entry.image_id]
             scores["baseline"].add(score_mask(np.ones(original, dtype=bool), gt_masks, gt_boxes))
-            start = time.perf_counter()
-            with torch.inference_mode(), autocast(dtype, device):
-                qk = model.last_qk(item["image"][None].to(device), tokens=any(map(needs_tokens, settings)))
-            model_seconds += time.perf_counter() - start
-            for setting in settings:
-                with torch.inference_mode():
-                    chosen = discovery_features(qk, setting)
-                    features = PatchFeatures(chosen.query, chosen.key, geometry.grid, chosen.graph_key)
-                    for name in methods:
-                        method = METHODS[name]
-                        proposals = propose(method, features, dict(method.params))[0]
-                        if method.refine is not None:
-                            masks = method.refine(item["working"], proposals, geometry)
-                        else:
-                            masks = [upsample_patch_mask(p.mask, geometry) for p in proposals]
-                        kept = [(p.score, m) for p, m in zip(proposals, masks) if m is not None]
-                        mask = max(kept, key=lambda pair: pair[0])[1] if kept else np.zeros(original, dtype=bool)
-                        scores[(name, setting)].add(score_mask(mask, gt_masks, gt_boxes))
+            for size, group in by_input.items():
+                item = datasets[size][entry.index]
+                if item["image"] is None:
+                    raise UserError(f"cannot read {entry.path}: {item['error']}")
+                geometry = datasets[size].geometry(entry.index)
+                start = time.perf_counter()
+                tokens = any(needs_tokens(run.features) for run in group)
+                with torch.inference_mode(), autocast(dtype, device):
+                    qk = model.last_qk(item["image"][None].to(device), tokens=tokens)
+                model_seconds += time.perf_counter() - start
+                for run in group:
+                    mask = _top_mask(run, qk, item["working"], geometry)
+                    scores[run].add(score_mask(mask, gt_masks, gt_boxes))
         results[gt.name] = {"scores": {k: v.summary() for k, v in scores.items()}, "model_seconds": model_seconds,
                             "images": len(entries)}
     return results
+
+
+def _top_mask(run: DiscoveryRun, qk: LastBlockQK, working: np.ndarray | None, geometry: Geometry) -> np.ndarray:
+    """The most confident original-size mask of `run` on one image's backbone output (empty if none)."""
+    method = METHODS[run.method]
+    with torch.inference_mode():
+        chosen = discovery_features(qk, run.features)
+        features = PatchFeatures(chosen.query, chosen.key, geometry.grid, chosen.graph_key)
+        proposals = propose(method, features, dict(run.params))[0]
+    if method.refine is not None:
+        masks = method.refine(working, proposals, geometry)
+    else:
+        masks = [upsample_patch_mask(p.mask, geometry) for p in proposals]
+    kept = [(p.score, m) for p, m in zip(proposals, masks) if m is not None]
+    return max(kept, key=lambda pair: pair[0])[1] if kept else np.zeros(geometry.original, dtype=bool)
 
 
 # ----------------------------------------------------------------------------- agreement of two mask sets

@@ -10,31 +10,41 @@ One object per image from the last block's patch keys (all heads concatenated, C
 * Bipartition (Eq. 5): the patches with y₁ above its mean.
 * Foreground (Sec. 3.2): the seed is the patch of largest |y₁|; the partition holding it is the
   foreground (the official code flips the partition when the seed falls outside it), and the object
-  is the 4-connected component of the foreground that holds the seed.
+  is the 4-connected component of the foreground that holds the seed. With `attention` (the CLS
+  token's scores of the patches; `--foreground attention`, the DINOv2 default) the foreground is
+  the partition the CLS token attends to more instead (`distill.ncut.attended_side`).
 
 Score: 1 − Ncut(mask)/2 on the same graph E, in [0, 1]; see `distill.ncut.cut_score`.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
-from distill.ncut import EPS, binary_affinity, cut_score, second_smallest_eigenvectors
+from distill.ncut import EPS, attended_side, binary_affinity, cut_score, second_smallest_eigenvectors
 from distill.patches import PatchMask, seed_component
 
 TAU = 0.2
 
 
-def tokencut(keys: torch.Tensor, grid: tuple[int, int], tau: float = TAU, eps: float = EPS) -> list[PatchMask]:
-    """One TokenCut mask per image. keys: (B, N, D) patch features; grid: (grid_h, grid_w)."""
+def tokencut(keys: torch.Tensor, grid: tuple[int, int], tau: float = TAU, eps: float = EPS,
+             attention: torch.Tensor | None = None) -> list[PatchMask]:
+    """One TokenCut mask per image. keys: (B, N, D) patch features; grid: (grid_h, grid_w);
+    attention: None for the official foreground rule, or (B, N) CLS scores of the patches."""
     batch = keys.shape[0]
     grid_h, grid_w = grid
     affinity = binary_affinity(keys, tau, eps)
     _, vectors = second_smallest_eigenvectors(affinity)
     above = vectors > vectors.mean(-1, keepdim=True)
-    seeds = vectors.abs().argmax(-1)
-    seed_above = above.gather(-1, seeds[:, None])
-    partition = torch.where(seed_above, above, ~above).reshape(batch, grid_h, grid_w).cpu().numpy()
-    seeds = seeds.tolist()
+    if attention is None:
+        seeds = vectors.abs().argmax(-1)
+        seed_above = above.gather(-1, seeds[:, None])
+        partition = torch.where(seed_above, above, ~above).reshape(batch, grid_h, grid_w).cpu().numpy()
+        seeds = seeds.tolist()
+    else:
+        sides = [attended_side(v, a, grid) for v, a in zip(vectors.cpu().numpy(), attention.float().cpu().numpy())]
+        partition = np.stack([side for side, _ in sides])
+        seeds = [row * grid_w + col for _, (row, col) in sides]
     masks = [seed_component(partition[b], divmod(seed, grid_w)) for b, seed in enumerate(seeds)]
     for b, seed in enumerate(seeds):
         if not masks[b].any():  # a constant vector (a one-patch grid) cuts nothing: keep the seed patch

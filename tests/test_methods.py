@@ -8,7 +8,7 @@ import torch
 from distill.data import InputPolicy, torch_nearest_index, working_to_patch
 from distill.lost import lost
 from distill.maskcut import maskcut, refine_masks
-from distill.methods import METHODS, MethodSettings, resolve_method
+from distill.methods import METHODS, MethodSettings, method_features, resolve_method
 from distill.patches import PatchFeatures, PatchMask
 from distill.tokencut import tokencut
 
@@ -80,6 +80,45 @@ def test_tokencut_cuts_the_object_cluster_and_keeps_the_seed_component():
     np.testing.assert_array_equal(result.mask, block_mask((6, 7), expected))
 
 
+def attention_layout():
+    """A 2x2 object (features E1) in a 5x5 background (E0); CLS attention 1 on the object, 0 elsewhere."""
+    labels = np.zeros((5, 5), dtype=int)
+    obj = [(1, 1), (1, 2), (2, 1), (2, 2)]
+    for r, c in obj:
+        labels[r, c] = 1
+    keys = features_from_labels(labels, {0: E[0], 1: E[1]})
+    return keys, obj, torch.from_numpy((labels == 1).reshape(1, -1).astype(np.float32))
+
+
+@pytest.mark.parametrize("object_attended", [True, False])
+def test_tokencut_attention_rule_takes_the_side_the_cls_token_attends_to(object_attended):
+    keys, obj, attention = attention_layout()
+    (result,) = tokencut(keys, (5, 5), attention=attention if object_attended else 1 - attention)
+    expected = block_mask((5, 5), obj)
+    np.testing.assert_array_equal(result.mask, expected if object_attended else ~expected)
+    assert result.seed_patch in obj if object_attended else result.seed_patch not in obj
+
+
+@pytest.mark.parametrize("values,attention,active,expected_side,expected_seed", [
+    # x > mean (row 1) is attended more: kept, seeded at its largest x
+    ([[0, 0, 0], [5, 4, 0], [0, 0, 0]], [[0, 0, 0], [1, 1, 0], [0, 0, 0]], None,
+     [[0, 0, 0], [1, 1, 0], [0, 0, 0]], (1, 0)),
+    # the same cut, the rest attended more: reversed, seeded at the smallest x (the first 0)
+    ([[0, 0, 0], [5, 4, 0], [0, 0, 0]], [[1, 1, 1], [0, 0, 1], [1, 1, 1]], None,
+     [[1, 1, 1], [0, 0, 1], [1, 1, 1]], (0, 0)),
+    # x > mean is attended more only through an inactive patch (already taken): reversed
+    ([[0, 0, 0], [5, 4, 0], [0, 0, 0]], [[0.5, 0.5, 0.5], [9, 0, 0.5], [0.5, 0.5, 0.5]],
+     [[1, 1, 1], [0, 1, 1], [1, 1, 1]], [[1, 1, 1], [0, 0, 1], [1, 1, 1]], (0, 0)),
+])
+def test_attended_side(values, attention, active, expected_side, expected_seed):
+    from distill.ncut import attended_side
+
+    flat = lambda rows: np.array(rows, dtype=float).reshape(-1)
+    side, seed = attended_side(flat(values), flat(attention), (3, 3), None if active is None else flat(active) > 0)
+    np.testing.assert_array_equal(side, np.array(expected_side, dtype=bool))
+    assert seed == expected_seed
+
+
 def test_tokencut_on_one_patch_keeps_the_patch():
     (result,) = tokencut(torch.ones(1, 1, 4), (1, 1))
     assert result.mask.tolist() == [[True]]
@@ -116,6 +155,14 @@ def test_maskcut_foreground_rule_is_the_official_decision(values, expected_side,
     side, seed = _choose_foreground(np.array(values, dtype=float).reshape(-1), (3, 3))
     np.testing.assert_array_equal(side, np.array(expected_side, dtype=bool))
     assert seed == expected_seed
+
+
+def test_maskcut_attention_rule_follows_the_cls_token():
+    keys, obj, attention = attention_layout()
+    (masks,) = maskcut(keys, (5, 5), num_objects=1, attention=attention)
+    np.testing.assert_array_equal(masks[0].mask, block_mask((5, 5), obj))
+    (masks,) = maskcut(keys, (5, 5), num_objects=1, attention=1 - attention)
+    np.testing.assert_array_equal(masks[0].mask, ~block_mask((5, 5), obj))
 
 
 def test_maskcut_drops_a_later_mask_of_one_percent_of_the_grid():
@@ -166,25 +213,49 @@ def test_fixed_size_geometry_follows_cutler():
 # ----------------------------------------------------------------------------- registry
 
 
-def resolve(**overrides) -> MethodSettings:
-    """`resolve_method` on flags as gen_masks.py parses them (None: left out)."""
-    values = dict(method="maskdistill", heads=None, topk=None, k_patches=None, tau=None, num_objects=None,
-                  resize=None, fixed_size=None, max_size=2048, patch_size=16)
+def resolve(**overrides) -> dict:
+    """`resolve_method` and `method_features` on flags as gen_masks.py parses them (None: left out): the
+    resolved parameters, input and features."""
+    values = dict(method="maskdistill", arch="vit_small", features="auto", heads=None, topk=None, k_patches=None,
+                  tau=None, num_objects=None, foreground=None, resize=None, fixed_size=None, max_size=2048,
+                  patch_size=16)
     values.update(overrides)
-    return resolve_method(values["method"], values, values["resize"], values["fixed_size"], values["max_size"],
-                          values["patch_size"])
+    settings = resolve_method(values["method"], values["arch"], values, values["resize"], values["fixed_size"],
+                              values["max_size"], values["patch_size"])
+    assert isinstance(settings, MethodSettings)
+    return {**settings.params, "resize": settings.resize, "fixed_size": settings.fixed_size,
+            "features": method_features(values["method"], values["arch"], values["features"])}
 
 
 @pytest.mark.parametrize("method,expected", [
-    ("maskdistill", dict(heads=5, topk=0.4, resize=640, fixed_size=0, tau=None)),
-    ("lost", dict(k_patches=100, resize=0, fixed_size=0, heads=None)),
-    ("tokencut", dict(tau=0.2, resize=0, fixed_size=0)),
-    ("maskcut", dict(tau=0.15, num_objects=3, resize=0, fixed_size=480)),
+    ("maskdistill", dict(heads=5, topk=0.4, resize=640, fixed_size=0, tau=None, features="raw")),
+    ("lost", dict(k_patches=100, resize=0, fixed_size=0, heads=None, features="raw")),
+    ("tokencut", dict(tau=0.2, foreground="eigenvector", resize=0, fixed_size=0, features="raw")),
+    ("maskcut", dict(tau=0.15, num_objects=3, foreground="eigenvector", resize=0, fixed_size=480, features="raw")),
 ])
 def test_each_method_gets_its_official_defaults(method, expected):
-    settings = resolve(method=method)
-    resolved = {**settings.params, "resize": settings.resize, "fixed_size": settings.fixed_size}
-    assert {k: resolved.get(k) for k in expected} == expected
+    for arch in ("vit_small", "vit_base"):  # DINO: the official recipes, untouched
+        resolved = resolve(method=method, arch=arch)
+        assert {k: resolved.get(k) for k in expected} == expected
+
+
+@pytest.mark.parametrize("method,expected", [
+    ("maskdistill", dict(heads=5, topk=0.4, resize=640, fixed_size=0, features="centred")),
+    ("lost", dict(k_patches=100, resize=320, fixed_size=0, features="centred_tokens")),
+    ("tokencut", dict(tau=0.2, foreground="attention", resize=0, fixed_size=0, features="centred")),
+    ("maskcut", dict(tau=0.15, num_objects=3, foreground="attention", resize=0, fixed_size=480,
+                     features="centred")),
+])
+def test_dinov2_defaults_of_each_method_and_explicit_flags_win(method, expected):
+    from distill.methods import method_defaults
+
+    for arch in ("dinov2_vits14", "dinov2_vitb14_reg"):
+        resolved = resolve(method=method, arch=arch, patch_size=14)
+        assert {k: resolved.get(k) for k in expected} == expected
+        assert method_defaults(method, arch) == {**METHODS[method].params, **expected}
+    given = dict(features="raw", resize=0) | ({"foreground": "eigenvector"} if "foreground" in expected else {})
+    resolved = resolve(method=method, arch="dinov2_vits14", patch_size=14, **given)
+    assert {k: resolved[k] for k in given} == given
 
 
 def test_method_flags_are_checked():
@@ -194,9 +265,18 @@ def test_method_flags_are_checked():
         resolve(method="lost", tau=0.3)
     with pytest.raises(UserError, match="exclude each other"):
         resolve(method="maskcut", resize=320, fixed_size=480)
-    settings = resolve(method="maskcut", resize=320)  # --resize alone replaces MaskCut's square
-    assert (settings.resize, settings.fixed_size) == (320, 0)
+    resolved = resolve(method="maskcut", resize=320)  # --resize alone replaces MaskCut's square
+    assert (resolved["resize"], resolved["fixed_size"]) == (320, 0)
     assert set(METHODS) == {"maskdistill", "lost", "tokencut", "maskcut"}
+    with pytest.raises(UserError, match="--foreground applies to --method tokencut or maskcut, not lost"):
+        resolve(method="lost", foreground="attention")
+
+
+def test_gen_masks_spells_out_the_registry():
+    import gen_masks
+    from distill.ncut import FOREGROUND_RULES
+
+    assert gen_masks.METHODS == list(METHODS) and gen_masks.FOREGROUND_RULES == list(FOREGROUND_RULES)
 
 
 def test_patch_keys_concatenate_heads_in_dino_order():
