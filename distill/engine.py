@@ -30,10 +30,11 @@ from torch.utils.data import DataLoader
 
 from distill.features import feature_setting
 from distill.data import (Geometry, ImageEntry, InputPolicy, MaskGenDataset, collate, size_grouped_batches,
-                          upsample_patch_mask, worker_count)
+                          worker_count)
 from distill.cli import ImageSetOptions, OutputOptions, options_from, settings_from
 from distill.generate import MaskJob, MergeParts, PartWriter, RunStats, merge, run
-from distill.methods import METHODS, MethodSettings, backbone_features, method_features, propose, resolve_method
+from distill.methods import (METHODS, MethodSettings, backbone_features, method_features, pixel_masks, propose,
+                             resolve_method)
 from distill.patches import PatchMask
 from distill.visualize import overlay_name, save_overlay
 from distill.vit import build_vit, resolve_patch_size
@@ -102,11 +103,7 @@ class ImageJob:
 def finish_image(job: ImageJob) -> tuple[str, int]:
     """Pixel masks (the method's `refine`, or a nearest upsampling), their annotations and overlay:
     (the image's record line for the part file, its number of masks)."""
-    refine = METHODS[job.method].refine
-    if refine is not None:
-        masks = refine(job.working, job.proposals, job.geometry)
-    else:
-        masks = [upsample_patch_mask(p.mask, job.geometry) for p in job.proposals]
+    masks = pixel_masks(METHODS[job.method], job.working, job.proposals, job.geometry)
     kept = [(p, m) for p, m in zip(job.proposals, masks) if m is not None]
     annotations = [make_annotation(m, job.image["id"], 1, p.score, job.mask_format) for p, m in kept]
     if job.overlay is not None:

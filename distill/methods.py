@@ -35,14 +35,14 @@ from typing import Callable, Mapping
 import numpy as np
 import torch
 
-from distill.data import Geometry
+from distill.data import Geometry, upsample_patch_mask
 from distill.features import discovery_features, feature_setting, needs_tokens
 from distill.lost import lost
 from distill.maskcut import maskcut, refine_masks
 from distill.maskgen import class_token_scores, propose_masks
 from distill.patches import PatchFeatures, PatchMask
 from distill.tokencut import tokencut
-from distill.vit import backbone_spec
+from distill.vit import LastBlockQK, backbone_spec
 from utils.errors import UserError
 
 
@@ -181,7 +181,21 @@ def propose(method: Method, features: PatchFeatures, params: dict) -> list[list[
 def backbone_features(model: torch.nn.Module, images: torch.Tensor, setting: str) -> PatchFeatures:
     """Backbone output -> the methods' input: the one place where a backbone's features are taken, with
     the per-backbone transform of `--features` (`distill.features`: DINOv2's keys are centred)."""
-    features = discovery_features(model.last_qk(images, tokens=needs_tokens(setting)), setting)
     patch_size = model.patch_size
     grid = (images.shape[2] // patch_size, images.shape[3] // patch_size)
+    return patch_features(model.last_qk(images, tokens=needs_tokens(setting)), setting, grid)
+
+
+def patch_features(qk: LastBlockQK, setting: str, grid: tuple[int, int]) -> PatchFeatures:
+    """The methods' input from one backbone output (`model.last_qk`) under the feature `setting`."""
+    features = discovery_features(qk, setting)
     return PatchFeatures(query=features.query, key=features.key, grid=grid, graph_key=features.graph_key)
+
+
+def pixel_masks(method: Method, working: np.ndarray | None, proposals: list[PatchMask],
+                geometry: Geometry) -> list[np.ndarray | None]:
+    """One original-size mask per proposal: the method's `refine` on the resized image, or a nearest
+    upsampling of the patch mask (None where `refine` drops a proposal)."""
+    if method.refine is not None:
+        return method.refine(working, proposals, geometry)
+    return [upsample_patch_mask(p.mask, geometry) for p in proposals]

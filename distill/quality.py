@@ -26,11 +26,9 @@ import numpy as np
 import torch
 from pycocotools import mask as mask_utils
 
-from distill.data import (Geometry, ImageEntry, InputPolicy, MaskGenDataset, folder_entries, upsample_patch_mask,
-                          voc_entries)
-from distill.features import discovery_features, feature_setting, needs_tokens
-from distill.methods import METHODS, method_defaults, propose
-from distill.patches import PatchFeatures
+from distill.data import Geometry, ImageEntry, InputPolicy, MaskGenDataset, folder_entries, voc_entries
+from distill.features import needs_tokens
+from distill.methods import METHODS, method_defaults, method_features, patch_features, pixel_masks, propose
 from distill.vit import DinoViT, LastBlockQK
 from utils.coco_io import box_iou_xywh, load_coco_dataset, mask_to_bbox, segmentation_to_rle
 from utils.errors import UserError
@@ -143,11 +141,11 @@ def discovery_runs(arch: str, methods: list[str], settings: list[str], resize: i
     for name in methods:
         defaults = method_defaults(name, arch)
         choices = [[(key, value) for value in (params or {}).get(key, [None])] for key in METHODS[name].params]
+        size = (defaults["resize"], defaults["fixed_size"]) if resize is None else (resize, 0)
         for setting in settings:
-            features = defaults["features"] if setting == "auto" else feature_setting(arch, setting)
+            features = method_features(name, arch, setting)
             for chosen in itertools.product(*choices):
                 values = tuple((key, defaults[key] if value is None else value) for key, value in chosen)
-                size = (defaults["resize"], defaults["fixed_size"]) if resize is None else (resize, 0)
                 runs.append(DiscoveryRun(name, features, values, *size))
     return list(dict.fromkeys(runs))
 
@@ -197,13 +195,8 @@ def _top_mask(run: DiscoveryRun, qk: LastBlockQK, working: np.ndarray | None, ge
     """The most confident original-size mask of `run` on one image's backbone output (empty if none)."""
     method = METHODS[run.method]
     with torch.inference_mode():
-        chosen = discovery_features(qk, run.features)
-        features = PatchFeatures(chosen.query, chosen.key, geometry.grid, chosen.graph_key)
-        proposals = propose(method, features, dict(run.params))[0]
-    if method.refine is not None:
-        masks = method.refine(working, proposals, geometry)
-    else:
-        masks = [upsample_patch_mask(p.mask, geometry) for p in proposals]
+        proposals = propose(method, patch_features(qk, run.features, geometry.grid), dict(run.params))[0]
+    masks = pixel_masks(method, working, proposals, geometry)
     kept = [(p.score, m) for p, m in zip(proposals, masks) if m is not None]
     return max(kept, key=lambda pair: pair[0])[1] if kept else np.zeros(geometry.original, dtype=bool)
 
