@@ -19,7 +19,7 @@ from distill.cli import add_image_arguments, add_output_arguments, image_ids_mod
 from utils.cli import add_device_arg, add_num_workers_arg, float_range, int_range
 from utils.errors import run_cli
 
-# distill.methods.METHODS, distill.vit.ARCHS and distill.ncut.FOREGROUND_RULES, spelled out so that --help
+# distill.methods.METHODS, utils.vit.ARCHS and distill.ncut.FOREGROUND_RULES, spelled out so that --help
 # does not import torch (tests/test_methods.py and tests/test_dinov2_cli.py check they agree).
 METHODS = ["maskdistill", "lost", "tokencut", "maskcut"]
 ARCHS = ["vit_small", "vit_base", "dinov2_vits14", "dinov2_vitb14", "dinov2_vits14_reg", "dinov2_vitb14_reg"]

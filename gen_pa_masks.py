@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from distill.pa_source import gen_pa_masks_from_args, generate_pa_masks
+    from orchestrate.pa_source import gen_pa_masks_from_args, generate_pa_masks
 
     generate_pa_masks(gen_pa_masks_from_args(parser, args))
     return 0

@@ -16,7 +16,7 @@ import argparse
 from utils.cli import add_device_arg, float_range, int_range
 from utils.errors import run_cli
 
-METHODS = ["maskdistill", "maskcut"]  # distill.pipeline.METHODS, spelled out so that --help does not import it
+METHODS = ["maskdistill", "maskcut"]  # orchestrate.pipeline.METHODS, spelled out so that --help does not import it
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from distill.pipeline import run_pipeline, settings_from_args
+    from orchestrate.pipeline import run_pipeline, settings_from_args
 
     run_pipeline(settings_from_args(args))
     return 0

@@ -38,7 +38,7 @@ def main() -> None:
     p.add_argument("--skip_features", action="store_true", help="time K-means only (384-d points)")
     args = p.parse_args()
 
-    from distill.vit import build_vit
+    from utils.vit import build_vit
     from utils.distributed import resolve_device
 
     if args.skip_features:

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from segmentation.crf import dense_crf, refine_folder, refine_labels
+from segmentation.crf import refine_folder
+from utils.crf import dense_crf, refine_labels
 from utils.images import load_rgb
 from utils.label_png import read_label_png, write_label_png
 

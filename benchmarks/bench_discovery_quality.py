@@ -20,7 +20,7 @@ from pathlib import Path
 from distill.features import FEATURE_SETTINGS
 from distill.ncut import FOREGROUND_RULES
 from distill.quality import METHODS, discovery_runs, evaluate_discovery, shared_ground_truth
-from distill.vit import ARCHS, build_vit
+from utils.vit import ARCHS, build_vit
 from utils.coco_io import write_json
 from utils.distributed import resolve_device
 from utils.errors import UserError, run_cli

@@ -32,7 +32,7 @@ from PIL import Image
 
 from distill.data import InputPolicy, folder_entries, upsample_patch_mask
 from distill.reference import explicit_last_qk, literal_mask
-from distill.vit import build_vit, resolve_patch_size
+from utils.vit import build_vit, resolve_patch_size
 from utils.coco_io import make_annotation
 from utils.distributed import resolve_device
 from utils.images import IMAGENET_MEAN, IMAGENET_STD, load_rgb
@@ -193,7 +193,7 @@ def main() -> None:
                    help="pipeline: the discovery method (default: %(default)s)")
     p.add_argument("--max_images", type=int, default=8, help="images per run (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=3, help="runs per mode with --mode both or ncut (alternating); medians are reported")
-    p.add_argument("--arch", default="vit_small", help="vit_small, vit_base, dinov2_vits14, ... (see distill/vit.py)")
+    p.add_argument("--arch", default="vit_small", help="vit_small, vit_base, dinov2_vits14, ... (see utils/vit.py)")
     p.add_argument("--patch_size", type=int, default=None, help="16 or 8 for DINO, 14 for DINOv2 (default: the arch's)")
     p.add_argument("--weights", default="random", help="random (timing only), dino, or a checkpoint path")
     p.add_argument("--resize", type=int, default=None, help="shorter side (default: the method's; baseline 640)")

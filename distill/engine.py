@@ -37,7 +37,7 @@ from distill.methods import (METHODS, MethodSettings, backbone_features, method_
                              resolve_method)
 from distill.patches import PatchMask
 from distill.visualize import overlay_name, save_overlay
-from distill.vit import build_vit, resolve_patch_size
+from utils.vit import build_vit, resolve_patch_size
 from utils.coco_io import make_annotation
 from utils.distributed import resolve_device
 from utils.errors import UserError

@@ -38,7 +38,7 @@ from typing import NamedTuple
 
 import torch
 
-from distill.vit import LastBlockQK, backbone_spec
+from utils.vit import LastBlockQK, backbone_spec
 from utils.errors import UserError
 
 FEATURE_SETTINGS = ("raw", "centred", "centred_tokens")

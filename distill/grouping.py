@@ -407,7 +407,7 @@ def image_record(job: dict) -> tuple[str, int] | tuple[int, str]:
     generation job: its PA map (`pa`, or the oracle's from `annotations`) grouped with `options` (a
     GroupingOptions dict) into scored masks, drawn on the image when the job has an `overlay`
     (image file, PNG). A job with an `error` (an unreadable image) comes back as (index, reason).
-    Runs in the worker processes of distill/pa_source.py, so this module stays free of torch."""
+    Runs in the worker processes of orchestrate/pa_source.py, so this module stays free of torch."""
     if "error" in job:
         return job["index"], job["error"]
     image = job["image"]

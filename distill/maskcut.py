@@ -28,7 +28,7 @@ to the patch multiple):
 * Each mask is upsampled (torch's nearest rule), minus the pixels of earlier masks of the image.
 * Dense CRF (CutLER's `crf.py`): unary from the softmax of {1 − m, m} as logits, 10 mean-field
   iterations, Gaussian (sxy 3, compat 7) and bilateral (sxy 50, srgb 5, compat 10) kernels. The
-  CRF's pairwise terms are built once per image and reused for its masks (`segmentation.crf.PairwiseCRF`).
+  CRF's pairwise terms are built once per image and reused for its masks (`utils.crf.PairwiseCRF`).
 * Holes filled; the mask dropped if its IoU with the upsampled cut is < 0.5.
 * Resized to the original image size as CutLER does: PIL's default (bicubic) resize of the 0/255
   mask, kept where it exceeds half its maximum.
@@ -51,7 +51,7 @@ from scipy import ndimage
 from distill.data import Geometry, working_to_patch
 from distill.ncut import EPS, attended_side, binary_affinity, cut_score, second_smallest_eigenvectors
 from distill.patches import PatchMask, seed_component
-from segmentation.crf import CRFParams, PairwiseCRF
+from utils.crf import CRFParams, PairwiseCRF
 
 NUM_OBJECTS = 3
 TAU = 0.15

@@ -42,7 +42,7 @@ from distill.maskcut import maskcut, refine_masks
 from distill.maskgen import class_token_scores, propose_masks
 from distill.patches import PatchFeatures, PatchMask
 from distill.tokencut import tokencut
-from distill.vit import LastBlockQK, backbone_spec
+from utils.vit import LastBlockQK, backbone_spec
 from utils.errors import UserError
 
 

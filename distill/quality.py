@@ -29,7 +29,7 @@ from pycocotools import mask as mask_utils
 from distill.data import Geometry, ImageEntry, InputPolicy, MaskGenDataset, folder_entries, voc_entries
 from distill.features import needs_tokens
 from distill.methods import METHODS, method_defaults, method_features, patch_features, pixel_masks, propose
-from distill.vit import DinoViT, LastBlockQK
+from utils.vit import DinoViT, LastBlockQK
 from utils.coco_io import box_iou_xywh, load_coco_dataset, mask_to_bbox, segmentation_to_rle
 from utils.errors import UserError
 from utils.images import read_size

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from distill.vit import DinoViT, LastBlockQK
+from utils.vit import DinoViT, LastBlockQK
 
 
 def explicit_last_qk(model: DinoViT, image: torch.Tensor) -> LastBlockQK:

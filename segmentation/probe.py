@@ -16,7 +16,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from segmentation.crf import CRFParams, default_workers, dense_crf, run_pool
+from utils.crf import CRFParams, dense_crf
+from utils.workers import default_workers, run_pool
 from segmentation.data import SegmentationDataset
 from segmentation.engine import (DEFAULTS, PROBE_KIND, RESUME_HARMLESS_KEYS, SCHEMA, build_train_dataset,
                                  build_val_dataset, class_names, evaluate, format_iou, iou_result, load_trained_model,

@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from segmentation.crf import CRFParams, default_workers, dense_crf, run_pool
+from utils.crf import CRFParams, dense_crf
+from utils.workers import default_workers, run_pool
 from segmentation.data import EvalTransform, SegmentationDataset, read_image_list
 from segmentation.engine import RESUME_HARMLESS_KEYS, load_trained_model, predict_logits, train
 from utils.distributed import DistInfo, barrier

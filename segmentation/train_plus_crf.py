@@ -37,7 +37,7 @@ def main(argv=None) -> int:
     config = run_config_from_args(args, SCHEMA)
     check_outputs(folders=[config["output_dir"]])
     rounds = args.rounds if args.rounds is not None else int(config["crf_rounds"]["rounds"])
-    from segmentation.crf import CRFParams  # torch: after parsing, so that --help stays quick
+    from utils.crf import CRFParams  # torch: after parsing, so that --help stays quick
     from segmentation.rounds import train_plus_crf
     from utils.distributed import distributed_session
 

@@ -1,4 +1,4 @@
-"""The official DINOv2 definitions, written out independently of distill/vit.py, for the tests:
+"""The official DINOv2 definitions, written out independently of utils/vit.py, for the tests:
 the checkpoint key layout, `interpolate_pos_encoding` and the forward pass (explicit attention)."""
 import math
 

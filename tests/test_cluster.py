@@ -149,12 +149,12 @@ def test_cluster_job_labels_caches_and_skips_bad_masks(tiny_coco, tmp_path, monk
     assert feats.shape == (n + 2, 384) and np.isnan(feats[n:]).all() and np.isfinite(feats[:n]).all()
 
     # A second run with other clustering settings reuses the cache: the network is never built.
-    import distill.vit
+    import utils.vit
 
     def no_network(*a, **k):
         raise AssertionError("the ViT should not run when features are cached")
 
-    monkeypatch.setattr(distill.vit, "build_vit", no_network)
+    monkeypatch.setattr(utils.vit, "build_vit", no_network)
     again = cluster.cluster_masks(_args(*common, "--num_classes", "2", "--overcluster", "2"))
     assert again["num_clusters"] == 4 and again["num_skipped"] == 2
     # So does a run with a new --output_file elsewhere: the cache is keyed on content, not on the output.
@@ -410,7 +410,7 @@ def test_backbone_comes_from_the_masks_recorded_settings(tmp_path, capsys):
 
 
 def test_interrupted_extraction_resumes_from_partial(tiny_coco, tmp_path):
-    from distill.vit import build_vit
+    from utils.vit import build_vit
 
     path, data = _masks_from_gt(tiny_coco, tmp_path, num_images=2, per_image=1)
     mask_set = crop_features.load_mask_set("target", path, tiny_coco / "val2017")
@@ -438,7 +438,7 @@ def test_unreadable_image_in_a_worker_is_one_line_and_keeps_finished_crops(tiny_
     and the crops finished before it are saved for the next run."""
     import shutil
 
-    from distill.vit import build_vit
+    from utils.vit import build_vit
 
     path, data = _masks_from_gt(tiny_coco, tmp_path, num_images=2, per_image=1)
     root = tmp_path / "images"

@@ -7,10 +7,10 @@ real ViT-S/14 is checked in tests/test_dinov2_real.py.
 import pytest
 import torch
 
-import distill.vit as vit
+import utils.vit as vit
 from dinov2_reference import official_forward, official_interpolation, official_layout_state
 from distill.reference import explicit_last_qk
-from distill.vit import BackboneSpec, DinoViT, build_vit, interpolate_pos_encoding, resolve_patch_size
+from utils.vit import BackboneSpec, DinoViT, build_vit, interpolate_pos_encoding, resolve_patch_size
 from utils.errors import UserError
 
 TINY = {"embed_dim": 32, "depth": 2, "num_heads": 2, "img_size": 70}  # 70 / 14 = a 5x5 grid

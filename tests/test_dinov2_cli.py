@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 import distill.engine as engine_module
-import distill.vit as vit
+import utils.vit as vit
 import gen_masks
 from tests import cli_helpers
 from utils.errors import UserError

@@ -6,7 +6,7 @@ import torch
 
 from distill.features import centre_keys, discovery_features, feature_setting, needs_tokens
 from distill.maskgen import propose_masks
-from distill.vit import ARCHS, LastBlockQK
+from utils.vit import ARCHS, LastBlockQK
 from utils.errors import UserError
 
 

@@ -8,7 +8,7 @@ import torch
 
 from dinov2_reference import official_forward
 from distill.quality import discovery_runs, evaluate_discovery, shared_ground_truth
-from distill.vit import build_vit
+from utils.vit import build_vit
 
 
 @pytest.fixture(scope="module")

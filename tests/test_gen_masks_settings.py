@@ -14,7 +14,7 @@ from distill.engine import BackboneSettings, SpeedSettings, gen_masks_from_args
 from distill.generate import MergeParts
 from distill.grouping import GroupingOptions
 from distill.methods import MethodSettings
-from distill.pa_source import gen_pa_masks_from_args
+from orchestrate.pa_source import gen_pa_masks_from_args
 from utils.errors import UserError
 
 

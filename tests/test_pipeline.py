@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 import pipeline
-from distill.pipeline import run_pipeline, settings_from_args
+from orchestrate.pipeline import run_pipeline, settings_from_args
 from tests.cli_helpers import documented_argv, error_line, run_main
 
 REPO = Path(__file__).resolve().parents[1]

@@ -4,7 +4,7 @@ import numpy as np
 from PIL import Image
 
 from segmentation import crf
-from segmentation.crf import dense_crf, refine_labels
+from utils.crf import dense_crf, refine_labels
 from tests.cli_helpers import run_main
 from utils.images import load_rgb
 from utils.label_png import read_label_png, write_label_png
@@ -107,7 +107,7 @@ def test_pairwise_terms_built_once_give_the_same_result_as_a_new_crf_per_unary(v
     """MaskCut refines several masks of one image with one PairwiseCRF: bit for bit the same as before."""
     from pydensecrf.utils import unary_from_softmax
 
-    from segmentation.crf import CRFParams, PairwiseCRF
+    from utils.crf import CRFParams, PairwiseCRF
 
     image = np.array(load_rgb(voc_mini / "VOC2012" / "JPEGImages" / "2011_000003.jpg"))[:120, :160].copy()
     params = CRFParams(10, 3.0, 7.0, 50.0, 5.0, 10.0)

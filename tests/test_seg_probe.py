@@ -12,7 +12,7 @@ from training_helpers import Killed, assert_same_weights, kill_after, records, t
 from segmentation.engine import DEFAULTS
 from segmentation.kmeans_eval import hungarian_from_counts
 from segmentation.model import build_from_config
-from segmentation.crf import CRFParams
+from utils.crf import CRFParams
 from segmentation.probe import PROBE_SCHEMA
 from segmentation.rounds import train_plus_crf
 from utils.checkpoint import save_checkpoint

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from distill.reference import explicit_last_qk
-from distill.vit import DinoViT, build_vit, interpolate_pos_encoding, load_dino_state_dict
+from utils.vit import DinoViT, build_vit, interpolate_pos_encoding, load_dino_state_dict
 from utils.errors import UserError
 
 DINO_KEYS_ViT_S = (

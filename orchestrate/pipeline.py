@@ -187,7 +187,7 @@ def deeplab_argv(s: PipelineSettings, semantic: dict, folder: Path) -> list[str]
 
 
 def crf_params(s: PipelineSettings):
-    from segmentation.crf import CRFParams
+    from utils.crf import CRFParams
 
     return CRFParams(iterations=TINY_CRF_ITERATIONS) if s.tiny else CRFParams()
 
