@@ -10,7 +10,7 @@ import argparse
 
 from utils.cli import check_outputs, float_range
 from utils.coco_io import write_json
-from utils.corloc import evaluate_corloc
+from evaluation.corloc import evaluate_corloc
 from utils.errors import run_cli
 
 

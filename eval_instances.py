@@ -11,7 +11,7 @@ AR@k (with --eval_classes or --max_dets), and AP50 last.
 """
 import argparse
 
-from utils.coco_eval import EvalOptions, evaluate_instances, format_report
+from evaluation.coco_eval import EvalOptions, evaluate_instances, format_report
 from utils.cli import check_outputs, float_range, int_range
 from utils.coco_io import write_json
 from utils.errors import run_cli

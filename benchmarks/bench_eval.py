@@ -20,9 +20,9 @@ def main() -> None:
     p.add_argument("--copies", type=int, default=4, help="perturbed copies of the GT used as predictions (default: %(default)s)")
     args = p.parse_args()
 
-    from utils.coco_eval import EvalOptions, evaluate_instances
+    from evaluation.coco_eval import EvalOptions, evaluate_instances
     from tests.helpers.coco_perturb import perturbed_predictions
-    from utils.corloc import evaluate_corloc
+    from evaluation.corloc import evaluate_corloc
 
     gt_path = Path(args.data) / "annotations" / "instances_val2017.json"
     gt = json.loads(gt_path.read_text())

@@ -20,7 +20,7 @@ from detectron2_train.pseudo_gt import training_json
 from detectron2_train.transfer_head import TRANSFER_INPUTS
 from detectron2_train.splits import read_class_list
 from utils.checkpoint import latest_checkpoint, read_torch_file, unwrap
-from utils.coco_eval import EvalOptions, evaluate_predictions
+from evaluation.coco_eval import EvalOptions, evaluate_predictions
 from utils.coco_io import load_coco_dataset, load_json, make_annotation, reference_name, write_json
 from utils.cli import float_range, int_range
 from utils.config import ConfigSchema, save_config
@@ -252,7 +252,7 @@ def predict(model: torch.nn.Module, dataset: CocoInstances, categories: list[dic
 def coco_evaluate(gt_json: str, results: list[dict], class_agnostic: bool = False) -> dict:
     """Box and mask AP / AP50 / AP75 in percent (all categories merged when class_agnostic).
 
-    A quick summary through utils/coco_eval.py; eval_instances.py gives the full report.
+    A quick summary through evaluation/coco_eval.py; eval_instances.py gives the full report.
     """
     options = EvalOptions(iou_types=("bbox", "segm"), class_agnostic=class_agnostic)
     result = evaluate_predictions(results, load_coco_dataset(gt_json), options, "inference results", gt_json,

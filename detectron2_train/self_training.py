@@ -19,7 +19,7 @@ from typing import Sequence
 from pycocotools import mask as mask_utils
 
 from detectron2_train.engine import run_inference, train
-from utils.coco_eval import EvalOptions, evaluate_instances, format_report
+from evaluation.coco_eval import EvalOptions, evaluate_instances, format_report
 from utils.coco_io import (annotations_by_image, check_image_ids, confident_else_best, load_coco_dataset,
                            load_predictions, segmentation_to_rle, write_json)
 from utils.config import apply_overrides

@@ -316,7 +316,7 @@ def cluster_masks(settings: ClusterSettings) -> dict:
         assign, inertia = run_kmeans(white, target_white, num_clusters, seed, settings.kmeans)
         trial = {"seed": seed, "inertia": inertia, "assign": assign}
         if gt is not None and labelled.any():
-            from utils.metrics import cluster_scores
+            from evaluation.metrics import cluster_scores
 
             scores = cluster_scores(assign[labelled], targets[labelled], num_clusters, len(gt.categories))
             trial.update({k: 100.0 * scores[k] for k in ("ACC", "NMI", "ARI")},

@@ -219,7 +219,7 @@ def gt_description(gt_json: str) -> str:
 
 
 def instance_metrics(predictions: str, gt: str, against: str, stage: str, label: str) -> list[dict]:
-    from utils.coco_eval import EvalOptions, evaluate_instances
+    from evaluation.coco_eval import EvalOptions, evaluate_instances
 
     report = evaluate_instances(predictions, gt, EvalOptions(iou_types=("bbox", "segm"), class_agnostic=True))
     rows = []
@@ -279,7 +279,7 @@ def run_eval(s: PipelineSettings, folder: Path, results: dict) -> dict:
                             "maskrcnn", f"Mask R-CNN round {len(maskrcnn['rounds'])}")
     if s.gt_json:
         from distill.cluster import cluster_masks
-        from utils.corloc import evaluate_corloc
+        from evaluation.corloc import evaluate_corloc
 
         against = gt_description(s.gt_json)
         masks = results["masks"]["masks"]

@@ -25,7 +25,7 @@ from utils.distributed import DistInfo
 from utils.errors import UserError
 from utils.fingerprint import fingerprint
 from utils.label_png import IGNORE_INDEX
-from utils.metrics import confusion_matrix, iou_from_confusion
+from evaluation.metrics import confusion_matrix, iou_from_confusion
 from utils.progress import progress
 from utils.samplers import resumable_loader, worker_batches
 from utils.state_dicts import state_dict_mismatch

@@ -16,7 +16,7 @@ from segmentation.data import SegmentationDataset
 from segmentation.engine import iou_result, worker_batches
 from segmentation.model import DeepLabV3
 from utils.label_png import IGNORE_INDEX
-from utils.metrics import confusion_matrix
+from evaluation.metrics import confusion_matrix
 from utils.progress import progress
 
 
@@ -51,7 +51,7 @@ def fit_kmeans(model: DeepLabV3, dataset: SegmentationDataset, num_clusters: int
 def hungarian_from_counts(counts: np.ndarray) -> dict[int, int]:
     """cluster -> class, maximising matched pixels; counts[k, c] = pixels of cluster k with class c.
 
-    The same assignment as utils.metrics.hungarian_match, computed from accumulated counts so that the
+    The same assignment as evaluation.metrics.hungarian_match, computed from accumulated counts so that the
     pixels of a whole split need not be held in memory.
     """
     rows, cols = linear_sum_assignment(counts, maximize=True)

@@ -29,7 +29,7 @@ from utils.errors import UserError
 from utils.fingerprint import fingerprint
 from utils.images import ImageReadError, load_rgb
 from utils.label_png import IGNORE_INDEX
-from utils.metrics import confusion_matrix
+from evaluation.metrics import confusion_matrix
 from utils.progress import Progress
 from utils.samplers import resumable_loader, worker_batches
 from utils.training import LoopSettings, TrainingRun, seed_all

@@ -16,7 +16,7 @@ from tests.cli_helpers import run_main
 from utils import cluster as cluster_cli
 from utils.coco_io import OBJECT_CATEGORY, box_iou_xywh
 from utils.errors import UserError
-from utils.metrics import cluster_scores, hungarian_match, majority_match
+from evaluation.metrics import cluster_scores, hungarian_match, majority_match
 
 torch.set_num_threads(1)
 

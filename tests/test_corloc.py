@@ -8,9 +8,9 @@ import pytest
 
 import eval_corloc
 from tests.cli_helpers import error_line, run_main
-from utils.coco_eval import EvalOptions, evaluate_instances
+from evaluation.coco_eval import EvalOptions, evaluate_instances
 from utils.coco_io import make_annotation
-from utils.corloc import evaluate_corloc, gt_from_coco, gt_from_voc
+from evaluation.corloc import evaluate_corloc, gt_from_coco, gt_from_voc
 from utils.errors import UserError
 
 

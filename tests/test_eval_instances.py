@@ -12,7 +12,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from utils.coco_eval import STAT_NAMES, EvalOptions, evaluate_instances, evaluate_predictions, format_report
+from evaluation.coco_eval import STAT_NAMES, EvalOptions, evaluate_instances, evaluate_predictions, format_report
 from utils.coco_io import decode_segmentation, make_annotation, mask_to_rle
 from tests.helpers.coco_perturb import perturbed_predictions, uncompressed_rle
 from utils.errors import UserError

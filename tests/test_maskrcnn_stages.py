@@ -11,7 +11,7 @@ import torch
 from detectron2_train.engine import DEFAULTS, run_inference, seed_all, train
 from detectron2_train.modeling import BOX_DETECTOR, MASK_BRANCH, build_model
 from tests.helpers.synthetic_shapes import make_dataset
-from utils.coco_eval import EvalOptions, evaluate_predictions
+from evaluation.coco_eval import EvalOptions, evaluate_predictions
 from utils.coco_io import decode_segmentation, load_json
 from utils.config import load_config
 from utils.distributed import DistInfo

@@ -11,7 +11,7 @@ import pytest
 
 from detectron2_train.results_table import summarize_runs
 from detectron2_train.splits import paper_random_splits, read_class_list, write_splits
-from utils.coco_eval import EvalOptions, evaluate_instances, format_report
+from evaluation.coco_eval import EvalOptions, evaluate_instances, format_report
 from utils.coco_io import make_annotation, reference_name, write_json
 from utils.errors import UserError
 

@@ -18,7 +18,7 @@ from detectron2_train.data import CocoInstances
 from detectron2_train.engine import DEFAULTS, RESUME_HARMLESS_KEYS, predict, run, train
 from detectron2_train.modeling import build_model, set_image_sizes
 from tests.helpers.synthetic_shapes import make_dataset
-from utils.coco_eval import EvalOptions, evaluate_predictions
+from evaluation.coco_eval import EvalOptions, evaluate_predictions
 from utils.coco_io import box_iou_xywh, decode_segmentation, load_json
 from utils.checkpoint import save_checkpoint
 from utils.config import load_config

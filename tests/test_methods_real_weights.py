@@ -14,7 +14,7 @@ import pytest
 import gen_masks
 from distill.engine import gen_masks_from_args, generate_masks
 from utils.coco_io import decode_segmentation
-from utils.corloc import evaluate_corloc
+from evaluation.corloc import evaluate_corloc
 
 IMAGES = 12
 METHOD_FLAGS = {"maskdistill": ["--resize", 320], "lost": ["--resize", 320], "tokencut": ["--resize", 320],

@@ -11,7 +11,7 @@ import pytest
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from utils.coco_eval import EvalOptions, evaluate_predictions, format_report, open_world_recall
+from evaluation.coco_eval import EvalOptions, evaluate_predictions, format_report, open_world_recall
 from utils.coco_io import make_annotation
 from tests.helpers.coco_perturb import perturbed_predictions
 from utils.errors import UserError

@@ -83,7 +83,7 @@ def test_the_package_lists_every_module_of_its_scripts():
     modules = {t.split(":")[0] for t in SCRIPTS.values()}
     assert {m for m in modules if "." not in m} == set(setup["py-modules"])
     assert {m.split(".")[0] for m in modules if "." in m} <= set(setup["packages"])
-    assert set(setup["packages"]) == {"orchestrate", "distill", "segmentation", "detectron2_train", "utils"}
+    assert set(setup["packages"]) == {"orchestrate", "evaluation", "distill", "segmentation", "detectron2_train", "utils"}
     assert all((REPO / pkg / "__init__.py").is_file() for pkg in setup["packages"])
 
 

@@ -8,7 +8,7 @@ from utils.crf import dense_crf, refine_labels
 from tests.cli_helpers import run_main
 from utils.images import load_rgb
 from utils.label_png import read_label_png, write_label_png
-from utils.metrics import confusion_matrix, iou_from_confusion
+from evaluation.metrics import confusion_matrix, iou_from_confusion
 
 NAMES = ["2011_000003", "2011_000006", "2011_000025"]
 

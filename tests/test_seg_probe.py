@@ -21,7 +21,7 @@ from utils.distributed import DistInfo
 from utils.errors import UserError
 from utils.fingerprint import fingerprint
 from utils.label_png import read_label_png
-from utils.metrics import hungarian_match
+from evaluation.metrics import hungarian_match
 
 torch.set_num_threads(1)
 
