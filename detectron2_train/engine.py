@@ -17,6 +17,7 @@ from detectron2_train.data import CocoInstances, categories_of, collate_lists, i
 from detectron2_train.modeling import (BACKBONES, MASK_HEADS, MODEL_DEFAULTS, ROI_HEADS, STAGES, build_model,
                                        set_image_sizes)
 from detectron2_train.pseudo_gt import training_json
+from detectron2_train.pseudo_labels import write_pseudo_labels
 from detectron2_train.transfer_head import TRANSFER_INPUTS
 from detectron2_train.splits import read_class_list
 from utils.checkpoint import latest_checkpoint, read_torch_file, unwrap
@@ -290,8 +291,6 @@ def run(cfg: dict, info: DistInfo, resume: bool = False, overwrite: bool = False
         weights: str | None = None, pseudo_from: str | None = None, score_thresh: float = 0.7,
         pseudo_only: bool = False, results_path: str | None = None, evaluate: bool = True) -> None:
     """The whole job of train_net.py: [pseudo-labels] -> [training] -> [inference + COCO evaluation]."""
-    from detectron2_train.self_training import write_pseudo_labels
-
     output_dir = Path(cfg["output_dir"])
     if pseudo_from:
         if not cfg["data"].get("train_json"):

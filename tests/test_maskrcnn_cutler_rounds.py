@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from detectron2_train.engine import DEFAULTS
-from detectron2_train.self_training import RoundSettings, add_back_previous, pseudo_label_dataset, write_pseudo_labels
+from detectron2_train.pseudo_labels import add_back_previous, pseudo_label_dataset, write_pseudo_labels
+from detectron2_train.self_training import RoundSettings
 from detectron2_train.train_net import main, parse_args, round_settings
 from utils.coco_io import load_coco_dataset, make_annotation, mask_to_rle, write_json
 from utils.config import load_config

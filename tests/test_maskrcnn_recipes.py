@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from detectron2_train.self_training import pseudo_label_dataset
+from detectron2_train.pseudo_labels import pseudo_label_dataset
 from utils.coco_io import load_json
 
 REPO = Path(__file__).resolve().parents[1]

@@ -10,7 +10,7 @@ import torch
 
 from detectron2_train.data import CocoInstances
 from detectron2_train.engine import DEFAULTS, run
-from detectron2_train.self_training import filter_predictions, pseudo_label_dataset, write_pseudo_labels
+from detectron2_train.pseudo_labels import filter_predictions, pseudo_label_dataset, write_pseudo_labels
 from tests.helpers.synthetic_shapes import make_dataset
 from utils.coco_io import load_json, make_annotation, write_json
 from utils.config import load_config

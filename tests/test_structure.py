@@ -1,4 +1,4 @@
-"""The structure rules: utils/ imports no stage package, and the shared pieces exist once (the object category,
+"""The structure rules: utils/ imports no stage package, no import cycle between modules, and the shared pieces exist once (the object category,
 the confident-else-best rule, ImageNet normalisation, the tiny ResNet, the checkpoint key-cleaner)."""
 from __future__ import annotations
 
@@ -47,6 +47,74 @@ def test_nothing_in_utils_imports_a_stage_package():
 def test_the_import_rule_sees_function_level_imports(tmp_path):
     (tmp_path / "m.py").write_text("import os\n\ndef f():\n    from utils.vit import build_vit\n")
     assert imported_modules(tmp_path / "m.py") == {"os", "utils.vit"}
+
+
+PACKAGES = ("utils", "evaluation", *STAGE_PACKAGES)
+
+
+def import_graph(root: Path, packages: tuple[str, ...] = PACKAGES) -> dict[str, set[str]]:
+    """Module -> the modules of `packages` it imports, at any depth (`from pkg import module` counts as importing
+    the module); the modules are the .py files directly under each package folder."""
+    modules = {f"{package}.{p.stem}": p for package in packages for p in sorted((root / package).glob("*.py"))}
+    graph = {}
+    for name, path in modules.items():
+        edges = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                edges |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                edges |= {f"{node.module}.{alias.name}" if f"{node.module}.{alias.name}" in modules else node.module
+                          for alias in node.names}
+        graph[name] = {m for m in edges if m in modules and m != name}
+    return graph
+
+
+def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The import cycles of `graph`: one list of modules per strongly connected component of more than one
+    module (Tarjan's algorithm), sorted."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    cycles = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for nxt in sorted(graph[node]):
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            component = []
+            while not component or component[-1] != node:
+                component.append(stack.pop())
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return sorted(cycles)
+
+
+def test_no_import_cycle_between_modules():
+    """Imports run one way: no module imports (even inside a function) one that imports it back, directly or not."""
+    assert import_cycles(import_graph(REPO)) == []
+
+
+def test_the_cycle_check_sees_indirect_and_function_level_cycles(tmp_path):
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "a.py").write_text("from pkg.b import f\n")
+    (tmp_path / "pkg" / "b.py").write_text("def f():\n    from pkg import c\n")
+    (tmp_path / "pkg" / "c.py").write_text("import os\n\ndef g():\n    import pkg.a\n")
+    (tmp_path / "pkg" / "d.py").write_text("import pkg.a\n")  # imports the cycle, is not part of it
+    graph = import_graph(tmp_path, ("pkg",))
+    assert graph["pkg.b"] == {"pkg.c"} and graph["pkg.d"] == {"pkg.a"}
+    assert import_cycles(graph) == [["pkg.a", "pkg.b", "pkg.c"]]
+    (tmp_path / "pkg" / "c.py").write_text("import os\n")
+    assert import_cycles(import_graph(tmp_path, ("pkg",))) == []
 
 
 def namespace_parameters(path: Path) -> list[str]:
@@ -117,7 +185,7 @@ def _preds(*scores):
 
 
 def test_confident_else_best_is_one_rule_for_self_training_and_painting():
-    from detectron2_train.self_training import filter_predictions
+    from detectron2_train.pseudo_labels import filter_predictions
     from segmentation.painting import paint_semantic
 
     preds = _preds(0.5, 0.7, 0.9)
