@@ -16,14 +16,10 @@ from __future__ import annotations
 import argparse
 
 from distill.cli import add_image_arguments, add_output_arguments, image_ids_mode
+from distill.registry import FEATURE_SETTINGS, FOREGROUND_RULES, method_names, method_summaries
 from utils.cli import add_device_arg, add_num_workers_arg, float_range, int_range
 from utils.errors import run_cli
-
-# distill.methods.METHODS, utils.vit.ARCHS and distill.ncut.FOREGROUND_RULES, spelled out so that --help
-# does not import torch (tests/test_methods.py and tests/test_dinov2_cli.py check they agree).
-METHODS = ["maskdistill", "lost", "tokencut", "maskcut"]
-ARCHS = ["vit_small", "vit_base", "dinov2_vits14", "dinov2_vitb14", "dinov2_vits14_reg", "dinov2_vitb14_reg"]
-FOREGROUND_RULES = ["eigenvector", "attention"]
+from utils.vit_archs import ARCHS, PATCH_SIZES, archs_by_family
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,14 +31,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     model = p.add_argument_group("backbone")
     model.add_argument("--arch", default="vit_small", choices=ARCHS,
-                       help="backbone: DINO vit_small/vit_base, or DINOv2 dinov2_vits14/dinov2_vitb14 and their "
-                            "_reg variants with 4 register tokens (default: %(default)s)")
-    model.add_argument("--patch_size", type=int, default=None, choices=[8, 14, 16],
+                       help=f"backbone: {archs_by_family()}; the _reg variants have 4 register tokens "
+                            "(default: %(default)s)")
+    model.add_argument("--patch_size", type=int, default=None, choices=PATCH_SIZES,
                        help="ViT patch size: 16 (default) or 8 for DINO, 14 (the only one) for DINOv2")
     model.add_argument("--weights", default="dino",
                        help="'dino' (the official DINO or DINOv2 checkpoint of --arch via torch.hub, cached), a "
                             "checkpoint path, or 'random' (smoke tests only: the masks mean nothing) (default: %(default)s)")
-    model.add_argument("--features", default="auto", choices=["auto", "raw", "centred", "centred_tokens"],
+    model.add_argument("--features", default="auto", choices=["auto", *FEATURE_SETTINGS],
                        help="backbone features the methods' patch graphs read: raw last-block keys, keys centred on "
                             "their mean over the image's patches (centred), or the final normalised output tokens "
                             "centred the same way (centred_tokens); CLS attention always reads the raw queries/keys; "
@@ -56,11 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     algo = p.add_argument_group("method", "Flags left out take the method's official default; a flag of "
                                           "another method is an error.")
-    algo.add_argument("--method", default="maskdistill", choices=METHODS,
-                      help="maskdistill: one mask from the CLS attention and the key graph; lost: one mask grown "
-                           "from the lowest-degree patch; tokencut: one mask from a normalized cut; maskcut: up to "
-                           "--num_objects masks from repeated normalized cuts, refined by a dense CRF "
-                           "(default: %(default)s)")
+    algo.add_argument("--method", default="maskdistill", choices=method_names(),
+                      help=f"{method_summaries()} (default: %(default)s)")
     algo.add_argument("--heads", type=int_range(1), default=None,
                       help="maskdistill: first heads averaged for the CLS-key scores (default 5; more than the "
                            "model has means all)")

@@ -13,19 +13,17 @@ from __future__ import annotations
 
 import argparse
 
+from distill.registry import method_names, method_summaries
 from utils.cli import add_device_arg, float_range, int_range
 from utils.errors import run_cli
-
-METHODS = ["maskdistill", "maskcut"]  # orchestrate.pipeline.METHODS, spelled out so that --help does not import it
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", required=True, help="folder of images (searched recursively)")
     p.add_argument("--out", required=True, help="output folder: one sub-folder per stage, and report.html")
-    p.add_argument("--method", default="maskdistill", choices=METHODS,
-                   help="mask discovery: maskdistill (one mask per image) or maskcut (several, CRF-refined) "
-                        "(default: %(default)s)")
+    p.add_argument("--method", default="maskdistill", choices=method_names(),
+                   help=f"mask discovery (gen_masks.py --method): {method_summaries()} (default: %(default)s)")
     p.add_argument("--gt_json", default=None,
                    help="COCO instances of the same images: adds mask/box AP, CorLoc, clustering ACC/NMI/ARI and "
                         "mIoU against it (only the eval stage reads it; it never trains anything)")

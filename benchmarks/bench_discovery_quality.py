@@ -17,10 +17,10 @@ import argparse
 import resource
 from pathlib import Path
 
-from distill.features import FEATURE_SETTINGS
-from distill.ncut import FOREGROUND_RULES
-from distill.quality import METHODS, discovery_runs, evaluate_discovery, shared_ground_truth
-from utils.vit import ARCHS, build_vit
+from distill.quality import discovery_runs, evaluate_discovery, shared_ground_truth
+from distill.registry import FEATURE_SETTINGS, FOREGROUND_RULES, method_names
+from utils.vit import build_vit
+from utils.vit_archs import ARCHS
 from utils.coco_io import write_json
 from utils.distributed import resolve_device
 from utils.errors import UserError, run_cli
@@ -42,7 +42,7 @@ def main() -> int:
     p.add_argument("--patch_size", type=int, default=None, help="default: the arch's")
     p.add_argument("--weights", default="dino", help="'dino' (official checkpoint via torch.hub) or a checkpoint path")
     p.add_argument("--method", default="maskdistill",
-                   help=f"comma-separated discovery methods, of {list(METHODS)} (default: %(default)s)")
+                   help=f"comma-separated discovery methods, of {list(method_names())} (default: %(default)s)")
     p.add_argument("--features", default="auto",
                    help=f"comma-separated feature settings, of {list(FEATURE_SETTINGS)} or auto (each method's "
                         "default on --arch) (default: %(default)s)")

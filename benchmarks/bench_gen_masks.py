@@ -32,7 +32,8 @@ from PIL import Image
 
 from distill.data import InputPolicy, folder_entries, upsample_patch_mask
 from distill.reference import explicit_last_qk, literal_mask
-from utils.vit import build_vit, resolve_patch_size
+from utils.vit import build_vit
+from utils.vit_archs import resolve_patch_size
 from utils.coco_io import make_annotation
 from utils.distributed import resolve_device
 from utils.images import IMAGENET_MEAN, IMAGENET_STD, load_rgb

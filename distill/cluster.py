@@ -220,9 +220,9 @@ def recorded_backbone(mask_set: MaskSet) -> tuple[dict, str] | None:
 
 def resolve_backbone(settings: ClusterSettings, target: MaskSet) -> Backbone:
     """The masks' recorded backbone; a field set in `settings` wins, with a warning when it differs.
-    The patch size follows the arch (`utils.vit.resolve_patch_size`: 14 for DINOv2, 16 for DINO
+    The patch size follows the arch (`utils.vit_archs.resolve_patch_size`: 14 for DINOv2, 16 for DINO
     ViT-S by default): a recorded patch size is only reused with the arch it was recorded with."""
-    from utils.vit import resolve_patch_size
+    from utils.vit_archs import resolve_patch_size
 
     recorded = recorded_backbone(target)
     chosen = {}

@@ -33,11 +33,12 @@ from distill.data import (Geometry, ImageEntry, InputPolicy, MaskGenDataset, col
                           worker_count)
 from distill.cli import ImageSetOptions, OutputOptions, options_from, settings_from
 from distill.generate import MaskJob, MergeParts, PartWriter, RunStats, merge, run
-from distill.methods import (METHODS, MethodSettings, backbone_features, method_features, pixel_masks, propose,
-                             resolve_method)
+from distill.methods import MethodSettings, backbone_features, method_features, pixel_masks, propose, resolve_method
+from distill.registry import load_method
 from distill.patches import PatchMask
 from distill.visualize import overlay_name, save_overlay
-from utils.vit import build_vit, resolve_patch_size
+from utils.vit import build_vit
+from utils.vit_archs import resolve_patch_size
 from utils.coco_io import make_annotation
 from utils.distributed import resolve_device
 from utils.errors import UserError
@@ -103,7 +104,7 @@ class ImageJob:
 def finish_image(job: ImageJob) -> tuple[str, int]:
     """Pixel masks (the method's `refine`, or a nearest upsampling), their annotations and overlay:
     (the image's record line for the part file, its number of masks)."""
-    masks = pixel_masks(METHODS[job.method], job.working, job.proposals, job.geometry)
+    masks = pixel_masks(load_method(job.method), job.working, job.proposals, job.geometry)
     kept = [(p, m) for p, m in zip(job.proposals, masks) if m is not None]
     annotations = [make_annotation(m, job.image["id"], 1, p.score, job.mask_format) for p, m in kept]
     if job.overlay is not None:
@@ -195,7 +196,7 @@ class ViTMaskSource:
     def __init__(self, job: MaskJob, backbone: BackboneSettings, method: MethodSettings,
                  speed: SpeedSettings) -> None:
         self.backbone, self.speed = backbone, speed
-        self.method = METHODS[method.name]
+        self.method = load_method(method.name)
         self.params = method.params
         self.policy = InputPolicy(method.resize, method.max_size, method.fixed_size, backbone.patch_size)
         self.mask_format = job.output.mask_format

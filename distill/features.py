@@ -38,10 +38,11 @@ from typing import NamedTuple
 
 import torch
 
-from utils.vit import LastBlockQK, backbone_spec
+from distill.registry import FEATURE_SETTINGS
+from utils.vit import LastBlockQK
+from utils.vit_archs import backbone_spec
 from utils.errors import UserError
 
-FEATURE_SETTINGS = ("raw", "centred", "centred_tokens")
 
 
 class DiscoveryFeatures(NamedTuple):

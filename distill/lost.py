@@ -25,7 +25,8 @@ import numpy as np
 import torch
 
 from distill.ncut import cut_score
-from distill.patches import PatchMask, seed_component
+from distill.patches import PatchFeatures, PatchMask, seed_component
+from distill.registry import Method
 
 K_PATCHES = 100
 
@@ -63,3 +64,13 @@ def lost(keys: torch.Tensor, grid: tuple[int, int], k_patches: int = K_PATCHES) 
     return [PatchMask(mask=mask, score=score, seed_patch=divmod(seed, grid_w),
                       seed_in_background=not foreground[b][divmod(seed, grid_w)])
             for b, (mask, score, seed) in enumerate(zip(masks, scores, seeds))]
+
+
+def propose_lost(features: PatchFeatures, params: dict) -> list[list[PatchMask]]:
+    return [[m] for m in lost(features.patch_keys, features.grid, k_patches=params["k_patches"])]
+
+
+# DINOv2: LOST's degrees and seed expansion work on the centred output tokens at the patch grid of
+# its official runs (DINO /16 on VOC's ~500x375 images: 23 rows), not at full resolution.
+LOST = Method("lost", propose_lost, {"k_patches": K_PATCHES}, score="1 - Ncut/2 of the mask on LOST's graph",
+              family_defaults={"DINOv2": {"features": "centred_tokens", "resize": 320}})

@@ -50,7 +50,9 @@ from scipy import ndimage
 
 from distill.data import Geometry, working_to_patch
 from distill.ncut import EPS, attended_side, binary_affinity, cut_score, second_smallest_eigenvectors
-from distill.patches import PatchMask, seed_component
+from distill.maskgen import cls_attention
+from distill.patches import PatchFeatures, PatchMask, seed_component
+from distill.registry import Method
 from utils.crf import CRFParams, PairwiseCRF
 
 NUM_OBJECTS = 3
@@ -158,3 +160,15 @@ def refine_masks(working: np.ndarray, proposals: list[PatchMask], geometry: Geom
         peak = int(resized.max())
         refined_masks.append(resized > peak / 2 if peak else None)
     return refined_masks
+
+
+def propose_maskcut(features: PatchFeatures, params: dict) -> list[list[PatchMask]]:
+    return maskcut(features.patch_keys, features.grid, num_objects=params["num_objects"], tau=params["tau"],
+                   attention=cls_attention(features, params["foreground"]))
+
+
+# DINOv2: the official foreground rules pick the background side of some cuts; the CLS attention does not.
+MASKCUT = Method("maskcut", propose_maskcut, {"num_objects": NUM_OBJECTS, "tau": TAU, "foreground": "eigenvector"},
+                 fixed_size=FIXED_SIZE, refine=refine_masks,
+                 score="1 - Ncut/2 of the patch mask on the image's unmasked graph",
+                 family_defaults={"DINOv2": {"foreground": "attention"}})

@@ -20,7 +20,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from distill.patches import PatchMask, seed_component
+from distill.patches import PatchFeatures, PatchMask, seed_component
+from distill.registry import Method
 
 
 def mass_threshold(values: torch.Tensor, mass: float = 0.5) -> torch.Tensor:
@@ -91,3 +92,19 @@ def propose_masks(query: torch.Tensor, key: torch.Tensor, grid_h: int, grid_w: i
         score = min(1.0, float(cls_mass[b][mask].sum(dtype=np.float64) / total)) if total > 0 else 0.0
         results.append(PatchMask(mask=mask, score=score, seed_patch=seed_rc, seed_in_background=in_background))
     return results
+
+
+def cls_attention(features: PatchFeatures, foreground: str) -> torch.Tensor | None:
+    """The CLS scores of the patches (G_cls over all heads) for `--foreground attention`, else None."""
+    if foreground == "eigenvector":
+        return None
+    return class_token_scores(features.query, features.key, features.key.shape[1])
+
+
+def propose_maskdistill(features: PatchFeatures, params: dict) -> list[list[PatchMask]]:
+    return [[m] for m in propose_masks(features.query, features.key, *features.grid, heads=params["heads"],
+                                       topk=params["topk"], graph_key=features.graph_key)]
+
+
+MASKDISTILL = Method("maskdistill", propose_maskdistill, {"heads": 5, "topk": 0.4}, resize=640,
+                     score="share of the thresholded CLS-attention mass inside the mask")

@@ -1,116 +1,36 @@
-"""The discovery methods of `gen_masks.py --method`, behind one interface.
+"""The discovery methods as a run uses them: their defaults on a backbone, resolved flags, and the steps around
+`Method.propose` (features in, chunked proposals, pixel masks out).
 
-A method is `propose(features, params) -> masks`: the backbone features of a batch
-(`PatchFeatures`) in, a list of scored patch masks (`PatchMask`) per image out, plus, where the
-official recipe has one, a pixel-level `refine` step that the engine runs in its post-processing
-workers (MaskCut's CRF). The engine (`distill.engine`) owns batching, precision, the input
-resize, post-processing, output and resume; a method module owns only its algorithm.
-
-Each method carries the defaults of its official code: its parameters and its input policy.
-
-| method      | parameters (default)                        | input (default)                                  |
-|-------------|---------------------------------------------|--------------------------------------------------|
-| maskdistill | heads 5, topk 0.4                           | shorter side 640 (bilinear), zero-padded         |
-| lost        | k_patches 100                               | full resolution, zero-padded                     |
-| tokencut    | tau 0.2, foreground eigenvector             | full resolution, zero-padded                     |
-| maskcut     | num_objects 3, tau 0.15, foreground eigenvector | fixed_size 480 (square LANCZOS), CRF on the masks |
-
-The methods were designed on DINO; for another backbone family a method may replace some of these
-defaults and the backbone's feature setting (`Method.family_defaults`, measured in docs/dinov2.md):
-
-| method on DINOv2 | replaced defaults                                                    |
-|------------------|----------------------------------------------------------------------|
-| maskdistill      | none (features: the backbone's `centred` keys)                       |
-| lost             | features `centred_tokens`, shorter side 320                          |
-| tokencut         | foreground `attention` (features: `centred` keys)                    |
-| maskcut          | foreground `attention` (features: `centred` keys)                    |
-
-`method_defaults(method, arch)` gives the result; flags given explicitly still win.
+The methods themselves, their parameters and input policies are registered in `distill.registry` (one module
+each: distill/maskgen.py, lost.py, tokencut.py, maskcut.py); `method_defaults(method, arch)` gives a method's
+defaults on a backbone family; flags given explicitly still win (`resolve_method`).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Callable, Mapping
+from dataclasses import dataclass
+from typing import Mapping
 
 import numpy as np
 import torch
 
 from distill.data import Geometry, upsample_patch_mask
 from distill.features import discovery_features, feature_setting, needs_tokens
-from distill.lost import lost
-from distill.maskcut import maskcut, refine_masks
-from distill.maskgen import class_token_scores, propose_masks
 from distill.patches import PatchFeatures, PatchMask
-from distill.tokencut import tokencut
-from utils.vit import LastBlockQK, backbone_spec
+from distill.registry import Method, load_method, method_names
+from utils.vit import LastBlockQK
+from utils.vit_archs import backbone_spec
 from utils.errors import UserError
 
 
-@dataclass(frozen=True)
-class Method:
-    name: str
-    propose: Callable[[PatchFeatures, dict], list[list[PatchMask]]]
-    params: dict  # flag name -> official default
-    resize: int = 0  # default shorter side (0: full resolution)
-    fixed_size: int = 0  # default square size (0: none)
-    # Pixel-level steps on the resized image: (working uint8 image, proposals, geometry) -> one
-    # original-size mask per proposal, or None where it is dropped.
-    refine: Callable[[np.ndarray, list[PatchMask], Geometry], list[np.ndarray | None]] | None = None
-    score: str = field(default="")  # what the score means, for --help
-    # Backbone family ("DINOv2") -> defaults that replace the official ones on it: parameters,
-    # "resize"/"fixed_size" and "features" (otherwise the backbone's own, `BackboneSpec.features`).
-    family_defaults: dict[str, dict] = field(default_factory=dict)
-
-
-def _maskdistill(features: PatchFeatures, params: dict) -> list[list[PatchMask]]:
-    return [[m] for m in propose_masks(features.query, features.key, *features.grid, heads=params["heads"],
-                                       topk=params["topk"], graph_key=features.graph_key)]
-
-
-def _lost(features: PatchFeatures, params: dict) -> list[list[PatchMask]]:
-    return [[m] for m in lost(features.patch_keys, features.grid, k_patches=params["k_patches"])]
-
-
-def _cls_attention(features: PatchFeatures, params: dict) -> torch.Tensor | None:
-    """The CLS scores of the patches (G_cls over all heads) for `foreground attention`, else None."""
-    if params["foreground"] == "eigenvector":
-        return None
-    return class_token_scores(features.query, features.key, features.key.shape[1])
-
-
-def _tokencut(features: PatchFeatures, params: dict) -> list[list[PatchMask]]:
-    return [[m] for m in tokencut(features.patch_keys, features.grid, tau=params["tau"],
-                                  attention=_cls_attention(features, params))]
-
-
-def _maskcut(features: PatchFeatures, params: dict) -> list[list[PatchMask]]:
-    return maskcut(features.patch_keys, features.grid, num_objects=params["num_objects"], tau=params["tau"],
-                   attention=_cls_attention(features, params))
-
-
-METHODS: dict[str, Method] = {
-    "maskdistill": Method("maskdistill", _maskdistill, {"heads": 5, "topk": 0.4}, resize=640,
-                          score="share of the thresholded CLS-attention mass inside the mask"),
-    # DINOv2: LOST's degrees and seed expansion work on the centred output tokens at the patch grid of
-    # its official runs (DINO /16 on VOC's ~500x375 images: 23 rows), not at full resolution.
-    "lost": Method("lost", _lost, {"k_patches": 100}, score="1 - Ncut/2 of the mask on LOST's graph",
-                   family_defaults={"DINOv2": {"features": "centred_tokens", "resize": 320}}),
-    # DINOv2: the official foreground rules pick the background side of some cuts; the CLS attention does not.
-    "tokencut": Method("tokencut", _tokencut, {"tau": 0.2, "foreground": "eigenvector"},
-                       score="1 - Ncut/2 of the mask on its graph",
-                       family_defaults={"DINOv2": {"foreground": "attention"}}),
-    "maskcut": Method("maskcut", _maskcut, {"num_objects": 3, "tau": 0.15, "foreground": "eigenvector"},
-                      fixed_size=480, refine=refine_masks,
-                      score="1 - Ncut/2 of the patch mask on the image's unmasked graph",
-                      family_defaults={"DINOv2": {"foreground": "attention"}}),
-}
-METHOD_PARAMS = tuple(dict.fromkeys(name for method in METHODS.values() for name in method.params))
+def method_params() -> tuple[str, ...]:
+    """The parameter flags of every registered method, each once."""
+    return tuple(dict.fromkeys(name for method in map(load_method, method_names()) for name in method.params))
 
 
 def method_defaults(method: str, arch: str) -> dict:
     """The defaults of `method` on `arch`: its parameters, "resize", "fixed_size" and "features" (a
     setting of `distill.features`), the official ones unless the arch's family replaces them."""
-    spec = METHODS[method]
+    spec = load_method(method)
     return {**spec.params, "resize": spec.resize, "fixed_size": spec.fixed_size, "features": feature_setting(arch),
             **spec.family_defaults.get(backbone_spec(arch).family, {})}
 
@@ -135,19 +55,19 @@ class MethodSettings:
 def resolve_method(name: str, arch: str, given: Mapping[str, object], resize: int | None, fixed_size: int | None,
                    max_size: int, patch_size: int) -> MethodSettings:
     """The method's settings on `arch`: its defaults there (`method_defaults`) for the parameters left out
-    (None) of `given` (flag name -> value, for any of `METHOD_PARAMS`), so that the recorded settings are
+    (None) of `given` (flag name -> value, for any of `method_params()`), so that the recorded settings are
     the ones used; refuse flags that belong to another method.
 
     Input: `--fixed_size` and `--resize` exclude each other; without either, the method's own policy."""
-    method = METHODS[name]
+    method = load_method(name)
     defaults = method_defaults(name, arch)
     params = {}
-    for flag in METHOD_PARAMS:
+    for flag in method_params():
         value = given.get(flag)
         if flag in method.params:
             params[flag] = defaults[flag] if value is None else value
         elif value is not None:
-            users = [m for m in METHODS if flag in METHODS[m].params]
+            users = [m for m in method_names() if flag in load_method(m).params]
             raise UserError(f"--{flag} applies to --method {' or '.join(users)}, not {name}")
     if fixed_size is not None and resize is not None:
         raise UserError("--resize and --fixed_size exclude each other: give one of them")

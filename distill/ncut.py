@@ -27,7 +27,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-FOREGROUND_RULES = ("eigenvector", "attention")  # which side of a cut is the object (`--foreground`)
 EPS = 1e-5  # TokenCut's weight for the edges below the threshold (`--eps`), so the graph stays connected
 TOL = 1e-9  # residual |e_k s_k| (C's norm is at most 2) at which a Ritz pair counts as converged
 _FIRST_CHECK = 8  # columns before the first convergence test (one small eigh per column after)

@@ -28,7 +28,8 @@ from pycocotools import mask as mask_utils
 
 from distill.data import Geometry, ImageEntry, InputPolicy, MaskGenDataset, folder_entries, voc_entries
 from distill.features import needs_tokens
-from distill.methods import METHODS, method_defaults, method_features, patch_features, pixel_masks, propose
+from distill.methods import method_defaults, method_features, patch_features, pixel_masks, propose
+from distill.registry import load_method, method_names
 from utils.vit import DinoViT, LastBlockQK
 from utils.coco_io import box_iou_xywh, load_coco_dataset, mask_to_bbox, segmentation_to_rle
 from utils.errors import UserError
@@ -134,13 +135,13 @@ def discovery_runs(arch: str, methods: list[str], settings: list[str], resize: i
     a parameter, the feature setting and the input are the method's default on `arch`
     (`distill.methods.method_defaults`); `resize` given puts every method on that shorter side.
     params: parameter name -> values to try, for the methods that have the parameter."""
-    unknown = [m for m in methods if m not in METHODS]
+    unknown = [m for m in methods if m not in method_names()]
     if unknown:
-        raise UserError(f"unknown --method {unknown[0]!r}; choose from {list(METHODS)}")
+        raise UserError(f"unknown --method {unknown[0]!r}; choose from {list(method_names())}")
     runs = []
     for name in methods:
         defaults = method_defaults(name, arch)
-        choices = [[(key, value) for value in (params or {}).get(key, [None])] for key in METHODS[name].params]
+        choices = [[(key, value) for value in (params or {}).get(key, [None])] for key in load_method(name).params]
         size = (defaults["resize"], defaults["fixed_size"]) if resize is None else (resize, 0)
         for setting in settings:
             features = method_features(name, arch, setting)
@@ -165,7 +166,7 @@ def evaluate_discovery(model: DinoViT, gt_sets: list[GroundTruthSet], runs: list
         entries = gt.entries[:max_images] if max_images else gt.entries
         sizes = {e.index: read_size(e.path) for e in entries}
         datasets = {size: MaskGenDataset(entries, sizes, InputPolicy(size[0], max_size, size[1], model.patch_size),
-                                         keep_working=any(METHODS[r.method].refine is not None for r in group))
+                                         keep_working=any(load_method(r.method).refine is not None for r in group))
                     for size, group in by_input.items()}
         scores = {"baseline": Score(), **{run: Score() for run in runs}}
         model_seconds = 0.0
@@ -193,7 +194,7 @@ def evaluate_discovery(model: DinoViT, gt_sets: list[GroundTruthSet], runs: list
 
 def _top_mask(run: DiscoveryRun, qk: LastBlockQK, working: np.ndarray | None, geometry: Geometry) -> np.ndarray:
     """The most confident original-size mask of `run` on one image's backbone output (empty if none)."""
-    method = METHODS[run.method]
+    method = load_method(run.method)
     with torch.inference_mode():
         proposals = propose(method, patch_features(qk, run.features, geometry.grid), dict(run.params))[0]
     masks = pixel_masks(method, working, proposals, geometry)

@@ -22,7 +22,9 @@ import numpy as np
 import torch
 
 from distill.ncut import EPS, attended_side, binary_affinity, cut_score, second_smallest_eigenvectors
-from distill.patches import PatchMask, seed_component
+from distill.maskgen import cls_attention
+from distill.patches import PatchFeatures, PatchMask, seed_component
+from distill.registry import Method
 
 TAU = 0.2
 
@@ -53,3 +55,13 @@ def tokencut(keys: torch.Tensor, grid: tuple[int, int], tau: float = TAU, eps: f
     scores = cut_score(affinity, mask_tensor).tolist()
     return [PatchMask(mask=mask, score=score, seed_patch=divmod(seed, grid_w))
             for mask, score, seed in zip(masks, scores, seeds)]
+
+
+def propose_tokencut(features: PatchFeatures, params: dict) -> list[list[PatchMask]]:
+    return [[m] for m in tokencut(features.patch_keys, features.grid, tau=params["tau"],
+                                  attention=cls_attention(features, params["foreground"]))]
+
+
+# DINOv2: the official foreground rules pick the background side of some cuts; the CLS attention does not.
+TOKENCUT = Method("tokencut", propose_tokencut, {"tau": TAU, "foreground": "eigenvector"},
+                  score="1 - Ncut/2 of the mask on its graph", family_defaults={"DINOv2": {"foreground": "attention"}})

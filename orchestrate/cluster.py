@@ -22,6 +22,7 @@ import argparse
 from distill.cluster import ClusterSettings, cluster_masks
 from utils.cli import add_device_arg, add_num_workers_arg, int_range
 from utils.errors import run_cli
+from utils.vit_archs import archs_by_family
 
 DEFAULTS = ClusterSettings(input_file="", image_root="", output_file="")  # the defaults shown below
 
@@ -48,8 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--overwrite", action="store_true", help="replace an existing --output_file or --metrics_json")
     model = p.add_argument_group("backbone (default: the one recorded with the masks by gen_masks.py)")
     model.add_argument("--arch", default=None,
-                       help="backbone as gen_masks.py names it: vit_small, vit_base (DINO), dinov2_vits14, dinov2_vitb14, "
-                            "dinov2_vits14_reg, dinov2_vitb14_reg (DINOv2)")
+                       help=f"backbone as gen_masks.py names it: {archs_by_family()}")
     model.add_argument("--patch_size", type=int_range(1), default=None,
                        help="ViT patch size: 8 or 16 for DINO, 14 for DINOv2 (default: the recorded one when --arch is "
                             "the recorded arch, else the arch's own)")

@@ -20,20 +20,20 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from distill.registry import load_method, method_names
 from utils.coco_io import load_coco_dataset, load_json, write_json
 from utils.errors import UserError
 from utils.images import IMAGE_EXTENSIONS
 from utils.steps import Step, StepRecord, run_steps
 
 REPO = Path(__file__).resolve().parents[1]
-METHODS = ("maskdistill", "maskcut")
 
 # The stages' configs: the full recipe, and its tiny CPU twin (--tiny).
 MASK_RCNN_CONFIG = {False: "configs/detectron2/base_mask_rcnn.yaml", True: "configs/detectron2/tiny_test.yaml"}
 DEEPLAB_CONFIG = {False: "configs/segmentation/deeplab_voc.yml", True: "configs/segmentation/tiny_test.yml"}
 # --tiny: what makes every stage finish in seconds on a CPU (the numbers mean nothing).
 TINY_GEN_MASKS = ["--weights", "random", "--num_workers", "0", "--post_workers", "0"]
-TINY_IMAGE_SIZE = {"maskdistill": ["--resize", "224"], "maskcut": ["--fixed_size", "224"]}
+TINY_IMAGE_SIZE = 224  # the images' size, as the method's input policy takes it (`tiny_image_flags`)
 TINY_MASK_RCNN = ["solver.max_iter=8", "solver.warmup_iters=4", "solver.steps=[6]", "solver.checkpoint_period=1000",
                   "solver.ims_per_batch=2", "model.box_score_thresh=0.0", "model.detections_per_img=5"]
 TINY_DEEPLAB = ["solver.max_iter=6", "solver.checkpoint_period=0", "data.crop_size=48"]
@@ -81,8 +81,8 @@ def check_settings(settings: PipelineSettings) -> None:
         raise UserError(f"--images {settings.images}: not a folder")
     if not image_files(images):
         raise UserError(f"--images {settings.images}: no image files ({', '.join(sorted(IMAGE_EXTENSIONS))})")
-    if settings.method not in METHODS:
-        raise UserError(f"--method {settings.method!r}: choose one of {', '.join(METHODS)}")
+    if settings.method not in method_names():
+        raise UserError(f"--method {settings.method!r}: choose one of {', '.join(method_names())}")
     if settings.gt_json is not None:
         load_coco_dataset(settings.gt_json)  # a clear error for a missing or broken file
     out = Path(settings.out)
@@ -93,12 +93,18 @@ def check_settings(settings: PipelineSettings) -> None:
 # ----------------------------------------------------------------------------- the stages
 
 
+def tiny_image_flags(method: str) -> list[str]:
+    """--tiny's image size for gen_masks.py: a fixed square for a method whose input is one (MaskCut), else the
+    shorter side."""
+    return ["--fixed_size" if load_method(method).fixed_size else "--resize", str(TINY_IMAGE_SIZE)]
+
+
 def gen_masks_argv(s: PipelineSettings) -> list[str]:
     """gen_masks.py's flags for the images (the output paths are added per run)."""
     argv = ["--dataset", "folder", "--dataset_root", str(Path(s.images).resolve()), "--method", s.method,
             "--device", s.device]
     if s.tiny:
-        argv += TINY_GEN_MASKS + TINY_IMAGE_SIZE[s.method]
+        argv += TINY_GEN_MASKS + tiny_image_flags(s.method)
     if s.weights is not None:
         argv += ["--weights", s.weights]  # after the tiny flags: the last one wins
     return argv

@@ -2,6 +2,7 @@
 ../shared/weights (each skipped cleanly when absent)."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -39,6 +40,16 @@ def voc_mini() -> Path:
 @pytest.fixture
 def repo_root() -> Path:
     return REPO
+
+
+@pytest.fixture
+def tiny_vits14(monkeypatch):
+    """`dinov2_vits14` as a 2-block, width-32 model: the same settings, built in milliseconds."""
+    from utils import vit_archs
+
+    tiny = dataclasses.replace(vit_archs.BACKBONES["dinov2_vits14"],
+                               timm_kwargs=(("embed_dim", 32), ("depth", 2), ("num_heads", 2), ("img_size", 70)))
+    monkeypatch.setitem(vit_archs.BACKBONES, "dinov2_vits14", tiny)
 
 
 @pytest.fixture

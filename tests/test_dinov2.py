@@ -7,10 +7,11 @@ real ViT-S/14 is checked in tests/test_dinov2_real.py.
 import pytest
 import torch
 
-import utils.vit as vit
+import utils.vit_archs as vit_archs
 from dinov2_reference import official_forward, official_interpolation, official_layout_state
 from distill.reference import explicit_last_qk
-from utils.vit import BackboneSpec, DinoViT, build_vit, interpolate_pos_encoding, resolve_patch_size
+from utils.vit import DinoViT, build_vit, interpolate_pos_encoding
+from utils.vit_archs import BackboneSpec, resolve_patch_size
 from utils.errors import UserError
 
 TINY = {"embed_dim": 32, "depth": 2, "num_heads": 2, "img_size": 70}  # 70 / 14 = a 5x5 grid
@@ -24,8 +25,8 @@ def tiny_archs(monkeypatch):
     registers = BackboneSpec("DINOv2", "vit_small_patch14_dinov2", (14,), {14: "https://example.invalid/tiny_reg4.pth"},
                              register_tokens=4, interpolate_offset=0.0, interpolate_antialias=True, mask_token=True,
                              timm_kwargs=tuple(TINY.items()))
-    monkeypatch.setitem(vit.BACKBONES, "tiny_dinov2", plain)
-    monkeypatch.setitem(vit.BACKBONES, "tiny_dinov2_reg", registers)
+    monkeypatch.setitem(vit_archs.BACKBONES, "tiny_dinov2", plain)
+    monkeypatch.setitem(vit_archs.BACKBONES, "tiny_dinov2_reg", registers)
 
 
 # ----------------------------------------------------------------------------- key layout and loading
@@ -44,15 +45,15 @@ def test_timm_model_has_exactly_the_official_dinov2_keys(arch, registers):
 
 def test_official_urls_and_interpolation_settings():
     base = "https://dl.fbaipublicfiles.com/dinov2"
-    assert {a: vit.BACKBONES[a].urls for a in vit.ARCHS if a.startswith("dinov2")} == {
+    assert {a: vit_archs.BACKBONES[a].urls for a in vit_archs.ARCHS if a.startswith("dinov2")} == {
         "dinov2_vits14": {14: f"{base}/dinov2_vits14/dinov2_vits14_pretrain.pth"},
         "dinov2_vitb14": {14: f"{base}/dinov2_vitb14/dinov2_vitb14_pretrain.pth"},
         "dinov2_vits14_reg": {14: f"{base}/dinov2_vits14/dinov2_vits14_reg4_pretrain.pth"},
         "dinov2_vitb14_reg": {14: f"{base}/dinov2_vitb14/dinov2_vitb14_reg4_pretrain.pth"}}
     for arch in ("dinov2_vits14", "dinov2_vitb14"):
-        spec = vit.BACKBONES[arch]
+        spec = vit_archs.BACKBONES[arch]
         assert (spec.register_tokens, spec.interpolate_offset, spec.interpolate_antialias) == (0, 0.1, False)
-        spec = vit.BACKBONES[arch + "_reg"]
+        spec = vit_archs.BACKBONES[arch + "_reg"]
         assert (spec.register_tokens, spec.interpolate_offset, spec.interpolate_antialias) == (4, 0.0, True)
 
 

@@ -1,6 +1,5 @@
 """gen_masks.py with DINOv2: --arch / --patch_size rules, --features, --precision (and the --half
 alias) resolved and recorded, and a resume that refuses a change of precision."""
-import dataclasses
 import json
 
 import numpy as np
@@ -8,7 +7,6 @@ import pytest
 from PIL import Image
 
 import distill.engine as engine_module
-import utils.vit as vit
 import gen_masks
 from tests import cli_helpers
 from utils.errors import UserError
@@ -24,14 +22,6 @@ def generate(*args):
 
 
 @pytest.fixture
-def tiny_vits14(monkeypatch):
-    """`dinov2_vits14` as a 2-block, width-32 model: the same settings, built in milliseconds."""
-    tiny = dataclasses.replace(vit.BACKBONES["dinov2_vits14"],
-                               timm_kwargs=(("embed_dim", 32), ("depth", 2), ("num_heads", 2), ("img_size", 70)))
-    monkeypatch.setitem(vit.BACKBONES, "dinov2_vits14", tiny)
-
-
-@pytest.fixture
 def three_images(tmp_path):
     root = tmp_path / "images"
     root.mkdir()
@@ -44,10 +34,6 @@ def three_images(tmp_path):
 def job(root, out, *extra):
     return ["--dataset", "folder", "--dataset_root", root, "--resize", 0, "--pred_json_path", out,
             "--arch", "dinov2_vits14", "--weights", "random", "--num_workers", 0, "--batch_size", 2, *extra]
-
-
-def test_arch_choices_are_the_backbone_table():
-    assert gen_masks.ARCHS == list(vit.ARCHS)
 
 
 def test_half_is_an_alias_of_bf16_and_auto_is_the_default():

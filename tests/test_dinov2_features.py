@@ -6,7 +6,8 @@ import torch
 
 from distill.features import centre_keys, discovery_features, feature_setting, needs_tokens
 from distill.maskgen import propose_masks
-from utils.vit import ARCHS, LastBlockQK
+from utils.vit import LastBlockQK
+from utils.vit_archs import ARCHS
 from utils.errors import UserError
 
 

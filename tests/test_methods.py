@@ -8,8 +8,9 @@ import torch
 from distill.data import InputPolicy, torch_nearest_index, working_to_patch
 from distill.lost import lost
 from distill.maskcut import maskcut, refine_masks
-from distill.methods import METHODS, MethodSettings, method_features, resolve_method
+from distill.methods import MethodSettings, method_features, resolve_method
 from distill.patches import PatchFeatures, PatchMask
+from distill.registry import load_method, method_names
 from distill.tokencut import tokencut
 
 E = torch.eye(8)
@@ -252,7 +253,7 @@ def test_dinov2_defaults_of_each_method_and_explicit_flags_win(method, expected)
     for arch in ("dinov2_vits14", "dinov2_vitb14_reg"):
         resolved = resolve(method=method, arch=arch, patch_size=14)
         assert {k: resolved.get(k) for k in expected} == expected
-        assert method_defaults(method, arch) == {**METHODS[method].params, **expected}
+        assert method_defaults(method, arch) == {**load_method(method).params, **expected}
     given = dict(features="raw", resize=0) | ({"foreground": "eigenvector"} if "foreground" in expected else {})
     resolved = resolve(method=method, arch="dinov2_vits14", patch_size=14, **given)
     assert {k: resolved[k] for k in given} == given
@@ -267,16 +268,9 @@ def test_method_flags_are_checked():
         resolve(method="maskcut", resize=320, fixed_size=480)
     resolved = resolve(method="maskcut", resize=320)  # --resize alone replaces MaskCut's square
     assert (resolved["resize"], resolved["fixed_size"]) == (320, 0)
-    assert set(METHODS) == {"maskdistill", "lost", "tokencut", "maskcut"}
+    assert set(method_names()) == {"maskdistill", "lost", "tokencut", "maskcut"}
     with pytest.raises(UserError, match="--foreground applies to --method tokencut or maskcut, not lost"):
         resolve(method="lost", foreground="attention")
-
-
-def test_gen_masks_spells_out_the_registry():
-    import gen_masks
-    from distill.ncut import FOREGROUND_RULES
-
-    assert gen_masks.METHODS == list(METHODS) and gen_masks.FOREGROUND_RULES == list(FOREGROUND_RULES)
 
 
 def test_patch_keys_concatenate_heads_in_dino_order():
