@@ -18,7 +18,7 @@ from detectron2_train.affinity import (AFFINITY_INPUT_DEFAULTS, AFFINITY_MODEL_D
                                        AffinityDataset, affinity_loss, build_affinity_model, collate_affinity,
                                        pad_images)
 from detectron2_train.engine import lr_factor
-from detectron2_train.modeling import BACKBONES
+from detectron2_train.parts import BACKBONES
 from detectron2_train.splits import read_class_list
 from utils.affinity import AffinityScores
 from utils.checkpoint import unwrap

@@ -14,8 +14,8 @@ import torch.distributed as dist
 
 from detectron2_train.copy_paste import CopyPaste
 from detectron2_train.data import CocoInstances, categories_of, collate_lists, inference_loader
-from detectron2_train.modeling import (BACKBONES, MASK_HEADS, MODEL_DEFAULTS, ROI_HEADS, STAGES, build_model,
-                                       set_image_sizes)
+from detectron2_train.modeling import MODEL_DEFAULTS, build_model, set_image_sizes
+from detectron2_train.parts import BACKBONES, MASK_HEADS, ROI_HEADS, STAGES
 from detectron2_train.pseudo_gt import training_json
 from detectron2_train.pseudo_labels import write_pseudo_labels
 from detectron2_train.transfer_head import TRANSFER_INPUTS

@@ -1,6 +1,7 @@
 """Build torchvision's Mask R-CNN (FPN) from the `model` section of a config.
 
-Backbones: torchvision ResNets (`resnet50` default, `resnet18/34/101`) or `tiny`, a small
+Backbones and mask heads are registered by name in detectron2_train/parts.py (a new one is a builder here
+plus one line there). Backbones: torchvision ResNets (`resnet50` default, `resnet18/34/101`) or `tiny`, a small
 ResNet for tests and CPU runs. Backbone weights: `none`, `imagenet` (torchvision's official
 ImageNet URL) or a path to a torchvision / DINO / MoCo ResNet checkpoint.
 Mask heads: `standard` (class-specific, fully supervised), `agnostic` (one mask per box),
@@ -26,16 +27,13 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredic
 from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign
 
 from detectron2_train.cascade import AgnosticBoxPredictor, CascadeRoIHeads
+from detectron2_train.parts import BACKBONES, MASK_HEADS, ROI_HEADS, STAGES
 from detectron2_train.roi_heads import MaskRoIHeads
 from detectron2_train.transfer_head import (AgnosticMLPMaskPredictor, TransferMaskPredictor, random_class_vectors,
                                             read_class_embeddings)
 from utils.errors import UserError
 from utils.resnets import TinyResNet, load_resnet_weights
 
-BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "tiny")
-MASK_HEADS = ("standard", "agnostic", "agnostic_mlp", "transfer")
-ROI_HEADS = ("standard", "cascade")
-STAGES = ("e2e", "box", "mask")
 MASK_BRANCH = ("roi_heads.mask_head.", "roi_heads.mask_predictor.")  # state-dict prefixes of the mask branch
 # Frozen in stage `mask`: trained parameters, and the modules kept in eval mode (their norm layers'
 # statistics must not move). The RPN module itself stays in training mode so that proposals use the
@@ -103,22 +101,32 @@ def _stage_channels(stage: nn.Sequential) -> int:
     return [m for m in stage[-1].modules() if isinstance(m, nn.Conv2d)][-1].out_channels
 
 
-def build_backbone(cfg: dict) -> BackboneWithFPN:
-    """ResNet body + FPN (P2-P6), with the lower stages frozen as in detectron2."""
+def build_backbone(cfg: dict) -> nn.Module:
+    """The backbone with its FPN that `cfg["backbone"]` names (a builder of detectron2_train/parts.py)."""
+    return BACKBONES.load(cfg["backbone"])(cfg)
+
+
+def tiny_resnet_fpn(cfg: dict) -> BackboneWithFPN:
+    norm = norm_layer_factory(cfg["norm"])
+    if str(cfg["backbone_weights"]) != "none":
+        raise UserError("the tiny backbone has no pretrained weights; set model.backbone_weights=none")
+    return resnet_with_fpn(TinyResNet(list(cfg["tiny_widths"]), norm), cfg, norm)
+
+
+def resnet_fpn(cfg: dict) -> BackboneWithFPN:
+    """torchvision's ResNet of that name (`resnet50`, ...), with `model.backbone_weights`."""
     name, weights = cfg["backbone"], str(cfg["backbone_weights"])
     norm = norm_layer_factory(cfg["norm"])
-    if name == "tiny":
-        body: nn.Module = TinyResNet(list(cfg["tiny_widths"]), norm)
-        if weights != "none":
-            raise UserError("the tiny backbone has no pretrained weights; set model.backbone_weights=none")
-    elif name in BACKBONES:
-        if cfg["norm"] == "gn" and weights != "none":
-            raise UserError("pretrained ResNet weights need model.norm frozen_bn or bn, not gn")
-        body = getattr(resnet, name)(weights=None, norm_layer=norm)
-        if weights != "none":
-            load_resnet_weights(body, name, weights)
-    else:
-        raise UserError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
+    if cfg["norm"] == "gn" and weights != "none":
+        raise UserError("pretrained ResNet weights need model.norm frozen_bn or bn, not gn")
+    body = getattr(resnet, name)(weights=None, norm_layer=norm)
+    if weights != "none":
+        load_resnet_weights(body, name, weights)
+    return resnet_with_fpn(body, cfg, norm)
+
+
+def resnet_with_fpn(body: nn.Module, cfg: dict, norm: Callable[[int], nn.Module]) -> BackboneWithFPN:
+    """ResNet body + FPN (P2-P6), with the lower stages frozen as in detectron2."""
     trainable = int(cfg["trainable_layers"])
     if not 0 <= trainable <= 5:
         raise UserError(f"model.trainable_layers must be 0..5, got {trainable}")
@@ -148,28 +156,36 @@ def transfer_class_vectors(cfg: dict, num_classes: int, class_names: list[str] |
 
 
 def build_mask_predictor(cfg: dict, num_classes: int, class_names: list[str] | None = None) -> nn.Module:
+    """The mask predictor that `cfg["mask_head"]` names (a builder of detectron2_train/parts.py)."""
+    return MASK_HEADS.load(cfg["mask_head"])(cfg, num_classes, class_names)
+
+
+def standard_mask_predictor(cfg: dict, num_classes: int, class_names: list[str] | None) -> nn.Module:
+    return MaskRCNNPredictor(int(cfg["mask_head_channels"]), int(cfg["mask_head_channels"]), num_classes)
+
+
+def agnostic_mask_predictor(cfg: dict, num_classes: int, class_names: list[str] | None) -> nn.Module:
+    return MaskRCNNPredictor(int(cfg["mask_head_channels"]), int(cfg["mask_head_channels"]), 1)
+
+
+def agnostic_mlp_mask_predictor(cfg: dict, num_classes: int, class_names: list[str] | None) -> nn.Module:
     channels = int(cfg["mask_head_channels"])
-    kind = cfg["mask_head"]
-    if kind == "standard":
-        return MaskRCNNPredictor(channels, channels, num_classes)
-    if kind == "agnostic":
-        return MaskRCNNPredictor(channels, channels, 1)
-    if kind == "agnostic_mlp":
-        return AgnosticMLPMaskPredictor(channels, channels, int(cfg["mask_pool_size"]))
-    if kind == "transfer":
-        t = cfg["transfer"]
-        if cfg["roi_heads"] == "cascade" and t["input"] in ("box", "cls+box"):
-            raise UserError(f"model.transfer.input {t['input']} reads class-specific box weights, but the cascade "
-                            f"heads regress boxes class-agnostically; use cls, randn or embedding")
-        try:
-            return TransferMaskPredictor(channels, channels, int(cfg["box_head_dim"]), int(cfg["mask_pool_size"]),
-                                         transfer_input=t["input"], num_layers=int(t["layers"]),
-                                         hidden_dim=int(t["hidden_dim"]), activation=t["activation"],
-                                         transfer_grad=bool(t["grad"]), fused_mlp=bool(t["fused_mlp"]),
-                                         class_vectors=transfer_class_vectors(cfg, num_classes, class_names))
-        except ValueError as exc:
-            raise UserError(f"model.transfer: {exc}") from None
-    raise UserError(f"model.mask_head must be one of {', '.join(MASK_HEADS)}, got {kind!r}")
+    return AgnosticMLPMaskPredictor(channels, channels, int(cfg["mask_pool_size"]))
+
+
+def transfer_mask_predictor(cfg: dict, num_classes: int, class_names: list[str] | None) -> nn.Module:
+    channels, t = int(cfg["mask_head_channels"]), cfg["transfer"]
+    if cfg["roi_heads"] == "cascade" and t["input"] in ("box", "cls+box"):
+        raise UserError(f"model.transfer.input {t['input']} reads class-specific box weights, but the cascade "
+                        f"heads regress boxes class-agnostically; use cls, randn or embedding")
+    try:
+        return TransferMaskPredictor(channels, channels, int(cfg["box_head_dim"]), int(cfg["mask_pool_size"]),
+                                     transfer_input=t["input"], num_layers=int(t["layers"]),
+                                     hidden_dim=int(t["hidden_dim"]), activation=t["activation"],
+                                     transfer_grad=bool(t["grad"]), fused_mlp=bool(t["fused_mlp"]),
+                                     class_vectors=transfer_class_vectors(cfg, num_classes, class_names))
+    except ValueError as exc:
+        raise UserError(f"model.transfer: {exc}") from None
 
 
 class StagedMaskRCNN(MaskRCNN):

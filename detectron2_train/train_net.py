@@ -22,14 +22,10 @@ Examples (from the repository root):
 import argparse
 from pathlib import Path
 
+from detectron2_train.parts import MASK_HEADS, STAGES
 from utils.cli import add_device_arg, add_num_workers_arg, check_outputs, float_range, int_range
 from utils.config import add_config_args, run_config_from_args
 from utils.errors import UserError, run_cli
-
-# detectron2_train.modeling's MASK_HEADS and STAGES, spelled out so that --help does not import torch
-# (tests/test_entry_points.py checks they agree).
-MASK_HEADS = ("standard", "agnostic", "agnostic_mlp", "transfer")
-STAGES = ("e2e", "box", "mask")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -50,9 +46,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                                        "suffice); evaluated with pycocotools when it has annotations (data.test_json)")
     p.add_argument("--test_root", help="image root of --test_json (data.test_root)")
     p.add_argument("--class_agnostic", action="store_true", help="train one 'object' class (data.class_agnostic)")
-    p.add_argument("--mask_head", choices=MASK_HEADS,
-                   help="class-specific (fully supervised), class-agnostic, class-agnostic + fused MLP, or MaskX "
-                        "R-CNN weight transfer (model.mask_head)")
+    p.add_argument("--mask_head", choices=MASK_HEADS.names(), help=f"{MASK_HEADS.summaries()} (model.mask_head)")
     p.add_argument("--stage", choices=STAGES,
                    help="e2e: train everything (default); box: Faster R-CNN only (no mask loss); mask: load --weights "
                         "from the box stage, freeze backbone, RPN and box head, train the mask branch (model.stage)")

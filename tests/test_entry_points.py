@@ -54,10 +54,3 @@ def test_help_does_not_import_torch(help_report, script):
     assert entry["exit"] == 0 and ENTRY_POINTS[script] in entry["help"]
     assert not entry["torch"], f"{script} --help imports torch"
 
-
-def test_spelled_out_choices_agree():
-    from detectron2_train import modeling, train_net
-    from segmentation import model, settings
-
-    assert (train_net.MASK_HEADS, train_net.STAGES) == (modeling.MASK_HEADS, modeling.STAGES)
-    assert model.BACKBONES is settings.BACKBONES

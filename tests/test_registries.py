@@ -132,3 +132,58 @@ def test_a_method_registered_at_run_time_runs_in_gen_masks(toy_method, tiny_vits
     with pytest.raises(UserError, match="--heads applies to --method maskdistill, not toy"):
         gen_masks.main(["--dataset", "folder", "--dataset_root", str(root), "--pred_json_path", str(tmp_path / "x.json"),
                         "--method", "toy", "--heads", "3", "--weights", "random"])
+
+
+# ----------------------------------------------------------------------------- Mask R-CNN parts
+
+
+def test_train_net_choices_and_the_config_schemas_are_the_parts_registries(monkeypatch, capsys):
+    from detectron2_train import affinity_engine, engine, parts, train_net
+
+    monkeypatch.setattr(parts.MASK_HEADS, "entries", dict(parts.MASK_HEADS.entries))
+    parts.MASK_HEADS.register("test_head", "detectron2_train.modeling:agnostic_mask_predictor", "a test head")
+    assert list(parts.MASK_HEADS) == ["standard", "agnostic", "agnostic_mlp", "transfer", "test_head"]
+    for head in parts.MASK_HEADS:
+        assert train_net.parse_args(["--config", "c.yaml", "--mask_head", head]).mask_head == head
+    for stage in parts.STAGES:
+        assert train_net.parse_args(["--config", "c.yaml", "--stage", stage]).stage == stage
+    with pytest.raises(SystemExit):
+        train_net.parse_args(["--config", "c.yaml", "--mask_head", "nope"])
+    assert "test_head" in capsys.readouterr().err
+    ranges = engine.SCHEMA.ranges
+    assert ranges["model.backbone"] is parts.BACKBONES and ranges["model.mask_head"] is parts.MASK_HEADS
+    assert ranges["model.roi_heads"] is parts.ROI_HEADS and ranges["model.stage"] is parts.STAGES
+    assert affinity_engine.SCHEMA.ranges["model.backbone"] is parts.BACKBONES
+    assert engine.SCHEMA.check({"model": {"mask_head": "test_head"}}, "cfg.yaml") == {"model": {"mask_head": "test_head"}}
+
+
+def test_a_backbone_is_one_registration(monkeypatch):
+    """A backbone registered at run time is allowed by the config schema and built by build_model; an unregistered
+    name is refused by the schema with the registry's list."""
+    from detectron2_train import parts
+    from detectron2_train.engine import DEFAULTS, SCHEMA
+    from detectron2_train.modeling import build_backbone, build_model, tiny_resnet_fpn
+
+    with pytest.raises(UserError, match="model.backbone must be one of resnet18, resnet34, resnet50, resnet101, tiny, "
+                                        "got 'small_test'"):
+        SCHEMA.check({"model": {"backbone": "small_test"}}, "cfg.yaml")
+    monkeypatch.setattr(parts.BACKBONES, "entries", dict(parts.BACKBONES.entries))
+    calls = []
+    monkeypatch.setattr("detectron2_train.modeling.small_test_backbone",
+                        lambda cfg: calls.append(cfg["backbone"]) or tiny_resnet_fpn(cfg), raising=False)
+    parts.BACKBONES.register("small_test", "detectron2_train.modeling:small_test_backbone", "a test backbone")
+    model_cfg = SCHEMA.check({"model": {**DEFAULTS["model"], "backbone": "small_test", "norm": "gn",
+                                        "tiny_widths": [4, 8, 8, 8], "fpn_channels": 8}}, "cfg.yaml")["model"]
+    assert build_backbone(model_cfg).out_channels == 8 and calls == ["small_test"]
+    model = build_model({"model": {**model_cfg, "box_head_dim": 16, "mask_head_channels": 8},
+                         "input": DEFAULTS["input"]}, num_classes=2)
+    assert model.backbone.out_channels == 8 and calls == ["small_test", "small_test"]
+
+
+@pytest.mark.parametrize("head,classes", [("standard", 3), ("agnostic", 1)])
+def test_each_mask_head_name_builds_its_own_predictor(head, classes):
+    from detectron2_train.engine import DEFAULTS
+    from detectron2_train.modeling import build_mask_predictor
+
+    predictor = build_mask_predictor({**DEFAULTS["model"], "mask_head": head, "mask_head_channels": 8}, 3)
+    assert predictor.mask_fcn_logits.out_channels == classes

@@ -25,6 +25,17 @@ class Registry:
     def names(self) -> tuple[str, ...]:
         return tuple(self.entries)
 
+    # A registry is also its set of names, so that a config schema's allowed values (utils.config) can be the
+    # registry itself and follow every registration: `name in registry`, and `str` says what is allowed.
+    def __contains__(self, name: object) -> bool:
+        return name in self.entries
+
+    def __iter__(self):
+        return iter(self.entries)
+
+    def __str__(self) -> str:
+        return "one of " + ", ".join(self.entries)
+
     def summaries(self) -> str:
         """`name: summary; ...` for --help."""
         return "; ".join(f"{name}: {summary}" for name, (_, summary) in self.entries.items())
