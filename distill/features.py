@@ -44,7 +44,6 @@ from utils.vit_archs import backbone_spec
 from utils.errors import UserError
 
 
-
 class DiscoveryFeatures(NamedTuple):
     """What the discovery methods read; every tensor is (B, heads, 1 + N, head_dim), CLS first."""
 
