@@ -21,7 +21,6 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
-from tqdm import tqdm
 
 from distill.visualize import colour, draw_layers, flat_name, save_image, thumbnail
 from utils.coco_io import (annotations_by_image, check_writable_folder, load_coco_dataset,
@@ -29,6 +28,7 @@ from utils.coco_io import (annotations_by_image, check_writable_folder, load_coc
 from utils.errors import UserError
 from utils.gallery import Column, GalleryImage, MaskCaption, Panel, relative_link, write_gallery
 from utils.images import ImageReadError, load_rgb, read_size
+from utils.progress import progress
 
 
 @dataclass
@@ -180,7 +180,7 @@ def build_gallery(out_dir: str | os.PathLike, image_root: str | os.PathLike, mas
     categories = {c["id"]: c.get("name", str(c["id"])) for c in gt["categories"]} if gt else {}
     columns = ([Column("GT", source=str(gt_json), kind="gt")] if gt else []) + [s.column for s in sources]
     rows = []
-    for image in tqdm(images, desc="gallery", unit="img", disable=None):
+    for image in progress(images, desc="gallery", unit="img"):
         path = image_root / image["file_name"]
         try:
             original = load_rgb(path)

@@ -31,8 +31,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator, Protocol, TextIO
 
-from tqdm import tqdm
-
 from distill.cli import ImageSetOptions, OutputOptions
 from distill.data import ImageEntry, class_agnostic, coco20k_entries, folder_entries, voc_entries
 from distill.visualize import write_gallery
@@ -41,6 +39,7 @@ from utils.coco_io import (OBJECT_CATEGORY, atomic_path, check_can_write, check_
 from utils.config import save_config
 from utils.errors import UserError
 from utils.images import ImageReadError, read_size
+from utils.progress import progress
 
 CATEGORIES = [OBJECT_CATEGORY]
 
@@ -406,7 +405,7 @@ def generate(job: MaskJob, make_source: Callable[[MaskJob], MaskSource]) -> RunS
     start = time.perf_counter()
     sizes: dict[int, tuple[int, int]] = {}
     unreadable: list[tuple[ImageEntry, str]] = []
-    for entry in tqdm(entries, desc="image sizes", unit="img", disable=None, leave=False):
+    for entry in progress(entries, desc="image sizes", unit="img", leave=False):
         try:  # header reads only: cheap, and they catch most unreadable files early
             sizes[entry.index] = read_size(entry.path)
         except ImageReadError as exc:

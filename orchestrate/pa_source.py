@@ -25,7 +25,6 @@ from typing import Any, Iterator, Mapping
 
 import torch
 import torchvision.transforms.functional as TF
-from tqdm import tqdm
 
 from detectron2_train.affinity import AFFINITY_INPUT_DEFAULTS, load_affinity_model, predict_affinity
 from distill.cli import ImageSetOptions, OutputOptions, options_from, settings_from
@@ -39,6 +38,7 @@ from utils.distributed import resolve_device
 from utils.errors import UserError
 from utils.fingerprint import file_digest
 from utils.images import ImageReadError, load_rgb, read_size
+from utils.progress import progress
 
 ORACLE = "oracle"
 
@@ -119,7 +119,7 @@ class PAMaskSource:
         if self.vis_dir is not None:
             self.vis_dir.mkdir(parents=True, exist_ok=True)
         total = sum(index not in writer.done for batch in batches for index in batch)
-        with tqdm(total=total, desc="PA masks", unit="img", disable=None, dynamic_ncols=True) as bar:
+        with progress(total=total, desc="PA masks", unit="img") as bar:
             def write(result: tuple[str, int] | tuple[int, str]) -> None:
                 if isinstance(result[0], int):
                     writer.skip(self.entries[result[0]], result[1])
