@@ -170,3 +170,15 @@ def test_rounds_skip_finished_refuse_changed_and_rerun_what_follows(tmp_path):
     calls.clear()
     _rounds(tmp_path, [0.5, 0.8, 0.9], calls)
     assert calls == [3] and (tmp_path / "rounds" / "round3" / "work.txt").exists()
+
+
+def test_rounds_are_checked_before_any_round_runs(tmp_path):
+    """Round 1 unfinished and round 2 changed: the refusal comes first, round 1 is not resumed meanwhile."""
+    calls: list[int] = []
+    _rounds(tmp_path, [0.5, 0.7], calls)
+    marker_path = tmp_path / "rounds" / "round1" / "round.json"
+    marker_path.write_text(json.dumps({**json.loads(marker_path.read_text()), "done": False}))
+    calls.clear()
+    with pytest.raises(UserError, match=r"round 2 in .*round2: it was made with thresh=0.7, not 0.8"):
+        _rounds(tmp_path, [0.5, 0.8], calls)
+    assert calls == [] and (tmp_path / "rounds" / "round2" / "round.json").exists()
