@@ -24,6 +24,7 @@ from pathlib import Path
 from utils.coco_io import load_coco_dataset, load_json, write_json
 from utils.errors import UserError
 from utils.images import IMAGE_EXTENSIONS
+from utils.lock import folder_lock
 from utils.steps import Step, StepRecord, run_steps
 
 REPO = Path(__file__).resolve().parents[1]
@@ -340,11 +341,12 @@ def run_pipeline(s: PipelineSettings, overwrite: bool = False) -> list[StepRecor
     from utils.report import write_report
 
     check_settings(s)
-    records = run_steps(s.out, build_steps(s), overwrite=overwrite, flag="--overwrite")
-    report = Path(s.out) / "report.html"
-    write_report(report, records, title=f"MaskDistill pipeline: {s.images}",
-                 links={"masks gallery": "masks/vis/index.html"},
-                 metrics=next(r.result["metrics"] for r in records if r.name == "eval"))
+    with folder_lock(s.out, "--out"):  # a second pipeline on the same --out is refused
+        records = run_steps(s.out, build_steps(s), overwrite=overwrite, flag="--overwrite")
+        report = Path(s.out) / "report.html"
+        write_report(report, records, title=f"MaskDistill pipeline: {s.images}",
+                     links={"masks gallery": "masks/vis/index.html"},
+                     metrics=next(r.result["metrics"] for r in records if r.name == "eval"))
     print(f"report: {report}")
     return records
 
