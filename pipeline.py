@@ -7,7 +7,8 @@
 Stages, each in OUT/<stage>/: masks (gen_masks.py, with a gallery in masks/vis/index.html), cluster
 (utils/cluster.py), maskrcnn (Mask R-CNN with self-training rounds), semantic (gen_segmentation.py),
 deeplab (DeepLab-v3 with CRF rounds), eval (metrics; against --gt_json where given). A rerun skips
-finished stages; a changed setting reruns from the first stage it affects. See docs/pipeline.md.
+finished stages and resumes an unfinished one; a changed setting is refused, or with --overwrite reruns
+from the first stage it affects. See docs/pipeline.md.
 """
 from __future__ import annotations
 
@@ -46,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--crf_rounds", type=int_range(0), default=1,
                    help="DeepLab refinement rounds on its own CRF-refined predictions, 0 = train once "
                         "(default: %(default)s)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="rerun the stages whose settings changed, deleting their earlier outputs; without it such a "
+                        "run is refused")
     add_device_arg(p)
     return p
 
@@ -54,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from orchestrate.pipeline import run_pipeline, settings_from_args
 
-    run_pipeline(settings_from_args(args))
+    run_pipeline(settings_from_args(args), overwrite=args.overwrite)
     return 0
 
 

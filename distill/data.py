@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import fnmatch
 import math
-import os
 import re
 import sys
 from dataclasses import dataclass
@@ -354,8 +353,3 @@ def size_grouped_batches(dataset: MaskGenDataset, indices: list[int], batch_size
     batches = [members[i:i + batch_size] for members in groups.values() for i in range(0, len(members), batch_size)]
     return sorted(batches, key=lambda b: b[0])
 
-
-def worker_count(requested: int | None) -> int:
-    if requested is not None:
-        return requested
-    return min(4, max(0, (os.cpu_count() or 1) - 1))

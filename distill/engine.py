@@ -15,9 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
-import os
-import signal
 import time
 from collections import deque
 from dataclasses import asdict, dataclass
@@ -29,8 +26,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from distill.features import feature_setting
-from distill.data import (Geometry, ImageEntry, InputPolicy, MaskGenDataset, collate, size_grouped_batches,
-                          worker_count)
+from distill.data import Geometry, ImageEntry, InputPolicy, MaskGenDataset, collate, size_grouped_batches
 from distill.cli import ImageSetOptions, OutputOptions, options_from, settings_from
 from distill.generate import MaskJob, MergeParts, PartWriter, RunStats, merge, run
 from distill.methods import MethodSettings, backbone_features, method_features, pixel_masks, propose, resolve_method
@@ -46,6 +42,7 @@ from utils.images import load_rgb
 from utils.precision import autocast as precision_autocast
 from utils.precision import precision_name, resolve_precision
 from utils.progress import progress
+from utils.workers import default_workers, worker_pool
 
 MAX_PENDING_BATCHES = 2  # batches whose post-processing may lag behind the network
 
@@ -114,11 +111,6 @@ def finish_image(job: ImageJob) -> tuple[str, int]:
     return json.dumps({"index": job.index, "image": job.image, "annotations": annotations}), len(annotations)
 
 
-def _init_worker() -> None:
-    torch.set_num_threads(1)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process stops the pool
-
-
 class PostProcessing:
     """`finish_image` over the jobs of each batch, in worker processes (inline with 0 workers); the
     records are written in submission order. On an error or an interrupt in the main process, the
@@ -132,9 +124,7 @@ class PostProcessing:
 
     def __enter__(self) -> "PostProcessing":
         if self.workers:
-            # fork shares the loaded modules at no cost; spawn where there is no fork
-            method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-            self.pool = multiprocessing.get_context(method).Pool(self.workers, initializer=_init_worker)
+            self.pool = worker_pool(self.workers)
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -177,16 +167,6 @@ class _Finished:
         return self.value
 
 
-def post_worker_count(requested: int | None) -> int:
-    if requested is not None:
-        return requested
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cpus = os.cpu_count() or 1
-    return min(8, cpus)
-
-
 class ViTMaskSource:
     """The mask source of `gen_masks.py`: a method on the features of a ViT backbone, for `job` (its device
     and output encoding; under torchrun, the rank's job).
@@ -211,13 +191,13 @@ class ViTMaskSource:
 
     def run(self, batches: list[list[int]], writer: PartWriter) -> None:
         device = self.device
-        workers = worker_count(self.speed.num_workers)
+        workers = default_workers(self.speed.num_workers, at_most=4, spare=1, at_least=0)
         loader = DataLoader(self.dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate,
                             pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None)
         autocast = precision_autocast(resolve_precision(self.backbone.precision, device), device)
         sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         vis_dir = self.vis_dir
-        post_workers = post_worker_count(self.speed.post_workers)
+        post_workers = default_workers(self.speed.post_workers, at_most=8)
         threads = torch.get_num_threads()
         if device.type == "cpu" and self.method.refine is not None and post_workers:
             # The CRF workers keep their cores busy: threads of the main process beyond the cores left

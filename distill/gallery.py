@@ -21,7 +21,6 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
-from tqdm import tqdm
 
 from distill.visualize import colour, draw_layers, flat_name, save_image, thumbnail
 from utils.coco_io import (annotations_by_image, check_writable_folder, load_coco_dataset,
@@ -29,6 +28,8 @@ from utils.coco_io import (annotations_by_image, check_writable_folder, load_coc
 from utils.errors import UserError
 from utils.gallery import Column, GalleryImage, MaskCaption, Panel, relative_link, write_gallery
 from utils.images import ImageReadError, load_rgb, read_size
+from utils.lock import folder_lock
+from utils.progress import progress
 
 
 @dataclass
@@ -176,11 +177,20 @@ def build_gallery(out_dir: str | os.PathLike, image_root: str | os.PathLike, mas
             raise UserError(f"image {path} is {size[1]}x{size[0]}, but its masks are for "
                             f"{image['width']}x{image['height']}")
 
+    with folder_lock(out_dir, "--out"):  # a second gallery into the same --out is refused
+        if (out_dir / "index.html").exists() and not overwrite:  # again: another run may have finished meanwhile
+            raise UserError(f"output {out_dir / 'index.html'} already exists; pass --overwrite to replace it")
+        return _draw(out_dir, image_root, images, sources, labels, gt, gt_json, title, page_size)
+
+
+def _draw(out_dir: Path, image_root: Path, images: list[dict], sources: list[MasksSource], labels: list[str],
+          gt: dict | None, gt_json: str | None, title: str | None, page_size: int) -> Path:
+    """Write the thumbnails, every column's layers and the page (build_gallery, once everything is checked)."""
     gt_by_image = annotations_by_image(gt["annotations"]) if gt else {}
     categories = {c["id"]: c.get("name", str(c["id"])) for c in gt["categories"]} if gt else {}
     columns = ([Column("GT", source=str(gt_json), kind="gt")] if gt else []) + [s.column for s in sources]
     rows = []
-    for image in tqdm(images, desc="gallery", unit="img", disable=None):
+    for image in progress(images, desc="gallery", unit="img"):
         path = image_root / image["file_name"]
         try:
             original = load_rgb(path)

@@ -16,8 +16,9 @@ images, and appends one JSON line per image to a part file under `<pred_json_pat
 (`shard-IIIII-of-NNNNN.jsonl.inprogress`, renamed without `.inprogress` once the shard is done). A
 single-shard run, and `merge` after a sharded one, assemble the parts into the final COCO file in
 data-set order, streaming, so memory does not grow with the number of images. Every part starts with a
-header holding the run's settings (the flags of `distill.cli.SETTING_GROUPS` argument groups): a resume
-or a merge refuses parts made with other settings.
+header holding the run's settings (the flags of `distill.cli.SETTING_GROUPS` argument groups) and their
+fingerprint (utils/fingerprint.py: a file named by a setting, e.g. the weights, by its SHA-256): a resume
+or a merge refuses parts made with other settings, or with a file since rewritten at the same path.
 `run(job, make_source)` is `generate`, or under torchrun one shard per rank and a merge.
 """
 from __future__ import annotations
@@ -31,8 +32,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator, Protocol, TextIO
 
-from tqdm import tqdm
-
 from distill.cli import ImageSetOptions, OutputOptions
 from distill.data import ImageEntry, class_agnostic, coco20k_entries, folder_entries, voc_entries
 from distill.visualize import write_gallery
@@ -40,9 +39,13 @@ from utils.coco_io import (OBJECT_CATEGORY, atomic_path, check_can_write, check_
                            write_json)
 from utils.config import save_config
 from utils.errors import UserError
+from utils.fingerprint import difference, fingerprint
 from utils.images import ImageReadError, read_size
+from utils.lock import LockHeld, open_locked, record_holder
+from utils.progress import progress
 
 CATEGORIES = [OBJECT_CATEGORY]
+FINGERPRINT_KIND = "mask generation"
 
 
 @dataclass
@@ -187,14 +190,26 @@ def peek_part(path: Path) -> tuple[dict | None, bool]:
     return header, bool(second.strip())
 
 
-def check_settings(header: dict | None, settings: dict, source: Path) -> None:
+def settings_fingerprint(settings: dict) -> dict:
+    """The fingerprint (utils/fingerprint.py) of a job's recorded settings: a setting naming a file (the weights,
+    a list or GT file) counts by its content, so a file rewritten at the same path is a changed setting."""
+    return fingerprint(FINGERPRINT_KIND, settings)
+
+
+def part_fingerprint(header: dict) -> dict:
+    """The fingerprint a part's header records (parts written before it was recorded: that of its settings now)."""
+    recorded = header.get("fingerprint")
+    return recorded if isinstance(recorded, dict) else settings_fingerprint(header["settings"])
+
+
+def check_settings(header: dict | None, current: dict, source: Path) -> None:
+    """Refuse a part whose header records another fingerprint than `current`, naming the first difference."""
     if header is None:
         return
-    recorded = header["settings"]
-    for key in [*recorded, *(k for k in settings if k not in recorded)]:  # in flag order: method before its flags
-        if recorded.get(key) != settings.get(key):
-            raise UserError(f"{source} was made with {key}={recorded.get(key)!r}, not {settings.get(key)!r}; "
-                            "use the same settings, or --overwrite to start again")
+    # in flag order: a method before its flags
+    reason = difference(part_fingerprint(header), current, first=list(header["settings"]))
+    if reason is not None:
+        raise UserError(f"{source}: {reason}; use the same settings, or --overwrite to start again")
 
 
 class PartLock:
@@ -208,21 +223,15 @@ class PartLock:
         self.fd: int | None = None
 
     def __enter__(self) -> "PartLock":
-        import fcntl
         import socket
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 200).decode("utf-8", "replace").strip() or "unknown"
-            os.close(fd)
-            raise UserError(f"another run is writing {self.path.with_suffix('')} ({holder}); wait for it to finish or "
-                            "stop it, then run again") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}"
-                     .encode())
+            fd = open_locked(self.path)
+        except LockHeld as held:
+            raise UserError(f"another run is writing {self.path.with_suffix('')} ({held.holder}); wait for it to "
+                            "finish or stop it, then run again") from None
+        record_holder(fd, f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}")
         self.fd = fd
         return self
 
@@ -232,14 +241,15 @@ class PartLock:
             self.fd = None
 
 
-def assemble(part_files: list[Path], out_path: Path, settings: dict) -> tuple[int, int]:
-    """Stream the records of all parts, in data-set order, into one COCO file. Returns (images, skipped)."""
+def assemble(part_files: list[Path], out_path: Path, settings: dict, expected: dict) -> tuple[int, int]:
+    """Stream the records of all parts, made with the fingerprint `expected`, in data-set order, into one COCO
+    file with `settings` in its info. Returns (images, skipped)."""
     located = []
     for file_number, path in enumerate(part_files):
         scan = scan_part(path, finished=True)
         if scan.header is None:
             raise PartError(f"{path} is empty: rerun its shard with --overwrite")
-        check_settings(scan.header, settings, path)
+        check_settings(scan.header, expected, path)
         planned = scan.header.get("planned_images")  # absent in parts written before it was recorded
         if planned is not None and planned != len(scan.offsets):
             raise PartError(f"{path} holds {len(scan.offsets)} image records but its shard planned {planned}; "
@@ -356,13 +366,14 @@ def merge(output: OutputOptions) -> int:
     header = scan_part(finished[0], finished=True).header
     if header is None:
         raise PartError(f"{finished[0]} is empty: rerun its shard with --overwrite")
-    images, skipped = assemble([part_path(out, i, count) for i in range(count)], out, header["settings"])
+    images, skipped = assemble([part_path(out, i, count) for i in range(count)], out, header["settings"],
+                               part_fingerprint(header))
     save_config(header["settings"], out.with_suffix(".config.yaml"))
     print(f"merged {count} shards: {images} images, {skipped} skipped -> {out}")
     return 0
 
 
-def check_part_state(final_part: Path, progress_part: Path, output: OutputOptions, settings: dict,
+def check_part_state(final_part: Path, progress_part: Path, output: OutputOptions, current: dict,
                      shard_name: str) -> None:
     """Refuse what would mix or lose results: a finished part (without --overwrite), an unfinished one with
     image records (without --resume or --overwrite) or made with other settings (with --resume). Reads only;
@@ -379,7 +390,7 @@ def check_part_state(final_part: Path, progress_part: Path, output: OutputOption
     if not output.resume:
         raise UserError(f"unfinished results exist in {progress_part}; pass --resume to continue, "
                         "or --overwrite to start again")
-    check_settings(header, settings, progress_part)
+    check_settings(header, current, progress_part)
 
 
 def generate(job: MaskJob, make_source: Callable[[MaskJob], MaskSource]) -> RunStats:
@@ -389,6 +400,7 @@ def generate(job: MaskJob, make_source: Callable[[MaskJob], MaskSource]) -> RunS
     weights) is checked before any file or folder is created, so a refused run leaves nothing behind. The shard's
     part is then locked (`PartLock`) for the whole run and its state checked again under the lock."""
     output, settings = job.output, job.settings
+    current = settings_fingerprint(settings)
     out = Path(output.pred_json_path)
     shard, num_shards = parse_shard(output.shard)
     check_writable(out)
@@ -398,7 +410,7 @@ def generate(job: MaskJob, make_source: Callable[[MaskJob], MaskSource]) -> RunS
         check_can_write(out, output.overwrite)
     final_part = part_path(out, shard, num_shards)
     progress_part = final_part.with_name(final_part.name + ".inprogress")
-    check_part_state(final_part, progress_part, output, settings, f"{shard}/{num_shards}")
+    check_part_state(final_part, progress_part, output, current, f"{shard}/{num_shards}")
     entries, subset = load_image_set(job.images)
     source = make_source(job)
 
@@ -406,7 +418,7 @@ def generate(job: MaskJob, make_source: Callable[[MaskJob], MaskSource]) -> RunS
     start = time.perf_counter()
     sizes: dict[int, tuple[int, int]] = {}
     unreadable: list[tuple[ImageEntry, str]] = []
-    for entry in tqdm(entries, desc="image sizes", unit="img", disable=None, leave=False):
+    for entry in progress(entries, desc="image sizes", unit="img", leave=False):
         try:  # header reads only: cheap, and they catch most unreadable files early
             sizes[entry.index] = read_size(entry.path)
         except ImageReadError as exc:
@@ -420,7 +432,7 @@ def generate(job: MaskJob, make_source: Callable[[MaskJob], MaskSource]) -> RunS
     with PartLock(final_part):
         if num_shards == 1:
             check_can_write(out, output.overwrite)  # again: another run may have finished meanwhile
-        check_part_state(final_part, progress_part, output, settings, f"{shard}/{num_shards}")
+        check_part_state(final_part, progress_part, output, current, f"{shard}/{num_shards}")
         write_subset_gt(output, subset)
         if output.overwrite:
             final_part.unlink(missing_ok=True)
@@ -437,7 +449,8 @@ def generate(job: MaskJob, make_source: Callable[[MaskJob], MaskSource]) -> RunS
                                     f"image set now gives {planned}: it changed; --overwrite to start again")
         if not done:
             with open(progress_part, "w") as f:
-                f.write(json.dumps({"kind": "header", "settings": settings, "planned_images": planned}) + "\n")
+                f.write(json.dumps({"kind": "header", "settings": settings, "fingerprint": current,
+                                    "planned_images": planned}) + "\n")
         batches = [b for b in batches if any(index not in done for index in b)]
         with open(progress_part, "a") as part:
             writer = PartWriter(part, done, stats)
@@ -452,7 +465,7 @@ def generate(job: MaskJob, make_source: Callable[[MaskJob], MaskSource]) -> RunS
 
         progress_part.rename(final_part)
         if num_shards == 1:
-            images, skipped = assemble([final_part], out, settings)
+            images, skipped = assemble([final_part], out, settings, current)
             save_config(settings, out.with_suffix(".config.yaml"))
             shutil.rmtree(parts_dir(out))  # the lock file too: it is held until the end
             print(f"wrote {images} images ({skipped} skipped) to {out}")

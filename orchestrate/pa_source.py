@@ -16,7 +16,6 @@ frozen `PAMasksSettings` (or a `MergeParts` for --merge) that `generate_pa_masks
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 from collections import deque
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -25,11 +24,10 @@ from typing import Any, Iterator, Mapping
 
 import torch
 import torchvision.transforms.functional as TF
-from tqdm import tqdm
 
 from detectron2_train.affinity import AFFINITY_INPUT_DEFAULTS, load_affinity_model, predict_affinity
 from distill.cli import ImageSetOptions, OutputOptions, options_from, settings_from
-from distill.data import ImageEntry, worker_count
+from distill.data import ImageEntry
 from distill.generate import MaskJob, MergeParts, PartWriter, RunStats, load_image_set, merge, run
 from distill.grouping import GroupingOptions, image_record
 from distill.visualize import overlay_name
@@ -39,12 +37,10 @@ from utils.distributed import resolve_device
 from utils.errors import UserError
 from utils.fingerprint import file_digest
 from utils.images import ImageReadError, load_rgb, read_size
+from utils.progress import progress
+from utils.workers import default_workers, worker_pool
 
 ORACLE = "oracle"
-
-
-def _init_worker() -> None:
-    torch.set_num_threads(1)
 
 
 # ----------------------------------------------------------------------------- the source
@@ -58,7 +54,7 @@ class PAMaskSource:
                  device: str = "auto", workers: int | None = None, vis_dir: str | None = None):
         options.check()
         self.options, self.mask_format = options, mask_format
-        self.workers = worker_count(workers)
+        self.workers = default_workers(workers, at_most=4, spare=1, at_least=0)
         self.vis_dir = Path(vis_dir) if vis_dir else None
         self.model = None
         if affinity == ORACLE:
@@ -119,7 +115,7 @@ class PAMaskSource:
         if self.vis_dir is not None:
             self.vis_dir.mkdir(parents=True, exist_ok=True)
         total = sum(index not in writer.done for batch in batches for index in batch)
-        with tqdm(total=total, desc="PA masks", unit="img", disable=None, dynamic_ncols=True) as bar:
+        with progress(total=total, desc="PA masks", unit="img") as bar:
             def write(result: tuple[str, int] | tuple[int, str]) -> None:
                 if isinstance(result[0], int):
                     writer.skip(self.entries[result[0]], result[1])
@@ -133,9 +129,7 @@ class PAMaskSource:
                 for job in jobs:
                     write(image_record(job))
                 return
-            # fork shares the loaded modules at no cost (the workers run no torch); spawn where there is no fork
-            method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-            with multiprocessing.get_context(method).Pool(self.workers, initializer=_init_worker) as pool:
+            with worker_pool(self.workers) as pool:
                 pending: deque = deque()
                 for job in jobs:
                     pending.append(pool.apply_async(image_record, (job,)))

@@ -9,8 +9,9 @@
     report    OUT/report.html: stages, settings, timings, metrics and what each was measured against
 
 Each stage's flags are built with that stage's own parser, so its checks and defaults apply unchanged. A
-rerun skips finished steps; a changed setting reruns from the first step it affects (the ground truth
-only affects `eval`). `tiny` uses the stages' tiny CPU configs and random/tiny backbones: the run
+rerun skips finished steps and resumes an unfinished one; a changed setting (a weights file changed in
+place included) is refused unless `overwrite`, which reruns from the first step it affects (the ground
+truth only affects `eval`). `tiny` uses the stages' tiny CPU configs and random/tiny backbones: the run
 checks the plumbing in minutes and its numbers mean nothing.
 """
 from __future__ import annotations
@@ -24,6 +25,7 @@ from distill.registry import load_method, method_names
 from utils.coco_io import load_coco_dataset, load_json, write_json
 from utils.errors import UserError
 from utils.images import IMAGE_EXTENSIONS
+from utils.lock import folder_lock
 from utils.steps import Step, StepRecord, run_steps
 
 REPO = Path(__file__).resolve().parents[1]
@@ -318,7 +320,9 @@ def build_steps(s: PipelineSettings) -> list[Step]:
     images = {"images": str(Path(s.images).resolve()), "images_digest": folder_digest(Path(s.images))}
     common = {"tiny": s.tiny, "device": s.device}
     return [
-        Step("masks", {**images, **common, "gen_masks": gen_masks_argv(s)}, lambda f, r: run_masks(s, f, r)),
+        # "weights" by itself, so that a checkpoint file counts by its content (utils/fingerprint.py)
+        Step("masks", {**images, **common, "gen_masks": gen_masks_argv(s), "weights": s.weights},
+             lambda f, r: run_masks(s, f, r)),
         Step("cluster", {**common, "num_classes": s.num_classes}, lambda f, r: run_cluster(s, f, r),
              inputs=("masks",)),
         Step("maskrcnn", {**common, "rounds": s.self_training_rounds, "score_thresh": s.score_thresh,
@@ -335,16 +339,20 @@ def build_steps(s: PipelineSettings) -> list[Step]:
     ]
 
 
-def run_pipeline(s: PipelineSettings) -> list[StepRecord]:
-    """Run (or resume) every stage under `s.out`, then write `s.out/report.html`. Returns the step records."""
+def run_pipeline(s: PipelineSettings, overwrite: bool = False) -> list[StepRecord]:
+    """Run (or resume) every stage under `s.out`, then write `s.out/report.html`. Returns the step records.
+
+    A stage recorded with other settings is refused before any stage runs, unless `overwrite` (pipeline.py's
+    --overwrite): then it reruns from an empty folder, and so do the stages after it that read it."""
     from utils.report import write_report
 
     check_settings(s)
-    records = run_steps(s.out, build_steps(s))
-    report = Path(s.out) / "report.html"
-    write_report(report, records, title=f"MaskDistill pipeline: {s.images}",
-                 links={"masks gallery": "masks/vis/index.html"},
-                 metrics=next(r.result["metrics"] for r in records if r.name == "eval"))
+    with folder_lock(s.out, "--out"):  # a second pipeline on the same --out is refused
+        records = run_steps(s.out, build_steps(s), overwrite=overwrite, flag="--overwrite")
+        report = Path(s.out) / "report.html"
+        write_report(report, records, title=f"MaskDistill pipeline: {s.images}",
+                     links={"masks gallery": "masks/vis/index.html"},
+                     metrics=next(r.result["metrics"] for r in records if r.name == "eval"))
     print(f"report: {report}")
     return records
 

@@ -338,3 +338,14 @@ def test_page_script_sorts_filters_and_pages_from_the_file_system(page):
     assert sorted(order[:-3]) == [("zebras/003.jpg", True), ("zebras/004.jpg", True)]
     assert by_id(tree, "page-count").full_text() == "2"
     assert by_id(tree, "shown").full_text() == "images 3-3 of 3 (5 before filtering)"
+
+
+def test_a_run_without_a_terminal_prints_progress_lines(dataset, tmp_path, monkeypatch, capsys):
+    """Not a TTY (a log file): the periodic lines of utils/progress, here one per image, and a last one."""
+    root, files = dataset
+    monkeypatch.setenv("MASKDISTILL_PROGRESS_SECONDS", "1e-9")
+    build_gallery(tmp_path / "out", root, [str(files["lost"])])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("gallery: ")]
+    assert [line.split(",")[0] for line in lines] == [f"gallery: {n}/5 img ({20 * n}%)" for n in range(1, 6)] + [
+        "gallery: 5/5 img (100%)"]
+    assert "done in" in lines[-1]

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
 
@@ -254,8 +255,28 @@ def test_resume_refuses_changed_settings(small_folder, tmp_path, monkeypatch, ca
         run_inprocess(*common_args(small_folder, out))
     assert "topk=0.4, not 0.2" in run_main_expecting_error([*common_args(small_folder, out), "--resume", "--topk", 0.2],
                                                            capsys)
-    assert "method='maskdistill', not 'lost'" in run_main_expecting_error(
+    assert "method=maskdistill, not lost" in run_main_expecting_error(
         [*common_args(small_folder, out, "lost"), "--resume"], capsys)
+
+
+def test_resume_refuses_weights_rewritten_at_the_same_path(small_folder, tmp_path, monkeypatch, capsys):
+    """--weights counts by its content (utils/fingerprint.py): a checkpoint retrained into the same file is a
+    changed setting, so the part made with the old one is refused."""
+    from utils.vit import build_vit
+
+    weights = tmp_path / "vit.pth"
+    state = build_vit("vit_small", 16, "random").vit.state_dict()
+    torch.save(state, weights)
+    out = tmp_path / "masks.json"
+    args = [*common_args(small_folder, out), "--weights", weights]
+    monkeypatch.setattr(engine_module, "backbone_features",
+                        cli_helpers.interrupt_on_call(engine_module.backbone_features, 2))
+    with pytest.raises(KeyboardInterrupt):
+        run_inprocess(*args)
+    torch.save({**state, "norm.bias": state["norm.bias"] + 1}, weights)  # same path, other weights
+    line = run_main_expecting_error([*args, "--resume"], capsys)
+    assert f"it was made with weights={weights} (sha256 " in line and line.endswith(
+        "; use the same settings, or --overwrite to start again")
 
 
 def free_port() -> int:

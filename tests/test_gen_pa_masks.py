@@ -206,3 +206,28 @@ def test_resume_refuses_a_retrained_checkpoint_and_skips_unreadable_images(tmp_p
     out.unlink()
     code, _, stderr = run(monkeypatch, capsys, *base, "--resume")
     assert code == 2 and "was made with affinity_sha256=" in stderr and stderr.count("\n") == 1
+
+
+def test_a_run_without_a_terminal_prints_progress_lines(tmp_path, monkeypatch, capsys):
+    """Not a TTY (a log file): the image-size pass of the job and the grouping print utils/progress lines."""
+    from PIL import Image
+
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    gt = {"images": [], "annotations": [], "categories": [{"id": 1, "name": "thing"}]}
+    for n in (1, 2):
+        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(images / f"{n}.jpg")
+        gt["images"].append({"id": n, "file_name": f"{n}.jpg", "height": 40, "width": 48})
+        gt["annotations"].append({"id": n, "image_id": n, "category_id": 1, "iscrowd": 0, "area": 100.0,
+                                  "bbox": [5, 5, 10, 10], "segmentation": [[5, 5, 15, 5, 15, 15, 5, 15]]})
+    gt_json = tmp_path / "gt.json"
+    gt_json.write_text(json.dumps(gt))
+    monkeypatch.setenv("MASKDISTILL_PROGRESS_SECONDS", "1e-9")
+    code, _, stderr = run(monkeypatch, capsys, "--dataset", "folder", "--dataset_root", images, "--affinity", "oracle",
+                          "--gt_json", gt_json, "--num_workers", 0, "--pred_json_path", tmp_path / "pa.json")
+    assert code == 0, stderr
+    lines = stderr.splitlines()
+    assert [line.split(",")[0] for line in lines if line.startswith("PA masks: ")] == [
+        "PA masks: 1/2 img (50%)", "PA masks: 2/2 img (100%)", "PA masks: 2/2 img (100%)"]
+    assert any(line.startswith("image sizes: 2/2 img (100%)") for line in lines)

@@ -10,6 +10,7 @@ import pytest
 import pipeline
 from orchestrate.pipeline import run_pipeline, settings_from_args
 from tests.cli_helpers import documented_argv, error_line, run_main
+from utils.steps import Step
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_COCO = REPO.parent / "shared" / "data" / "tiny_coco"
@@ -73,7 +74,12 @@ def test_rerun_skips_every_finished_step(first_run):
 @pytest.mark.slow
 def test_changed_setting_reruns_from_the_affected_step(first_run):
     args = pipeline.build_parser().parse_args(quick_start_argv(first_run) + ["--crf_rounds", "0"])
-    records = run_pipeline(settings_from_args(args))
+    code, _, stderr = run_main(pipeline.main, quick_start_argv(first_run) + ["--crf_rounds", "0"])
+    assert code == 2 and error_line(stderr) == (
+        f"error: step deeplab in {first_run / 'deeplab'}: it was made with settings.crf_rounds=1, not 0; use the "
+        "same settings, or --overwrite to run it again")
+    assert (first_run / "deeplab" / "round1").exists()  # refused: nothing deleted
+    records = run_pipeline(settings_from_args(args), overwrite=True)
     assert [(r.name, r.status) for r in records] == [
         ("masks", "skipped"), ("cluster", "skipped"), ("maskrcnn", "skipped"), ("semantic", "skipped"),
         ("deeplab", "ran"), ("eval", "ran")]
@@ -85,3 +91,39 @@ def test_bad_input_stops_before_any_file(tmp_path):
     code, _, stderr = run_main(pipeline.main, ["--images", str(tmp_path / "missing"), "--out", str(tmp_path / "out")])
     assert code == 2 and error_line(stderr) == f"error: --images {tmp_path / 'missing'}: not a folder"
     assert not (tmp_path / "out").exists()
+
+
+def fake_stages(calls: list[str]):
+    """Two cheap stages in place of the real ones: the masks stage's settings as build_steps makes them."""
+    from orchestrate.pipeline import build_steps
+
+    def steps(s):
+        real = build_steps(s)[0]
+        return [Step("masks", real.settings, lambda folder, results: calls.append("masks") or {}),
+                Step("eval", {}, lambda folder, results: calls.append("eval") or {"metrics": []}, inputs=("masks",))]
+
+    return steps
+
+
+def test_weights_changed_in_place_are_refused_then_rerun_with_overwrite(tmp_path, monkeypatch):
+    """--weights counts by its content: the same path with other bytes is a changed setting; pipeline.py names
+    its own --overwrite, and with it reruns the masks stage and what reads it."""
+    from orchestrate import pipeline as orchestration
+
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "a.jpg").write_bytes(b"not decoded by the fake stages")
+    weights = tmp_path / "dino.pth"
+    weights.write_bytes(b"first weights")
+    calls: list[str] = []
+    monkeypatch.setattr(orchestration, "build_steps", fake_stages(calls))
+    argv = ["--images", str(images), "--out", str(tmp_path / "out"), "--weights", str(weights)]
+    assert pipeline.main(argv) == 0 and calls == ["masks", "eval"]
+    assert pipeline.main(argv) == 0 and calls == ["masks", "eval"]  # skipped: same settings
+    weights.write_bytes(b"other weights")
+    code, _, stderr = run_main(pipeline.main, argv)
+    assert code == 2 and error_line(stderr).startswith(
+        f"error: step masks in {tmp_path / 'out' / 'masks'}: it was made with settings.weights={weights} (sha256 ")
+    assert error_line(stderr).endswith("; use the same settings, or --overwrite to run it again")
+    assert calls == ["masks", "eval"]
+    assert pipeline.main([*argv, "--overwrite"]) == 0 and calls == ["masks", "eval"] * 2

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from utils.errors import UserError
 from utils.report import render_report
 from utils.steps import MARKER, Step, run_steps
 
@@ -45,10 +46,16 @@ def test_steps_run_skip_and_rerun_from_the_changed_one(tmp_path):
     records = run_steps(tmp_path, chain(calls), log=lambda _: None)
     assert calls == [] and [r.status for r in records] == ["skipped"] * 3 and records[-1].result == {"sum": 13}
 
-    # the scale changes: numbers is kept, scaled and everything downstream of it rerun
+    # the scale changes: refused, naming the step and the difference, before anything runs or is deleted
     (tmp_path / "scaled" / "stale.txt").write_text("left by the old run")
     calls.clear()
-    records = run_steps(tmp_path, chain(calls, scale=3), log=lambda _: None)
+    with pytest.raises(UserError, match=r"^step scaled in .*scaled: it was made with settings\.scale=2, not 3; use "
+                                        r"the same settings, or --overwrite to run it again$"):
+        run_steps(tmp_path, chain(calls, scale=3), log=lambda _: None)
+    assert calls == [] and (tmp_path / "scaled" / "stale.txt").exists()
+
+    # with overwrite: numbers is kept, scaled and everything downstream of it rerun
+    records = run_steps(tmp_path, chain(calls, scale=3), log=lambda _: None, overwrite=True)
     assert calls == ["scaled", "summed"] and records[-1].result == {"sum": 19}
     assert [r.status for r in records] == ["skipped", "ran", "ran"]
     assert records[1].reason == "it was made with settings.scale=2, not 3"
@@ -57,8 +64,47 @@ def test_steps_run_skip_and_rerun_from_the_changed_one(tmp_path):
 
     # only the last step's setting changes: only it reruns
     calls.clear()
-    records = run_steps(tmp_path, chain(calls, scale=3, offset=0), log=lambda _: None)
+    records = run_steps(tmp_path, chain(calls, scale=3, offset=0), log=lambda _: None, overwrite=True)
     assert calls == ["summed"] and records[-1].result == {"sum": 18}
+
+
+def test_a_file_rewritten_in_place_counts_as_a_changed_setting(tmp_path):
+    """A setting naming a file counts by its content: the same path with other bytes is refused."""
+    weights = tmp_path / "weights.pth"
+    weights.write_bytes(b"first")
+    calls: list[str] = []
+
+    def steps() -> list[Step]:
+        return [Step("train", {"weights": str(weights)}, lambda folder, results: calls.append("train") or {})]
+
+    run_steps(tmp_path / "out", steps(), log=lambda _: None)
+    weights.write_bytes(b"other")
+    with pytest.raises(UserError, match=rf"^step train in .*: it was made with settings\.weights={weights} \(sha256 "):
+        run_steps(tmp_path / "out", steps(), log=lambda _: None)
+    records = run_steps(tmp_path / "out", steps(), log=lambda _: None, overwrite=True)
+    assert calls == ["train", "train"] and records[0].status == "ran"
+
+
+def test_a_folder_without_a_marker_is_refused_not_deleted(tmp_path):
+    (tmp_path / "numbers").mkdir()
+    (tmp_path / "numbers" / "mine.txt").write_text("someone's work")
+    with pytest.raises(UserError, match="step numbers in .*: it records no settings to compare"):
+        run_steps(tmp_path, chain([]), log=lambda _: None)
+    assert (tmp_path / "numbers" / "mine.txt").exists()
+
+
+def test_a_step_whose_input_runs_again_starts_from_an_empty_folder(tmp_path):
+    """Same settings, but what it reads was redone (an unfinished earlier step): it is stale, not resumed."""
+    calls: list[str] = []
+    run_steps(tmp_path, chain(calls), log=lambda _: None)
+    marker = json.loads((tmp_path / "scaled" / MARKER).read_text())
+    (tmp_path / "scaled" / MARKER).write_text(json.dumps({**marker, "done": False}))
+    (tmp_path / "summed" / "old.txt").write_text("made from the old scaled")
+    calls.clear()
+    records = run_steps(tmp_path, chain(calls), log=lambda _: None)
+    assert calls == ["scaled", "summed"] and [r.reason for r in records[1:]] == ["unfinished",
+                                                                                "an input it reads runs again"]
+    assert not (tmp_path / "summed" / "old.txt").exists()
 
 
 def test_an_interrupted_step_runs_again_in_its_folder(tmp_path):

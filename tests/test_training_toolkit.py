@@ -170,3 +170,42 @@ def test_rounds_skip_finished_refuse_changed_and_rerun_what_follows(tmp_path):
     calls.clear()
     _rounds(tmp_path, [0.5, 0.8, 0.9], calls)
     assert calls == [3] and (tmp_path / "rounds" / "round3" / "work.txt").exists()
+
+
+def test_rounds_are_checked_before_any_round_runs(tmp_path):
+    """Round 1 unfinished and round 2 changed: the refusal comes first, round 1 is not resumed meanwhile."""
+    calls: list[int] = []
+    _rounds(tmp_path, [0.5, 0.7], calls)
+    marker_path = tmp_path / "rounds" / "round1" / "round.json"
+    marker_path.write_text(json.dumps({**json.loads(marker_path.read_text()), "done": False}))
+    calls.clear()
+    with pytest.raises(UserError, match=r"round 2 in .*round2: it was made with thresh=0.7, not 0.8"):
+        _rounds(tmp_path, [0.5, 0.8], calls)
+    assert calls == [] and (tmp_path / "rounds" / "round2" / "round.json").exists()
+
+
+def test_resume_refuses_weights_rewritten_at_the_same_path(tmp_path):
+    """A trainer's --resume: initial weights named by the config count by their content, not their path."""
+    from torch import nn
+
+    from utils.training import HARMLESS_KEYS, TrainingRun
+
+    weights = tmp_path / "init.pth"
+    weights.write_bytes(b"initial weights, first version")
+    config = {"output_dir": str(tmp_path / "run"), "model": {"weights": str(weights)}, "solver": {"max_iter": 2}}
+
+    def training_run() -> TrainingRun:
+        torch.manual_seed(0)
+        model = nn.Linear(2, 1)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        return TrainingRun(config["output_dir"], model, optimizer, None, LoopSettings(max_iter=2), DistInfo(),
+                           config=config, fingerprint=fingerprint("toy_trainer", config, HARMLESS_KEYS))
+
+    run = training_run()
+    run.prepare(resume=False, overwrite=False)
+    run.train(lambda model, batch: {"loss": model(batch).pow(2).mean()}, itertools.repeat(torch.ones(4, 2)))
+    assert training_run().prepare(resume=True, overwrite=False) == 2  # same weights: resumes (finished)
+    weights.write_bytes(b"initial weights, retrained")  # same path, other content
+    with pytest.raises(UserError, match=rf"^cannot resume from .*model_final\.pth: it was made with model\.weights="
+                                        rf"{weights} \(sha256 [0-9a-f]{{12}}\), not {weights} \(sha256 "):
+        training_run().prepare(resume=True, overwrite=False)

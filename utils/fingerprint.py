@@ -18,7 +18,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 from utils.errors import UserError
 
@@ -83,14 +83,17 @@ def _describe(print_: dict, key: str) -> tuple[Any, str]:
     return ("value", value), repr(value) if not isinstance(value, str) else value
 
 
-def difference(recorded: dict | None, current: dict) -> str | None:
-    """How `recorded` differs from `current`, in words (the first differing key), or None when they agree."""
+def difference(recorded: dict | None, current: dict, first: Sequence[str] = ()) -> str | None:
+    """How `recorded` differs from `current`, in words (the first differing key), or None when they agree.
+
+    Keys are compared in the order of `first` (e.g. the flags' order: a method before its options), then sorted."""
     if not isinstance(recorded, dict) or "kind" not in recorded:
         return "it records no settings to compare (another tool or an older version made it)"
     if recorded["kind"] != current["kind"]:
         return f"it was made by {recorded['kind']}, not {current['kind']}"
     given_now = set(current["settings"]) | set(current["files"])
-    keys = sorted(set(recorded.get("settings", {})) | set(recorded.get("files", {})) | given_now)
+    every = set(recorded.get("settings", {})) | set(recorded.get("files", {})) | given_now
+    keys = [k for k in dict.fromkeys(first) if k in every] + sorted(every.difference(first))
     for key in keys:
         if key in recorded.get("extra_inputs", ()) and key not in given_now:
             continue  # an input outside the settings, not given again on resume

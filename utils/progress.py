@@ -13,7 +13,7 @@ a cluster job) silent for minutes. When stderr is not a terminal, this prints in
     train: 120/300 it (40%), 2.31 it/s, eta 1m18s, loss=0.412
 
 and a last line when the work ends (if any line was printed). `enabled=False` (e.g. on ranks > 0)
-shows nothing at all.
+shows nothing at all; `leave=False` clears the bar when done (a short preliminary pass).
 """
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ class Progress:
 
     def __init__(self, iterable: Iterable | None = None, total: int | None = None, desc: str = "",
                  unit: str = "it", initial: int = 0, enabled: bool = True, interval: float | None = None,
-                 stream: TextIO | None = None):
+                 stream: TextIO | None = None, leave: bool = True):
         self.iterable = iterable
         if total is None and iterable is not None and hasattr(iterable, "__len__"):
             total = len(iterable)  # type: ignore[arg-type]
@@ -70,7 +70,7 @@ class Progress:
             from tqdm import tqdm
 
             self._bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, file=self.stream,
-                             dynamic_ncols=True)
+                             dynamic_ncols=True, leave=leave)
         self._start = self._last = time.monotonic()
 
     def __iter__(self) -> Iterator:

@@ -9,11 +9,12 @@
         return {"checkpoint": ..., "AP50": ...}  # JSON: recorded, and handed to the next round
 
 Round n lives in ROOT/round<n>/, with a marker ROOT/round<n>/round.json = {"round", "settings", "done",
-"result"} written (atomically) before the round starts and again when it is done:
+"result"} written (atomically) before the round starts and again when it is done. Rounds are resumable
+units (utils/resumable.py, as pipeline steps are), each reading the round before it:
 
 * a finished round with the same settings is skipped, and its recorded result is used;
-* a round recorded with other settings is refused (one line naming the first difference), unless
-  `overwrite`, which deletes its folder and runs it again;
+* a round recorded with other settings is refused before any round runs (one line naming the round and
+  the first difference), unless `overwrite`, which deletes its folder and runs it again;
 * a round that runs anew makes the state of every later round stale (its input changed): they run again;
 * an unfinished round with the same settings runs again in its folder, so the trainers resume inside it.
 
@@ -24,17 +25,16 @@ the staleness rule). ROOT/rounds.json lists every round's result at the end.
 from __future__ import annotations
 
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from utils.coco_io import load_json, write_json
+from utils.coco_io import write_json
 from utils.distributed import DistInfo, barrier
-from utils.errors import UserError
-from utils.fingerprint import difference
+from utils.resumable import MarkerFormat, Unit, begin, finish, plan
 
 MARKER = "round.json"
+MARKER_FORMAT = MarkerFormat(MARKER, "settings")
 SUMMARY = "rounds.json"
 
 
@@ -57,45 +57,24 @@ def round_directory(root: str | os.PathLike, number: int) -> Path:
     return Path(root) / f"round{number}"
 
 
-def _read_marker(path: Path) -> dict | None:
-    return load_json(path, "round marker") if path.is_file() else None
-
-
 def run_rounds(root: str | os.PathLike, specs: Sequence[RoundSpec], run_round: Callable[[Round], dict],
                info: DistInfo, overwrite: bool = False) -> list[Round]:
     """Run the rounds in order (see the module docstring); returns them with their results."""
     root = Path(root)
+    units = [Unit(f"round {spec.number}", round_directory(root, spec.number), spec.settings, {"round": spec.number},
+                  inputs=[index - 1] if index else []) for index, spec in enumerate(specs)]
     done: list[Round] = []
-    stale = False  # an earlier round ran anew: later finished rounds are out of date
-    for spec in specs:
-        current = Round(spec.number, round_directory(root, spec.number), spec.settings, done[-1] if done else None)
-        marker_path = current.directory / MARKER
-        marker = _read_marker(marker_path)
-        if marker is not None:
-            reason = difference(marker.get("settings"), spec.settings)
-            if reason is not None and not overwrite:
-                raise UserError(f"round {spec.number} in {current.directory}: {reason}; use the same settings, "
-                                f"or --overwrite to run it again")
-            if reason is not None or stale:
-                if info.is_main:
-                    shutil.rmtree(current.directory)
-                barrier()
-                marker = None
-        if marker is not None and marker.get("done"):
-            current.result = marker.get("result") or {}
+    for spec, decision in zip(specs, plan(units, MARKER_FORMAT, overwrite)):
+        current = Round(spec.number, decision.unit.directory, spec.settings, done[-1] if done else None)
+        if not decision.run:
+            current.result = decision.result
             if info.is_main:
                 print(f"round {spec.number}: already done in {current.directory}")
             done.append(current)
             continue
-        if info.is_main:
-            write_json(marker_path, {"round": spec.number, "settings": spec.settings, "done": False}, indent=1)
-        barrier()
+        begin(decision, MARKER_FORMAT, info.is_main, barrier)
         current.result = run_round(current)
-        if info.is_main:
-            write_json(marker_path, {"round": spec.number, "settings": spec.settings, "done": True,
-                                     "result": current.result}, indent=1)
-        barrier()
-        stale = True
+        finish(decision.unit, MARKER_FORMAT, {"result": current.result}, info.is_main, barrier)
         done.append(current)
     if info.is_main:
         write_json(root / SUMMARY, [{"round": r.number, "directory": str(r.directory), **r.result} for r in done],

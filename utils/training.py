@@ -41,7 +41,8 @@ Exact resume: checkpoints hold model, optimizer, scheduler, GradScaler, RNG stat
 settings fingerprint (utils/fingerprint.py). The batches depend on (seed, sample position) only
 (utils/samplers.py) and every iteration reseeds from (seed, rank, iteration), so a resumed run ends with the
 weights of an uninterrupted one on every rank, although a checkpoint holds rank 0's RNG states only.
-`prepare` refuses a folder holding checkpoints unless resuming or overwriting, refuses to resume from a
+`prepare` locks the output folder for the run (utils/lock.py: a second trainer writing there is refused;
+`train` releases it), refuses a folder holding checkpoints unless resuming or overwriting, refuses to resume from a
 checkpoint made with other settings, weights or data (one line naming the first difference), and cuts
 metrics.jsonl back to the checkpoint's iteration (a line torn by a kill is dropped).
 
@@ -78,6 +79,7 @@ from utils.config import save_config
 from utils.distributed import DistInfo, barrier
 from utils.errors import UserError
 from utils.fingerprint import check_fingerprint
+from utils.lock import FolderLock
 from utils.progress import Progress
 from utils.samplers import worker_batches
 
@@ -188,6 +190,7 @@ class TrainingRun:
         self.start_iter = 0
         self.resumed_from: Path | None = None
         self.evaluation: dict | None = None
+        self.lock: FolderLock | None = None
 
     @property
     def metrics_path(self) -> Path:
@@ -207,6 +210,21 @@ class TrainingRun:
         Then (rank 0) save config.yaml and cut metrics.jsonl back to the starting iteration.
         Returns the starting iteration (also `self.start_iter`).
         """
+        if self.info.is_main:  # one writer per folder, until `train` ends: a second trainer here is refused
+            self.lock = FolderLock(self.output_dir, "--output_dir").acquire()
+        try:
+            return self._prepare(resume, overwrite)
+        except BaseException:
+            self.release()
+            raise
+
+    def release(self) -> None:
+        """Let another run write into the output folder (`train` does it when it ends)."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+    def _prepare(self, resume: bool, overwrite: bool) -> int:
         old = self.checkpoint_files()
         if old and not (resume or overwrite):
             raise UserError(f"{self.output_dir} already holds checkpoints ({old[-1].name}); pass --resume to "
@@ -266,6 +284,12 @@ class TrainingRun:
 
     def train(self, step: Step, loader: Iterable, evaluate: Callable[[], dict] | None = None) -> Path:
         """Run iterations start_iter .. max_iter - 1 (see the module docstring); returns the final checkpoint."""
+        try:
+            return self._train(step, loader, evaluate)
+        finally:
+            self.release()
+
+    def _train(self, step: Step, loader: Iterable, evaluate: Callable[[], dict] | None) -> Path:
         loop, info = self.loop, self.info
         if self.start_iter >= loop.max_iter:
             if info.is_main:
