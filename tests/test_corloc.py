@@ -221,3 +221,15 @@ def test_corloc_voc_mini_from_converted_gt(voc_mini, tmp_path):
     pred_path = tmp_path / "p.json"
     pred_path.write_text(json.dumps(data))  # full dict: image ids mapped through file_name
     assert evaluate_corloc(pred_path, voc_root=str(voc)).corloc == pytest.approx(100.0)
+
+
+def test_the_first_of_tied_predictions_is_the_most_confident(tmp_path):
+    """LOST's protocol keeps an image's first prediction among those of the top score (ties: the first in the
+    file): image 1's first hits its GT box, image 2's first misses it."""
+    gt = _coco_gt(tmp_path, {1: [[0, 0, 10, 10]], 2: [[0, 0, 10, 10]]})
+    hit, miss = [0, 0, 10, 10], [40, 40, 10, 10]
+    preds = _preds(tmp_path, [{"image_id": 1, "category_id": 1, "bbox": hit, "score": 0.5},
+                              {"image_id": 1, "category_id": 1, "bbox": miss, "score": 0.5},
+                              {"image_id": 2, "category_id": 1, "bbox": miss, "score": 0.5},
+                              {"image_id": 2, "category_id": 1, "bbox": hit, "score": 0.5}])
+    assert evaluate_corloc(preds, gt_file=str(gt)).per_image == {1: True, 2: False}

@@ -248,3 +248,23 @@ def test_non_finite_numbers_and_unwritable_output_are_one_line_errors(perturbed,
                            "--out_json", str(blocker / "m.json")], cwd=repo_root, capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
     assert proc.stderr.startswith("error: cannot write output") and "AP" not in proc.stdout
+
+
+def test_most_confident_protocol_keeps_the_first_of_tied_predictions():
+    """Two images, each with one GT box and two predictions of equal score: the first in the file is the
+    image's most confident one (MaskDistill's protocol, as CorLoc's). Image 1's first hits its object, image
+    2's first misses it, so the hit (0.5) ranks above the miss (0.3): AP50 = 51/101 (101-point interpolation).
+    Keeping the last of a tie instead ranks the miss first (AP50 halved); keeping the better box gives 100."""
+    gt = {"images": [{"id": i, "file_name": f"{i}.jpg", "width": 64, "height": 64} for i in (1, 2)],
+          "annotations": [{"id": i, "image_id": i, "category_id": 1, "bbox": [0, 0, 10, 10], "area": 100,
+                           "iscrowd": 0} for i in (1, 2)],
+          "categories": [{"id": 1, "name": "object"}]}
+    hit, miss = [0, 0, 10, 10], [40, 40, 10, 10]
+    preds = [{"image_id": 1, "category_id": 1, "bbox": hit, "score": 0.5},
+             {"image_id": 1, "category_id": 1, "bbox": miss, "score": 0.5},
+             {"image_id": 2, "category_id": 1, "bbox": miss, "score": 0.3},
+             {"image_id": 2, "category_id": 1, "bbox": hit, "score": 0.3}]
+    options = EvalOptions(iou_types=("bbox",), most_confident=True, class_agnostic=True)
+    result = evaluate_predictions(preds, gt, options)
+    assert (result.num_predictions, result.num_gt) == (2, 2)
+    assert result.metrics["bbox"]["AP50"] == pytest.approx(100 * 51 / 101)

@@ -28,6 +28,18 @@ def test_droploss_weights_threshold_and_images_without_boxes():
     assert droploss_weights(rois, gt, 0.06).tolist() == [1.0, 0.0, 0.0, 0.0, 1.0]
 
 
+def test_droploss_drops_a_roi_whose_max_iou_equals_the_threshold():
+    """CutLER drops a RoI when its max IoU <= the threshold: one exactly at the threshold is dropped, and at
+    threshold 0 (which model.droploss_iou allows) a RoI overlapping no pseudo box still is."""
+    gt = [torch.tensor([[0.0, 0.0, 10.0, 10.0], [50.0, 50.0, 60.0, 60.0]])]
+    rois = [torch.tensor([[0.0, 0.0, 10.0, 5.0],  # IoU 0.5 with the first box, exactly
+                          [0.0, 0.0, 10.0, 6.0],  # IoU 0.6
+                          [20.0, 20.0, 30.0, 30.0],  # IoU 0 with both
+                          [50.0, 50.0, 60.0, 55.0]])]  # IoU 0 with the first, 0.5 with the second
+    assert droploss_weights(rois, gt, 0.5).tolist() == [0.0, 1.0, 0.0, 0.0]
+    assert droploss_weights(rois, gt, 0.0).tolist() == [1.0, 1.0, 0.0, 1.0]
+
+
 def test_fast_rcnn_loss_equals_torchvisions_and_weights_only_the_classification():
     torch.manual_seed(0)
     logits, deltas = torch.randn(6, 3), torch.randn(6, 12)
@@ -47,9 +59,12 @@ def test_fast_rcnn_loss_equals_torchvisions_and_weights_only_the_classification(
     assert torch.allclose(agnostic, expected)
 
 
-def _box_loss(droploss: bool, with_unlabelled_roi: bool, roi_heads: str = "standard") -> torch.Tensor:
+def _box_loss(droploss: bool, with_unlabelled_roi: bool, roi_heads: str = "standard",
+              droploss_iou: float | None = None) -> torch.Tensor:
     """Sum over sampled RoIs of the classification loss, for one image whose pseudo-labels miss an object."""
-    cfg = load_config(TINY, [f"model.droploss={str(droploss).lower()}", f"model.roi_heads={roi_heads}"], DEFAULTS)
+    overrides = [f"model.droploss={str(droploss).lower()}", f"model.roi_heads={roi_heads}"]
+    overrides += [] if droploss_iou is None else [f"model.droploss_iou={droploss_iou}"]
+    cfg = load_config(TINY, overrides, DEFAULTS)
     torch.manual_seed(0)
     model = build_model(cfg, 1)
     heads = model.roi_heads
@@ -81,3 +96,10 @@ def test_unlabelled_object_costs_no_loss_with_droploss_only(roi_heads, one_threa
     plain_with = _box_loss(False, with_unlabelled_roi=True, roi_heads=roi_heads)
     assert torch.allclose(plain_without, without_roi, rtol=1e-6, atol=0)  # nothing is dropped near the object
     assert plain_with - plain_without > 0.1  # without DropLoss the missed object is punished as background
+
+
+def test_droploss_iou_zero_still_drops_the_roi_on_the_missed_object(one_thread):
+    """`model.droploss_iou: 0`, which the schema allows, keeps DropLoss on: a RoI of IoU 0 is dropped (0 <= 0)."""
+    without_roi = _box_loss(True, with_unlabelled_roi=False, droploss_iou=0.0)
+    with_roi = _box_loss(True, with_unlabelled_roi=True, droploss_iou=0.0)
+    assert torch.allclose(with_roi, without_roi, rtol=1e-6, atol=0)

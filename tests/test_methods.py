@@ -64,6 +64,30 @@ def test_lost_score_is_one_minus_half_the_ncut_on_the_positive_graph():
     assert result.score == pytest.approx(1 - (9 / 29 + 9 / 477) / 2)
 
 
+def lost_chain_layout():
+    """A (1 patch, degree 1), C (3 patches, degree 3 each), B (1 patch, degree 4) and the background (25
+    patches, degree 24) on a 5x6 grid; A·B > 0, B·C > 0, A·C = 0 and everything below 0 with the background.
+    By increasing degree: A, C, C, C, B, then the background, so the seed is A and B is the 5th patch."""
+    labels = np.zeros((5, 6), dtype=int)
+    cells = {1: [(1, 1)], 2: [(1, 2)], 3: [(2, 1), (2, 2), (2, 3)]}
+    for label, where in cells.items():
+        for r, c in where:
+            labels[r, c] = label
+    vectors = {0: E[0] - 0.1 * E[1] - 0.1 * E[2], 1: E[1], 2: E[1] + E[2], 3: E[2]}
+    return features_from_labels(labels, vectors), cells
+
+
+@pytest.mark.parametrize("k_patches,objects", [(4, (1, 2)), (5, (1, 2, 3))])
+def test_lost_expands_the_seed_over_exactly_the_k_lowest_degree_patches(k_patches, objects):
+    """LOST's Eq. 4: the sources are those of the k lowest-degree patches with a_s*j > 0. B, similar to the
+    seed A, is the 5th lowest: a source with k = 5 (its row adds C, B·C > 0), not with k = 4 (A's row alone
+    reaches B but not C, A·C = 0). C, among the 4 lowest, is never a source (a_s*C = 0 is not > 0)."""
+    keys, cells = lost_chain_layout()
+    (result,) = lost(keys, (5, 6), k_patches=k_patches)
+    assert result.seed_patch == cells[1][0]
+    np.testing.assert_array_equal(result.mask, block_mask((5, 6), [cell for o in objects for cell in cells[o]]))
+
+
 # ----------------------------------------------------------------------------- TokenCut
 
 
@@ -158,6 +182,40 @@ def test_maskcut_foreground_rule_is_the_official_decision(values, expected_side,
     assert seed == expected_seed
 
 
+def cut_with_vector(vector, num_objects: int = 1):
+    """MaskCut's masks when every cut's Ncut eigenvector is `vector` (the solver replaced): the rules that
+    pick and drop a cut's mask, without the eigensolver."""
+    x = torch.tensor(vector, dtype=torch.float64).reshape(1, -1)
+    keys = torch.ones(1, x.shape[1], 4)
+    (masks,) = maskcut(keys, np.shape(vector), num_objects=num_objects, solver=lambda graph: (torch.zeros(1), x))
+    return masks
+
+
+@pytest.mark.parametrize("vector,expected,seed", [
+    # x > mean ({9, 1, 1}) holds the largest |x| and exactly 3 corners: the corner rule alone reverses it
+    ([[9, 0, 1], [-1, -1, -1], [1, -1, -1]], [[0, 1, 0], [1, 1, 1], [0, 1, 1]], (1, 0)),
+    # x > mean (the top row) holds the largest |x| and 2 corners: kept
+    ([[9, 1, 1], [-1, -1, -1], [-1, -1, -1]], [[1, 1, 1], [0, 0, 0], [0, 0, 0]], (0, 0)),
+])
+def test_maskcut_corner_rule_reverses_a_side_holding_three_corners(vector, expected, seed):
+    """CutLER's object-centric prior (`check_num_fg_corners`, `nc >= 3`): a side holding 3 or more of the
+    grid's 4 corners is background, even when it holds the largest |x|; the seed is then the largest -x."""
+    (mask,) = cut_with_vector(vector)
+    np.testing.assert_array_equal(mask.mask, np.array(expected, dtype=bool))
+    assert mask.seed_patch == seed
+
+
+def test_maskcut_drops_a_cut_repeating_the_previous_mask_and_compares_with_the_kept_one():
+    """Cut t >= 2 is dropped when its IoU with cut t - 1's mask exceeds 0.5; cut 3 is compared with cut
+    2's mask as kept (empty: dropped), so the same mask comes back (CutLER's `current_mask`)."""
+    vector = np.full((6, 6), -1.0)
+    vector[1:4, 1:4] = 3.0
+    masks = cut_with_vector(vector, num_objects=3)
+    assert len(masks) == 2
+    for mask in masks:
+        np.testing.assert_array_equal(mask.mask, vector > 0)
+
+
 def test_maskcut_attention_rule_follows_the_cls_token():
     keys, obj, attention = attention_layout()
     (masks,) = maskcut(keys, (5, 5), num_objects=1, attention=attention)
@@ -174,6 +232,21 @@ def test_maskcut_drops_a_later_mask_of_one_percent_of_the_grid():
     (masks,) = maskcut(keys, (12, 12), num_objects=2)
     assert len(masks) == 1
     np.testing.assert_array_equal(masks[0].mask, labels == 1)
+
+
+def test_maskcut_drops_a_later_mask_of_exactly_one_percent_of_the_grid():
+    """CutLER drops a later mask covering <= 1% of the grid: one patch of 100 is dropped, two are kept."""
+    for extra, expected in (([(8, 8)], 1), ([(8, 8), (8, 7)], 2)):
+        labels = np.zeros((10, 10), dtype=int)
+        labels[2:6, 2:6] = 1
+        for cell in extra:
+            labels[cell] = 2
+        keys = features_from_labels(labels, {0: E[0], 1: E[1], 2: E[2]})
+        (masks,) = maskcut(keys, (10, 10), num_objects=2)
+        assert len(masks) == expected
+        np.testing.assert_array_equal(masks[0].mask, labels == 1)
+        if expected == 2:
+            np.testing.assert_array_equal(masks[1].mask, labels == 2)
 
 
 def test_maskcut_refinement_snaps_to_edges_removes_earlier_pixels_and_drops_noise():

@@ -60,6 +60,14 @@ def test_binary_affinity_thresholds_cosine_and_keeps_zero_features_weak():
     assert w.dtype == torch.float64
 
 
+def test_binary_affinity_joins_only_a_cosine_strictly_above_tau():
+    """TokenCut's Eq. 2: E_ij = 1 if cos > tau; orthogonal patches (cos exactly 0) at tau = 0 get eps."""
+    features = torch.tensor([[[1.0, 0.0], [0.0, 3.0], [2.0, 0.5]]])
+    w = binary_affinity(features, 0.0, eps=1e-5)[0]
+    e = 1e-5
+    np.testing.assert_array_equal(w.numpy(), np.array([[1, e, 1], [e, 1, 1], [1, 1, 1]]))
+
+
 def test_ncut_value_of_two_triangles_joined_by_one_edge():
     w = torch.zeros(1, 6, 6, dtype=torch.float64)
     for a, b in [(0, 1), (1, 2), (0, 2), (3, 4), (4, 5), (3, 5), (2, 3)]:
