@@ -34,6 +34,7 @@ from pycocotools.cocoeval import COCOeval
 
 from utils.coco_io import (OBJECT_CATEGORY, box_iou_xywh, check_image_ids, load_coco_dataset, load_predictions,
                            match_by_file_name, reference_name, segmentation_to_rle)
+from evaluation.most_confident import most_confident
 from utils.errors import UserError
 from utils.validate import require_gt_fields
 
@@ -286,10 +287,7 @@ def select_most_confident(predictions: list[dict], gt: dict) -> tuple[list[dict]
     predictions on images without any non-crowd GT object; those stay as false positives).
     Images without a prediction contribute no GT object, as in the MaskDistill evaluation.
     """
-    best: dict = {}
-    for ann in predictions:  # ties keep the earliest prediction
-        if ann["image_id"] not in best or ann["score"] > best[ann["image_id"]]["score"]:
-            best[ann["image_id"]] = ann
+    best = most_confident(predictions)  # ties: the first in the file
     gt_by_image: dict = {}
     for ann in gt["annotations"]:
         if not ann.get("iscrowd", 0):

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 from pycocotools import mask as mask_utils
 
+from evaluation.most_confident import most_confident
 from utils.coco_io import box_iou_xywh, load_coco_dataset, load_predictions, match_by_file_name, segmentation_to_rle
 from utils.errors import UserError
 from utils.validate import check_mask_fits_image
@@ -140,7 +141,7 @@ def most_confident_boxes(anns: list[dict], dataset: dict | None, pred_path: str 
             except UserError:  # a name without an id (not YYYY_NNNNNN): matched by name only
                 pass
             id_to_key.setdefault(name, name)
-    best: dict = {}
+    keys = []
     for i, ann in enumerate(anns):
         key = id_to_key.get(ann["image_id"], ann["image_id"]) if keyed_by_name else ann["image_id"]
         if key not in gt.boxes:
@@ -153,8 +154,8 @@ def most_confident_boxes(anns: list[dict], dataset: dict | None, pred_path: str 
         elif "bbox" not in ann and isinstance(ann["segmentation"], list):
             raise UserError(f"{pred_path}: annotation #{i} has a polygon mask and no 'bbox', but the size of "
                             f"image {key!r} is unknown (its VOC XML has no <size>)")
-        if key not in best or ann["score"] > best[key]["score"]:
-            best[key] = ann
+        keys.append(key)
+    best = most_confident(anns, keys)  # ties: the first in the file
     return {key: prediction_box(ann, gt.sizes.get(key)) for key, ann in best.items()}
 
 
