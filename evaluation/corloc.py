@@ -25,6 +25,7 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from evaluation.most_confident import most_confident
+from evaluation.rows import MetricRow
 from utils.coco_io import box_iou_xywh, load_coco_dataset, load_predictions, match_by_file_name, segmentation_to_rle
 from utils.errors import UserError
 from utils.validate import check_mask_fits_image
@@ -55,6 +56,7 @@ class CorLocResult:
     per_image: dict  # image key -> bool, for the counted images
     removed: str = ""
     matched_by: str = "image_id"  # how predictions were matched to GT images: image_id or file_name
+    iou_threshold: float = 0.5
 
     def summary(self) -> str:
         skipped = f", {self.num_skipped} skipped (no GT box left after --no_hard)" if self.num_skipped else ""
@@ -185,7 +187,15 @@ def corloc(pred_boxes: dict, gt: GroundTruthBoxes, iou_threshold: float = 0.5, i
     correct = sum(per_image.values())
     return CorLocResult(corloc=100.0 * correct / len(per_image), num_correct=correct, num_images=len(per_image),
                         num_gt_images=len(gt.boxes), num_without_prediction=without_pred, num_without_gt=without_gt,
-                        num_skipped=skipped, per_image=per_image, removed=gt.removed, matched_by=matched_by)
+                        num_skipped=skipped, per_image=per_image, removed=gt.removed, matched_by=matched_by,
+                        iou_threshold=iou_threshold)
+
+
+def corloc_row(result: CorLocResult, label: str, against: str, stage: str) -> MetricRow:
+    """"<label> CorLoc", measured against `against` (the GT boxes) with the protocol's details appended."""
+    return MetricRow(stage, f"{label} CorLoc", result.corloc,
+                     f"{against} (most confident mask per image, IoU >= {result.iou_threshold:g}, "
+                     f"{result.num_images} images)")
 
 
 def evaluate_corloc(pred_path: str | os.PathLike, gt_file: str | None = None, voc_root: str | None = None,
