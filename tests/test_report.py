@@ -88,3 +88,22 @@ def test_report_json_lists_every_metric_the_stage_times_and_the_models(tmp_path)
 def test_readable_settings():
     assert readable(["--a", 1, None]) == "--a 1 none"
     assert readable({"k": [1, 2], "j": {"x": True}}) == "k: 1 2, j: x: True"
+
+
+def test_the_pipeline_report_flags_tiny_and_random_weights_and_links_the_gt_gallery(tmp_path):
+    from orchestrate.pipeline import PipelineSettings
+    from orchestrate.report import write_pipeline_report
+
+    rows = [dict(r) for r in ROWS]
+    chain = records(tmp_path) + [StepRecord("eval", "ran", tmp_path / "eval", {}, {"metrics": rows, "gallery": "g"}, 1.0)]
+    for settings, banner in ((PipelineSettings("imgs", str(tmp_path), tiny=True), "--tiny"),
+                             (PipelineSettings("imgs", str(tmp_path), weights="random"), "--weights random"),
+                             (PipelineSettings("imgs", str(tmp_path), weights="dino"), None)):
+        page = write_pipeline_report(settings, chain).read_text()
+        data = json.loads((tmp_path / "report.json").read_text())
+        assert (data["banner"] or "").startswith(banner or "") and bool(data["banner"]) == bool(banner)
+        assert (PLUMBING in page) == bool(banner)
+        assert data["metrics"] == [{k: r[k] for k in ("stage", "metric", "value", "against")} for r in rows]
+        assert "<a href='eval/gallery/index.html'>masks and ground truth</a>" in page
+    chain[-1].result.pop("gallery")  # without --gt_json: no GT gallery to link
+    assert "masks and ground truth" not in write_pipeline_report(PipelineSettings("i", str(tmp_path)), chain).read_text()
