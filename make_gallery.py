@@ -25,8 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="masks files, one column each, left to right: COCO datasets (gen_masks.py output; their "
                         "info.settings are shown) or COCO results lists (then another file or --gt_json lists the images)")
     p.add_argument("--labels", nargs="+", help="column names, one per --masks file (default: the file names' stems)")
-    p.add_argument("--gt_json", help="COCO ground truth, shown as the first column; the captions then give each "
-                                     "mask's best IoU with a GT mask, and the page sorts by it")
+    p.add_argument("--gt_json", help="COCO ground truth, shown as the first column (each image's GT masks, matched by "
+                                     "file name whatever the ids); the captions then give each mask's best IoU with "
+                                     "a GT mask, and the page sorts by it")
     p.add_argument("--out", required=True, help="output folder: index.html, thumbnails and the layers of every column")
     p.add_argument("--title", help="page title (default: the labels)")
     p.add_argument("--max_images", type=int_range(0), default=0,

@@ -3,7 +3,7 @@ with perturbed GT predictions, repeated --copies times to scale the prediction c
 
     python benchmarks/bench_eval.py --copies 4
 
-Prints predictions/s and peak RSS.
+Prints predictions/s, the metric rows (evaluation/rows.py) and peak RSS.
 """
 import argparse
 import json
@@ -20,9 +20,9 @@ def main() -> None:
     p.add_argument("--copies", type=int, default=4, help="perturbed copies of the GT used as predictions (default: %(default)s)")
     args = p.parse_args()
 
-    from evaluation.coco_eval import EvalOptions, evaluate_instances
+    from evaluation.coco_eval import EvalOptions, ap_rows, evaluate_instances
+    from evaluation.corloc import corloc_row, evaluate_corloc
     from tests.helpers.coco_perturb import perturbed_predictions
-    from evaluation.corloc import evaluate_corloc
 
     gt_path = Path(args.data) / "annotations" / "instances_val2017.json"
     gt = json.loads(gt_path.read_text())
@@ -34,11 +34,15 @@ def main() -> None:
         result = evaluate_instances(pred_path, gt_path, EvalOptions(iou_types=("segm", "bbox"), iou_thresholds=(0.5, 0.7)))
         seconds = time.perf_counter() - start
         print(f"eval_instances: {len(preds)} predictions, {len(gt['images'])} images, segm+bbox: {seconds:.2f} s "
-              f"= {len(preds) / seconds:.0f} predictions/s (segm AP50 {result.metrics['segm']['AP50']:.2f})")
+              f"= {len(preds) / seconds:.0f} predictions/s")
         start = time.perf_counter()
         corloc = evaluate_corloc(pred_path, gt_file=str(gt_path))
         seconds = time.perf_counter() - start
-        print(f"corloc: {len(preds)} predictions in {seconds:.3f} s (CorLoc {corloc.corloc:.2f})")
+        print(f"corloc: {len(preds)} predictions in {seconds:.3f} s")
+    label = f"{args.copies} perturbed GT copies"
+    rows = ap_rows(result, label, gt_path.name, "eval") + [corloc_row(corloc, label, f"{gt_path.name} boxes", "eval")]
+    for row in rows:
+        print(f"  {row.metric}: {'n/a' if row.value is None else f'{row.value:.2f}'} (against {row.against})")
     print(f"peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
 
 

@@ -5,7 +5,8 @@ other commands (e.g. a pipeline report linking the page).
 Every masks file is a COCO dataset (e.g. `gen_masks.py` output; its `info.settings` fill the column's
 banner) or a COCO results list (then the images come from another file). Images are matched across
 files by id, as every evaluator here does (the pipeline's contract), and a file that names an id with
-another file name is refused. Layout of `out_dir`:
+another file name is refused. The GT column shows the GT objects of the GT image of the same file name
+(`utils.coco_io.ImagesByName`), whatever its id. Layout of `out_dir`:
 
     index.html                    the page (utils/gallery.py)
     images/<name>.jpg             thumbnails (longer side 480)
@@ -23,7 +24,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from distill.visualize import colour, draw_layers, flat_name, save_image, thumbnail
-from utils.coco_io import (annotations_by_image, check_writable_folder, load_coco_dataset,
+from utils.coco_io import (ImagesByName, annotations_by_image, check_writable_folder, load_coco_dataset,
                            load_predictions, segmentation_to_rle)
 from utils.errors import UserError
 from utils.gallery import Column, GalleryImage, MaskCaption, Panel, relative_link, write_gallery
@@ -72,7 +73,7 @@ def load_sources(masks: list[str], labels: list[str]) -> list[MasksSource]:
 
 def image_set(sources: list[MasksSource], gt: dict | None) -> list[dict]:
     """The images of the page: every image of the masks files (their union, by id), else the GT images
-    that the masks name; ids naming different files in two files are refused."""
+    that the masks name; ids naming different files in two masks files are refused."""
     chosen: dict[int, tuple[dict, str]] = {}
     named = [(source.images, source.column.source) for source in sources if source.images is not None]
     for images, where in named:
@@ -83,8 +84,7 @@ def image_set(sources: list[MasksSource], gt: dict | None) -> list[dict]:
             raise UserError("no image list: give a masks file that is a COCO dataset (with 'images'), or --gt_json")
         wanted = {image_id for source in sources for image_id in source.by_image}
         chosen = {img["id"]: (img, "--gt_json") for img in gt["images"] if img["id"] in wanted}
-    gt_images = {img["id"]: img for img in gt["images"]} if gt else {}
-    for images, where in [*named, *([(list(gt_images.values()), "--gt_json")] if gt else [])]:
+    for images, where in named:
         for image in images:
             first, first_where = chosen.get(image["id"], (image, where))
             if PurePosixPath(first["file_name"]).name != PurePosixPath(image["file_name"]).name:
@@ -96,6 +96,22 @@ def image_set(sources: list[MasksSource], gt: dict | None) -> list[dict]:
             raise UserError(f"{source.column.source}: {len(unknown)} image id(s) not in any image list, "
                             f"e.g. {min(unknown)}")
     return sorted((image for image, _ in chosen.values()), key=lambda image: image["file_name"])
+
+
+def gt_objects(images: list[dict], gt: dict, gt_json: str) -> dict[int, list[dict]]:
+    """Each page image's GT objects: those of the GT image with its file name, whatever the ids. A GT image
+    of the same name but another size is refused (not the same image)."""
+    by_name, objects = ImagesByName(gt["images"]), annotations_by_image(gt["annotations"])
+    found = {}
+    for image in images:
+        match = by_name.find(image["file_name"])
+        if match is None:
+            continue
+        if (match["height"], match["width"]) != (image["height"], image["width"]):
+            raise UserError(f"{gt_json}: image {match['file_name']!r} is {match['height']}x{match['width']} (h x w) "
+                            f"but {image['height']}x{image['width']} in the masks files: not the same image")
+        found[image["id"]] = objects.get(match["id"], [])
+    return found
 
 
 def _rle(annotation: dict, image: dict) -> dict:
@@ -186,7 +202,7 @@ def build_gallery(out_dir: str | os.PathLike, image_root: str | os.PathLike, mas
 def _draw(out_dir: Path, image_root: Path, images: list[dict], sources: list[MasksSource], labels: list[str],
           gt: dict | None, gt_json: str | None, title: str | None, page_size: int) -> Path:
     """Write the thumbnails, every column's layers and the page (build_gallery, once everything is checked)."""
-    gt_by_image = annotations_by_image(gt["annotations"]) if gt else {}
+    gt_by_image = gt_objects(images, gt, str(gt_json)) if gt else {}
     categories = {c["id"]: c.get("name", str(c["id"])) for c in gt["categories"]} if gt else {}
     columns = ([Column("GT", source=str(gt_json), kind="gt")] if gt else []) + [s.column for s in sources]
     rows = []

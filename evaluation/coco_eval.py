@@ -34,6 +34,8 @@ from pycocotools.cocoeval import COCOeval
 
 from utils.coco_io import (OBJECT_CATEGORY, box_iou_xywh, check_image_ids, load_coco_dataset, load_predictions,
                            match_by_file_name, reference_name, segmentation_to_rle)
+from evaluation.most_confident import most_confident
+from evaluation.rows import MetricRow
 from utils.errors import UserError
 from utils.validate import require_gt_fields
 
@@ -286,10 +288,7 @@ def select_most_confident(predictions: list[dict], gt: dict) -> tuple[list[dict]
     predictions on images without any non-crowd GT object; those stay as false positives).
     Images without a prediction contribute no GT object, as in the MaskDistill evaluation.
     """
-    best: dict = {}
-    for ann in predictions:  # ties keep the earliest prediction
-        if ann["image_id"] not in best or ann["score"] > best[ann["image_id"]]["score"]:
-            best[ann["image_id"]] = ann
+    best = most_confident(predictions)  # ties: the first in the file
     gt_by_image: dict = {}
     for ann in gt["annotations"]:
         if not ann.get("iscrowd", 0):
@@ -429,6 +428,17 @@ def evaluate_predictions(anns: list[dict], gt_dataset: dict, options: EvalOption
         result.metrics[iou_type] = metrics
         result.summaries[iou_type] = table
     return result
+
+
+def ap_rows(result: EvalResult, label: str, against: str, stage: str, stats: Iterable[str] = ("AP", "AP50"),
+            ) -> list[MetricRow]:
+    """The `stats` of each evaluated IoU type as rows named "<label> mask <stat>" (segm) and "<label> box <stat>"
+    (bbox), mask first."""
+    rows = []
+    for iou_type, name in (("segm", "mask"), ("bbox", "box")):
+        table = result.metrics.get(iou_type) or {}
+        rows += [MetricRow(stage, f"{label} {name} {stat}", table[stat], against) for stat in stats if stat in table]
+    return rows
 
 
 def format_report(result: EvalResult) -> str:

@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 from pycocotools import mask as mask_utils
 
+from evaluation.most_confident import most_confident
+from evaluation.rows import MetricRow
 from utils.coco_io import box_iou_xywh, load_coco_dataset, load_predictions, match_by_file_name, segmentation_to_rle
 from utils.errors import UserError
 from utils.validate import check_mask_fits_image
@@ -54,6 +56,7 @@ class CorLocResult:
     per_image: dict  # image key -> bool, for the counted images
     removed: str = ""
     matched_by: str = "image_id"  # how predictions were matched to GT images: image_id or file_name
+    iou_threshold: float = 0.5
 
     def summary(self) -> str:
         skipped = f", {self.num_skipped} skipped (no GT box left after --no_hard)" if self.num_skipped else ""
@@ -140,7 +143,7 @@ def most_confident_boxes(anns: list[dict], dataset: dict | None, pred_path: str 
             except UserError:  # a name without an id (not YYYY_NNNNNN): matched by name only
                 pass
             id_to_key.setdefault(name, name)
-    best: dict = {}
+    keys = []
     for i, ann in enumerate(anns):
         key = id_to_key.get(ann["image_id"], ann["image_id"]) if keyed_by_name else ann["image_id"]
         if key not in gt.boxes:
@@ -153,8 +156,8 @@ def most_confident_boxes(anns: list[dict], dataset: dict | None, pred_path: str 
         elif "bbox" not in ann and isinstance(ann["segmentation"], list):
             raise UserError(f"{pred_path}: annotation #{i} has a polygon mask and no 'bbox', but the size of "
                             f"image {key!r} is unknown (its VOC XML has no <size>)")
-        if key not in best or ann["score"] > best[key]["score"]:
-            best[key] = ann
+        keys.append(key)
+    best = most_confident(anns, keys)  # ties: the first in the file
     return {key: prediction_box(ann, gt.sizes.get(key)) for key, ann in best.items()}
 
 
@@ -184,7 +187,15 @@ def corloc(pred_boxes: dict, gt: GroundTruthBoxes, iou_threshold: float = 0.5, i
     correct = sum(per_image.values())
     return CorLocResult(corloc=100.0 * correct / len(per_image), num_correct=correct, num_images=len(per_image),
                         num_gt_images=len(gt.boxes), num_without_prediction=without_pred, num_without_gt=without_gt,
-                        num_skipped=skipped, per_image=per_image, removed=gt.removed, matched_by=matched_by)
+                        num_skipped=skipped, per_image=per_image, removed=gt.removed, matched_by=matched_by,
+                        iou_threshold=iou_threshold)
+
+
+def corloc_row(result: CorLocResult, label: str, against: str, stage: str) -> MetricRow:
+    """"<label> CorLoc", measured against `against` (the GT boxes) with the protocol's details appended."""
+    return MetricRow(stage, f"{label} CorLoc", result.corloc,
+                     f"{against} (most confident mask per image, IoU >= {result.iou_threshold:g}, "
+                     f"{result.num_images} images)")
 
 
 def evaluate_corloc(pred_path: str | os.PathLike, gt_file: str | None = None, voc_root: str | None = None,

@@ -1,8 +1,11 @@
-"""Shared metrics: confusion-matrix mIoU, cluster-to-class matching (Hungarian / majority), ACC/NMI/ARI."""
+"""Shared metrics: confusion-matrix mIoU, cluster-to-class matching (Hungarian / majority), ACC/NMI/ARI, and
+their rows (evaluation/rows.py)."""
 from __future__ import annotations
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
+
+from evaluation.rows import MetricRow
 
 
 def confusion_matrix(pred: np.ndarray, target: np.ndarray, num_classes: int,
@@ -65,3 +68,16 @@ def cluster_scores(pred: np.ndarray, target: np.ndarray, num_pred: int, num_targ
         "mapping": mapping,
         "matching": "hungarian" if num_pred == num_target else "majority",
     }
+
+
+def clustering_rows(scores: dict, against: str, stage: str = "cluster") -> list[MetricRow]:
+    """"clustering ACC/NMI/ARI" rows of the scores present (in percent, as distill/cluster.py reports them),
+    with the matching and the number of clusters (`matching`, `num_classes`) appended to `against`."""
+    details = f"{against} ({scores.get('matching')} matching, {scores.get('num_classes')} clusters)"
+    return [MetricRow(stage, f"clustering {name}", scores[name], details)
+            for name in ("ACC", "NMI", "ARI") if name in scores]
+
+
+def miou_row(table: dict, metric: str, against: str, stage: str) -> MetricRow:
+    """The mIoU of an `iou_result`-style table (`mIoU` a fraction) as a row in percent."""
+    return MetricRow(stage, metric, 100 * table["mIoU"], against)

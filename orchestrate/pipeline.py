@@ -5,8 +5,10 @@
     maskrcnn  train_net.py --rounds (self_training_rounds)           OUT/maskrcnn/round<n>/train_results.json
     semantic  gen_segmentation.py (generate_segmentation)            OUT/semantic/labels/*.png, train.txt
     deeplab   train_plus_crf.py (train_plus_crf)                     OUT/deeplab/round<n>/model_final.pth
-    eval      eval_instances.py, eval_corloc.py, clustering ACC/NMI, mIoU (with --gt_json; some without)
-    report    OUT/report.html: stages, settings, timings, metrics and what each was measured against
+    eval      eval_instances.py, eval_corloc.py, clustering ACC/NMI, mIoU (with --gt_json; some without):
+              orchestrate/evaluate.py, OUT/eval/metrics.json (and a masks-and-GT gallery)
+    report    OUT/report.html and report.json (orchestrate/report.py): each stage's metrics, what each was
+              measured against, time, settings and trained models
 
 Each stage's flags are built with that stage's own parser, so its checks and defaults apply unchanged. A
 rerun skips finished steps and resumes an unfinished one; a changed setting (a weights file changed in
@@ -22,7 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from distill.registry import load_method, method_names
-from utils.coco_io import load_coco_dataset, load_json, write_json
+from orchestrate.evaluate import run_eval
+from utils.coco_io import load_coco_dataset, load_json
 from utils.errors import UserError
 from utils.images import IMAGE_EXTENSIONS
 from utils.lock import folder_lock
@@ -214,105 +217,6 @@ def run_deeplab(s: PipelineSettings, folder: Path, results: dict) -> dict:
     return {**result, "config": config}
 
 
-# ----------------------------------------------------------------------------- evaluation
-
-
-def metric(name: str, value: float | None, against: str, stage: str) -> dict:
-    return {"metric": name, "value": value, "against": against, "stage": stage}
-
-
-def gt_description(gt_json: str) -> str:
-    gt = load_coco_dataset(gt_json)
-    return f"{Path(gt_json).name} ({len(gt['images'])} images, {len(gt['annotations'])} objects, class-agnostic)"
-
-
-def instance_metrics(predictions: str, gt: str, against: str, stage: str, label: str) -> list[dict]:
-    from evaluation.coco_eval import EvalOptions, evaluate_instances
-
-    report = evaluate_instances(predictions, gt, EvalOptions(iou_types=("bbox", "segm"), class_agnostic=True))
-    rows = []
-    for iou_type, name in (("segm", "mask"), ("bbox", "box")):
-        table = report.metrics.get(iou_type) or {}
-        for key, shown in (("AP", "AP"), ("AP50", "AP50")):
-            if key in table:
-                rows.append(metric(f"{label} {name} {shown}", table[key], against, stage))
-    return rows
-
-
-def semantic_ground_truth(gt_json: str, folder: Path) -> tuple[Path, Path, list[str]]:
-    """The GT instances painted into VOC-palette class maps (contiguous class ids, 0 = background)."""
-    from segmentation.painting import generate_segmentation
-
-    gt = load_coco_dataset(gt_json)
-    scored = [{**a, "score": 1.0} for a in gt["annotations"] if not a.get("iscrowd")]
-    results = folder / "gt_instances_scored.json"
-    write_json(results, scored)
-    stats = generate_segmentation(results, gt_json, folder / "gt_semantic", folder / "gt_semantic.txt", 0.0,
-                                  class_ids="contiguous", overwrite=True, keep_empty=True)
-    order = sorted(c["id"] for c in gt["categories"])
-    names = {c["id"]: c["name"] for c in gt["categories"]}
-    return Path(stats["label_dir"]), Path(stats["list"]), ["background"] + [names[c] for c in order]
-
-
-def miou_metrics(s: PipelineSettings, results: dict, folder: Path) -> list[dict]:
-    import torch
-
-    from segmentation.data import EvalTransform, SegmentationDataset, read_image_list
-    from segmentation.engine import load_trained_model
-    from segmentation.kmeans_eval import evaluate_clusters
-    from utils.distributed import resolve_device
-
-    label_dir, list_path, class_names = semantic_ground_truth(s.gt_json, folder)
-    names = read_image_list(list_path)
-    device = resolve_device(s.device)
-    deeplab = results["deeplab"]
-    model = load_trained_model(deeplab["config"], deeplab["checkpoint"], device)
-    image_dir = Path(s.images).resolve() / results["semantic"].get("image_subdir", "")
-    dataset = SegmentationDataset(str(image_dir), names, str(label_dir), len(class_names), EvalTransform())
-    with torch.inference_mode():
-        table = evaluate_clusters(model, dataset, len(class_names), class_names, device,
-                                  max_fit_pixels=20_000 if s.tiny else 200_000)
-    write_json(folder / "miou.json", {**table, "mapping": {str(k): v for k, v in table["mapping"].items()}}, indent=1)
-    return [metric("DeepLab mIoU (K-means on its pixel embeddings, Hungarian-matched)", 100 * table["mIoU"],
-                   f"{Path(s.gt_json).name} painted into {len(class_names)}-class maps ({len(names)} images)",
-                   "deeplab")]
-
-
-def run_eval(s: PipelineSettings, folder: Path, results: dict) -> dict:
-    """The metrics, each with what it was measured against; the GT-free ones run without --gt_json too."""
-    maskrcnn = results["maskrcnn"]
-    rows = instance_metrics(maskrcnn["train_results"], maskrcnn["trained_on"],
-                            f"its own training pseudo-labels ({Path(maskrcnn['trained_on']).parent.name}/"
-                            f"{Path(maskrcnn['trained_on']).name}, class-agnostic; agreement, not accuracy)",
-                            "maskrcnn", f"Mask R-CNN round {len(maskrcnn['rounds'])}")
-    if s.gt_json:
-        from distill.cluster import cluster_masks
-        from evaluation.corloc import evaluate_corloc
-
-        against = gt_description(s.gt_json)
-        masks = results["masks"]["masks"]
-        rows += instance_metrics(masks, s.gt_json, against, "masks", f"{s.method} masks")
-        corloc = evaluate_corloc(masks, s.gt_json)
-        write_json(folder / "corloc.json", corloc.to_json(), indent=1)
-        rows.append(metric(f"{s.method} masks CorLoc", corloc.corloc,
-                           f"{Path(s.gt_json).name} boxes (most confident mask per image, IoU >= 0.5, "
-                           f"{corloc.num_images} images)", "masks"))
-        # The same K-means (same features from the cache, same seed) with the GT: clusters matched to classes.
-        cluster_gt = cluster_settings(s, masks, folder / "clusters_vs_gt.json", s.gt_json)
-        cluster_gt.metrics_json = str(folder / "cluster_metrics.json")
-        scores = cluster_masks(cluster_gt)
-        for name in ("ACC", "NMI", "ARI"):
-            if name in scores:
-                rows.append(metric(f"clustering {name}", scores[name],
-                                   f"{Path(s.gt_json).name} classes of the GT box each mask overlaps most "
-                                   f"({scores['matching']} matching, {scores['num_classes']} clusters)", "cluster"))
-        rows += instance_metrics(maskrcnn["train_results"], s.gt_json, against, "maskrcnn",
-                                 f"Mask R-CNN round {len(maskrcnn['rounds'])}")
-        rows += miou_metrics(s, results, folder)
-    write_json(folder / "metrics.json", rows, indent=1)
-    return {"metrics": rows}
-
-
 # ----------------------------------------------------------------------------- the chain
 
 
@@ -340,19 +244,17 @@ def build_steps(s: PipelineSettings) -> list[Step]:
 
 
 def run_pipeline(s: PipelineSettings, overwrite: bool = False) -> list[StepRecord]:
-    """Run (or resume) every stage under `s.out`, then write `s.out/report.html`. Returns the step records.
+    """Run (or resume) every stage under `s.out`, then write `s.out/report.html` and `report.json`. Returns the
+    step records.
 
     A stage recorded with other settings is refused before any stage runs, unless `overwrite` (pipeline.py's
     --overwrite): then it reruns from an empty folder, and so do the stages after it that read it."""
-    from utils.report import write_report
+    from orchestrate.report import write_pipeline_report
 
     check_settings(s)
     with folder_lock(s.out, "--out"):  # a second pipeline on the same --out is refused
         records = run_steps(s.out, build_steps(s), overwrite=overwrite, flag="--overwrite")
-        report = Path(s.out) / "report.html"
-        write_report(report, records, title=f"MaskDistill pipeline: {s.images}",
-                     links={"masks gallery": "masks/vis/index.html"},
-                     metrics=next(r.result["metrics"] for r in records if r.name == "eval"))
+        report = write_pipeline_report(s, records)
     print(f"report: {report}")
     return records
 

@@ -16,7 +16,8 @@ from segmentation.data import SegmentationDataset
 from segmentation.engine import iou_result, worker_batches
 from segmentation.model import DeepLabV3
 from utils.label_png import IGNORE_INDEX
-from evaluation.metrics import confusion_matrix
+from evaluation.metrics import confusion_matrix, miou_row
+from evaluation.rows import MetricRow
 from utils.progress import progress
 
 
@@ -88,3 +89,8 @@ def evaluate_clusters(model: DeepLabV3, dataset: SegmentationDataset, num_classe
     result["mapping"] = mapping
     result["num_clusters"] = num_clusters
     return result
+
+
+def clusters_miou_row(table: dict, label: str, against: str, stage: str) -> MetricRow:
+    """`evaluate_clusters`' mIoU as a row named "<label> mIoU (K-means on its pixel embeddings, Hungarian-matched)"."""
+    return miou_row(table, f"{label} mIoU (K-means on its pixel embeddings, Hungarian-matched)", against, stage)

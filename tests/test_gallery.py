@@ -294,12 +294,35 @@ def test_missing_image_wrong_size_and_conflicting_ids_are_refused(dataset, tmp_p
     (root / "zebras" / "003.jpg").unlink()
     with pytest.raises(UserError, match=r"1 image\(s\) not found under .*zebras/003.jpg"):
         build_gallery(tmp_path / "out", root, [str(files["lost"])])
-    gt = load_json(files["gt"])
-    gt["images"][0]["file_name"] = "other.jpg"
-    files["gt"].write_text(json.dumps(gt))
-    with pytest.raises(UserError, match="image id 1 is horses/images/001.jpg in .* but other.jpg in --gt_json"):
-        build_gallery(tmp_path / "out", root, [str(files["lost"])], gt_json=str(files["gt"]))
+    second = tmp_path / "second.json"
+    second.write_text(json.dumps({**data, "images": [{**data["images"][0], "file_name": "other.jpg"}]}))
+    with pytest.raises(UserError, match="image id 1 is horses/images/001.jpg in .*lost.json but other.jpg in "):
+        build_gallery(tmp_path / "out", root, [str(files["lost"]), str(second)])
     assert not (tmp_path / "out").exists()
+
+
+def test_gt_column_matches_images_by_file_name_whatever_the_ids(dataset, tmp_path):
+    """A GT numbering its images otherwise (100 + reversed order): each row still shows its own image's GT."""
+    root, files = dataset
+    gt = load_json(files["gt"])
+    new_id = {img["id"]: 100 + len(gt["images"]) - k for k, img in enumerate(gt["images"])}
+    gt["images"] = [{**img, "id": new_id[img["id"]]} for img in gt["images"]]
+    gt["annotations"] = [{**a, "image_id": new_id[a["image_id"]]} for a in gt["annotations"]]
+    files["gt"].write_text(json.dumps(gt))
+    path = build_gallery(tmp_path / "out", root, [str(files["lost"])], gt_json=str(files["gt"]))
+    found = rows(Tree(path.read_text()))
+    gt_panel, lost = found["horses/images/001.jpg"].all("figure", "panel")
+    assert caption_lines(gt_panel) == ["#1 horse box [2, 3, 10, 8] area 80 px (6.7%)"]
+    assert caption_lines(lost)[0].endswith("GT IoU 1.00")
+    assert caption_lines(found["horses/images/001.png"].all("figure", "panel")[0]) == [
+        "#1 horse box [20, 10, 10, 10] area 100 px (8.3%)"]
+    assert all(caption_lines(found[name].all("figure", "panel")[0]) == [] for name in
+               ("zebras/002.jpg", "zebras/003.jpg", "zebras/004.jpg"))
+    gt["images"][2]["height"] = 31  # zebras/002.jpg: the same file name, another size: not the same image
+    files["gt"].write_text(json.dumps(gt))
+    with pytest.raises(UserError, match="image 'zebras/002.jpg' is 31x40 .* but 30x40 in the masks files"):
+        build_gallery(tmp_path / "again", root, [str(files["lost"])], gt_json=str(files["gt"]))
+    assert not (tmp_path / "again").exists()
 
 
 def test_command_writes_once_then_needs_overwrite(dataset, tmp_path, capsys):

@@ -134,6 +134,7 @@ def test_report_lists_stages_settings_and_metrics_with_their_reference(tmp_path)
                           {"stage": "summed", "metric": "CorLoc", "value": None, "against": "gt.json"}])
     assert "<title>run &lt;1&gt;</title>" in page
     assert "<a href='masks/vis/index.html'>masks gallery</a>" in page
-    assert ("<tr><td>summed</td><td>mask AP</td><td>12.35</td><td>gt.json (50 images)</td></tr>" in page)
-    assert "<td>CorLoc</td><td>n/a</td>" in page
-    assert page.count("<td>ran (new)</td>") == 3 and "&quot;scale&quot;: 2" in page
+    summed = page[page.index("<h2 id='stage-summed'>"):]  # the last stage's section
+    assert "<tr><td>mask AP</td><td>12.35</td><td>gt.json (50 images)</td></tr>" in summed
+    assert "<td>CorLoc</td><td>n/a</td>" in summed
+    assert page.count("<td>ran (new)</td>") == 3 and "<li><b>scale</b>: 2</li>" in page

@@ -1,5 +1,6 @@
-"""The structure rules: utils/ imports no stage package, no import cycle between modules, and the shared pieces exist once (the object category,
-the confident-else-best rule, ImageNet normalisation, the tiny ResNet, the checkpoint key-cleaner)."""
+"""The structure rules: utils/ imports no stage package, evaluation/ imports only utils/, no import cycle between
+modules, and the shared pieces exist once (the object category, the confident-else-best rule, ImageNet
+normalisation, the tiny ResNet, the checkpoint key-cleaner)."""
 from __future__ import annotations
 
 import ast
@@ -42,6 +43,21 @@ def test_nothing_in_utils_imports_a_stage_package():
         assert "entry-point script, not a library module" in " ".join(doc.split())
         assert not any(imported_modules(p) & {name[:-3].replace("/", ".")} for p in REPO.rglob("*.py")
                        if ".venv" not in p.parts and "tests" not in p.parts), f"a library module imports {name}"
+
+
+def local_top_level_packages() -> set[str]:
+    """The repository's own importable names: its packages and its root scripts."""
+    return {p.name for p in REPO.iterdir() if (p / "__init__.py").is_file()} | {p.stem for p in REPO.glob("*.py")}
+
+
+def test_evaluation_imports_only_utils():
+    """evaluation/ is below the stages: it imports utils/ and itself, no stage, no orchestration, no script."""
+    local = local_top_level_packages()
+    for path in sorted((REPO / "evaluation").glob("*.py")):
+        found = {m for m in imported_modules(path) if m.split(".")[0] in local}
+        outside = {m for m in found if m.split(".")[0] not in ("utils", "evaluation")}
+        assert outside == set(), f"{path.relative_to(REPO).as_posix()} imports {sorted(outside)}"
+    assert "utils" in local and "distill" in local and "pipeline" in local  # the rule sees packages and scripts
 
 
 def test_the_import_rule_sees_function_level_imports(tmp_path):
