@@ -24,8 +24,8 @@ from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
 from distill.visualize import colour, draw_layers, flat_name, save_image, thumbnail
-from utils.coco_io import (annotations_by_image, check_writable_folder, load_coco_dataset,
-                           load_predictions, segmentation_to_rle)
+from utils.coco_io import (annotations_by_image, check_writable_folder, gt_ids_by_file_name, load_coco_dataset,
+                           load_predictions, names_all_images, segmentation_to_rle)
 from utils.errors import UserError
 from utils.gallery import Column, GalleryImage, MaskCaption, Panel, relative_link, write_gallery
 from utils.images import ImageReadError, load_rgb, read_size
@@ -69,21 +69,28 @@ def load_sources(masks: list[str], labels: list[str]) -> list[MasksSource]:
     return sources
 
 
-def image_set(sources: list[MasksSource], gt: dict | None) -> list[dict]:
+def image_set(sources: list[MasksSource], gt: dict | None, gt_name: str = "--gt_json") -> tuple[list[dict], dict | None]:
     """The images of the page: every image of the masks files (their union, by id), else the GT images
-    that the masks name; ids naming different files in two files are refused."""
+    that the masks name; ids naming different files in two files are refused. Returns them and, when the
+    masks files and the GT name their images, the GT id of each page image (matched by file_name, whatever
+    the ids: an image the GT does not have is refused); None when ids are the GT's."""
     chosen: dict[int, tuple[dict, str]] = {}
     named = [(source.images, source.column.source) for source in sources if source.images is not None]
     for images, where in named:
         for image in images:
             chosen.setdefault(image["id"], (image, where))
+    gt_ids = None
+    if named and gt is not None and names_all_images(gt["images"]):
+        gt_ids = {}
+        for images, where in named:
+            gt_ids.update(gt_ids_by_file_name(images, gt["images"], where, gt_name, "--gt_json") or {})
     if not named:
         if gt is None:
             raise UserError("no image list: give a masks file that is a COCO dataset (with 'images'), or --gt_json")
         wanted = {image_id for source in sources for image_id in source.by_image}
         chosen = {img["id"]: (img, "--gt_json") for img in gt["images"] if img["id"] in wanted}
-    gt_images = {img["id"]: img for img in gt["images"]} if gt else {}
-    for images, where in [*named, *([(list(gt_images.values()), "--gt_json")] if gt else [])]:
+    gt_images = {img["id"]: img for img in gt["images"]} if gt and not gt_ids else {}
+    for images, where in [*named, *([(list(gt_images.values()), "--gt_json")] if gt_images else [])]:
         for image in images:
             first, first_where = chosen.get(image["id"], (image, where))
             if PurePosixPath(first["file_name"]).name != PurePosixPath(image["file_name"]).name:
@@ -94,7 +101,7 @@ def image_set(sources: list[MasksSource], gt: dict | None) -> list[dict]:
         if unknown:
             raise UserError(f"{source.column.source}: {len(unknown)} image id(s) not in any image list, "
                             f"e.g. {min(unknown)}")
-    return sorted((image for image, _ in chosen.values()), key=lambda image: image["file_name"])
+    return sorted((image for image, _ in chosen.values()), key=lambda image: image["file_name"]), gt_ids
 
 
 def _rle(annotation: dict, image: dict) -> dict:
@@ -160,7 +167,7 @@ def build_gallery(out_dir: str | os.PathLike, image_root: str | os.PathLike, mas
     check_writable_folder(out_dir)
     sources = load_sources(masks, labels)
     gt = load_coco_dataset(gt_json) if gt_json else None
-    images = image_set(sources, gt)
+    images, gt_ids = image_set(sources, gt, str(gt_json))
     if max_images:
         images = images[:max_images]
     missing = [image["file_name"] for image in images if not (image_root / image["file_name"]).is_file()]
@@ -192,7 +199,7 @@ def build_gallery(out_dir: str | os.PathLike, image_root: str | os.PathLike, mas
         panels = {}
         gt_rles = []
         if gt:
-            gt_annotations = gt_by_image.get(image["id"], [])
+            gt_annotations = gt_by_image.get(gt_ids[image["id"]] if gt_ids else image["id"], [])
             panels["GT"], _ = _panel(image, gt_annotations, base, scale, out_dir, "gt", [], None, True, categories)
             gt_rles = [_rle(a, image) for a in gt_annotations if not a.get("iscrowd", 0)]
         first_top = None
