@@ -329,7 +329,7 @@ def check_image_ids(pred_anns: list[dict], dataset: dict, pred_name: str, gt_nam
 
 def find_by_file_name(names: list[object], gt_images: list[dict], gt_name: str,
                       hint: str = "") -> list[dict | None]:
-    """THE image identity shared by every tool: the GT image of each name (a `file_name` or a path relative to
+    """The one image identity every tool uses: the GT image of each name (a `file_name` or a path relative to
     the image root), by `ImagesByName` (the same relative path, else the same base name when one GT image has
     it), None where there is none. Two names matching one GT image is an error (`hint` says what to do)."""
     gt_by_name = ImagesByName(gt_images)
