@@ -316,7 +316,8 @@ def run(cfg: dict, info: DistInfo, resume: bool = False, overwrite: bool = False
         if not weights:
             raise UserError("--eval_only needs --weights (a checkpoint such as OUTPUT/model_final.pth)")
         if not cfg["data"].get("test_json"):
-            raise UserError("--eval_only needs --test_json (or data.test_json): the images to predict")
+            raise UserError("--eval_only needs --test_json (or data.test_json): the images to predict; for a plain "
+                            "folder of images, use predict.py --weights CKPT --images DIR --out OUT")
         final = Path(weights)
     else:
         final = train(cfg, info, resume=resume, overwrite=overwrite, init_weights=weights)
