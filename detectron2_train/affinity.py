@@ -34,10 +34,11 @@ from torch import nn
 from detectron2_train.data import CocoInstances
 from detectron2_train.modeling import build_backbone, norm_layer_factory
 from utils.affinity import instance_label_map, pairwise_affinity
-from utils.checkpoint import read_torch_file
+from utils.checkpoint import read_torch_file, require_checkpoint_kind
 from utils.errors import UserError
 from utils.images import IMAGENET_MEAN, IMAGENET_STD
 
+PA_KIND = "pa_predictor"  # the fingerprint kind of train_affinity.py's checkpoints
 POSITIVE_WEIGHT = 0.05  # GGN's `class_weight=[0.05]` of its sigmoid cross-entropy: pos_weight
 SIZE_DIVISIBILITY = 32
 
@@ -248,6 +249,7 @@ def predict_affinity(model: AffinityNet, image: torch.Tensor, min_size: int = 0,
 def load_affinity_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[AffinityNet, dict]:
     """(model in eval mode, config) from a training checkpoint (`model` and `config` entries)."""
     state = read_torch_file(path, "PA checkpoint", hint="pass a checkpoint of train_affinity.py, or 'oracle'")
+    require_checkpoint_kind(state, path, (PA_KIND,))
     config = state.get("config")
     if not isinstance(config, dict) or "model" not in config or "model" not in state:
         raise UserError(f"PA checkpoint {path} has no 'model' weights and 'config' with a 'model' section")

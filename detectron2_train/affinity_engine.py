@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from detectron2_train.affinity import (AFFINITY_INPUT_DEFAULTS, AFFINITY_MODEL_DEFAULTS, POSITIVE_WEIGHT,
+from detectron2_train.affinity import (AFFINITY_INPUT_DEFAULTS, AFFINITY_MODEL_DEFAULTS, PA_KIND, POSITIVE_WEIGHT,
                                        AffinityDataset, affinity_loss, build_affinity_model, collate_affinity,
                                        pad_images)
 from detectron2_train.engine import lr_factor
@@ -91,7 +91,7 @@ SCHEMA = ConfigSchema(DEFAULTS, types={
 })
 
 FINAL_CHECKPOINT = "model_final.pth"
-KIND = "pa_predictor"
+KIND = PA_KIND
 # Keys a resumed training may change: the toolkit's, max_iter (the schedule does not depend on it) and
 # what only inference or the held-back score reads.
 RESUME_HARMLESS_KEYS = HARMLESS_KEYS + ("solver.max_iter", "data.val_json", "data.val_root", "input.*_test")

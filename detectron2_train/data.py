@@ -87,6 +87,12 @@ class CocoInstances(Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
+    def num_objects(self) -> int:
+        """Training objects of the used images: non-crowd annotations, less boxes under 1 px (`target` skips
+        them; a mask without a `bbox` counts)."""
+        return sum(1 for img in self.images for ann in self.anns_by_image.get(img["id"], [])
+                   if "bbox" not in ann or (ann["bbox"][2] >= 1 and ann["bbox"][3] >= 1))
+
     def load_image(self, info: dict) -> torch.Tensor:
         path = self.image_root / info["file_name"]
         try:

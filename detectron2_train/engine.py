@@ -20,7 +20,7 @@ from detectron2_train.pseudo_gt import training_json
 from detectron2_train.pseudo_labels import write_pseudo_labels
 from detectron2_train.transfer_head import TRANSFER_INPUTS
 from detectron2_train.splits import read_class_list
-from utils.checkpoint import latest_checkpoint, read_torch_file, unwrap
+from utils.checkpoint import latest_checkpoint, read_torch_file, require_checkpoint_kind, unwrap
 from evaluation.coco_eval import EvalOptions, evaluate_predictions
 from utils.coco_io import load_coco_dataset, load_json, make_annotation, reference_name, write_json
 from utils.cli import float_range, int_range
@@ -159,6 +159,7 @@ def has_checkpoint(output_dir: Path) -> bool:
 def load_weights(model: torch.nn.Module, path: str, state: dict | None = None) -> dict:
     """Model weights from a training checkpoint (or a bare state dict); returns the checkpoint's extra."""
     state = read_torch_file(path, "weights") if state is None else state
+    require_checkpoint_kind(state, path, ("mask_rcnn",))
     weights = state.get("model", state)
     if not isinstance(weights, dict):
         raise UserError(f"{path} holds no model state dict")
@@ -189,6 +190,10 @@ def train(cfg: dict, info: DistInfo, resume: bool = False, overwrite: bool = Fal
                             class_agnostic=data_cfg["class_agnostic"], filter_empty=data_cfg["filter_empty"],
                             flip_prob=cfg["input"]["hflip_prob"], seed=loop.seed,
                             augment=CopyPaste.from_config(cfg["input"]["copy_paste"], loop.seed))
+    if not dataset.num_objects():
+        raise UserError(f"{dataset.json_path}: no object to train on in its {len(dataset)} images (crowd regions"
+                        f"{', images without objects' if data_cfg['filter_empty'] else ''} and boxes under 1 px are "
+                        "left out); check data.train_json, or lower --score_thresh of the round that made it")
     categories = dataset.categories
     mask_classes = mask_labels(cfg, categories)
     seed_all(loop.seed)  # identical initial weights on every process
@@ -264,9 +269,10 @@ def coco_evaluate(gt_json: str, results: list[dict], class_agnostic: bool = Fals
 
 
 def run_inference(cfg: dict, info: DistInfo, weights: str, image_json: str, image_root: str,
-                  results_path: Path) -> list[dict]:
-    """Load a trained model and write COCO results for the images of `image_json`."""
-    state = read_torch_file(weights, "weights")
+                  results_path: Path, state: dict | None = None) -> list[dict]:
+    """Load a trained model and write COCO results for the images of `image_json` (`state`: the checkpoint
+    `weights` as `read_torch_file` gives it, when the caller has read it already)."""
+    state = read_torch_file(weights, "weights") if state is None else state
     state_extra = state.get("extra") or {}
     categories = state_extra.get("categories")
     if categories is None:  # a bare state dict: fall back on the dataset's categories
@@ -309,7 +315,8 @@ def run(cfg: dict, info: DistInfo, resume: bool = False, overwrite: bool = False
         if not weights:
             raise UserError("--eval_only needs --weights (a checkpoint such as OUTPUT/model_final.pth)")
         if not cfg["data"].get("test_json"):
-            raise UserError("--eval_only needs --test_json (or data.test_json): the images to predict")
+            raise UserError("--eval_only needs --test_json (or data.test_json): the images to predict; for a plain "
+                            "folder of images, use predict.py --weights CKPT --images DIR --out OUT")
         final = Path(weights)
     else:
         final = train(cfg, info, resume=resume, overwrite=overwrite, init_weights=weights)

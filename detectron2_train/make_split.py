@@ -14,7 +14,7 @@ import argparse
 from detectron2_train.splits import SPLITS, write_splits
 from utils.cli import check_outputs, int_range
 from utils.coco_io import load_coco_dataset
-from utils.errors import run_cli
+from utils.errors import UserError, run_cli
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -36,6 +36,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     check_outputs(folders=[args.out_dir])
     categories = load_coco_dataset(args.gt_file)["categories"]
+    if not categories:
+        raise UserError(f"{args.gt_file} has no 'categories': make_split splits a dataset's categories into "
+                        "seen (A) and unseen (B) classes; pass a COCO dataset that lists them")
     print(write_splits(categories, args.split, args.out_dir, args.num_a, args.seed, args.overwrite))
 
 

@@ -11,11 +11,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from detectron2_train.engine import run_inference, train
+from detectron2_train.engine import SCHEMA, run_inference, train
 from detectron2_train.pseudo_labels import write_pseudo_labels
 from evaluation.coco_eval import EvalOptions, evaluate_instances, format_report
 from utils.coco_io import load_coco_dataset, write_json
-from utils.config import apply_overrides
+from utils.config import apply_overrides, nested, parse_override
 from utils.distributed import DistInfo, barrier
 from utils.errors import UserError
 from utils.fingerprint import fingerprint
@@ -71,6 +71,10 @@ def self_training_rounds(cfg: dict, info: DistInfo, rounds: Sequence[RoundSettin
             raise UserError(f"data.{key} is not set (use --{key} or --set data.{key}=...)")
     if data.get("test_json") and not data.get("test_root"):
         raise UserError("data.test_json is set but data.test_root is not")
+    for number, settings in enumerate(rounds, start=1):
+        for override in settings.overrides:  # checked as --set is: a typo or a bad value is refused here
+            item = f"{number}:{override}"
+            SCHEMA.check(nested(*parse_override(override, f"--round_set {item!r}")), f"--round_set {item}")
     for settings in rounds[1:]:
         if not 0.0 <= settings.score_thresh <= 1.0:
             raise UserError(f"--score_thresh must be in [0, 1], got {settings.score_thresh}")

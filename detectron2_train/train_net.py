@@ -162,6 +162,8 @@ def main(argv: list[str] | None = None) -> None:
     for flag in ("add_back_iou", "round_config"):
         if rounds is None and getattr(args, flag) is not None:
             raise UserError(f"--{flag} needs --rounds")
+    if args.pseudo_topk is not None and not cfg["data"]["pseudo_json"]:
+        raise UserError("--pseudo_topk needs --pseudo_json (the pseudo-masks it keeps the best K of per image)")
     check_run_outputs(args, cfg)
     from detectron2_train.engine import run
     from detectron2_train.self_training import self_training_rounds

@@ -78,14 +78,18 @@ def faiss_available() -> bool:
     return True
 
 
+def check_enough_masks(num_masks: int, num_clusters: int) -> None:
+    if num_masks < num_clusters:
+        raise UserError(f"only {num_masks} masks to cluster into {num_clusters} clusters; lower --num_classes / "
+                        "--overcluster or add --support_file sets")
+
+
 def run_kmeans(fit: np.ndarray, predict: np.ndarray, num_clusters: int, seed: int, backend: str = "auto"
                ) -> tuple[np.ndarray, float]:
     """Fit K-means on `fit`, assign `predict`; returns (cluster ids, inertia on `fit`).
 
     `backend`: sklearn (MiniBatchKMeans), faiss, or auto (faiss if importable, else sklearn)."""
-    if len(fit) < num_clusters:
-        raise UserError(f"only {len(fit)} masks to cluster into {num_clusters} clusters; lower --num_classes / "
-                        "--overcluster or add --support_file sets")
+    check_enough_masks(len(fit), num_clusters)
     if backend == "auto":
         backend = "faiss" if faiss_available() else "sklearn"
     if backend == "faiss":
@@ -277,10 +281,13 @@ def cluster_masks(settings: ClusterSettings) -> dict:
                 for i, (f, r) in enumerate(zip(settings.support_file, settings.support_root))]
     gt = (gt_from_coco(gt_dataset) if gt_dataset else
           gt_from_voc(settings.gt_voc_root, target.images) if settings.gt_voc_root else None)
+    if gt is not None and target.gt_ids is not None:  # matched by file_name: GT boxes under the masks' image ids
+        gt.boxes = {image_id: gt.boxes[gt_id] for image_id, gt_id in target.gt_ids.items() if gt_id in gt.boxes}
     num_classes = settings.num_classes or (len(gt.categories) if gt else None)
     if not num_classes:
         raise UserError("--num_classes is required without ground truth")
     num_clusters = num_classes * settings.overcluster
+    check_enough_masks(sum(len(s.annotations) for s in [target, *supports]), num_clusters)  # before any feature
 
     # Features (cached by content), for the target and every support set.
     backbone = resolve_backbone(settings, target)

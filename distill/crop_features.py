@@ -22,7 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from utils.coco_io import load_json, load_predictions, segmentation_to_rle, write_json
+from utils.coco_io import (gt_ids_by_file_name, load_json, load_predictions, segmentation_to_rle, unknown_image_id,
+                           write_json)
 from utils.errors import UserError
 
 FEATURE_VERSION = 2  # bump when the crop/feature recipe or the cache key changes: old caches become invalid
@@ -51,6 +52,7 @@ class MaskSet:
     annotations: list[dict]
     dataset: dict | None  # the input dict when the file was a full COCO dict
     skipped: list[dict] = field(default_factory=list)  # {"index", "image_id", "reason"}
+    gt_ids: dict | None = None  # image id -> the same image's id in the ground truth, when matched by file_name
 
 
 def load_mask_set(name: str, json_path: str | os.PathLike, image_root: str | os.PathLike,
@@ -60,6 +62,7 @@ def load_mask_set(name: str, json_path: str | os.PathLike, image_root: str | os.
     if not image_root.is_dir():
         raise UserError(f"image root not found: {image_root}")
     anns, dataset = load_predictions(json_path)
+    gt_ids = None
     if dataset is not None and dataset.get("images"):
         images = {img["id"]: img for img in dataset["images"]}
         for i, img in enumerate(dataset["images"]):
@@ -67,9 +70,11 @@ def load_mask_set(name: str, json_path: str | os.PathLike, image_root: str | os.
                 if key not in img:
                     raise UserError(f"{json_path}: images[{i}] has no '{key}'")
         if gt_dataset is not None:
-            gt_ids = {img["id"] for img in gt_dataset["images"]}
+            # Both files naming their images: the same image by file_name, whatever the ids; else ids are trusted.
+            gt_ids = gt_ids_by_file_name(dataset["images"], gt_dataset["images"], str(json_path), gt_name)
+            known = gt_ids if gt_ids is not None else {img["id"] for img in gt_dataset["images"]}
             for i, ann in enumerate(anns):
-                if ann["image_id"] not in gt_ids:
+                if ann["image_id"] not in known:
                     raise UserError(f"{json_path}: annotation #{i} has image_id {ann['image_id']} which is not in "
                                     f"the ground truth {gt_name}")
     elif gt_dataset is not None:
@@ -79,9 +84,11 @@ def load_mask_set(name: str, json_path: str | os.PathLike, image_root: str | os.
                         "names and sizes are known")
     for i, ann in enumerate(anns):
         if ann["image_id"] not in images:
+            if gt_dataset is not None and not (dataset or {}).get("images"):  # a results list: ids must be the GT's
+                raise unknown_image_id(str(json_path), i, ann["image_id"], f"the ground truth {gt_name}", False)
             raise UserError(f"{json_path}: annotation #{i} has image_id {ann['image_id']} which is not among "
-                            f"its images{' (' + gt_name + ')' if dataset is None else ''}")
-    return MaskSet(name, json_path, image_root, images, anns, dataset)
+                            "its images")
+    return MaskSet(name, json_path, image_root, images, anns, dataset, gt_ids=gt_ids)
 
 
 def crop_box(ann: dict, img: dict) -> tuple[int, int, int, int] | str:

@@ -16,7 +16,7 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 from torch.utils.data import Dataset
 
-from utils.coco_io import OBJECT_CATEGORY, ImagesByName, load_coco_dataset, read_text_lines
+from utils.coco_io import OBJECT_CATEGORY, find_by_file_name, load_coco_dataset, read_text_lines
 from utils.errors import UserError, print_safely
 from utils.images import IMAGENET_MEAN, IMAGENET_STD, ImageReadError, list_images, load_rgb
 from utils.voc import read_image_set, voc_image_id  # the image-id convention of convert_voc.py
@@ -156,22 +156,10 @@ def gt_image_ids(files: list[str], gt_path: Path, root: Path, skip_missing: bool
     """The id of each file (relative to `root`) in the COCO file `gt_path`, matched by `file_name`: the same
     relative path, else the same base name when only one GT image has it. A file not in the GT is an error
     naming a few, unless `skip_missing` (its id is then None)."""
-    gt_images = load_coco_dataset(gt_path)["images"]
-    gt_by_name = ImagesByName(gt_images)
-    ids: list[int | str | None] = []
-    missing: list[str] = []
-    owner: dict = {}
-    for f in files:
-        img = gt_by_name.find(f)
-        if img is None:
-            missing.append(f)
-            ids.append(None)
-            continue
-        if img["id"] in owner:
-            raise UserError(f"{owner[img['id']]} and {f} both match image {img['file_name']!r} of {gt_path} "
-                            "(by base name); pass --exclude to leave one out")
-        owner[img["id"]] = f
-        ids.append(img["id"])
+    found = find_by_file_name(files, load_coco_dataset(gt_path)["images"], str(gt_path),
+                              "; pass --exclude to leave one out")
+    ids: list[int | str | None] = [None if img is None else img["id"] for img in found]
+    missing = [f for f, img in zip(files, found) if img is None]
     if missing and not skip_missing:
         examples = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
         raise UserError(f"{len(missing)} of {len(files)} images under {root} are not in {gt_path} by file_name "

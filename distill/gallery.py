@@ -24,8 +24,8 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from distill.visualize import colour, draw_layers, flat_name, save_image, thumbnail
-from utils.coco_io import (ImagesByName, annotations_by_image, check_writable_folder, load_coco_dataset,
-                           load_predictions, segmentation_to_rle)
+from utils.coco_io import (annotations_by_image, check_writable_folder, gt_ids_by_file_name, load_coco_dataset,
+                           load_predictions, names_all_images, segmentation_to_rle)
 from utils.errors import UserError
 from utils.gallery import Column, GalleryImage, MaskCaption, Panel, relative_link, write_gallery
 from utils.images import ImageReadError, load_rgb, read_size
@@ -71,20 +71,28 @@ def load_sources(masks: list[str], labels: list[str]) -> list[MasksSource]:
     return sources
 
 
-def image_set(sources: list[MasksSource], gt: dict | None) -> list[dict]:
+def image_set(sources: list[MasksSource], gt: dict | None, gt_name: str = "--gt_json") -> tuple[list[dict], dict | None]:
     """The images of the page: every image of the masks files (their union, by id), else the GT images
-    that the masks name; ids naming different files in two masks files are refused."""
+    that the masks name; ids naming different files in two files are refused. Returns them and, when the
+    masks files and the GT name their images, the GT id of each page image (matched by file_name, whatever
+    the ids: an image the GT does not have is refused); None when ids are the GT's."""
     chosen: dict[int, tuple[dict, str]] = {}
     named = [(source.images, source.column.source) for source in sources if source.images is not None]
     for images, where in named:
         for image in images:
             chosen.setdefault(image["id"], (image, where))
+    gt_ids = None
+    if named and gt is not None and names_all_images(gt["images"]):
+        gt_ids = {}
+        for images, where in named:
+            gt_ids.update(gt_ids_by_file_name(images, gt["images"], where, gt_name, "--gt_json") or {})
     if not named:
         if gt is None:
             raise UserError("no image list: give a masks file that is a COCO dataset (with 'images'), or --gt_json")
         wanted = {image_id for source in sources for image_id in source.by_image}
         chosen = {img["id"]: (img, "--gt_json") for img in gt["images"] if img["id"] in wanted}
-    for images, where in named:
+    gt_images = {img["id"]: img for img in gt["images"]} if gt and not gt_ids else {}
+    for images, where in [*named, *([(list(gt_images.values()), "--gt_json")] if gt_images else [])]:
         for image in images:
             first, first_where = chosen.get(image["id"], (image, where))
             if PurePosixPath(first["file_name"]).name != PurePosixPath(image["file_name"]).name:
@@ -95,23 +103,7 @@ def image_set(sources: list[MasksSource], gt: dict | None) -> list[dict]:
         if unknown:
             raise UserError(f"{source.column.source}: {len(unknown)} image id(s) not in any image list, "
                             f"e.g. {min(unknown)}")
-    return sorted((image for image, _ in chosen.values()), key=lambda image: image["file_name"])
-
-
-def gt_objects(images: list[dict], gt: dict, gt_json: str) -> dict[int, list[dict]]:
-    """Each page image's GT objects: those of the GT image with its file name, whatever the ids. A GT image
-    of the same name but another size is refused (not the same image)."""
-    by_name, objects = ImagesByName(gt["images"]), annotations_by_image(gt["annotations"])
-    found = {}
-    for image in images:
-        match = by_name.find(image["file_name"])
-        if match is None:
-            continue
-        if (match["height"], match["width"]) != (image["height"], image["width"]):
-            raise UserError(f"{gt_json}: image {match['file_name']!r} is {match['height']}x{match['width']} (h x w) "
-                            f"but {image['height']}x{image['width']} in the masks files: not the same image")
-        found[image["id"]] = objects.get(match["id"], [])
-    return found
+    return sorted((image for image, _ in chosen.values()), key=lambda image: image["file_name"]), gt_ids
 
 
 def _rle(annotation: dict, image: dict) -> dict:
@@ -177,7 +169,7 @@ def build_gallery(out_dir: str | os.PathLike, image_root: str | os.PathLike, mas
     check_writable_folder(out_dir)
     sources = load_sources(masks, labels)
     gt = load_coco_dataset(gt_json) if gt_json else None
-    images = image_set(sources, gt)
+    images, gt_ids = image_set(sources, gt, str(gt_json))
     if max_images:
         images = images[:max_images]
     missing = [image["file_name"] for image in images if not (image_root / image["file_name"]).is_file()]
@@ -196,13 +188,13 @@ def build_gallery(out_dir: str | os.PathLike, image_root: str | os.PathLike, mas
     with folder_lock(out_dir, "--out"):  # a second gallery into the same --out is refused
         if (out_dir / "index.html").exists() and not overwrite:  # again: another run may have finished meanwhile
             raise UserError(f"output {out_dir / 'index.html'} already exists; pass --overwrite to replace it")
-        return _draw(out_dir, image_root, images, sources, labels, gt, gt_json, title, page_size)
+        return _draw(out_dir, image_root, images, gt_ids, sources, labels, gt, gt_json, title, page_size)
 
 
-def _draw(out_dir: Path, image_root: Path, images: list[dict], sources: list[MasksSource], labels: list[str],
-          gt: dict | None, gt_json: str | None, title: str | None, page_size: int) -> Path:
+def _draw(out_dir: Path, image_root: Path, images: list[dict], gt_ids: dict | None, sources: list[MasksSource],
+          labels: list[str], gt: dict | None, gt_json: str | None, title: str | None, page_size: int) -> Path:
     """Write the thumbnails, every column's layers and the page (build_gallery, once everything is checked)."""
-    gt_by_image = gt_objects(images, gt, str(gt_json)) if gt else {}
+    gt_by_image = annotations_by_image(gt["annotations"]) if gt else {}
     categories = {c["id"]: c.get("name", str(c["id"])) for c in gt["categories"]} if gt else {}
     columns = ([Column("GT", source=str(gt_json), kind="gt")] if gt else []) + [s.column for s in sources]
     rows = []
@@ -218,7 +210,7 @@ def _draw(out_dir: Path, image_root: Path, images: list[dict], sources: list[Mas
         panels = {}
         gt_rles = []
         if gt:
-            gt_annotations = gt_by_image.get(image["id"], [])
+            gt_annotations = gt_by_image.get(gt_ids[image["id"]] if gt_ids else image["id"], [])
             panels["GT"], _ = _panel(image, gt_annotations, base, scale, out_dir, "gt", [], None, True, categories)
             gt_rles = [_rle(a, image) for a in gt_annotations if not a.get("iscrowd", 0)]
         first_top = None

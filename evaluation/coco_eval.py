@@ -33,7 +33,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from utils.coco_io import (OBJECT_CATEGORY, box_iou_xywh, check_image_ids, load_coco_dataset, load_predictions,
-                           match_by_file_name, reference_name, segmentation_to_rle)
+                           match_by_file_name, names_all_images, reference_name, segmentation_to_rle)
 from evaluation.most_confident import most_confident
 from evaluation.rows import MetricRow
 from utils.errors import UserError
@@ -258,6 +258,33 @@ def check_category_ids(anns: list[dict], known_ids: Iterable, source: str, what:
                         f"ignore them; {remedy}")
 
 
+def check_category_names(pred_categories: list[dict], gt_categories: list[dict], pred_source: str,
+                         gt_source: str) -> None:
+    """A class-aware score compares category ids: predictions whose own `categories` give an id another name
+    than the GT does (gen_masks.py's single class 'object' is id 1, COCO's 'person') would be scored as the GT's
+    class; a UserError naming the first such id instead."""
+    gt_names = {c["id"]: c.get("name") for c in gt_categories}
+    for category in pred_categories:
+        gt_name = gt_names.get(category.get("id"))
+        if gt_name is not None and category.get("name") is not None and category["name"] != gt_name:
+            raise UserError(f"{pred_source}: category {category['id']} is {category['name']!r} there but "
+                            f"{gt_name!r} in {gt_source}: a class-aware score would count its masks as {gt_name!r}; "
+                            f"pass --class_agnostic, or label the masks with the GT's classes (utils/cluster.py "
+                            f"--gt_file)")
+
+
+def check_gt_masks_not_empty(annotations: list[dict], images: dict[int, dict], gt_source: str) -> None:
+    """Mask AP: a GT object whose mask covers no pixel (an all-zero RLE, a polygon of no area) can never be
+    matched and would only lower AP without a word; a UserError naming the first one instead."""
+    for i, ann in enumerate(annotations):
+        if ann.get("iscrowd", 0):
+            continue
+        image = images[ann["image_id"]]
+        if mask_utils.area(segmentation_to_rle(ann["segmentation"], image["height"], image["width"])) == 0:
+            raise UserError(f"{gt_source}: annotation #{i} (image_id {ann['image_id']!r}) has an empty mask; mask "
+                            f"AP needs a mask for every ground-truth object (use --iou_type bbox, or fix the GT)")
+
+
 def _id_list(ids: set) -> str:
     shown = sorted(ids, key=str)
     return ", ".join(str(i) for i in shown[:10]) + (", ..." if len(shown) > 10 else "")
@@ -327,9 +354,12 @@ def evaluate_instances(pred_path: str | os.PathLike, gt_path: str | os.PathLike,
     gt = load_coco_dataset(gt_path)
     anns, dataset = load_predictions(pred_path)
     # Both files name their images: match them by name whatever their ids, and evaluate the predictions' images.
+    if not options.class_agnostic and dataset is not None:
+        check_category_names(dataset.get("categories") or [], gt["categories"], str(pred_path), str(gt_path))
     anns, matched_ids = match_by_file_name(anns, dataset, gt["images"], str(pred_path), str(gt_path))
     if matched_ids is None:
-        result = evaluate_predictions(anns, gt, options, str(pred_path), str(gt_path))
+        result = evaluate_predictions(anns, gt, options, str(pred_path), str(gt_path),
+                                      names_images=names_all_images((dataset or {}).get("images")))
     else:
         kept = set(matched_ids)
         subset = {**gt, "images": [img for img in gt["images"] if img["id"] in kept],
@@ -341,13 +371,15 @@ def evaluate_instances(pred_path: str | os.PathLike, gt_path: str | os.PathLike,
 
 
 def evaluate_predictions(anns: list[dict], gt_dataset: dict, options: EvalOptions, pred_source: str = "predictions",
-                         gt_source: str = "ground truth", agnostic_recall: bool = True) -> EvalResult:
+                         gt_source: str = "ground truth", agnostic_recall: bool = True,
+                         names_images: bool = True) -> EvalResult:
     """Evaluate in-memory COCO results against an in-memory COCO dataset (neither is modified).
 
     `anns` are results as `load_predictions` returns them (checked, with scores); `pred_source` and
     `gt_source` name them in error messages. `agnostic_recall=False` skips the extra class-agnostic
     evaluation of class-specific runs (no `AR_agnostic` in the metrics then). With
-    `options.max_dets`, the metrics hold `AR_open_world` (see `open_world_recall`).
+    `options.max_dets`, the metrics hold `AR_open_world` (see `open_world_recall`). `names_images=False` (a
+    results list) says, for an image id the GT lacks, which file to pass instead.
     """
     check_options(options)
     require_gt_fields(gt_dataset["annotations"], options.iou_types, gt_source)
@@ -357,8 +389,10 @@ def evaluate_predictions(anns: list[dict], gt_dataset: dict, options: EvalOption
     full_gt = dict(gt)  # every category, for the open-world recall
     if not gt["categories"]:
         raise UserError(f"{gt_source} has no 'categories'")
-    check_image_ids(anns, gt, pred_source, gt_source)
+    check_image_ids(anns, gt, pred_source, gt_source, names_images)
     images = {img["id"]: img for img in gt["images"]}
+    if "segm" in options.iou_types:
+        check_gt_masks_not_empty(gt["annotations"], images, gt_source)
     predictions = normalise_predictions(anns, images, pred_source, need_category=not options.class_agnostic)
     gt_ids = [c["id"] for c in gt["categories"]]
     if not options.class_agnostic or options.eval_classes:  # then the GT objects' categories count

@@ -26,7 +26,8 @@ from pycocotools import mask as mask_utils
 
 from evaluation.most_confident import most_confident
 from evaluation.rows import MetricRow
-from utils.coco_io import box_iou_xywh, load_coco_dataset, load_predictions, match_by_file_name, segmentation_to_rle
+from utils.coco_io import (box_iou_xywh, load_coco_dataset, load_predictions, match_by_file_name, names_all_images,
+                           segmentation_to_rle, unknown_image_id)
 from utils.errors import UserError
 from utils.validate import check_mask_fits_image
 from utils.voc import parse_voc_xml, read_image_set, voc_image_id
@@ -147,8 +148,8 @@ def most_confident_boxes(anns: list[dict], dataset: dict | None, pred_path: str 
     for i, ann in enumerate(anns):
         key = id_to_key.get(ann["image_id"], ann["image_id"]) if keyed_by_name else ann["image_id"]
         if key not in gt.boxes:
-            raise UserError(f"{pred_path}: annotation #{i} has image_id {ann['image_id']!r} which is not in the "
-                            f"ground truth {gt.source}")
+            raise unknown_image_id(str(pred_path), i, ann["image_id"], f"the ground truth {gt.source}",
+                                   keyed_by_name or names_all_images((dataset or {}).get("images")))
         height, width = gt.sizes.get(key, (0, 0))
         if "segmentation" in ann and height and width:
             check_mask_fits_image(ann["segmentation"], f"{pred_path}: annotation #{i} (image {key!r})",

@@ -32,7 +32,7 @@ from distill.generate import MaskJob, MergeParts, PartWriter, RunStats, load_ima
 from distill.grouping import GroupingOptions, image_record
 from distill.visualize import overlay_name
 from utils.cli import check_outputs
-from utils.coco_io import annotations_by_image, image_index, load_coco_dataset
+from utils.coco_io import annotations_by_image, find_by_file_name, image_index, load_coco_dataset, names_all_images
 from utils.distributed import resolve_device
 from utils.errors import UserError
 from utils.fingerprint import file_digest
@@ -61,7 +61,7 @@ class PAMaskSource:
             if not gt_json:
                 raise UserError("--affinity oracle needs --gt_json (the ground truth the affinity is computed from)")
             gt = load_coco_dataset(gt_json)
-            self.gt_json, self.gt_images, self.gt_annotations = gt_json, image_index(gt), annotations_by_image(gt["annotations"])
+            self.gt_json, self.gt_images, self.gt_annotations = gt_json, gt["images"], annotations_by_image(gt["annotations"])
         else:
             self.device = resolve_device(device)
             self.model, config = load_affinity_model(affinity, self.device)
@@ -69,14 +69,24 @@ class PAMaskSource:
             self.min_size, self.max_size = int(sizes["min_size_test"]), int(sizes["max_size_test"])
 
     def check_gt(self, entries: list[ImageEntry], sizes: dict[int, tuple[int, int]]) -> None:
-        """Oracle: every image must be in the GT, with the size the GT gives it."""
-        for entry in entries:
-            gt_image = self.gt_images.get(entry.image_id)
+        """Oracle: every image must be in the GT, with the size the GT gives it. Images are matched by file_name
+        (`find_by_file_name`), whatever the ids; by id when the GT does not name all its images."""
+        by_name = names_all_images(self.gt_images)
+        if by_name:
+            found = find_by_file_name([e.file_name for e in entries], self.gt_images, f"--gt_json {self.gt_json}")
+        else:
+            by_id = image_index({"images": self.gt_images})
+            found = [by_id.get(e.image_id) for e in entries]
+        self.gt_ids = {}
+        for entry, gt_image in zip(entries, found):
             if gt_image is None:
-                raise UserError(f"{entry.file_name}: image id {entry.image_id} is not in --gt_json {self.gt_json}")
+                how = "matched by file_name" if by_name else f"image id {entry.image_id}; the GT names no files"
+                raise UserError(f"{entry.file_name} is not in --gt_json {self.gt_json} ({how}); pass the ground "
+                                "truth of these images, or --exclude GLOB to leave some out")
             if entry.index in sizes and sizes[entry.index] != (gt_image["height"], gt_image["width"]):
                 raise UserError(f"{entry.file_name} is {sizes[entry.index][0]}x{sizes[entry.index][1]} (height x "
                                 f"width) but --gt_json says {gt_image['height']}x{gt_image['width']}")
+            self.gt_ids[entry.index] = gt_image["id"]
 
     def plan(self, entries: list[ImageEntry], sizes: dict[int, tuple[int, int]]) -> list[list[int]]:
         """One image per batch, in data-set order (the readable images of `sizes`)."""
@@ -99,7 +109,7 @@ class PAMaskSource:
                 if self.vis_dir is not None:
                     job["overlay"] = (str(entry.path), str(self.vis_dir / overlay_name(entry.file_name)))
                 if self.model is None:
-                    job["annotations"] = self.gt_annotations.get(entry.image_id, [])
+                    job["annotations"] = self.gt_annotations.get(self.gt_ids[index], [])
                 else:
                     try:
                         pixels = load_rgb(entry.path)

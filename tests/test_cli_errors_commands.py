@@ -103,7 +103,8 @@ def test_eval_only_without_test_json_is_refused(tmp_path, checkpoints):
             "--output_dir", str(tmp_path / "out"), "--device", "cpu"]
     code, stdout, stderr = run_main(train_net.main, argv)
     assert code == 2 and stdout == ""
-    assert error_line(stderr) == "error: --eval_only needs --test_json (or data.test_json): the images to predict"
+    assert error_line(stderr) == ("error: --eval_only needs --test_json (or data.test_json): the images to predict; "
+                                  "for a plain folder of images, use predict.py --weights CKPT --images DIR --out OUT")
     assert list(tmp_path.iterdir()) == []
 
 

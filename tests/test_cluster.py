@@ -475,3 +475,45 @@ def test_faiss_backend_with_the_real_library():
     odd, even = cluster.run_kmeans(feats[::2], feats[1::2], 3, seed=5, backend="faiss")[0], assign[1::2]
     assert cluster_scores(odd, labels[1::2], 3, 3)["ACC"] == 1.0 and len(odd) == len(even)
     assert cluster.run_kmeans(feats, feats, 3, seed=5, backend="auto")[0].tolist() == assign.tolist()
+
+
+def test_gt_whose_ids_differ_from_the_masks_is_matched_by_file_name(tmp_path):
+    """A GT numbering the same images in another order (ids 1..N unrelated to the masks' ids): the masks are
+    matched to their GT boxes by file_name, so the metrics are those of the GT with the masks' own ids (100),
+    not of another image's boxes (the colours swap sides from one image to the next)."""
+    gt, masks = _colour_squares(tmp_path / "images")
+    masks["info"] = {"settings": {"arch": "vit_small", "patch_size": 16, "weights": "random"}}
+    order = [2, 0, 3, 1]  # GT image k is masks image order[k]
+    new_id = {order[k] + 1: k + 1 for k in range(len(order))}
+    gt["images"] = sorted(({**img, "id": new_id[img["id"]]} for img in gt["images"]), key=lambda i: i["id"])
+    gt["annotations"] = [{**a, "image_id": new_id[a["image_id"]]} for a in gt["annotations"]]
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    (tmp_path / "masks.json").write_text(json.dumps(masks))
+    code, out, err = run_main(cluster_cli.main, [
+        "--input_file", str(tmp_path / "masks.json"), "--image_root", str(tmp_path / "images"),
+        "--gt_file", str(tmp_path / "gt.json"), "--output_file", str(tmp_path / "labelled.json"),
+        "--num_workers", "0", "--device", "cpu", "--metrics_json", str(tmp_path / "m.json")])
+    assert code == 0, err
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert metrics["num_masks_without_gt"] == 0
+    assert (metrics["ACC"], metrics["NMI"], metrics["ARI"]) == pytest.approx((100.0, 100.0, 100.0))
+
+
+def test_a_gt_for_other_images_and_an_impossible_num_classes_are_refused_before_any_feature(tmp_path):
+    gt, masks = _colour_squares(tmp_path / "images")
+    masks["info"] = {"settings": {"arch": "vit_small", "patch_size": 16, "weights": "random"}}
+    (tmp_path / "masks.json").write_text(json.dumps(masks))
+    other = {**gt, "images": [{**img, "file_name": f"other_{img['file_name']}"} for img in gt["images"]]}
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    base = ["--input_file", str(tmp_path / "masks.json"), "--image_root", str(tmp_path / "images"),
+            "--output_file", str(tmp_path / "labelled.json"), "--num_workers", "0", "--device", "cpu"]
+    code, _, err = run_main(cluster_cli.main, [*base, "--gt_file", str(tmp_path / "other.json")])
+    assert code == 2 and err.strip().splitlines() == [
+        f"error: {tmp_path / 'masks.json'}: image '0.png' (id 1) is not in {tmp_path / 'other.json'} (matched by "
+        f"file_name); pass the --gt_file the predictions were made for, or make them with gen_masks.py --gt_json "
+        f"{tmp_path / 'other.json'}"]
+    code, _, err = run_main(cluster_cli.main, [*base, "--num_classes", "9"])  # 8 masks
+    assert code == 2 and err.strip().splitlines() == [
+        "error: only 8 masks to cluster into 9 clusters; lower --num_classes / --overcluster or add --support_file sets"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["images", "masks.json", "other.json"]  # no feature cache
+    cluster.check_enough_masks(8, 8)  # 8 clusters of 8 masks is possible

@@ -18,6 +18,7 @@ ENTRY_POINTS = {
     "eval_corloc.py": "--gt_file",
     "convert_voc.py": "--help",
     "make_gallery.py": "--masks",
+    "predict.py": "--weights",
     "utils/cluster.py": "--num_classes",
     "detectron2_train/train_net.py": "--rounds",
     "detectron2_train/train_affinity.py": "--config",

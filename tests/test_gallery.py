@@ -16,6 +16,7 @@ from PIL import Image
 import make_gallery
 from distill.gallery import build_gallery
 from distill.visualize import COLOURS, downsample, draw_layers, flat_name, overlay_name, save_overlay, write_gallery
+from tests.cli_helpers import run_main
 from utils.coco_io import load_json, make_annotation
 from utils.errors import UserError
 
@@ -323,6 +324,46 @@ def test_gt_column_matches_images_by_file_name_whatever_the_ids(dataset, tmp_pat
     with pytest.raises(UserError, match="image 'zebras/002.jpg' is 31x40 .* but 30x40 in the masks files"):
         build_gallery(tmp_path / "again", root, [str(files["lost"])], gt_json=str(files["gt"]))
     assert not (tmp_path / "again").exists()
+
+
+def test_a_gt_of_other_images_is_refused(dataset, tmp_path):
+    root, files = dataset
+    gt = load_json(files["gt"])
+    gt["images"][0]["file_name"] = "other.jpg"
+    files["gt"].write_text(json.dumps(gt))
+    with pytest.raises(UserError, match=r"lost.json: image 'horses/images/001.jpg' \(id 1\) is not in .*gt.json "
+                                        r"\(matched by file_name\); pass the --gt_json the predictions were made for"):
+        build_gallery(tmp_path / "out", root, [str(files["lost"])], gt_json=str(files["gt"]))
+    assert not (tmp_path / "out").exists()
+
+
+def test_gt_whose_ids_differ_from_the_masks_is_matched_by_file_name(dataset, tmp_path):
+    """A GT numbering the same images 1..5 in another order: each image shows its own GT (by file_name), and a
+    GT of other images is one error line, with nothing written (it showed "0 masks" before)."""
+    root, files = dataset
+    gt = load_json(files["gt"])
+    new_id = {1: 4, 2: 1, 3: 5, 4: 2, 5: 3}
+    gt["images"] = [{**img, "id": new_id[img["id"]]} for img in gt["images"]][::-1]
+    gt["annotations"] = [{**a, "image_id": new_id[a["image_id"]]} for a in gt["annotations"]]
+    files["gt"].write_text(json.dumps(gt))
+    out = tmp_path / "out"
+    tree = Tree(build_gallery(out, root, [str(files["lost"])], gt_json=str(files["gt"])).read_text())
+    found = rows(tree)
+    assert caption_lines(found["horses/images/001.jpg"].all("figure", "panel")[0]) == \
+        ["#1 horse box [2, 3, 10, 8] area 80 px (6.7%)"]
+    assert caption_lines(found["horses/images/001.png"].all("figure", "panel")[0]) == \
+        ["#1 horse box [20, 10, 10, 10] area 100 px (8.3%)"]
+    assert caption_lines(found["zebras/002.jpg"].all("figure", "panel")[0]) == []
+    assert caption_lines(found["horses/images/001.jpg"].all("figure", "panel")[1])[0].endswith("GT IoU 1.00")
+
+    other = {**gt, "images": [{**img, "file_name": f"elsewhere/{img['id']}.jpg"} for img in gt["images"]]}
+    files["gt"].write_text(json.dumps(other))
+    code, _, err = run_main(make_gallery.main, ["--images", str(root), "--masks", str(files["lost"]),
+                                                "--gt_json", str(files["gt"]), "--out", str(tmp_path / "out2")])
+    assert code == 2 and err.strip().splitlines() == [
+        f"error: {files['lost']}: image 'horses/images/001.jpg' (id 1) is not in {files['gt']} (matched by file_name); "
+        f"pass the --gt_json the predictions were made for, or make them with gen_masks.py --gt_json {files['gt']}"]
+    assert not (tmp_path / "out2").exists()
 
 
 def test_command_writes_once_then_needs_overwrite(dataset, tmp_path, capsys):

@@ -98,7 +98,7 @@ def test_bad_input_is_one_line_and_writes_nothing(val, tmp_path, monkeypatch, ca
     images, gt_json = val
     gt = json.loads(gt_json.read_text())
     partial = tmp_path / "partial.json"
-    missing = gt["images"][0]["id"]
+    missing, missing_name = gt["images"][0]["id"], gt["images"][0]["file_name"]
     partial.write_text(json.dumps({**gt, "images": gt["images"][1:],
                                    "annotations": [a for a in gt["annotations"] if a["image_id"] != missing]}))
     resized = tmp_path / "resized.json"
@@ -110,7 +110,8 @@ def test_bad_input_is_one_line_and_writes_nothing(val, tmp_path, monkeypatch, ca
     base = ["--dataset", "folder", "--dataset_root", images, "--pred_json_path", out, "--num_workers", 0]
     cases = {
         "--affinity oracle needs --gt_json": ["--affinity", "oracle"],
-        f"image id {missing} is not in --gt_json": ["--affinity", "oracle", "--gt_json", partial],
+        f"{missing_name} is not in --gt_json {partial} (matched by file_name)": ["--affinity", "oracle", "--gt_json",
+                                                                                 partial],
         "(height x width) but --gt_json says": ["--affinity", "oracle", "--gt_json", resized],
         "PA checkpoint not found": ["--affinity", tmp_path / "missing.pth"],
     }
@@ -231,3 +232,26 @@ def test_a_run_without_a_terminal_prints_progress_lines(tmp_path, monkeypatch, c
     assert [line.split(",")[0] for line in lines if line.startswith("PA masks: ")] == [
         "PA masks: 1/2 img (50%)", "PA masks: 2/2 img (100%)", "PA masks: 2/2 img (100%)"]
     assert any(line.startswith("image sizes: 2/2 img (100%)") for line in lines)
+
+
+def test_oracle_matches_a_gt_whose_ids_differ_from_the_file_names(val, tmp_path, monkeypatch, capsys):
+    """A GT numbering the images 1..N in reverse name order (ids unrelated to the file names the folder's ids
+    come from): each image gets the affinity of its own GT, found by file_name, so the masks are those of the
+    GT with COCO's ids (it compared an image with another image's GT size and refused before)."""
+    images, gt_json = val
+    gt = json.loads(gt_json.read_text())
+    ordered = sorted(gt["images"], key=lambda i: i["file_name"], reverse=True)
+    new_id = {img["id"]: k + 1 for k, img in enumerate(ordered)}
+    renumbered = tmp_path / "gt_renumbered.json"
+    renumbered.write_text(json.dumps({**gt, "images": [{**i, "id": new_id[i["id"]]} for i in ordered],
+                                      "annotations": [{**a, "image_id": new_id[a["image_id"]]} for a in gt["annotations"]]}))
+    base = ["--dataset", "folder", "--dataset_root", images, "--affinity", "oracle", "--max_images", 2, "--topk", 3,
+            "--globalization", 0, "--num_workers", 0]
+    outputs = {}
+    for name, gt_file in (("coco", gt_json), ("renumbered", renumbered)):
+        outputs[name] = tmp_path / f"pa_{name}.json"
+        code, _, stderr = run(monkeypatch, capsys, *base, "--gt_json", gt_file, "--pred_json_path", outputs[name])
+        assert code == 0, stderr
+    expected, found = (json.loads(outputs[n].read_text()) for n in ("coco", "renumbered"))
+    assert found["images"] == expected["images"] and len(found["annotations"]) > 0
+    assert found["annotations"] == expected["annotations"]

@@ -100,3 +100,24 @@ def test_a_predicted_image_missing_from_the_gt_or_of_another_size_is_refused(tmp
     assert code == 2
     assert error_line(err) == (f"error: {other_size}: image '000000000001.jpg' is 80x60 (h x w) but 40x60 in {gt}: "
                                "not the same image; pass the --gt_file the predictions were made for")
+
+
+def test_a_results_list_whose_ids_are_not_the_gts_says_which_file_to_pass(tmp_path):
+    """A results list names no files: against a GT numbering its images 1..5, ids taken from the file names
+    (77 here) cannot be matched, and the one error line says to pass the dataset the results were made for."""
+    gt = write_gt(tmp_path / "gt.json")
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps([make_annotation(box_mask([0, 0, 5, 5]), 77, 1, 0.9)]))
+    hint = (" (a results list names no files, so its ids must be the GT's: pass the COCO dataset the predictions "
+            "were made for, e.g. train_net.py's --test_json, or a predictions file with 'images' to match by "
+            "file_name)")
+    code, _, err = run_main(eval_instances.main, ["--input_file", str(results), "--gt_file", str(gt)])
+    assert code == 2
+    assert error_line(err) == f"error: {results}: annotation #0 has image_id 77 which is not in {gt}{hint}"
+    code, _, err = run_main(eval_corloc.main, ["--input_file", str(results), "--gt_file", str(gt)])
+    assert code == 2 and error_line(err) == (f"error: {results}: annotation #0 has image_id 77 which is not in the "
+                                             f"ground truth {gt}{hint}")
+    # A COCO dict naming its images is matched by name instead: no such advice.
+    masks = write_masks(tmp_path / "masks.json", {"000000000001.jpg": [0, 0, 5, 5]})
+    code, _, err = run_main(eval_instances.main, ["--input_file", str(masks), "--gt_file", str(gt)])
+    assert code == 0, err

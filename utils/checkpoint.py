@@ -77,6 +77,8 @@ def read_torch_file(path: str | os.PathLike, what: str, hint: str = "") -> dict:
 # names its weights start with, to recognise a bare state dict or a checkpoint saved before fingerprints.
 CHECKPOINT_KINDS: dict[str, tuple[str, tuple[str, ...]]] = {
     "mask_rcnn": ("a Mask R-CNN checkpoint (detectron2_train/train_net.py)", ("roi_heads.", "rpn.")),
+    # before DeepLab-v3, whose weights also start with "head."
+    "pa_predictor": ("a PA predictor checkpoint (detectron2_train/train_affinity.py)", ("head.levels.", "head.fuse.")),
     "deeplab": ("a DeepLab-v3 checkpoint (segmentation/train.py)", ("head.",)),
     "linear_probe": ("a DeepLab-v3 linear-probe checkpoint (segmentation/linear_finetune.py)", ()),
 }

@@ -302,50 +302,85 @@ def confident_else_best(preds: list[dict], threshold: float) -> tuple[list[dict]
     return kept, [p for p in preds if id(p) not in chosen]
 
 
-def check_image_ids(pred_anns: list[dict], dataset: dict, pred_name: str, gt_name: str) -> None:
+def unknown_image_id(pred_name: str, index: int, image_id: object, gt_name: str, names_images: bool) -> UserError:
+    """The error for prediction #`index` on an image the GT does not have. A file that names no images (a
+    results list) can only be matched by id, so the message says which file to pass instead."""
+    message = f"{pred_name}: annotation #{index} has image_id {image_id!r} which is not in {gt_name}"
+    if not names_images:
+        message += (" (a results list names no files, so its ids must be the GT's: pass the COCO dataset the "
+                    "predictions were made for, e.g. train_net.py's --test_json, or a predictions file with "
+                    "'images' to match by file_name)")
+    return UserError(message)
+
+
+def check_image_ids(pred_anns: list[dict], dataset: dict, pred_name: str, gt_name: str,
+                    names_images: bool = True) -> None:
     """Every prediction must refer to an image of the dataset, and its mask must fit that image (RLE
-    size, polygon coordinates); name the first that does not."""
+    size, polygon coordinates); name the first that does not. `names_images=False` (a results list) adds to
+    an unknown id's message what to pass instead."""
     known = {img["id"]: img for img in dataset["images"]}
     for i, ann in enumerate(pred_anns):
         image = known.get(ann["image_id"])
         if image is None:
-            raise UserError(f"{pred_name}: annotation #{i} has image_id {ann['image_id']!r} which is not in {gt_name}")
+            raise unknown_image_id(pred_name, i, ann["image_id"], gt_name, names_images)
         if "segmentation" in ann:
             validate.check_mask_fits_image(ann["segmentation"], f"{pred_name}: annotation #{i}", image)
 
 
-def match_by_file_name(pred_anns: list[dict], pred_dataset: dict | None, gt_images: list[dict], pred_name: str,
-                       gt_name: str) -> tuple[list[dict], list | None]:
-    """Match predictions to GT images by `file_name` when both files name their images (a COCO dict of
-    predictions, as `gen_masks.py` writes, and a GT whose images all have names), whatever their ids: ids are
-    remapped to the GT's. Returns (the annotations, the GT ids of the predictions' images in their order), or the
-    annotations unchanged and None when either file lacks names (then ids are trusted).
-
-    A prediction image is the GT image of the same path, else of the same base name when one GT image has it. One
-    that is in no GT image, or whose height/width differ from it, is an error saying what to pass."""
-    pred_images = (pred_dataset or {}).get("images") or []
-    if not pred_images or not all(img.get("file_name") for img in pred_images) or \
-            not gt_images or not all(img.get("file_name") for img in gt_images):
-        return pred_anns, None
+def find_by_file_name(names: list[object], gt_images: list[dict], gt_name: str,
+                      hint: str = "") -> list[dict | None]:
+    """The one image identity every tool uses: the GT image of each name (a `file_name` or a path relative to
+    the image root), by `ImagesByName` (the same relative path, else the same base name when one GT image has
+    it), None where there is none. Two names matching one GT image is an error (`hint` says what to do)."""
     gt_by_name = ImagesByName(gt_images)
-    remap: dict = {}
+    found: list[dict | None] = []
     owner: dict = {}
-    for img in pred_images:
-        name = posix_file_name(img["file_name"])
-        gt_img = gt_by_name.find(name)
+    for name in names:
+        img = gt_by_name.find(name)
+        if img is not None:
+            if img["id"] in owner:
+                raise UserError(f"{owner[img['id']]!r} and {posix_file_name(name)!r} both match image "
+                                f"{img['file_name']!r} of {gt_name} (by file_name){hint}")
+            owner[img["id"]] = posix_file_name(name)
+        found.append(img)
+    return found
+
+
+def names_all_images(images: list[dict] | None) -> bool:
+    return bool(images) and all(img.get("file_name") for img in images)
+
+
+def gt_ids_by_file_name(images: list[dict], gt_images: list[dict], name: str, gt_name: str,
+                        gt_flag: str = "--gt_file") -> dict | None:
+    """{id in `images`: id of the same image in `gt_images`}, matched by `find_by_file_name` whatever the ids,
+    when both lists name all their images; None when either does not (then ids are trusted). An image in no GT
+    image, or whose height/width differ from its GT image's, is an error saying what to pass (`gt_flag`)."""
+    if not names_all_images(images) or not names_all_images(gt_images):
+        return None
+    remap: dict = {}
+    for img, gt_img in zip(images, find_by_file_name([img["file_name"] for img in images], gt_images, gt_name)):
+        file_name = posix_file_name(img["file_name"])
         if gt_img is None:
-            raise UserError(f"{pred_name}: image {name!r} (id {img['id']!r}) is not in {gt_name} (matched by "
-                            f"file_name); pass the --gt_file the predictions were made for, or make them with "
+            raise UserError(f"{name}: image {file_name!r} (id {img['id']!r}) is not in {gt_name} (matched by "
+                            f"file_name); pass the {gt_flag} the predictions were made for, or make them with "
                             f"gen_masks.py --gt_json {gt_name}")
         if (img["height"], img["width"]) != (gt_img["height"], gt_img["width"]):
-            raise UserError(f"{pred_name}: image {name!r} is {img['height']}x{img['width']} (h x w) but "
+            raise UserError(f"{name}: image {file_name!r} is {img['height']}x{img['width']} (h x w) but "
                             f"{gt_img['height']}x{gt_img['width']} in {gt_name}: not the same image; pass the "
-                            f"--gt_file the predictions were made for")
-        if gt_img["id"] in owner:
-            raise UserError(f"{pred_name}: images {owner[gt_img['id']]!r} and {name!r} both match "
-                            f"{gt_img['file_name']!r} of {gt_name} (by file_name)")
-        owner[gt_img["id"]] = name
+                            f"{gt_flag} the predictions were made for")
         remap[img["id"]] = gt_img["id"]
+    return remap
+
+
+def match_by_file_name(pred_anns: list[dict], pred_dataset: dict | None, gt_images: list[dict], pred_name: str,
+                       gt_name: str, gt_flag: str = "--gt_file") -> tuple[list[dict], list | None]:
+    """Match predictions to GT images by `file_name` (`gt_ids_by_file_name`) when both files name their images (a
+    COCO dict of predictions, as `gen_masks.py` writes, and a GT whose images all have names), whatever their ids:
+    ids are remapped to the GT's. Returns (the annotations, the GT ids of the predictions' images in their order),
+    or the annotations unchanged and None when either file lacks names (then ids are trusted)."""
+    remap = gt_ids_by_file_name((pred_dataset or {}).get("images") or [], gt_images, pred_name, gt_name, gt_flag)
+    if remap is None:
+        return pred_anns, None
     remapped = []
     for i, ann in enumerate(pred_anns):
         if ann["image_id"] not in remap:

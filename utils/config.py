@@ -310,12 +310,14 @@ def redundant_keys(path: str | os.PathLike, schema: ConfigSchema) -> list[str]:
 # ----------------------------------------------------------------------------- overrides
 
 
-def parse_override(item: str) -> tuple[str, Any]:
-    """`key.sub=value` -> ("key.sub", value parsed as YAML: numbers, lists, booleans, null; else the raw text)."""
+def parse_override(item: str, source: str | None = None) -> tuple[str, Any]:
+    """`key.sub=value` -> ("key.sub", value parsed as YAML: numbers, lists, booleans, null; else the raw text).
+    `source` names the flag and value in messages (default: `--set 'item'`)."""
     dotted, sep, raw = item.partition("=")
     dotted = dotted.strip()
     if not sep or not dotted or any(not part or part != part.strip() for part in dotted.split(".")):
-        raise UserError(f"--set {item!r}: an override must look like key.sub=value, e.g. solver.max_iter=1000")
+        raise UserError(f"{source or f'--set {item!r}'}: an override must look like key.sub=value, e.g. "
+                        "solver.max_iter=1000")
     try:
         value = yaml.safe_load(raw)
     except yaml.YAMLError:
@@ -331,14 +333,16 @@ def nested(dotted: str, value: Any) -> dict:
     return node
 
 
-def apply_overrides(config: dict, overrides: Iterable[str] | None, schema: ConfigSchema | None = None) -> dict:
-    """Apply `key.sub=value` overrides in order; each is checked against the schema on its own."""
+def apply_overrides(config: dict, overrides: Iterable[str] | None, schema: ConfigSchema | None = None,
+                    flag: str = "--set") -> dict:
+    """Apply `key.sub=value` overrides in order; each is checked against the schema on its own (messages
+    name `flag`)."""
     schema = as_schema(schema)
     for item in overrides or []:
-        dotted, value = parse_override(item)
+        dotted, value = parse_override(item, f"{flag} {item!r}")
         layer = nested(dotted, value)
         if schema is not None:
-            layer = schema.check(layer, f"--set {item}")
+            layer = schema.check(layer, f"{flag} {item}")
         config = merge_configs(config, layer)
     return config
 
