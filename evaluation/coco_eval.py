@@ -18,6 +18,8 @@ All inputs are checked before anything is evaluated, so a malformed file never y
 """
 from __future__ import annotations
 
+import sys
+
 import contextlib
 import copy
 import functools
@@ -274,15 +276,26 @@ def check_category_names(pred_categories: list[dict], gt_categories: list[dict],
 
 
 def check_gt_masks_not_empty(annotations: list[dict], images: dict[int, dict], gt_source: str) -> None:
-    """Mask AP: a GT object whose mask covers no pixel (an all-zero RLE, a polygon of no area) can never be
-    matched and would only lower AP without a word; a UserError naming the first one instead."""
+    """Mask AP against a GT whose objects have no mask (a box-only GT: every non-crowd mask empty) would score
+    0.00 without a word: a UserError instead. A few empty masks among real ones (a degenerate annotation, as in
+    Oxford-IIIT Pet) are scored as COCO scores them, as misses, with a warning naming them."""
+    empty = []
+    counted = 0
     for i, ann in enumerate(annotations):
         if ann.get("iscrowd", 0):
             continue
+        counted += 1
         image = images[ann["image_id"]]
         if mask_utils.area(segmentation_to_rle(ann["segmentation"], image["height"], image["width"])) == 0:
-            raise UserError(f"{gt_source}: annotation #{i} (image_id {ann['image_id']!r}) has an empty mask; mask "
-                            f"AP needs a mask for every ground-truth object (use --iou_type bbox, or fix the GT)")
+            empty.append((i, ann["image_id"]))
+    if not empty:
+        return
+    first = f"annotation #{empty[0][0]} (image_id {empty[0][1]!r})"
+    if len(empty) == counted:
+        raise UserError(f"{gt_source}: every ground-truth object has an empty mask (e.g. {first}); mask AP needs "
+                        f"masks (use --iou_type bbox, or fix the GT)")
+    print(f"warning: {gt_source}: {len(empty)} of {counted} ground-truth objects have an empty mask (e.g. {first}); "
+          f"mask AP counts them as misses", file=sys.stderr)
 
 
 def _id_list(ids: set) -> str:

@@ -321,7 +321,7 @@ def test_gt_column_matches_images_by_file_name_whatever_the_ids(dataset, tmp_pat
                ("zebras/002.jpg", "zebras/003.jpg", "zebras/004.jpg"))
     gt["images"][2]["height"] = 31  # zebras/002.jpg: the same file name, another size: not the same image
     files["gt"].write_text(json.dumps(gt))
-    with pytest.raises(UserError, match="image 'zebras/002.jpg' is 31x40 .* but 30x40 in the masks files"):
+    with pytest.raises(UserError, match=r"lost.json: image 'zebras/002.jpg' is 30x40 \(h x w\) but 31x40 in .*gt.json: not the same image"):
         build_gallery(tmp_path / "again", root, [str(files["lost"])], gt_json=str(files["gt"]))
     assert not (tmp_path / "again").exists()
 

@@ -146,18 +146,23 @@ def write_eval_files(tmp_path: Path, gt_masks: list[np.ndarray],
     return preds, gt
 
 
-def test_an_empty_gt_mask_is_an_error_in_segm_mode(tmp_path):
+def test_a_box_only_gt_is_an_error_in_segm_mode_and_a_stray_empty_mask_a_warning(tmp_path):
     empty = np.zeros(SIZE, np.uint8)
-    preds, gt = write_eval_files(tmp_path, [square(), empty])
+    preds, gt = write_eval_files(tmp_path, [empty, empty])
     before = files(tmp_path)
     line = refused(eval_instances.main, ["--input_file", str(preds), "--gt_file", str(gt)], tmp_path, before)
-    assert line == (f"error: {gt}: annotation #1 (image_id 1) has an empty mask; mask AP needs a mask for every "
-                    "ground-truth object (use --iou_type bbox, or fix the GT)")
+    assert line == (f"error: {gt}: every ground-truth object has an empty mask (e.g. annotation #0 (image_id 1)); "
+                    "mask AP needs masks (use --iou_type bbox, or fix the GT)")
+    preds, gt = write_eval_files(tmp_path, [square(), empty])  # one degenerate object among real ones
+    code, out, err = run_main(eval_instances.main, ["--input_file", str(preds), "--gt_file", str(gt)])
+    assert code == 0 and out.strip().splitlines()[-1] == "segm AP50: 50.50", err  # a miss: recall 0.5 (101-point AP)
+    assert f"warning: {gt}: 1 of 2 ground-truth objects have an empty mask (e.g. annotation #1 (image_id 1))" in err
     gt_data = json.loads(gt.read_text())
     gt_data["annotations"][1]["iscrowd"] = 1  # an empty crowd region only ignores nothing: fine
     gt.write_text(json.dumps(gt_data))
     code, out, err = run_main(eval_instances.main, ["--input_file", str(preds), "--gt_file", str(gt)])
     assert code == 0 and out.strip().splitlines()[-1] == "segm AP50: 100.00", err
+    assert "warning" not in err
     one_pixel = np.zeros(SIZE, np.uint8)
     one_pixel[30, 50] = 1  # the smallest mask there is: not empty
     gt_data["annotations"][1] = {**make_annotation(one_pixel, 1, 1), "id": 2}
