@@ -64,7 +64,7 @@ def test_dinov2_run_records_its_resolved_settings_and_resume_refuses_another_pre
                         cli_helpers.interrupt_on_call(engine_module.backbone_features, 2))
     with pytest.raises(KeyboardInterrupt):
         generate(*job(three_images, interrupted, "--half"))
-    with pytest.raises(UserError, match="made with precision='bf16', not 'fp32'"):
+    with pytest.raises(UserError, match="made with precision=bf16, not fp32"):
         generate(*job(three_images, interrupted, "--precision", "fp32", "--resume"))
-    with pytest.raises(UserError, match="made with features='centred', not 'raw'"):
+    with pytest.raises(UserError, match="made with features=centred, not raw"):
         generate(*job(three_images, interrupted, "--half", "--features", "raw", "--resume"))

@@ -90,7 +90,8 @@ class FolderLock:
                 self.folder.rmdir()  # only when empty: a run refused before writing leaves nothing
 
     def __del__(self) -> None:
-        self.release()  # a holder dropped without release (e.g. a trainer that never trained) lets go
+        with contextlib.suppress(Exception):  # at interpreter exit, too late to matter: the kernel releases
+            self.release()  # a holder dropped without release (e.g. a trainer that never trained) lets go
 
     def __enter__(self) -> "FolderLock":
         return self.acquire()
