@@ -33,7 +33,7 @@ from typing import Callable, Iterator, Protocol, TextIO
 
 from tqdm import tqdm
 
-from distill.cli import ImageSetOptions, OutputOptions
+from distill.cli import RECORDED_ONLY, ImageSetOptions, OutputOptions
 from distill.data import ImageEntry, class_agnostic, coco20k_entries, folder_entries, voc_entries
 from distill.visualize import write_gallery
 from utils.coco_io import (OBJECT_CATEGORY, atomic_path, check_can_write, check_writable, check_writable_folder,
@@ -192,7 +192,7 @@ def check_settings(header: dict | None, settings: dict, source: Path) -> None:
         return
     recorded = header["settings"]
     for key in [*recorded, *(k for k in settings if k not in recorded)]:  # in flag order: method before its flags
-        if recorded.get(key) != settings.get(key):
+        if key not in RECORDED_ONLY and recorded.get(key) != settings.get(key):
             raise UserError(f"{source} was made with {key}={recorded.get(key)!r}, not {settings.get(key)!r}; "
                             "use the same settings, or --overwrite to start again")
 
