@@ -126,10 +126,11 @@ class ImageJob:
 
 
 def finish_image(job: ImageJob) -> tuple[str, int]:
-    """Pixel masks (the method's `refine`, or a nearest upsampling), their annotations and overlay:
-    (the image's record line for the part file, its number of masks)."""
+    """Pixel masks (the method's `refine`, or a nearest upsampling), their annotations and overlay, best-first
+    by score (a stable sort: ties keep the method's order): (the image's record line for the part file, its
+    number of masks)."""
     masks = pixel_masks(METHODS[job.method], job.working, job.proposals, job.geometry)
-    kept = [(p, m) for p, m in zip(job.proposals, masks) if m is not None]
+    kept = sorted(((p, m) for p, m in zip(job.proposals, masks) if m is not None), key=lambda pm: -pm[0].score)
     annotations = [make_annotation(m, job.image["id"], 1, p.score, job.mask_format) for p, m in kept]
     if job.overlay is not None:
         seeds = [job.geometry.patch_box(*p.seed_patch) if p.seed_patch else None for p, _ in kept]

@@ -33,14 +33,18 @@ to the patch multiple):
 * Resized to the original image size as CutLER does: PIL's default (bicubic) resize of the 0/255
   mask, kept where it exceeds half its maximum.
 
-Score (MaskCut defines none): 1 − Ncut(mask)/2 of the patch mask on the image's unmasked graph W,
-in [0, 1]; see `distill.ncut.cut_score`. It ranks the masks within and across images.
+Score (MaskCut defines none; `--mask_score`): `official`, this code's reproduction score, is
+1 − Ncut(mask)/2 of the patch mask on the image's unmasked graph W, in [0, 1] (`distill.ncut.cut_score`);
+`attention` (`attention_scores`, the DINOv2 default) is the mean CLS attention of the mask's
+patches, scaled to [0, 1] per image. It ranks the masks within and across images; the masks of an
+image are written best-first by it (the cuts and the CRF run in discovery order either way).
 
 Not reproduced from the official script: its COCO JSON swaps image width and height, and its bare
 `except` silently drops images that fail; here unreadable images are reported under `skipped_images`.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 import numpy as np
@@ -120,6 +124,23 @@ def maskcut(keys: torch.Tensor, grid: tuple[int, int], num_objects: int = NUM_OB
     for (b, mask, seed), score in zip(flat, scores):
         results[b].append(PatchMask(mask=mask, score=score, seed_patch=seed))
     return results
+
+
+MASK_SCORES = ("official", "attention")  # `--mask_score`
+
+
+def attention_scores(masks: list[list[PatchMask]], attention: torch.Tensor) -> list[list[PatchMask]]:
+    """The masks rescored by CLS attention (`--mask_score attention`): a mask's score is the mean, over its
+    patches, of the image's CLS scores (B, N) scaled to [0, 1] by their range over the image. The object
+    draws the CLS token's attention (Caron et al. 2021); a band of sky or ground that a cut separates cleanly
+    (a high `official` score) does not. Measured against other attention scores in docs/dinov2.md."""
+    scores = attention.float().cpu().numpy()
+    rescored: list[list[PatchMask]] = []
+    for image_masks, values in zip(masks, scores):
+        scaled = (values - values.min()) / max(float(values.max() - values.min()), 1e-12)
+        rescored.append([dataclasses.replace(m, score=float(scaled[m.mask.reshape(-1)].mean()))
+                         for m in image_masks])
+    return rescored
 
 
 def _softmax_unary(mask: np.ndarray) -> np.ndarray:

@@ -13,7 +13,7 @@ Each method carries the defaults of its official code: its parameters and its in
 | maskdistill | heads 5, topk 0.4                           | shorter side 640 (bilinear), zero-padded         |
 | lost        | k_patches 100                               | full resolution, zero-padded                     |
 | tokencut    | tau 0.2, foreground eigenvector             | full resolution, zero-padded                     |
-| maskcut     | num_objects 3, tau 0.15, foreground eigenvector | fixed_size 480 (square LANCZOS), CRF on the masks |
+| maskcut     | num_objects 3, tau 0.15, foreground eigenvector, mask_score official | fixed_size 480 (square LANCZOS), CRF on the masks |
 
 The methods were designed on DINO; for another backbone family a method may replace some of these
 defaults and the backbone's feature setting (`Method.family_defaults`, measured in docs/dinov2.md):
@@ -23,7 +23,7 @@ defaults and the backbone's feature setting (`Method.family_defaults`, measured 
 | maskdistill      | none (features: the backbone's `centred` keys)                       |
 | lost             | features `centred_tokens`, shorter side 320                          |
 | tokencut         | foreground `attention` (features: `centred` keys)                    |
-| maskcut          | foreground `attention` (features: `centred` keys)                    |
+| maskcut          | foreground `attention`, mask_score `attention` (features: `centred` keys) |
 
 `method_defaults(method, arch)` gives the result; flags given explicitly still win.
 """
@@ -38,7 +38,7 @@ import torch
 from distill.data import Geometry, upsample_patch_mask
 from distill.features import discovery_features, feature_setting, needs_tokens
 from distill.lost import lost
-from distill.maskcut import maskcut, refine_masks
+from distill.maskcut import attention_scores, maskcut, refine_masks
 from distill.maskgen import class_token_scores, propose_masks
 from distill.patches import PatchFeatures, PatchMask
 from distill.tokencut import tokencut
@@ -84,8 +84,11 @@ def _tokencut(features: PatchFeatures, params: dict) -> list[list[PatchMask]]:
 
 
 def _maskcut(features: PatchFeatures, params: dict) -> list[list[PatchMask]]:
-    return maskcut(features.patch_keys, features.grid, num_objects=params["num_objects"], tau=params["tau"],
-                   attention=_cls_attention(features, params))
+    masks = maskcut(features.patch_keys, features.grid, num_objects=params["num_objects"], tau=params["tau"],
+                    attention=_cls_attention(features, params))
+    if params["mask_score"] == "attention":
+        masks = attention_scores(masks, class_token_scores(features.query, features.key, features.key.shape[1]))
+    return masks
 
 
 METHODS: dict[str, Method] = {
@@ -99,10 +102,13 @@ METHODS: dict[str, Method] = {
     "tokencut": Method("tokencut", _tokencut, {"tau": 0.2, "foreground": "eigenvector"},
                        score="1 - Ncut/2 of the mask on its graph",
                        family_defaults={"DINOv2": {"foreground": "attention"}}),
-    "maskcut": Method("maskcut", _maskcut, {"num_objects": 3, "tau": 0.15, "foreground": "eigenvector"},
+    # DINOv2: the CLS-attention score ranks the object first more often than 1 - Ncut/2 (docs/dinov2.md).
+    "maskcut": Method("maskcut", _maskcut, {"num_objects": 3, "tau": 0.15, "foreground": "eigenvector",
+                                            "mask_score": "official"},
                       fixed_size=480, refine=refine_masks,
-                      score="1 - Ncut/2 of the patch mask on the image's unmasked graph",
-                      family_defaults={"DINOv2": {"foreground": "attention"}}),
+                      score="official: 1 - Ncut/2 of the patch mask on the image's unmasked graph; attention: "
+                            "mean CLS attention over the mask's patches, scaled to [0, 1] per image",
+                      family_defaults={"DINOv2": {"foreground": "attention", "mask_score": "attention"}}),
 }
 METHOD_PARAMS = tuple(dict.fromkeys(name for method in METHODS.values() for name in method.params))
 

@@ -1,6 +1,8 @@
 """LOST, TokenCut and MaskCut on hand-made patch features whose answer is known; MaskCut's pixel steps;
 the method registry's defaults and flag checks."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -274,9 +276,11 @@ def test_method_flags_are_checked():
 
 def test_gen_masks_spells_out_the_registry():
     import gen_masks
+    from distill.maskcut import MASK_SCORES
     from distill.ncut import FOREGROUND_RULES
 
     assert gen_masks.METHODS == list(METHODS) and gen_masks.FOREGROUND_RULES == list(FOREGROUND_RULES)
+    assert gen_masks.MASK_SCORES == list(MASK_SCORES)
 
 
 def test_patch_keys_concatenate_heads_in_dino_order():
@@ -285,3 +289,45 @@ def test_patch_keys_concatenate_heads_in_dino_order():
     # DINO: qkv[1] is (B, heads, T, d) -> transpose(1, 2) -> reshape(B, T, heads * d), CLS dropped
     expected = key.transpose(1, 2).reshape(2, 5, 12)[:, 1:]
     assert torch.equal(features.patch_keys, expected)
+
+
+def test_maskcut_attention_score_ranks_the_attended_mask_first():
+    """Two masks: a band that a cut separates cleanly and an object the CLS token attends to; `official` (1 -
+    Ncut/2) and `attention` (mean attention over the mask, scaled to [0, 1] per image) rank them oppositely."""
+    from distill.maskcut import attention_scores
+
+    band, obj = np.zeros((4, 4), bool), np.zeros((4, 4), bool)
+    band[0] = True
+    obj[2:4, 1:3] = True
+    attention = torch.full((1, 16), 2.0)
+    attention[0, obj.reshape(-1)] = 6.0  # scaled: 1 on the object, 0 at the minimum
+    attention[0, 1] = 4.0  # scaled 0.5, in the band
+    (rescored,) = attention_scores([[PatchMask(band, 0.9), PatchMask(obj, 0.6)]], attention)
+    assert rescored[0].score == pytest.approx(0.5 / 4) and rescored[1].score == pytest.approx(1.0)
+    assert [m.mask.tolist() for m in rescored] == [band.tolist(), obj.tolist()]  # the masks and order untouched
+
+
+def test_maskcut_mask_score_flag_selects_the_score(monkeypatch):
+    from distill import methods
+
+    obj = block_mask((5, 5), [(1, 1), (1, 2)])
+    features = PatchFeatures(query=torch.zeros(1, 1, 26, 4), key=torch.zeros(1, 1, 26, 4), grid=(5, 5))
+    params = {"num_objects": 2, "tau": 0.15, "foreground": "eigenvector"}
+    monkeypatch.setattr(methods, "maskcut", lambda *a, **k: [[PatchMask(obj, 0.3)]])
+    assert methods.METHODS["maskcut"].propose(features, {**params, "mask_score": "official"})[0][0].score == 0.3
+    # attention on a flat CLS map (all 0 after scaling): score 0
+    assert methods.METHODS["maskcut"].propose(features, {**params, "mask_score": "attention"})[0][0].score == 0.0
+
+
+def test_multi_mask_output_is_written_best_first(tmp_path):
+    """The annotations of an image are in descending score, whatever order the method proposed them in."""
+    from distill.data import InputPolicy as Policy
+    from distill.engine import ImageJob, finish_image
+
+    geometry = Policy(0, 2048, 0, 8).geometry(16, 16)
+    first, second, third = (block_mask((2, 2), [cell]) for cell in [(0, 0), (0, 1), (1, 1)])
+    proposals = [PatchMask(first, 0.2), PatchMask(second, 0.9), PatchMask(third, 0.5)]
+    line, count = finish_image(ImageJob(0, {"id": 1, "file_name": "a.png", "height": 16, "width": 16}, geometry,
+                                        proposals, "lost", "rle"))
+    scores = [a["score"] for a in json.loads(line)["annotations"]]
+    assert count == 3 and scores == [0.9, 0.5, 0.2]
