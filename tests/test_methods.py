@@ -233,7 +233,8 @@ def resolve(**overrides) -> dict:
     ("maskdistill", dict(heads=5, topk=0.4, resize=640, fixed_size=0, tau=None, features="raw")),
     ("lost", dict(k_patches=100, resize=0, fixed_size=0, heads=None, features="raw")),
     ("tokencut", dict(tau=0.2, foreground="eigenvector", resize=0, fixed_size=0, features="raw")),
-    ("maskcut", dict(tau=0.15, num_objects=3, foreground="eigenvector", resize=0, fixed_size=480, features="raw")),
+    ("maskcut", dict(tau=0.15, num_objects=3, foreground="eigenvector", mask_score="official", resize=0,
+                     fixed_size=480, features="raw")),
 ])
 def test_each_method_gets_its_official_defaults(method, expected):
     for arch in ("vit_small", "vit_base"):  # DINO: the official recipes, untouched
@@ -245,8 +246,8 @@ def test_each_method_gets_its_official_defaults(method, expected):
     ("maskdistill", dict(heads=5, topk=0.4, resize=640, fixed_size=0, features="centred")),
     ("lost", dict(k_patches=100, resize=320, fixed_size=0, features="centred_tokens")),
     ("tokencut", dict(tau=0.2, foreground="attention", resize=0, fixed_size=0, features="centred")),
-    ("maskcut", dict(tau=0.15, num_objects=3, foreground="attention", resize=0, fixed_size=480,
-                     features="centred")),
+    ("maskcut", dict(tau=0.15, num_objects=3, foreground="attention", mask_score="attention", resize=0,
+                     fixed_size=480, features="centred")),
 ])
 def test_dinov2_defaults_of_each_method_and_explicit_flags_win(method, expected):
     from distill.methods import method_defaults
@@ -255,7 +256,8 @@ def test_dinov2_defaults_of_each_method_and_explicit_flags_win(method, expected)
         resolved = resolve(method=method, arch=arch, patch_size=14)
         assert {k: resolved.get(k) for k in expected} == expected
         assert method_defaults(method, arch) == {**METHODS[method].params, **expected}
-    given = dict(features="raw", resize=0) | ({"foreground": "eigenvector"} if "foreground" in expected else {})
+    given = (dict(features="raw", resize=0) | ({"foreground": "eigenvector"} if "foreground" in expected else {})
+             | ({"mask_score": "official"} if "mask_score" in expected else {}))
     resolved = resolve(method=method, arch="dinov2_vits14", patch_size=14, **given)
     assert {k: resolved[k] for k in given} == given
 
