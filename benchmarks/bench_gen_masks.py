@@ -190,9 +190,9 @@ def precision_runs(args: argparse.Namespace) -> dict:
     """Every method's whole `gen_masks.py` job with --precision fp32, bf16 and auto, each run its own process,
     alternating `--repeats` times; medians, and auto against the faster of fp32 and bf16. auto's choice is
     measured in the first auto run of each method (into $MASKDISTILL_CACHE) and read from the cache after."""
-    forwarded = [a for a in sys.argv[1:] if a not in ("--mode", "precision")]
+    forwarded = [a for a in sys.argv[1:] if a not in ("--mode", "precision", "--methods", args.methods)]
     table = {}
-    for method in ("maskdistill", "lost", "tokencut", "maskcut"):
+    for method in args.methods.split(","):
         runs: dict[str, list[float]] = {"fp32": [], "bf16": [], "auto": []}
         for _ in range(args.repeats):
             for name in runs:
@@ -220,6 +220,8 @@ def main() -> None:
                         "--precision fp32, bf16 and auto")
     p.add_argument("--method", default="maskdistill", choices=["maskdistill", "lost", "tokencut", "maskcut"],
                    help="pipeline: the discovery method (default: %(default)s)")
+    p.add_argument("--methods", default="maskdistill,lost,tokencut,maskcut",
+                   help="--mode precision: comma-separated methods (default: %(default)s)")
     p.add_argument("--max_images", type=int, default=8, help="images per run (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=3, help="runs per mode with --mode both or ncut (alternating); medians are reported")
     p.add_argument("--arch", default="vit_small", help="vit_small, vit_base, dinov2_vits14, ... (see utils/vit.py)")
