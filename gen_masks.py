@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 
 from distill.cli import add_image_arguments, add_output_arguments, image_ids_mode
-from distill.registry import FEATURE_SETTINGS, FOREGROUND_RULES, method_names, method_summaries
+from distill.registry import FEATURE_SETTINGS, FOREGROUND_RULES, MASK_SCORES, method_names, method_summaries
 from utils.cli import add_device_arg, add_num_workers_arg, float_range, int_range
 from utils.errors import run_cli
 from utils.vit_archs import ARCHS, PATCH_SIZES, archs_by_family
@@ -45,9 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "auto: the method's default on the backbone (raw for DINO; on DINOv2 centred_tokens for "
                             "lost, centred for the others; see docs/dinov2.md) (default: %(default)s)")
     model.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
-                       help="ViT compute precision: bf16 autocast or fp32; auto takes bf16 where the hardware runs it "
-                            "natively (CUDA with bf16, CPUs with AVX512-BF16 or AMX), fp32 elsewhere. Recorded in the "
-                            "run settings: a resume must use the same (default: %(default)s)")
+                       help="ViT compute precision: bf16 autocast or fp32; auto: bf16 on CUDA GPUs with bf16, on a "
+                            "CPU the faster of the two for one forward at the job's input size (measured once per "
+                            "CPU model, arch and size, cached in $MASKDISTILL_CACHE), fp32 elsewhere. Recorded in "
+                            "the run settings with the reason: a resume must use the same (default: %(default)s)")
     model.add_argument("--half", dest="precision", action="store_const", const="bf16", help="alias of --precision bf16")
 
     algo = p.add_argument_group("method", "Flags left out take the method's official default; a flag of "
@@ -71,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
                            "the side of the eigenvector's largest magnitude, for maskcut also the side holding fewer "
                            "than 3 image corners) or attention (the side the CLS token attends to more) "
                            "(default: eigenvector; attention on DINOv2 archs)")
+    algo.add_argument("--mask_score", default=None, choices=MASK_SCORES,
+                      help="maskcut: the score that ranks its masks (written best-first): official (1 - Ncut/2 of "
+                           "the patch mask, for reproduction) or attention (mean CLS attention over the mask's "
+                           "patches, scaled to [0, 1] per image) (default: official; attention on DINOv2 archs)")
     algo.add_argument("--resize", type=int_range(0), default=None,
                       help="shorter side after resizing, as torchvision Resize (bilinear); 0 keeps the size "
                            "(default: maskdistill 640, lost and tokencut 0; lost 320 on DINOv2 archs)")

@@ -9,7 +9,8 @@ its own default input, `--resize default`): what `gen_masks.py --arch A --method
 (`--features raw,centred`, `--foreground eigenvector,attention`) add a row per value; `--resize N`
 puts every method on a shorter side of N. Prints a Markdown table (rows: data set x method x
 setting) and the backbone's throughput and the peak memory; `--json PATH` keeps the figures. The
-data sets are ../shared/data's tiny_coco val2017 (50 images) and voc_mini (3 images).
+data sets are ../shared/data's tiny_coco val2017 (50 images) and voc_mini (3 images), and with
+`--datasets pets` every 10th photo of the Oxford-IIIT Pets sample (60 images).
 """
 from __future__ import annotations
 
@@ -50,8 +51,9 @@ def main() -> int:
                    help=f"comma-separated foreground rules of tokencut and maskcut, of {list(FOREGROUND_RULES)} "
                         "or auto (the method's default on --arch) (default: %(default)s)")
     p.add_argument("--data_root", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"),
-                   help="folder holding tiny_coco/ and voc_mini/ (default: ../shared/data)")
-    p.add_argument("--datasets", default="tiny_coco,voc_mini", help="comma-separated (default: %(default)s)")
+                   help="folder holding tiny_coco/, voc_mini/ and pets/ (default: ../shared/data)")
+    p.add_argument("--datasets", default="tiny_coco,voc_mini",
+                   help="comma-separated, of tiny_coco, voc_mini and pets (default: %(default)s)")
     p.add_argument("--max_images", type=int, default=0, help="first N images of each data set (0: all)")
     p.add_argument("--resize", type=resize_arg, default=None,
                    help="'default': each method's own default input on --arch, as gen_masks.py; or one shorter "

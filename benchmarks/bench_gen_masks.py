@@ -12,6 +12,10 @@ MaskCut's Ncut step (graph + eigensolver for its cuts) with scipy's per-image de
   .venv/bin/python benchmarks/bench_gen_masks.py --folder ../shared/data/tiny_coco/val2017 --max_images 8
   .venv/bin/python benchmarks/bench_gen_masks.py --mode pipeline --method maskcut --max_images 16
   .venv/bin/python benchmarks/bench_gen_masks.py --mode ncut --max_images 8
+  .venv/bin/python benchmarks/bench_gen_masks.py --mode precision --max_images 4 --repeats 3
+
+`--mode precision` runs every method with `--precision fp32`, `bf16` and `auto`, alternating, and prints the
+medians and auto's choice against the faster of the two.
 """
 from __future__ import annotations
 
@@ -91,7 +95,7 @@ def pipeline_argv(args: argparse.Namespace, out: Path, half: bool) -> list[str]:
     for flag in ("resize", "fixed_size", "num_workers", "post_workers"):
         if getattr(args, flag) is not None:
             argv += [f"--{flag}", getattr(args, flag)]
-    return [str(a) for a in argv] + ["--precision", "bf16" if half else "fp32"]
+    return [str(a) for a in argv] + ["--precision", args.precision or ("bf16" if half else "fp32")]
 
 
 def run_pipeline(args: argparse.Namespace) -> dict:
@@ -183,15 +187,42 @@ def half_agreement(args: argparse.Namespace) -> dict:
             "fp32_images_per_s": runs[False][1], "bf16_images_per_s": runs[True][1]}
 
 
+def precision_runs(args: argparse.Namespace) -> dict:
+    """Every method's whole `gen_masks.py` job with --precision fp32, bf16 and auto, each run its own process,
+    alternating `--repeats` times; medians, and auto against the faster of fp32 and bf16. auto's choice is
+    measured in the first auto run of each method (into $MASKDISTILL_CACHE) and read from the cache after."""
+    forwarded = [a for a in sys.argv[1:] if a not in ("--mode", "precision", "--methods", args.methods)]
+    table = {}
+    for method in args.methods.split(","):
+        runs: dict[str, list[float]] = {"fp32": [], "bf16": [], "auto": []}
+        for _ in range(args.repeats):
+            for name in runs:
+                out = subprocess.run([sys.executable, __file__, *forwarded, "--mode", "pipeline", "--method", method,
+                                      "--precision", name], check=True, capture_output=True, text=True)
+                runs[name].append(json.loads(out.stdout.strip().splitlines()[-1])["images_per_s"])
+                if name == "auto":
+                    chosen = [line for line in out.stderr.splitlines() if line.startswith("precision ")][-1]
+        medians = {name: statistics.median(values) for name, values in runs.items()}
+        faster = max(medians["fp32"], medians["bf16"])
+        table[method] = {"images_per_s": runs, "medians": medians, "auto_chose": chosen,
+                         "auto_vs_faster": medians["auto"] / faster}
+        print(f"{method:12s} images/s median fp32 {medians['fp32']:.3f}  bf16 {medians['bf16']:.3f}  "
+              f"auto {medians['auto']:.3f} ({medians['auto'] / faster:.2f}x the faster) | {chosen}", flush=True)
+    return table
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--folder", default=str(Path(__file__).resolve().parents[2] / "shared/data/tiny_coco/val2017"),
                    help="folder of images (default: ../shared/data/tiny_coco/val2017)")
-    p.add_argument("--mode", default="both", choices=["both", "pipeline", "baseline", "half_agreement", "ncut"],
+    p.add_argument("--mode", default="both", choices=["both", "pipeline", "baseline", "half_agreement", "ncut", "precision"],
                    help="what to run: both timings (maskdistill), one of them, the mask IoU of --half against "
-                        "fp32, or MaskCut's Ncut step with scipy vs distill.ncut")
+                        "fp32, MaskCut's Ncut step with scipy vs distill.ncut, or every method with "
+                        "--precision fp32, bf16 and auto")
     p.add_argument("--method", default="maskdistill", choices=["maskdistill", "lost", "tokencut", "maskcut"],
                    help="pipeline: the discovery method (default: %(default)s)")
+    p.add_argument("--methods", default="maskdistill,lost,tokencut,maskcut",
+                   help="--mode precision: comma-separated methods (default: %(default)s)")
     p.add_argument("--max_images", type=int, default=8, help="images per run (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=3, help="runs per mode with --mode both or ncut (alternating); medians are reported")
     p.add_argument("--arch", default="vit_small", help="vit_small, vit_base, dinov2_vits14, ... (see utils/vit.py)")
@@ -205,12 +236,17 @@ def main() -> None:
     p.add_argument("--post_workers", type=int, default=None, help="pipeline post-processing processes")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--half", action="store_true", help="pipeline with bf16 autocast")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"],
+                   help="pipeline: gen_masks.py --precision (default: bf16 with --half, else fp32)")
     p.add_argument("--keep_json", help="pipeline: copy the output masks JSON here (for agreement checks)")
     args = p.parse_args()
     args.patch_size = resolve_patch_size(args.arch, args.patch_size)
 
     if args.mode == "half_agreement":
         print(json.dumps(half_agreement(args)))
+        return
+    if args.mode == "precision":
+        print(json.dumps(precision_runs(args)))
         return
     if args.mode == "ncut":
         print(json.dumps(ncut_step(args)))

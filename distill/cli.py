@@ -22,6 +22,9 @@ from typing import Any, Mapping, TypeVar
 from utils.cli import int_range
 
 SETTING_GROUPS = ("images", "backbone", "method", "encoding")
+# Recorded with the settings but not compared by a resume or a merge: how a setting was decided (the
+# precision's reason names measured times, which differ from machine to machine for the same choice).
+RECORDED_ONLY = ("precision_choice",)
 
 
 def add_image_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:

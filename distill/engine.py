@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from collections import deque
 from dataclasses import asdict, dataclass
@@ -33,14 +34,14 @@ from distill.methods import MethodSettings, backbone_features, method_features, 
 from distill.registry import load_method
 from distill.patches import PatchMask
 from distill.visualize import overlay_name, save_overlay
-from utils.vit import build_vit
+from utils.vit import DinoViT, build_vit
 from utils.vit_archs import resolve_patch_size
 from utils.coco_io import make_annotation
 from utils.distributed import resolve_device
 from utils.errors import UserError
 from utils.images import load_rgb
 from utils.precision import autocast as precision_autocast
-from utils.precision import precision_name, resolve_precision
+from utils.precision import choose_precision, precision_was_chosen, resolve_precision
 from utils.progress import progress
 from utils.workers import default_workers, worker_pool
 
@@ -56,6 +57,7 @@ class BackboneSettings:
     weights: str  # 'dino', a checkpoint path, or 'random'
     features: str  # what the patch graphs read: 'raw', 'centred' or 'centred_tokens' ('auto' resolved)
     precision: str  # 'bf16' or 'fp32' ('auto' resolved for the device)
+    precision_choice: str = ""  # why (`utils.precision.PrecisionChoice.reason`): recorded, not compared on resume
 
 
 @dataclass(frozen=True)
@@ -77,11 +79,34 @@ class GenMasksSettings:
     speed: SpeedSettings
 
 
+PROBE_SIDE = 480  # input side of the precision probe for methods that take images at full resolution
+
+
 def resolve_backbone(arch: str, patch_size: int | None, weights: str, features: str, precision: str,
-                     device: str) -> BackboneSettings:
-    """The backbone settings with what was left to the arch or the hardware decided (and checked)."""
-    return BackboneSettings(arch, resolve_patch_size(arch, patch_size), weights, feature_setting(arch, features),
-                            precision_name(resolve_precision(precision, resolve_device(device))))
+                     device: str, input_side: int = 0) -> BackboneSettings:
+    """The backbone settings with what was left to the arch or the hardware decided (and checked). On a CPU,
+    `--precision auto` times the arch's forward on one `input_side` square image (0: `PROBE_SIDE`)."""
+    patch_size = resolve_patch_size(arch, patch_size)
+    features = feature_setting(arch, features)
+    side = (input_side or PROBE_SIDE) // patch_size * patch_size
+    choice = choose_precision(precision, resolve_device(device), partial(_probe_forward, arch, patch_size, side,
+                                                                         features),
+                              key=f"{arch}/{patch_size} 1x3x{side}x{side}")
+    return BackboneSettings(arch, patch_size, weights, features, choice.name, choice.reason)
+
+
+_PROBES: dict[tuple, tuple[DinoViT, torch.Tensor]] = {}  # one probe model per shape, built on the first forward
+
+
+def _probe_forward(arch: str, patch_size: int, side: int, features: str) -> None:
+    """One forward of the arch (random weights: the time does not depend on them) as the engine runs it."""
+    if (arch, patch_size, side) not in _PROBES:
+        with torch.random.fork_rng(devices=[]), torch.inference_mode(False):  # built outside the timed mode
+            torch.manual_seed(0)
+            _PROBES.clear()
+            _PROBES[arch, patch_size, side] = (DinoViT(arch, patch_size).eval(), torch.randn(1, 3, side, side))
+    model, image = _PROBES[arch, patch_size, side]
+    backbone_features(model, image, features)
 
 
 @dataclass
@@ -99,10 +124,11 @@ class ImageJob:
 
 
 def finish_image(job: ImageJob) -> tuple[str, int]:
-    """Pixel masks (the method's `refine`, or a nearest upsampling), their annotations and overlay:
-    (the image's record line for the part file, its number of masks)."""
+    """Pixel masks (the method's `refine`, or a nearest upsampling), their annotations and overlay, best-first
+    by score (a stable sort: ties keep the method's order): (the image's record line for the part file, its
+    number of masks)."""
     masks = pixel_masks(load_method(job.method), job.working, job.proposals, job.geometry)
-    kept = [(p, m) for p, m in zip(job.proposals, masks) if m is not None]
+    kept = sorted(((p, m) for p, m in zip(job.proposals, masks) if m is not None), key=lambda pm: -pm[0].score)
     annotations = [make_annotation(m, job.image["id"], 1, p.score, job.mask_format) for p, m in kept]
     if job.overlay is not None:
         seeds = [job.geometry.patch_box(*p.seed_patch) if p.seed_patch else None for p, _ in kept]
@@ -182,6 +208,8 @@ class ViTMaskSource:
         self.mask_format = job.output.mask_format
         self.vis_dir = Path(job.output.vis_dir) if job.output.vis_dir else None
         self.device = resolve_device(job.device)
+        if precision_was_chosen(backbone.precision_choice):
+            print(f"precision {backbone.precision}: {backbone.precision_choice}", file=sys.stderr)
         self.model = build_vit(backbone.arch, backbone.patch_size, backbone.weights).to(self.device)
         self.dataset: MaskGenDataset | None = None
 
@@ -258,12 +286,14 @@ def gen_masks_from_args(parser: argparse.ArgumentParser, args: argparse.Namespac
     # Resolved before they are recorded: a resume on other hardware must not silently change precision.
     # --features auto: the method's features on the arch's family (DINOv2's LOST reads centred output tokens).
     features = method_features(args.method, args.arch, args.features)
-    backbone = resolve_backbone(args.arch, args.patch_size, args.weights, features, args.precision, args.device)
     method = resolve_method(args.method, args.arch, values, args.resize, args.fixed_size, args.max_size,
-                            backbone.patch_size)
+                            resolve_patch_size(args.arch, args.patch_size))
+    backbone = resolve_backbone(args.arch, args.patch_size, args.weights, features, args.precision, args.device,
+                                method.fixed_size or method.resize)
     resolved = {**values, **asdict(backbone), **method.params, "resize": method.resize,
                 "fixed_size": method.fixed_size}
-    job = MaskJob(options_from(ImageSetOptions, values), output, settings_from(parser, resolved), args.device)
+    settings = {**settings_from(parser, resolved), "precision_choice": backbone.precision_choice}
+    job = MaskJob(options_from(ImageSetOptions, values), output, settings, args.device)
     return GenMasksSettings(job, backbone, method, options_from(SpeedSettings, values))
 
 

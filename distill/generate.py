@@ -32,7 +32,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator, Protocol, TextIO
 
-from distill.cli import ImageSetOptions, OutputOptions
+from distill.cli import RECORDED_ONLY, ImageSetOptions, OutputOptions
 from distill.data import ImageEntry, class_agnostic, coco20k_entries, folder_entries, voc_entries
 from distill.visualize import write_gallery
 from utils.coco_io import (OBJECT_CATEGORY, atomic_path, check_can_write, check_writable, check_writable_folder,
@@ -192,8 +192,9 @@ def peek_part(path: Path) -> tuple[dict | None, bool]:
 
 def settings_fingerprint(settings: dict) -> dict:
     """The fingerprint (utils/fingerprint.py) of a job's recorded settings: a setting naming a file (the weights,
-    a list or GT file) counts by its content, so a file rewritten at the same path is a changed setting."""
-    return fingerprint(FINGERPRINT_KIND, settings)
+    a list or GT file) counts by its content, so a file rewritten at the same path is a changed setting. What is
+    only recorded (RECORDED_ONLY: how the precision was chosen) is left out."""
+    return fingerprint(FINGERPRINT_KIND, {k: v for k, v in settings.items() if k not in RECORDED_ONLY})
 
 
 def part_fingerprint(header: dict) -> dict:

@@ -74,18 +74,26 @@ def voc_ground_truth(vocdevkit: Path, year: str = "2012", image_set: str = "trai
     return _ground_truth(name, entries, dataset)
 
 
+PETS_STRIDE = 10  # the pets set: every 10th image by file name (60 of the 600 photos, every breed)
+
+
 def shared_ground_truth(data_root: Path, names: list[str]) -> list[GroundTruthSet]:
-    """The shared test images: `tiny_coco` (val2017) and `voc_mini`, from ../shared/data."""
+    """The shared test images: `tiny_coco` (val2017), `voc_mini` and `pets` (every `PETS_STRIDE`-th image of the
+    Oxford-IIIT Pets sample, ids from its instances.json by file name), from ../shared/data."""
     sets = []
     for name in names:
-        if name == "tiny_coco":
+        if name == "pets":
+            folder, gt_json = data_root / "pets", data_root / "pets" / "annotations" / "instances.json"
+            entries = folder_entries(folder / "images", f"from:{gt_json}")[::PETS_STRIDE]
+            sets.append(_ground_truth(f"pets (every {PETS_STRIDE}th)", entries, load_coco_dataset(gt_json)))
+        elif name == "tiny_coco":
             folder = data_root / "tiny_coco"
             sets.append(coco_ground_truth(folder / "val2017", folder / "annotations" / "instances_val2017.json",
                                           "tiny_coco val2017"))
         elif name == "voc_mini":
             sets.append(voc_ground_truth(data_root / "voc_mini" / "VOCdevkit", name="voc_mini"))
         else:
-            raise UserError(f"unknown data set {name!r}; choose tiny_coco or voc_mini")
+            raise UserError(f"unknown data set {name!r}; choose tiny_coco, voc_mini or pets")
     return sets
 
 

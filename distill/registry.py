@@ -16,7 +16,7 @@ algorithm. Each method carries the defaults of its official code: its parameters
 | maskdistill | heads 5, topk 0.4                           | shorter side 640 (bilinear), zero-padded         |
 | lost        | k_patches 100                               | full resolution, zero-padded                     |
 | tokencut    | tau 0.2, foreground eigenvector             | full resolution, zero-padded                     |
-| maskcut     | num_objects 3, tau 0.15, foreground eigenvector | fixed_size 480 (square LANCZOS), CRF on the masks |
+| maskcut     | num_objects 3, tau 0.15, foreground eigenvector, mask_score official | fixed_size 480 (square LANCZOS), CRF on the masks |
 
 The methods were designed on DINO; for another backbone family a method may replace some of these
 defaults and the backbone's feature setting (`Method.family_defaults`, measured in docs/dinov2.md):
@@ -26,7 +26,7 @@ defaults and the backbone's feature setting (`Method.family_defaults`, measured 
 | maskdistill      | none (features: the backbone's `centred` keys)                       |
 | lost             | features `centred_tokens`, shorter side 320                          |
 | tokencut         | foreground `attention` (features: `centred` keys)                    |
-| maskcut          | foreground `attention` (features: `centred` keys)                    |
+| maskcut          | foreground `attention`, mask_score `attention` (features: `centred` keys) |
 
 `distill.methods.method_defaults(method, arch)` gives the result; flags given explicitly still win.
 """
@@ -46,6 +46,7 @@ if TYPE_CHECKING:
 # The choices of the flags every method shares, for --help (the modules that apply them import these).
 FOREGROUND_RULES = ("eigenvector", "attention")  # which side of a cut is the object (`--foreground`)
 FEATURE_SETTINGS = ("raw", "centred", "centred_tokens")  # what the patch graphs read (`--features`, distill.features)
+MASK_SCORES = ("official", "attention")  # how MaskCut ranks its masks (`--mask_score`, distill.maskcut)
 
 
 @dataclass(frozen=True)

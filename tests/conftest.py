@@ -89,3 +89,15 @@ def dinov2_vits14_checkpoint() -> Path:
         pytest.skip(f"cannot make the DINOv2 checkpoint (download failed?): {last}")
     partial.replace(path)
     return path
+
+
+@pytest.fixture(autouse=True)
+def instant_precision_measurement(monkeypatch, tmp_path_factory):
+    """`--precision auto` on a CPU times a ViT forward in each precision (utils.precision): in-process tests get an
+    instant measurement (fp32 faster: the exact precision, as tests expect) and every test a cache of its own
+    (subprocesses too, through $MASKDISTILL_CACHE), so no test waits for a measurement or writes the user's cache."""
+    import utils.precision
+
+    monkeypatch.setenv("MASKDISTILL_CACHE", str(tmp_path_factory.mktemp("maskdistill_cache")))
+    monkeypatch.setattr(utils.precision, "measure_precisions",
+                        lambda forward, device, clock=None: {"fp32": 1.0, "bf16": 2.0})

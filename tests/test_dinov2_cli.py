@@ -68,3 +68,25 @@ def test_dinov2_run_records_its_resolved_settings_and_resume_refuses_another_pre
         generate(*job(three_images, interrupted, "--precision", "fp32", "--resume"))
     with pytest.raises(UserError, match="made with features=centred, not raw"):
         generate(*job(three_images, interrupted, "--half", "--features", "raw", "--resume"))
+
+
+def test_auto_records_its_choice_and_why_and_a_resume_does_not_compare_the_why(three_images, tmp_path, monkeypatch,
+                                                                              tiny_vits14):
+    interrupted = tmp_path / "interrupted.json"
+    real_features = engine_module.backbone_features
+    monkeypatch.setattr(engine_module, "backbone_features", cli_helpers.interrupt_on_call(real_features, 2))
+    with pytest.raises(KeyboardInterrupt):
+        generate(*job(three_images, interrupted))  # --precision auto: measured (conftest: fp32 faster)
+    part, = (tmp_path / "interrupted.json.parts").glob("*.inprogress")
+    header, *records = part.read_text().splitlines(keepends=True)
+    settings = json.loads(header)["settings"]
+    assert settings["precision"] == "fp32"
+    assert settings["precision_choice"].startswith("auto: fp32 is faster on this CPU (measured: one forward at "
+                                                   "dinov2_vits14/14 1x3x476x476 took 1.000 s in fp32, 2.000 s in bf16")
+    # A part made before the reason was recorded (or on another machine, with other times) resumes.
+    del settings["precision_choice"]
+    part.write_text(json.dumps({**json.loads(header), "settings": settings}) + "\n" + "".join(records))
+    monkeypatch.setattr(engine_module, "backbone_features", real_features)
+    generate(*job(three_images, interrupted, "--resume"))
+    done = json.loads(interrupted.read_text())
+    assert len(done["images"]) == 3 and done["info"]["settings"]["precision"] == "fp32"

@@ -35,8 +35,9 @@ def test_gen_masks_settings_are_resolved_without_touching_the_namespace(tmp_path
         "--dataset", "folder", "--dataset_root", tmp_path, "--method", "maskcut", "--weights", "random",
         "--precision", "fp32", "--exclude", "a*", "--max_images", 3, "--batch_size", 2, "--device", "cpu",
         "--pred_json_path", out, "--vis_dir", tmp_path / "vis"])
-    assert settings.backbone == BackboneSettings("vit_small", 16, "random", "raw", "fp32")
-    assert settings.method == MethodSettings("maskcut", {"tau": 0.15, "foreground": "eigenvector", "num_objects": 3}, 0, 480, 2048)
+    assert settings.backbone == BackboneSettings("vit_small", 16, "random", "raw", "fp32", "--precision fp32")
+    assert settings.method == MethodSettings("maskcut", {"tau": 0.15, "foreground": "eigenvector", "num_objects": 3,
+                                                        "mask_score": "official"}, 0, 480, 2048)
     assert settings.speed == SpeedSettings(batch_size=2, num_workers=None, post_workers=None)
     assert settings.job.images == ImageSetOptions("folder", str(tmp_path), exclude=("a*",), max_images=3)
     assert settings.job.output == OutputOptions(str(out), vis_dir=str(tmp_path / "vis"))
@@ -48,8 +49,8 @@ def test_gen_masks_settings_are_resolved_without_touching_the_namespace(tmp_path
         ("skip_images_not_in_gt", False), ("exclude", ["a*"]), ("max_images", 3),
         ("arch", "vit_small"), ("patch_size", 16), ("weights", "random"), ("features", "raw"), ("precision", "fp32"),
         ("method", "maskcut"), ("heads", None), ("topk", None), ("k_patches", None), ("tau", 0.15),
-        ("num_objects", 3), ("foreground", "eigenvector"), ("resize", 0), ("fixed_size", 480), ("max_size", 2048),
-        ("mask_format", "rle")]
+        ("num_objects", 3), ("foreground", "eigenvector"), ("mask_score", "official"), ("resize", 0), ("fixed_size", 480), ("max_size", 2048),
+        ("mask_format", "rle"), ("precision_choice", "--precision fp32")]
     with pytest.raises(dataclasses.FrozenInstanceError):
         settings.job.output.shard = "1/2"
 

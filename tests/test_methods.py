@@ -1,6 +1,8 @@
 """LOST, TokenCut and MaskCut on hand-made patch features whose answer is known; MaskCut's pixel steps;
 the method registry's defaults and flag checks."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -305,7 +307,8 @@ def resolve(**overrides) -> dict:
     ("maskdistill", dict(heads=5, topk=0.4, resize=640, fixed_size=0, tau=None, features="raw")),
     ("lost", dict(k_patches=100, resize=0, fixed_size=0, heads=None, features="raw")),
     ("tokencut", dict(tau=0.2, foreground="eigenvector", resize=0, fixed_size=0, features="raw")),
-    ("maskcut", dict(tau=0.15, num_objects=3, foreground="eigenvector", resize=0, fixed_size=480, features="raw")),
+    ("maskcut", dict(tau=0.15, num_objects=3, foreground="eigenvector", mask_score="official", resize=0,
+                     fixed_size=480, features="raw")),
 ])
 def test_each_method_gets_its_official_defaults(method, expected):
     for arch in ("vit_small", "vit_base"):  # DINO: the official recipes, untouched
@@ -317,8 +320,8 @@ def test_each_method_gets_its_official_defaults(method, expected):
     ("maskdistill", dict(heads=5, topk=0.4, resize=640, fixed_size=0, features="centred")),
     ("lost", dict(k_patches=100, resize=320, fixed_size=0, features="centred_tokens")),
     ("tokencut", dict(tau=0.2, foreground="attention", resize=0, fixed_size=0, features="centred")),
-    ("maskcut", dict(tau=0.15, num_objects=3, foreground="attention", resize=0, fixed_size=480,
-                     features="centred")),
+    ("maskcut", dict(tau=0.15, num_objects=3, foreground="attention", mask_score="attention", resize=0,
+                     fixed_size=480, features="centred")),
 ])
 def test_dinov2_defaults_of_each_method_and_explicit_flags_win(method, expected):
     from distill.methods import method_defaults
@@ -327,7 +330,8 @@ def test_dinov2_defaults_of_each_method_and_explicit_flags_win(method, expected)
         resolved = resolve(method=method, arch=arch, patch_size=14)
         assert {k: resolved.get(k) for k in expected} == expected
         assert method_defaults(method, arch) == {**load_method(method).params, **expected}
-    given = dict(features="raw", resize=0) | ({"foreground": "eigenvector"} if "foreground" in expected else {})
+    given = (dict(features="raw", resize=0) | ({"foreground": "eigenvector"} if "foreground" in expected else {})
+             | ({"mask_score": "official"} if "mask_score" in expected else {}))
     resolved = resolve(method=method, arch="dinov2_vits14", patch_size=14, **given)
     assert {k: resolved[k] for k in given} == given
 
@@ -352,3 +356,45 @@ def test_patch_keys_concatenate_heads_in_dino_order():
     # DINO: qkv[1] is (B, heads, T, d) -> transpose(1, 2) -> reshape(B, T, heads * d), CLS dropped
     expected = key.transpose(1, 2).reshape(2, 5, 12)[:, 1:]
     assert torch.equal(features.patch_keys, expected)
+
+
+def test_maskcut_attention_score_ranks_the_attended_mask_first():
+    """Two masks: a band that a cut separates cleanly and an object the CLS token attends to; `official` (1 -
+    Ncut/2) and `attention` (mean attention over the mask, scaled to [0, 1] per image) rank them oppositely."""
+    from distill.maskcut import attention_scores
+
+    band, obj = np.zeros((4, 4), bool), np.zeros((4, 4), bool)
+    band[0] = True
+    obj[2:4, 1:3] = True
+    attention = torch.full((1, 16), 2.0)
+    attention[0, obj.reshape(-1)] = 6.0  # scaled: 1 on the object, 0 at the minimum
+    attention[0, 1] = 4.0  # scaled 0.5, in the band
+    (rescored,) = attention_scores([[PatchMask(band, 0.9), PatchMask(obj, 0.6)]], attention)
+    assert rescored[0].score == pytest.approx(0.5 / 4) and rescored[1].score == pytest.approx(1.0)
+    assert [m.mask.tolist() for m in rescored] == [band.tolist(), obj.tolist()]  # the masks and order untouched
+
+
+def test_maskcut_mask_score_flag_selects_the_score(monkeypatch):
+    from distill import maskcut as maskcut_module
+
+    obj = block_mask((5, 5), [(1, 1), (1, 2)])
+    features = PatchFeatures(query=torch.zeros(1, 1, 26, 4), key=torch.zeros(1, 1, 26, 4), grid=(5, 5))
+    params = {"num_objects": 2, "tau": 0.15, "foreground": "eigenvector"}
+    monkeypatch.setattr(maskcut_module, "maskcut", lambda *a, **k: [[PatchMask(obj, 0.3)]])
+    assert load_method("maskcut").propose(features, {**params, "mask_score": "official"})[0][0].score == 0.3
+    # attention on a flat CLS map (all 0 after scaling): score 0
+    assert load_method("maskcut").propose(features, {**params, "mask_score": "attention"})[0][0].score == 0.0
+
+
+def test_multi_mask_output_is_written_best_first(tmp_path):
+    """The annotations of an image are in descending score, whatever order the method proposed them in."""
+    from distill.data import InputPolicy as Policy
+    from distill.engine import ImageJob, finish_image
+
+    geometry = Policy(0, 2048, 0, 8).geometry(16, 16)
+    first, second, third = (block_mask((2, 2), [cell]) for cell in [(0, 0), (0, 1), (1, 1)])
+    proposals = [PatchMask(first, 0.2), PatchMask(second, 0.9), PatchMask(third, 0.5)]
+    line, count = finish_image(ImageJob(0, {"id": 1, "file_name": "a.png", "height": 16, "width": 16}, geometry,
+                                        proposals, "lost", "rle"))
+    scores = [a["score"] for a in json.loads(line)["annotations"]]
+    assert count == 3 and scores == [0.9, 0.5, 0.2]
