@@ -28,12 +28,12 @@ import torchvision.transforms.functional as TF
 from tqdm import tqdm
 
 from detectron2_train.affinity import AFFINITY_INPUT_DEFAULTS, load_affinity_model, predict_affinity
-from distill.cli import ImageSetOptions, OutputOptions, options_from, settings_from
+from distill.cli import ImageSetOptions, OutputOptions, settings_from
 from distill.data import ImageEntry, worker_count
 from distill.generate import MaskJob, MergeParts, PartWriter, RunStats, load_image_set, merge, run
 from distill.grouping import GroupingOptions, image_record
 from distill.visualize import overlay_name
-from utils.cli import check_outputs
+from utils.cli import check_outputs, options_from
 from utils.coco_io import annotations_by_image, image_index, load_coco_dataset
 from utils.distributed import resolve_device
 from utils.errors import UserError

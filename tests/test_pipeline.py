@@ -85,3 +85,116 @@ def test_bad_input_stops_before_any_file(tmp_path):
     code, _, stderr = run_main(pipeline.main, ["--images", str(tmp_path / "missing"), "--out", str(tmp_path / "out")])
     assert code == 2 and error_line(stderr) == f"error: --images {tmp_path / 'missing'}: not a folder"
     assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------- a user's folder, killed and copied
+
+USER_IMAGES = 6  # real photos of tiny_coco val2017; the folder also holds an unreadable and a 10000x20 image
+
+
+def users_folder(root: Path) -> tuple[Path, Path]:
+    """A user's folder and COCO GT: real photos, `broken.jpg` (not an image), `wide.jpg` (10000x20), and GT ids
+    1..N in the reverse order of the file names (so no id is the number in its file name)."""
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    gt = json.loads((TINY_COCO / "annotations" / "instances_val2017.json").read_text())
+    chosen = sorted(gt["images"], key=lambda img: img["file_name"])[:USER_IMAGES]
+    images = root / "photos"
+    images.mkdir(parents=True)
+    for img in chosen:
+        shutil.copy(TINY_COCO / "val2017" / img["file_name"], images / img["file_name"])
+    (images / "broken.jpg").write_bytes(b"not a jpeg")
+    Image.fromarray(np.full((20, 10000, 3), 128, np.uint8)).save(images / "wide.jpg")
+    ids = {img["id"]: n for n, img in enumerate(reversed(chosen), start=1)}
+    own = {"images": [{**img, "id": ids[img["id"]]} for img in chosen]
+           + [{"id": USER_IMAGES + 1, "file_name": "broken.jpg", "height": 480, "width": 640},
+              {"id": USER_IMAGES + 2, "file_name": "wide.jpg", "height": 20, "width": 10000}],
+           "annotations": [{**a, "image_id": ids[a["image_id"]]} for a in gt["annotations"] if a["image_id"] in ids],
+           "categories": gt["categories"]}
+    (root / "gt.json").write_text(json.dumps(own))
+    return images, root / "gt.json"
+
+
+def users_argv(images: Path, gt: Path, out: Path) -> list[str]:
+    return ["--images", str(images), "--out", str(out), "--gt_json", str(gt), "--tiny"]
+
+
+@pytest.fixture(scope="module")
+def users_run(tmp_path_factory) -> tuple[Path, Path, Path, str]:
+    """(OUT, the folder, its GT, stdout + stderr) of an uninterrupted run on `users_folder`."""
+    if not TINY_COCO.exists():
+        pytest.skip(f"real test data not present: {TINY_COCO}")
+    root = tmp_path_factory.mktemp("users")
+    images, gt = users_folder(root)
+    code, stdout, stderr = run_main(pipeline.main, users_argv(images, gt, root / "out"))
+    assert code == 0, stderr
+    return root / "out", images, gt, stdout + stderr
+
+
+@pytest.mark.slow
+def test_a_users_folder_with_its_own_gt_ids_an_unreadable_and_a_thin_image_runs_through(users_run):
+    out, images, gt, log = users_run
+    assert f"--gt_json {gt}: {USER_IMAGES + 1} of {USER_IMAGES + 1} images matched by file name" in log
+    assert "warning: skipping wide.jpg: 10000x20 (w x h)" in log
+    assert "1 image(s) could not be read and were left out: broken.jpg" in log
+    masks = json.loads((out / "masks" / "masks.json").read_text())
+    gt_ids = {img["file_name"]: img["id"] for img in json.loads(gt.read_text())["images"]}
+    assert {img["file_name"]: img["id"] for img in masks["images"]} == {
+        name: gt_ids[name] for name in gt_ids if name not in ("broken.jpg", "wide.jpg")}
+    assert [item["file_name"] for item in masks["skipped_images"]] == ["broken.jpg"]
+    corloc = json.loads((out / "eval" / "corloc.json").read_text())
+    assert corloc["num_images"] == USER_IMAGES  # every photo of the GT is scored
+    rows = {row["metric"]: row for row in json.loads((out / "eval" / "metrics.json").read_text())}
+    assert rows["maskdistill masks mask AP"]["against"].startswith(f"gt.json ({USER_IMAGES + 2} images")
+    assert rows["Mask R-CNN round 2 mask AP"]["value"] is not None
+    step = json.loads((out / "cluster" / "step.json").read_text())
+    assert step["result"]["labelled"] == "$OUT/cluster/labelled.json"
+
+
+def final_outputs(out: Path) -> dict[str, bytes]:
+    """The files a run leaves that another run must reproduce (paths of OUT written as OUT)."""
+    names = ["masks/masks.json", "cluster/labelled.json", "maskrcnn/round2/train_results.json", "semantic/train.txt",
+             "eval/metrics.json", "eval/corloc.json", "eval/miou.json"]
+    names += sorted(p.relative_to(out).as_posix() for p in (out / "semantic" / "labels").glob("*.png"))
+    names += sorted(p.relative_to(out).as_posix() for p in (out / "deeplab").rglob("labels/*.png"))
+    return {name: (out / name).read_bytes().replace(str(out).encode(), b"OUT") for name in names}
+
+
+@pytest.mark.slow
+def test_a_kill_at_each_stage_boundary_then_a_rerun_gives_the_uninterrupted_outputs(users_run, tmp_path, monkeypatch):
+    from orchestrate import pipeline as pipe
+
+    uninterrupted, images, gt, _ = users_run
+    out = tmp_path / "out"
+    for stage in ("masks", "cluster", "mask_rcnn", "semantic", "deeplab"):
+        real = getattr(pipe, f"run_{stage}")
+
+        def killed_after(*args, real=real):
+            real(*args)  # the stage's outputs are written, its step is not marked done
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(pipe, f"run_{stage}", killed_after)
+        with pytest.raises(KeyboardInterrupt):
+            pipeline.main(users_argv(images, gt, out))
+        monkeypatch.undo()
+    assert pipeline.main(users_argv(images, gt, out)) == 0
+    assert final_outputs(out) == final_outputs(uninterrupted)
+
+
+@pytest.mark.slow
+def test_a_copied_out_uses_its_own_files(users_run, tmp_path):
+    import shutil
+
+    original, images, gt, _ = users_run
+    copy = tmp_path / "copy"
+    shutil.copytree(original, copy)
+    args = pipeline.build_parser().parse_args(users_argv(images, gt, copy) + ["--crf_rounds", "0"])
+    records = run_pipeline(settings_from_args(args))
+    assert [r.name for r in records if r.status == "ran"] == ["deeplab", "eval"]
+    # the copy's deeplab trained on the copy's labels, into the copy
+    config = json.loads((copy / "deeplab" / "step.json").read_text())["result"]["config"]
+    assert config["data"]["label_dir"] == "$OUT/semantic/labels" and config["output_dir"] == "$OUT/deeplab"
+    assert str(original) not in (copy / "deeplab" / "step.json").read_text()
