@@ -15,8 +15,6 @@ import pipeline
 from orchestrate import pipeline as pipe
 from tests.cli_helpers import error_line, run_main
 
-TINY_COCO = Path(__file__).resolve().parents[2] / "shared" / "data" / "tiny_coco"
-
 
 def image_folder(folder: Path, names: list[str], size: tuple[int, int] = (40, 60)) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
@@ -201,3 +199,20 @@ def test_step_results_name_paths_inside_out_relative_to_it(tmp_path):
     relative = pipe.PipelineSettings(images="images", out="OUT")
     assert pipe.portable({"p": "OUT/masks/masks.json", "q": "OUTSIDE/x"}, Path(relative.out)) == {
         "p": "$OUT/masks/masks.json", "q": "OUTSIDE/x"}
+
+
+def test_a_weights_file_or_gt_changed_at_the_same_path_reruns_the_masks(tmp_path):
+    from utils.fingerprint import difference
+    from utils.steps import step_fingerprint
+
+    image_folder(tmp_path / "images", ["a.jpg"])
+    (tmp_path / "w.pth").write_bytes(b"PK\x03\x04 first")
+    gt = gt_file(tmp_path / "gt.json", ["a.jpg"])
+    s = settings(tmp_path, "--tiny", "--weights", str(tmp_path / "w.pth"), "--gt_json", str(gt))
+    first = step_fingerprint(pipe.build_steps(s)[0], {})
+    assert difference(first, step_fingerprint(pipe.build_steps(s)[0], {})) is None
+    (tmp_path / "w.pth").write_bytes(b"PK\x03\x04 second, longer")
+    assert "weights" in difference(first, step_fingerprint(pipe.build_steps(s)[0], {}))
+    first = step_fingerprint(pipe.build_steps(s)[0], {})
+    gt_file(gt, ["a.jpg", "b.jpg"])
+    assert "gt_json" in difference(first, step_fingerprint(pipe.build_steps(s)[0], {}))
