@@ -204,12 +204,13 @@ OUT_PREFIX = "$OUT/"  # how a step's result names a path inside --out, so that a
 
 
 def portable(value: Any, root: Path) -> Any:
-    """`value` (a step's result) with every path inside `root` written as `$OUT/<path relative to root>`."""
+    """`value` (a step's result) with every path inside `root` written as `$OUT/<path relative to root>`: the
+    strings that name an existing file or folder there (not a word or a sentence that happens to contain a '/')."""
     if isinstance(value, dict):
         return {k: portable(v, root) for k, v in value.items()}
     if isinstance(value, list):
         return [portable(v, root) for v in value]
-    if isinstance(value, str) and value and not value.startswith(OUT_PREFIX):
+    if isinstance(value, str) and "/" in value and not value.startswith(OUT_PREFIX) and os.path.exists(value):
         relative = os.path.relpath(os.path.abspath(value), os.path.abspath(root))
         if relative != "." and not relative.startswith(".."):
             return OUT_PREFIX + Path(relative).as_posix()

@@ -180,7 +180,7 @@ def test_an_image_too_thin_for_the_detectors_is_left_out_and_named(tmp_path, cap
 # ----------------------------------------------------------------------------- paths in the step records
 
 
-def test_step_results_name_paths_inside_out_relative_to_it(tmp_path):
+def test_step_results_name_paths_inside_out_relative_to_it(tmp_path, monkeypatch):
     out = tmp_path / "out"
     s = pipe.PipelineSettings(images=str(tmp_path / "images"), out=str(out))
     seen = {}
@@ -190,15 +190,22 @@ def test_step_results_name_paths_inside_out_relative_to_it(tmp_path):
         return {"labelled": str(folder / "labelled.json"), "images": str(tmp_path / "images"), "n": 3,
                 "rounds": [{"checkpoint": str(out / "maskrcnn" / "model.pth")}], "matching": "hungarian"}
 
+    (out / "cluster").mkdir(parents=True)
+    (out / "cluster" / "labelled.json").write_text("{}")
+    (out / "maskrcnn").mkdir()
+    (out / "maskrcnn" / "model.pth").write_bytes(b"")
     result = pipe.in_out(stage, s)(out / "cluster", {"masks": {"masks": "$OUT/masks/masks.json"}})
     assert result == {"labelled": "$OUT/cluster/labelled.json", "images": str(tmp_path / "images"), "n": 3,
                       "rounds": [{"checkpoint": "$OUT/maskrcnn/model.pth"}], "matching": "hungarian"}
     assert seen == {"masks": {"masks": str(out / "masks" / "masks.json")}}
     # the same record read by a copy of OUT names the copy's files
     assert pipe.resolved(result, tmp_path / "copy")["labelled"] == str(tmp_path / "copy" / "cluster" / "labelled.json")
-    relative = pipe.PipelineSettings(images="images", out="OUT")
-    assert pipe.portable({"p": "OUT/masks/masks.json", "q": "OUTSIDE/x"}, Path(relative.out)) == {
-        "p": "$OUT/masks/masks.json", "q": "OUTSIDE/x"}
+    # run from inside OUT (--out .): words and sentences stay as they are, paths of OUT become $OUT/...
+    monkeypatch.chdir(out)
+    assert pipe.portable({"p": "cluster/labelled.json", "q": "../images", "w": "hungarian",
+                          "against": "its own pseudo-labels (round2/pseudo_labels.json)"}, Path(".")) == {
+        "p": "$OUT/cluster/labelled.json", "q": "../images", "w": "hungarian",
+        "against": "its own pseudo-labels (round2/pseudo_labels.json)"}
 
 
 def test_a_weights_file_or_gt_changed_at_the_same_path_reruns_the_masks(tmp_path):
