@@ -100,11 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     from distill.engine import gen_masks_from_args, generate_masks
 
-    generate_masks(gen_masks_from_args(parser, args))
+    generate_masks(gen_masks_from_args(args))
     return 0
 
 

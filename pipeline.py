@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from orchestrate.pipeline import run_pipeline, settings_from_args
 
-    run_pipeline(settings_from_args(args), overwrite=args.overwrite)
+    run_pipeline(settings_from_args(args))
     return 0
 
 

@@ -106,7 +106,7 @@ def run_pipeline(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         parser = gen_masks.build_parser()
         argv = pipeline_argv(args, Path(tmp) / "masks.json", args.half)
-        stats = generate_masks(gen_masks_from_args(parser, parser.parse_args(argv)))
+        stats = generate_masks(gen_masks_from_args(parser.parse_args(argv)))
         if args.keep_json:
             Path(args.keep_json).write_bytes((Path(tmp) / "masks.json").read_bytes())
     total = stats.seconds["total"]

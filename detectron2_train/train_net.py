@@ -23,8 +23,8 @@ import argparse
 from pathlib import Path
 
 from detectron2_train.parts import MASK_HEADS, STAGES
-from utils.cli import add_device_arg, add_num_workers_arg, check_outputs, float_range, int_range
-from utils.config import add_config_args, run_config_from_args
+from utils.cli import add_device_arg, add_num_workers_arg, check_outputs, float_range, int_range, options_from
+from utils.config import add_config_args
 from utils.errors import UserError, run_cli
 
 
@@ -112,36 +112,21 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def config_from_args(args: argparse.Namespace) -> dict:
     """Defaults < YAML file < --set overrides < --output_dir and the explicit flags above (each checked)."""
-    from detectron2_train.engine import SCHEMA  # torch: after parsing, so that --help stays quick
+    from detectron2_train.settings import TrainRequest, train_config
 
-    return run_config_from_args(args, SCHEMA, flags={
-        "data.train_json": args.train_json, "data.train_root": args.train_root, "data.test_json": args.test_json,
-        "data.test_root": args.test_root, "data.mask_classes": args.mask_classes, "data.num_workers": args.num_workers,
-        "data.seen_classes": args.seen_classes, "data.pseudo_json": args.pseudo_json, "data.pseudo_topk": args.pseudo_topk,
-        "model.mask_head": args.mask_head, "model.stage": args.stage, "data.class_agnostic": True if args.class_agnostic else None,
-        "model.transfer.grad": True if args.transfer_grad else None})
+    return train_config(options_from(TrainRequest, vars(args)))
 
 
 def round_settings(args: argparse.Namespace) -> list:
     """One RoundSettings per round from --rounds, --score_thresh, --round_set and --init_from_previous."""
-    from detectron2_train.self_training import RoundSettings
-    from utils.rounds import per_round
+    from detectron2_train import settings
 
     for flag in ("eval_only", "pseudo_from", "pseudo_only", "results"):
         if getattr(args, flag):
             raise UserError(f"--{flag} does not go with --rounds")
-    overrides: dict[int, list[str]] = {}
-    for item in args.round_set:
-        number, _, override = item.partition(":")
-        if not number.isdigit() or not 1 <= int(number) <= args.rounds or "=" not in override:
-            raise UserError(f"--round_set {item!r} must look like N:KEY=VALUE with N in 1..{args.rounds}")
-        overrides.setdefault(int(number), []).append(override)
-    later_config = config_from_args(argparse.Namespace(**{**vars(args), "config": args.round_config})) \
-        if args.round_config else None
-    return [RoundSettings(score_thresh=per_round(args.score_thresh, max(n - 2, 0)),
-                          overrides=tuple(overrides.get(n, [])), init_from_previous=args.init_from_previous,
-                          add_back_iou=args.add_back_iou, config=later_config if n > 1 else None)
-            for n in range(1, args.rounds + 1)]
+    values = vars(args)
+    return settings.round_settings(options_from(settings.TrainRequest, values),
+                                   options_from(settings.RoundsRequest, values))
 
 
 def check_run_outputs(args: argparse.Namespace, cfg: dict) -> None:

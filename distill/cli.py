@@ -7,17 +7,16 @@ parts made with other values. A command adds its own flags to these groups (e.g.
 "backbone" and "method") and they become settings with no list to keep in step. This module does
 not import torch, so `--help` is quick.
 
-A command turns its parsed flags into frozen dataclasses once, at the boundary (`options_from`), and
+A command turns its parsed flags into frozen dataclasses once, at the boundary (`utils.cli.options_from`), and
 the library takes those: `ImageSetOptions` (the flags of `add_image_arguments`) and `OutputOptions`
 (those of `add_output_arguments`, less `--merge`, a mode of the command rather than of the job).
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, TypeVar
+from typing import Any, Mapping
 
 from utils.cli import int_range
 
@@ -114,14 +113,6 @@ class OutputOptions:
     resume: bool = False
     shard: str = "0/1"  # i/N
     vis_dir: str | None = None
-
-
-Options = TypeVar("Options")
-
-
-def options_from(cls: type[Options], values: Mapping[str, Any]) -> Options:
-    """The dataclass `cls` from parsed flag values (flag dest -> value): the fields it has, the rest left out."""
-    return cls(**{f.name: values[f.name] for f in dataclasses.fields(cls) if f.name in values})
 
 
 def setting_names(parser: argparse.ArgumentParser) -> tuple[str, ...]:

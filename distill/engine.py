@@ -7,9 +7,11 @@ scored patch masks per image with its graph work batched on the device. The per-
 processes (`--post_workers`) while the next batch goes through the network; finished records are
 appended to the part file in batch order, so an interrupted run resumes from the last written image.
 
-`gen_masks.py` parses its flags and hands them to `gen_masks_from_args` once: it checks and resolves them
-(the arch's patch size, the backbone's features, the precision of the device, the method's defaults) into a
-frozen `GenMasksSettings` (or a `MergeParts` for --merge) that `generate_masks` runs.
+A caller describes a run with a `GenMasksRequest` (the typed twin of `gen_masks.py`'s flags) and
+`gen_masks_settings` checks and resolves it (the arch's patch size, the backbone's features, the precision of
+the device, the method's defaults) into a frozen `GenMasksSettings` that `generate_masks` runs. `gen_masks.py`
+builds the request from its parsed flags (`gen_masks_from_args`, also `MergeParts` for --merge); the pipeline
+builds it directly, and both get the same settings.
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ from torch.utils.data import DataLoader
 
 from distill.features import feature_setting
 from distill.data import Geometry, ImageEntry, InputPolicy, MaskGenDataset, collate, size_grouped_batches
-from distill.cli import ImageSetOptions, OutputOptions, options_from, settings_from
+from distill.cli import ImageSetOptions, OutputOptions
 from distill.generate import MaskJob, MergeParts, PartWriter, RunStats, merge, run
 from distill.methods import MethodSettings, backbone_features, method_features, pixel_masks, propose, resolve_method
 from distill.registry import load_method
@@ -36,6 +38,7 @@ from distill.patches import PatchMask
 from distill.visualize import overlay_name, save_overlay
 from utils.vit import DinoViT, build_vit
 from utils.vit_archs import resolve_patch_size
+from utils.cli import options_from
 from utils.coco_io import make_annotation
 from utils.distributed import resolve_device
 from utils.errors import UserError
@@ -70,8 +73,48 @@ class SpeedSettings:
 
 
 @dataclass(frozen=True)
+class BackboneRequest:
+    """The backbone as asked for (gen_masks.py's "backbone" flags); `resolve_backbone` decides what is left open."""
+
+    arch: str = "vit_small"
+    patch_size: int | None = None
+    weights: str = "dino"
+    features: str = "auto"
+    precision: str = "auto"
+
+
+@dataclass(frozen=True)
+class MethodRequest:
+    """The method as asked for (gen_masks.py's "method" flags); None takes the method's default on the arch."""
+
+    method: str = "maskdistill"
+    heads: int | None = None
+    topk: float | None = None
+    k_patches: int | None = None
+    tau: float | None = None
+    num_objects: int | None = None
+    foreground: str | None = None
+    mask_score: str | None = None
+    resize: int | None = None
+    fixed_size: int | None = None
+    max_size: int = 2048
+
+
+@dataclass(frozen=True)
+class GenMasksRequest:
+    """A mask-generation run as asked for: the typed twin of `gen_masks.py`'s flags but --merge."""
+
+    images: ImageSetOptions
+    output: OutputOptions
+    backbone: BackboneRequest = BackboneRequest()
+    method: MethodRequest = MethodRequest()
+    speed: SpeedSettings = SpeedSettings()
+    device: str = "auto"
+
+
+@dataclass(frozen=True)
 class GenMasksSettings:
-    """Everything a `gen_masks.py` run takes, checked and resolved (`gen_masks_from_args`)."""
+    """Everything a `gen_masks.py` run takes, checked and resolved (`gen_masks_settings`)."""
 
     job: MaskJob
     backbone: BackboneSettings
@@ -274,27 +317,47 @@ class ViTMaskSource:
                         self.mask_format, working, overlay)
 
 
-def gen_masks_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> GenMasksSettings | MergeParts:
-    """`gen_masks.py`'s parsed flags, checked and resolved into its settings (`args` is left as it is); with
-    --merge, the merge of the output's shard parts, and nothing else is checked."""
+def recorded_settings(request: GenMasksRequest, backbone: BackboneSettings, method: MethodSettings) -> dict:
+    """The run's settings as every part, the output's `info.settings` and its `.config.yaml` record them: the
+    image-set, backbone, method and encoding values (the flags of `distill.cli.SETTING_GROUPS`, in gen_masks.py's
+    order), with what was resolved in place of what was left open."""
+    images = asdict(request.images)
+    images["exclude"] = list(request.images.exclude) or None  # as parsed: None when not given
+    if images["dataset_root"]:
+        images["dataset_root"] = str(Path(images["dataset_root"]).resolve())
+    methods = {**asdict(request.method), **method.params, "resize": method.resize, "fixed_size": method.fixed_size}
+    resolved = asdict(backbone)
+    choice = resolved.pop("precision_choice")  # recorded last, and not compared on resume (RECORDED_ONLY)
+    return {**images, **resolved, **methods, "mask_format": request.output.mask_format, "precision_choice": choice}
+
+
+def gen_masks_settings(request: GenMasksRequest) -> GenMasksSettings:
+    """A run's request checked and resolved into its settings (nothing is read or written yet)."""
+    if not request.images.dataset or not request.images.dataset_root:
+        raise UserError("--dataset and --dataset_root are required (or --merge)")
+    asked, given = request.backbone, request.method
+    # Resolved before they are recorded: a resume on other hardware must not silently change precision.
+    # --features auto: the method's features on the arch's family (DINOv2's LOST reads centred output tokens).
+    features = method_features(given.method, asked.arch, asked.features)
+    method = resolve_method(given.method, asked.arch, asdict(given), given.resize, given.fixed_size, given.max_size,
+                            resolve_patch_size(asked.arch, asked.patch_size))
+    # --precision auto on a CPU is measured at the method's input size
+    backbone = resolve_backbone(asked.arch, asked.patch_size, asked.weights, features, asked.precision, request.device,
+                                method.fixed_size or method.resize)
+    job = MaskJob(request.images, request.output, recorded_settings(request, backbone, method), request.device)
+    return GenMasksSettings(job, backbone, method, request.speed)
+
+
+def gen_masks_from_args(args: argparse.Namespace) -> GenMasksSettings | MergeParts:
+    """`gen_masks.py`'s parsed flags as a `GenMasksRequest`, checked and resolved by `gen_masks_settings` (`args`
+    is left as it is); with --merge, the merge of the output's shard parts, and nothing else is checked."""
     values = vars(args)
     output = options_from(OutputOptions, values)
     if args.merge:
         return MergeParts(output)
-    if not args.dataset or not args.dataset_root:
-        raise UserError("--dataset and --dataset_root are required (or --merge)")
-    # Resolved before they are recorded: a resume on other hardware must not silently change precision.
-    # --features auto: the method's features on the arch's family (DINOv2's LOST reads centred output tokens).
-    features = method_features(args.method, args.arch, args.features)
-    method = resolve_method(args.method, args.arch, values, args.resize, args.fixed_size, args.max_size,
-                            resolve_patch_size(args.arch, args.patch_size))
-    backbone = resolve_backbone(args.arch, args.patch_size, args.weights, features, args.precision, args.device,
-                                method.fixed_size or method.resize)
-    resolved = {**values, **asdict(backbone), **method.params, "resize": method.resize,
-                "fixed_size": method.fixed_size}
-    settings = {**settings_from(parser, resolved), "precision_choice": backbone.precision_choice}
-    job = MaskJob(options_from(ImageSetOptions, values), output, settings, args.device)
-    return GenMasksSettings(job, backbone, method, options_from(SpeedSettings, values))
+    return gen_masks_settings(GenMasksRequest(
+        options_from(ImageSetOptions, values), output, options_from(BackboneRequest, values),
+        options_from(MethodRequest, values), options_from(SpeedSettings, values), args.device))
 
 
 def generate_masks(command: GenMasksSettings | MergeParts) -> RunStats | None:

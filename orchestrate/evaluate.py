@@ -11,10 +11,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from evaluation.rows import MetricRow, rows_to_json
+from orchestrate.settings import cluster_settings
 from utils.coco_io import load_coco_dataset, write_json
 
 if TYPE_CHECKING:
-    from orchestrate.pipeline import PipelineSettings
+    from orchestrate.settings import PipelineSettings
 
 GALLERY = "gallery"  # OUT/eval/gallery/index.html: the masks next to the GT masks (with --gt_json)
 
@@ -90,7 +91,6 @@ def run_eval(s: PipelineSettings, folder: Path, results: dict) -> dict:
         from distill.cluster import cluster_masks
         from evaluation.corloc import corloc_row, evaluate_corloc
         from evaluation.metrics import clustering_rows
-        from orchestrate.pipeline import cluster_settings  # lazily: orchestrate.pipeline imports this module
 
         against = gt_description(s.gt_json)
         masks = results["masks"]["masks"]

@@ -22,16 +22,15 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
-import torch
 import torchvision.transforms.functional as TF
 
 from detectron2_train.affinity import AFFINITY_INPUT_DEFAULTS, load_affinity_model, predict_affinity
-from distill.cli import ImageSetOptions, OutputOptions, options_from, settings_from
+from distill.cli import ImageSetOptions, OutputOptions, settings_from
 from distill.data import ImageEntry
 from distill.generate import MaskJob, MergeParts, PartWriter, RunStats, load_image_set, merge, run
 from distill.grouping import GroupingOptions, image_record
 from distill.visualize import overlay_name
-from utils.cli import check_outputs
+from utils.cli import check_outputs, options_from
 from utils.coco_io import annotations_by_image, find_by_file_name, image_index, load_coco_dataset, names_all_images
 from utils.distributed import resolve_device
 from utils.errors import UserError

@@ -10,26 +10,36 @@
     report    OUT/report.html and report.json (orchestrate/report.py): each stage's metrics, what each was
               measured against, time, settings and trained models
 
-Each stage's flags are built with that stage's own parser, so its checks and defaults apply unchanged. A
-rerun skips finished steps and resumes an unfinished one; a changed setting (a weights file changed in
-place included) is refused unless `overwrite`, which reruns from the first step it affects (the ground
-truth only affects `eval`). `tiny` uses the stages' tiny CPU configs and random/tiny backbones: the run
-checks the plumbing in minutes and its numbers mean nothing.
+Each stage is called through its library with typed settings (`distill.engine.GenMasksRequest`,
+`detectron2_train.settings.TrainRequest`/`RoundsRequest`, `segmentation.settings.run_settings`), the same
+builders its command uses, so its checks and defaults apply unchanged. Everything that can refuse the run is
+checked before the first stage (`check_settings`). A rerun skips finished steps and resumes an unfinished one;
+a changed setting (a weights or GT file changed in place included) is refused unless `overwrite`, which reruns
+from the first step it affects (the ground truth gives the masks their image ids, by file name, and is scored
+in `eval`). A step records the paths inside OUT as `$OUT/...`, so a copied or moved OUT uses its own files.
+`tiny` uses the stages' tiny CPU configs and random/tiny backbones: the run checks the plumbing in minutes
+and its numbers mean nothing.
 """
 from __future__ import annotations
 
 import argparse
+import glob
 import hashlib
-from dataclasses import dataclass
+import json
+import os
+import sys
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any, Callable, Sequence
 
 from distill.registry import load_method, method_names
 from orchestrate.evaluate import run_eval
-from utils.coco_io import load_coco_dataset, load_json
+from orchestrate.settings import PipelineSettings, cluster_settings
+from utils.coco_io import ImagesByName, check_writable_folder, load_coco_dataset, load_json
 from utils.errors import UserError
-from utils.images import IMAGE_EXTENSIONS
+from utils.images import IMAGE_EXTENSIONS, ImageReadError, list_images, read_size
 from utils.lock import folder_lock
-from utils.steps import Step, StepRecord, run_steps
+from utils.steps import MARKER, Step, StepRecord, run_steps
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -45,24 +55,9 @@ TINY_DEEPLAB = ["solver.max_iter=6", "solver.checkpoint_period=0", "data.crop_si
 FULL_DEEPLAB = ["model.weights=imagenet"]
 TINY_CRF_ITERATIONS = 2  # mean-field iterations of the CRF rounds (MaskDistill's 10 without --tiny)
 TINY_NUM_CLASSES = 5  # the CRF's cost grows with the classes
-
-
-@dataclass
-class PipelineSettings:
-    """Everything `pipeline.py` takes (its --help explains each)."""
-
-    images: str
-    out: str
-    method: str = "maskdistill"
-    gt_json: str | None = None
-    tiny: bool = False
-    num_classes: int | None = None  # default 20, TINY_NUM_CLASSES with --tiny
-    weights: str | None = None  # gen_masks.py --weights (default: the official DINO; --tiny: random)
-    self_training_rounds: int = 2
-    score_thresh: float = 0.7
-    crf_rounds: int = 1
-    label_threshold: float = 0.5
-    device: str = "auto"
+# Images longer than this many times their width (or wider than tall) are left out: resized to Mask R-CNN's
+# longest side (1333, tiny 96) their shorter side would shrink to a few pixels, or none (a RuntimeError in training).
+MAX_ASPECT_RATIO = 20
 
 
 def image_files(folder: Path) -> list[Path]:
@@ -79,20 +74,144 @@ def folder_digest(folder: Path) -> str:
     return sha.hexdigest()
 
 
-def check_settings(settings: PipelineSettings) -> None:
-    """Bad input stops the pipeline before any work or file."""
+# ----------------------------------------------------------------------------- checks before any stage
+
+
+@dataclass(frozen=True)
+class GroundTruthMatch:
+    """The images of the folder found in --gt_json by file name (`utils.coco_io.ImagesByName`)."""
+
+    matched: int
+    unmatched: tuple[str, ...]  # folder images (relative paths) the GT does not have
+
+
+def match_ground_truth(images: Path, files: list[str], gt_json: str) -> GroundTruthMatch:
+    """Which of the folder's images (`files`, relative to `images`) --gt_json has, by file name (the same relative
+    path, else the same base name when one GT image has it): how gen_masks.py takes its image ids from it.
+    Prints "N of M images matched by file name" and names the others; none matched is an error."""
+    by_name = ImagesByName(load_coco_dataset(gt_json)["images"])
+    unmatched = tuple(f for f in files if by_name.find(f) is None)
+    matched = len(files) - len(unmatched)
+    print(f"--gt_json {gt_json}: {matched} of {len(files)} images matched by file name")
+    if unmatched:
+        shown = ", ".join(unmatched[:5]) + (f", ... ({len(unmatched) - 5} more)" if len(unmatched) > 5 else "")
+        print(f"warning: not in --gt_json, left out of the run: {shown}", file=sys.stderr)
+    if not matched:
+        raise UserError(f"--gt_json {gt_json}: none of the {len(files)} images of --images {images} is in it (matched "
+                        "by file name: the same path relative to --images, else the same base name); pass the "
+                        "ground truth of these images, or leave --gt_json out")
+    return GroundTruthMatch(matched, unmatched)
+
+
+def check_weights(weights: str | None) -> None:
+    """A checkpoint path exists and starts like a `torch.save` file (a zip archive or a pickle); the file is
+    read in full by the masks stage."""
+    if weights in (None, "dino", "random"):
+        return
+    path = Path(weights)
+    if not path.is_file():
+        raise UserError(f"--weights {weights}: no such file; use 'dino', 'random' or a checkpoint path")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as exc:
+        raise UserError(f"--weights {weights}: cannot be read ({exc.strerror or exc})") from None
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):
+        raise UserError(f"--weights {weights}: not a PyTorch checkpoint (torch.save file)")
+
+
+def check_method_of_out(s: PipelineSettings) -> None:
+    """Another --method's results in --out are not replaced silently: refused unless --overwrite."""
+    marker = Path(s.out) / "masks" / MARKER
+    if s.overwrite or not marker.is_file():
+        return
+    try:
+        argv = load_json(marker)["fingerprint"]["settings"]["gen_masks"]
+        earlier = argv[argv.index("--method") + 1]
+    except (UserError, KeyError, TypeError, ValueError, IndexError):
+        return  # not a pipeline's record: the steps decide
+    if earlier != s.method:
+        raise UserError(f"--out {s.out} holds the results of --method {earlier}; --method {s.method} would replace "
+                        "them: pass another --out to keep both, or --overwrite to replace them")
+
+
+def too_elongated(images: Path, files: list[str]) -> list[str]:
+    """The images (relative paths) whose sides differ more than `MAX_ASPECT_RATIO` times (header reads only;
+    an unreadable image is left to the masks stage, which skips and lists it)."""
+    found = []
+    for name in files:
+        try:
+            height, width = read_size(images / name)
+        except ImageReadError:
+            continue
+        if max(height, width) > MAX_ASPECT_RATIO * max(min(height, width), 1):
+            print(f"warning: skipping {name}: {width}x{height} (w x h) is more than {MAX_ASPECT_RATIO} times longer "
+                  "than wide, too thin for the detectors", file=sys.stderr)
+            found.append(name)
+    return found
+
+
+def check_settings(settings: PipelineSettings) -> PipelineSettings:
+    """Bad input stops the pipeline before any work or file: the images, the GT against them, --num_classes
+    against their number, the output folder, the weights. Returns the settings with the images left out
+    (`exclude`: too elongated for the detectors)."""
     images = Path(settings.images)
     if not images.is_dir():
         raise UserError(f"--images {settings.images}: not a folder")
-    if not image_files(images):
+    files = list_images(images)
+    if not files:
         raise UserError(f"--images {settings.images}: no image files ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+    excluded = too_elongated(images, files)
+    files = [f for f in files if f not in excluded]
+    if not files:
+        raise UserError(f"--images {settings.images}: every image is more than {MAX_ASPECT_RATIO} times longer "
+                        "than wide")
     if settings.method not in method_names():
         raise UserError(f"--method {settings.method!r}: choose one of {', '.join(method_names())}")
-    if settings.gt_json is not None:
-        load_coco_dataset(settings.gt_json)  # a clear error for a missing or broken file
     out = Path(settings.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {settings.out}: exists and is not a folder")
+    check_writable_folder(out, f"--out {settings.out}")
+    check_weights(settings.weights)
+    count = len(files)
+    if settings.gt_json is not None:
+        count = match_ground_truth(images, files, settings.gt_json).matched
+    if settings.num_classes is not None and settings.num_classes > count:
+        raise UserError(f"--num_classes {settings.num_classes} is more than the {count} images the run takes: "
+                        f"K-means needs a mask per cluster; pass --num_classes {count} or fewer")
+    check_method_of_out(settings)
+    return replace(settings, exclude=tuple(excluded))
+
+
+# ----------------------------------------------------------------------------- paths in the step records
+
+
+OUT_PREFIX = "$OUT/"  # how a step's result names a path inside --out, so that a copied or moved --out uses its own
+
+
+def portable(value: Any, root: Path) -> Any:
+    """`value` (a step's result) with every path inside `root` written as `$OUT/<path relative to root>`: the
+    strings that name an existing file or folder there (not a word or a sentence that happens to contain a '/')."""
+    if isinstance(value, dict):
+        return {k: portable(v, root) for k, v in value.items()}
+    if isinstance(value, list):
+        return [portable(v, root) for v in value]
+    if isinstance(value, str) and "/" in value and not value.startswith(OUT_PREFIX) and os.path.exists(value):
+        relative = os.path.relpath(os.path.abspath(value), os.path.abspath(root))
+        if relative != "." and not relative.startswith(".."):
+            return OUT_PREFIX + Path(relative).as_posix()
+    return value
+
+
+def resolved(value: Any, root: Path) -> Any:
+    """The inverse of `portable`: `$OUT/<path>` back to a path under `root` (the --out of this run)."""
+    if isinstance(value, dict):
+        return {k: resolved(v, root) for k, v in value.items()}
+    if isinstance(value, list):
+        return [resolved(v, root) for v in value]
+    if isinstance(value, str) and value.startswith(OUT_PREFIX):
+        return str(root / value[len(OUT_PREFIX):])
+    return value
 
 
 # ----------------------------------------------------------------------------- the stages
@@ -105,45 +224,74 @@ def tiny_image_flags(method: str) -> list[str]:
 
 
 def gen_masks_argv(s: PipelineSettings) -> list[str]:
-    """gen_masks.py's flags for the images (the output paths are added per run)."""
+    """The gen_masks.py flags equivalent to `gen_masks_request` (less the output paths): the masks step's record."""
     argv = ["--dataset", "folder", "--dataset_root", str(Path(s.images).resolve()), "--method", s.method,
             "--device", s.device]
     if s.tiny:
         argv += TINY_GEN_MASKS + tiny_image_flags(s.method)
     if s.weights is not None:
         argv += ["--weights", s.weights]  # after the tiny flags: the last one wins
+    if s.gt_json is not None:
+        argv += ["--gt_json", str(Path(s.gt_json).resolve()), "--skip_images_not_in_gt"]
+    for name in s.exclude:
+        argv += ["--exclude", glob.escape(name)]
     return argv
 
 
+def flag_values(argv: Sequence[str]) -> dict[str, str]:
+    """`["--resize", "224", ...]` -> `{"resize": "224", ...}`: the flag pairs of the tiny presets above."""
+    return {flag[2:]: value for flag, value in zip(argv[::2], argv[1::2])}
+
+
+def gen_masks_request(s: PipelineSettings, folder: Path):
+    """The masks stage as a `distill.engine.GenMasksRequest`: the folder's images with ids from --gt_json by file
+    name (images it lacks left out), resumable, with a gallery in `folder`/vis."""
+    from distill.cli import ImageSetOptions, OutputOptions
+    from distill.engine import BackboneRequest, GenMasksRequest, MethodRequest, SpeedSettings
+
+    image_ids = "auto" if s.gt_json is None else "from:" + str(Path(s.gt_json).resolve())
+    images = ImageSetOptions("folder", str(Path(s.images).resolve()), image_ids=image_ids,
+                             skip_images_not_in_gt=s.gt_json is not None,
+                             exclude=tuple(glob.escape(name) for name in s.exclude))
+    output = OutputOptions(str(folder / "masks.json"), resume=True, vis_dir=str(folder / "vis"))
+    tiny = flag_values(TINY_GEN_MASKS) if s.tiny else {}
+    weights = s.weights or tiny.get("weights", "dino")
+    size = {k: int(v) for k, v in flag_values(tiny_image_flags(s.method)).items()} if s.tiny else {}
+    speed = SpeedSettings(**{k: int(tiny[k]) for k in ("num_workers", "post_workers") if k in tiny})
+    return GenMasksRequest(images, output, BackboneRequest(weights=weights), MethodRequest(s.method, **size), speed,
+                           s.device)
+
+
 def run_masks(s: PipelineSettings, folder: Path, results: dict) -> dict:
-    import gen_masks
-    from distill.engine import gen_masks_from_args, generate_masks
+    from distill.engine import gen_masks_settings, generate_masks
+    from distill.visualize import write_gallery
 
     masks = folder / "masks.json"
-    parser = gen_masks.build_parser()
-    args = parser.parse_args(gen_masks_argv(s) + ["--pred_json_path", str(masks), "--vis_dir", str(folder / "vis"),
-                                                  "--resume"])
-    stats = generate_masks(gen_masks_from_args(parser, args))
+    settings = gen_masks_settings(gen_masks_request(s, folder))
+    recorded = load_json(masks).get("info", {}).get("settings") if masks.is_file() else None
+    if recorded is not None and recorded == json.loads(json.dumps(settings.job.settings)):
+        # A kill after the masks were written, before the step was marked done: they are this run's.
+        write_gallery(folder / "vis", settings.job.settings)
+    else:
+        generate_masks(replace(settings, job=replace(settings.job, output=replace(
+            settings.job.output, overwrite=recorded is not None))))
     dataset = load_json(masks)
+    skipped = dataset.get("skipped_images") or []
+    if skipped:
+        print(f"warning: {len(skipped)} image(s) could not be read and were left out: "
+              + ", ".join(str(item.get("file_name")) for item in skipped[:5]), file=sys.stderr)
     return {"masks": str(masks), "gallery": str(folder / "vis" / "index.html"),
             "images": len(dataset["images"]), "annotations": len(dataset["annotations"]),
-            "skipped_images": len(getattr(stats, "skipped", []) or [])}
-
-
-def cluster_settings(s: PipelineSettings, masks: str, output_file: Path, gt_file: str | None = None):
-    """The clustering of `masks`. The crop features are cached next to the masks (OUT/masks/), keyed by
-    content: a rerun of the clustering with other settings, and the evaluation's, reuse them."""
-    from distill.cluster import ClusterSettings
-
-    return ClusterSettings(input_file=masks, image_root=str(Path(s.images).resolve()),
-                           output_file=str(output_file), num_classes=s.num_classes, gt_file=gt_file,
-                           overwrite=True, device=s.device,
-                           num_workers=0 if s.tiny else 2)
+            "skipped_images": len(skipped)}
 
 
 def run_cluster(s: PipelineSettings, folder: Path, results: dict) -> dict:
     from distill.cluster import cluster_masks
 
+    found = results["masks"]["annotations"]
+    if found < s.num_classes:
+        raise UserError(f"--num_classes {s.num_classes}: the masks stage found only {found} masks to cluster; "
+                        f"pass --num_classes {found} or fewer")
     # Without the ground truth: the training labels are K-means clusters, never GT classes.
     settings = cluster_settings(s, results["masks"]["masks"], folder / "labelled.json")
     metrics = cluster_masks(settings)
@@ -151,24 +299,24 @@ def run_cluster(s: PipelineSettings, folder: Path, results: dict) -> dict:
             "cluster_sizes": metrics["cluster_sizes"]}
 
 
-def mask_rcnn_argv(s: PipelineSettings, labelled: str, folder: Path) -> list[str]:
-    argv = ["--config", str(REPO / MASK_RCNN_CONFIG[s.tiny]), "--train_json", labelled,
-            "--train_root", str(Path(s.images).resolve()), "--output_dir", str(folder),
-            "--rounds", str(s.self_training_rounds), "--score_thresh", str(s.score_thresh), "--device", s.device]
-    if s.tiny:
-        argv += ["--set", *TINY_MASK_RCNN]
-    return argv
+def mask_rcnn_requests(s: PipelineSettings, labelled: str, folder: Path):
+    """The maskrcnn stage as typed settings: (`detectron2_train.settings.TrainRequest`, `RoundsRequest`)."""
+    from detectron2_train.settings import RoundsRequest, TrainRequest
+
+    train = TrainRequest(str(REPO / MASK_RCNN_CONFIG[s.tiny]), tuple(TINY_MASK_RCNN if s.tiny else ()),
+                         output_dir=str(folder), train_json=labelled, train_root=str(Path(s.images).resolve()))
+    return train, RoundsRequest(s.self_training_rounds, score_thresh=(s.score_thresh,))
 
 
 def run_mask_rcnn(s: PipelineSettings, folder: Path, results: dict) -> dict:
-    from detectron2_train import train_net
     from detectron2_train.self_training import self_training_rounds
+    from detectron2_train.settings import round_settings, train_config
     from utils.distributed import distributed_session
 
-    args = train_net.parse_args(mask_rcnn_argv(s, results["cluster"]["labelled"], folder))
-    cfg = train_net.config_from_args(args)
-    rounds = train_net.round_settings(args)
-    with distributed_session(args.device) as info:
+    train, rounds_request = mask_rcnn_requests(s, results["cluster"]["labelled"], folder)
+    cfg = train_config(train)
+    rounds = round_settings(train, rounds_request)
+    with distributed_session(s.device) as info:
         done = self_training_rounds(cfg, info, rounds, evaluate=False, overwrite=True)
     last = done[-1]
     return {"rounds": [{"round": r.number, **r.result} for r in done], "train_results": last.result["train_results"],
@@ -187,14 +335,19 @@ def run_semantic(s: PipelineSettings, folder: Path, results: dict) -> dict:
     return {**stats, "label_dir": str(folder / "labels"), "num_classes": classes + 1}
 
 
-def deeplab_argv(s: PipelineSettings, semantic: dict, folder: Path) -> list[str]:
+def deeplab_overrides(s: PipelineSettings, semantic: dict) -> list[str]:
+    """The deeplab stage's config overrides: the semantic stage's labels, and the tiny or full preset."""
     image_dir = Path(s.images).resolve() / semantic.get("image_subdir", "")
     overrides = [f"data.image_dir={image_dir}", f"data.label_dir={semantic['label_dir']}",
                  f"data.train_list={semantic['list']}", f"data.num_classes={semantic['num_classes']}",
                  "data.val_list=null", "data.val_label_dir=null"]
-    overrides += TINY_DEEPLAB if s.tiny else FULL_DEEPLAB
-    return ["--config", str(REPO / DEEPLAB_CONFIG[s.tiny]), "--output_dir", str(folder), "--device", s.device,
-            "--rounds", str(s.crf_rounds), "--set", *overrides]
+    return overrides + (TINY_DEEPLAB if s.tiny else FULL_DEEPLAB)
+
+
+def deeplab_config(s: PipelineSettings, semantic: dict, folder: Path) -> dict:
+    from segmentation.settings import run_settings
+
+    return run_settings(str(REPO / DEEPLAB_CONFIG[s.tiny]), deeplab_overrides(s, semantic), str(folder), s.device)
 
 
 def crf_params(s: PipelineSettings):
@@ -204,56 +357,58 @@ def crf_params(s: PipelineSettings):
 
 
 def run_deeplab(s: PipelineSettings, folder: Path, results: dict) -> dict:
-    from segmentation import train_plus_crf as script
-    from segmentation.engine import SCHEMA
     from segmentation.rounds import train_plus_crf
-    from utils.config import run_config_from_args
     from utils.distributed import distributed_session
 
-    args = script.parse_args(deeplab_argv(s, results["semantic"], folder))
-    config = run_config_from_args(args, SCHEMA)
+    config = deeplab_config(s, results["semantic"], folder)
     with distributed_session(config["device"]) as dist:
-        result = train_plus_crf(config, dist, args.rounds, None, crf_params(s), overwrite=True)
+        result = train_plus_crf(config, dist, s.crf_rounds, None, crf_params(s), overwrite=True)
     return {**result, "config": config}
 
 
 # ----------------------------------------------------------------------------- the chain
 
 
+def in_out(run: Callable[[PipelineSettings, Path, dict], dict], s: PipelineSettings) -> Callable[[Path, dict], dict]:
+    """A stage as a step's `run`: it gets the earlier results with their paths under this --out, and its result is
+    recorded with `$OUT/` paths (`portable`)."""
+    root = Path(s.out)
+    return lambda folder, results: portable(run(s, folder, resolved(results, root)), root)
+
+
 def build_steps(s: PipelineSettings) -> list[Step]:
     images = {"images": str(Path(s.images).resolve()), "images_digest": folder_digest(Path(s.images))}
     common = {"tiny": s.tiny, "device": s.device}
     return [
-        # "weights" by itself, so that a checkpoint file counts by its content (utils/fingerprint.py)
-        Step("masks", {**images, **common, "gen_masks": gen_masks_argv(s), "weights": s.weights},
-             lambda f, r: run_masks(s, f, r)),
-        Step("cluster", {**common, "num_classes": s.num_classes}, lambda f, r: run_cluster(s, f, r),
-             inputs=("masks",)),
+        # The GT (image ids by file name) and a weights file count by their content (utils/fingerprint.py).
+        Step("masks", {**images, **common, "gen_masks": gen_masks_argv(s), "gt_json": s.gt_json,
+                       "weights": s.weights}, in_out(run_masks, s)),
+        Step("cluster", {**common, "num_classes": s.num_classes}, in_out(run_cluster, s), inputs=("masks",)),
         Step("maskrcnn", {**common, "rounds": s.self_training_rounds, "score_thresh": s.score_thresh,
                           "config": MASK_RCNN_CONFIG[s.tiny], "overrides": TINY_MASK_RCNN if s.tiny else []},
-             lambda f, r: run_mask_rcnn(s, f, r), inputs=("cluster",)),
-        Step("semantic", {"label_threshold": s.label_threshold}, lambda f, r: run_semantic(s, f, r),
+             in_out(run_mask_rcnn, s), inputs=("cluster",)),
+        Step("semantic", {"label_threshold": s.label_threshold}, in_out(run_semantic, s),
              inputs=("cluster", "maskrcnn")),
         Step("deeplab", {**common, "crf_rounds": s.crf_rounds, "config": DEEPLAB_CONFIG[s.tiny],
                          "overrides": TINY_DEEPLAB if s.tiny else FULL_DEEPLAB,
                          "crf_iterations": TINY_CRF_ITERATIONS if s.tiny else None},
-             lambda f, r: run_deeplab(s, f, r), inputs=("semantic",)),
-        Step("eval", {**common, "gt_json": s.gt_json}, lambda f, r: run_eval(s, f, r),
+             in_out(run_deeplab, s), inputs=("semantic",)),
+        Step("eval", {**common, "gt_json": s.gt_json}, in_out(run_eval, s),
              inputs=("masks", "cluster", "maskrcnn", "semantic", "deeplab")),
     ]
 
 
-def run_pipeline(s: PipelineSettings, overwrite: bool = False) -> list[StepRecord]:
+def run_pipeline(s: PipelineSettings) -> list[StepRecord]:
     """Run (or resume) every stage under `s.out`, then write `s.out/report.html` and `report.json`. Returns the
     step records.
 
-    A stage recorded with other settings is refused before any stage runs, unless `overwrite` (pipeline.py's
+    A stage recorded with other settings is refused before any stage runs, unless `s.overwrite` (pipeline.py's
     --overwrite): then it reruns from an empty folder, and so do the stages after it that read it."""
     from orchestrate.report import write_pipeline_report
 
-    check_settings(s)
+    s = check_settings(s)
     with folder_lock(s.out, "--out"):  # a second pipeline on the same --out is refused
-        records = run_steps(s.out, build_steps(s), overwrite=overwrite, flag="--overwrite")
+        records = run_steps(s.out, build_steps(s), overwrite=s.overwrite, flag="--overwrite")
         report = write_pipeline_report(s, records)
     print(f"report: {report}")
     return records

@@ -10,7 +10,7 @@ from utils.report import write_report
 from utils.steps import StepRecord
 
 if TYPE_CHECKING:
-    from orchestrate.pipeline import PipelineSettings
+    from orchestrate.settings import PipelineSettings
 
 
 def plumbing_only(s: PipelineSettings) -> str | None:

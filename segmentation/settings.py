@@ -1,11 +1,14 @@
 """The DeepLab-v3 configuration: every key a segmentation config may set, its schema, and the keys a
-command must be given. Torch-free, so that the scripts' `--help` stays quick (segmentation/engine.py
-re-exports these names).
+command must be given, and `run_settings`, a run's config from a file, overrides and the flags that set keys
+(what the scripts and the pipeline both call). Torch-free, so that the scripts' `--help` stays quick
+(segmentation/engine.py re-exports these names).
 """
 from __future__ import annotations
 
 from utils.cli import DEVICE_NAMES, float_range, int_range
-from utils.config import ConfigSchema
+from typing import Iterable
+
+from utils.config import ConfigSchema, run_config
 
 BACKBONES = ("resnet50", "resnet101", "resnet18", "tiny")  # segmentation/model.py builds each
 
@@ -87,3 +90,10 @@ TINY_EXAMPLE = ("python {script} --config configs/segmentation/tiny_test.yml "
                 f"data.train_list={_VOC_MINI}/ImageSets/Segmentation/trainval.txt")
 
 
+
+
+def run_settings(config: str, overrides: Iterable[str] = (), output_dir: str | None = None,
+                 device: str | None = None) -> dict:
+    """A DeepLab run's config: defaults < the YAML file < `overrides` (KEY=VALUE) < `output_dir` and `device` (the
+    scripts' --output_dir and --device; None: the config's), each checked against `SCHEMA`."""
+    return run_config(config, overrides, SCHEMA, {"output_dir": output_dir, "device": device})

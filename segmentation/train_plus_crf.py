@@ -8,9 +8,9 @@ Works under torchrun like segmentation/train.py.
 """
 import argparse
 
-from segmentation.settings import SCHEMA, TINY_EXAMPLE, TRAIN_KEYS
+from segmentation.settings import TINY_EXAMPLE, TRAIN_KEYS, run_settings
 from utils.cli import check_outputs, int_range
-from utils.config import add_config_args, run_config_from_args
+from utils.config import add_config_args
 from utils.errors import run_cli
 
 
@@ -34,7 +34,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    config = run_config_from_args(args, SCHEMA)
+    config = run_settings(args.config, args.overrides, args.output_dir, args.device)
     check_outputs(folders=[config["output_dir"]])
     rounds = args.rounds if args.rounds is not None else int(config["crf_rounds"]["rounds"])
     from utils.crf import CRFParams  # torch: after parsing, so that --help stays quick

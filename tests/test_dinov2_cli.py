@@ -18,7 +18,7 @@ def parse(*args):
 
 def generate(*args):
     parser = gen_masks.build_parser()
-    return engine_module.generate_masks(engine_module.gen_masks_from_args(parser, parser.parse_args([*map(str, args)])))
+    return engine_module.generate_masks(engine_module.gen_masks_from_args(parser.parse_args([*map(str, args)])))
 
 
 @pytest.fixture

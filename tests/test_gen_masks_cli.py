@@ -33,7 +33,7 @@ def run_cli(*args, env=None):
 
 def run_inprocess(*args):
     parser = gen_masks.build_parser()
-    return engine_module.generate_masks(engine_module.gen_masks_from_args(parser, parser.parse_args([*map(str, args)])))
+    return engine_module.generate_masks(engine_module.gen_masks_from_args(parser.parse_args([*map(str, args)])))
 
 
 def run_main(*args) -> subprocess.CompletedProcess:

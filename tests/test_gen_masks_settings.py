@@ -9,7 +9,7 @@ import pytest
 
 import gen_masks
 import gen_pa_masks
-from distill.cli import ImageSetOptions, OutputOptions
+from distill.cli import ImageSetOptions, OutputOptions, setting_names
 from distill.engine import BackboneSettings, SpeedSettings, gen_masks_from_args
 from distill.generate import MergeParts
 from distill.grouping import GroupingOptions
@@ -29,9 +29,13 @@ def built_twice(build, parser, argv):
     return first
 
 
+def gen_masks_command(parser, args):
+    return gen_masks_from_args(args)
+
+
 def test_gen_masks_settings_are_resolved_without_touching_the_namespace(tmp_path):
     out = tmp_path / "masks.json"
-    settings = built_twice(gen_masks_from_args, gen_masks.build_parser(), [
+    settings = built_twice(gen_masks_command, gen_masks.build_parser(), [
         "--dataset", "folder", "--dataset_root", tmp_path, "--method", "maskcut", "--weights", "random",
         "--precision", "fp32", "--exclude", "a*", "--max_images", 3, "--batch_size", 2, "--device", "cpu",
         "--pred_json_path", out, "--vis_dir", tmp_path / "vis"])
@@ -51,6 +55,8 @@ def test_gen_masks_settings_are_resolved_without_touching_the_namespace(tmp_path
         ("method", "maskcut"), ("heads", None), ("topk", None), ("k_patches", None), ("tau", 0.15),
         ("num_objects", 3), ("foreground", "eigenvector"), ("mask_score", "official"), ("resize", 0), ("fixed_size", 480), ("max_size", 2048),
         ("mask_format", "rle"), ("precision_choice", "--precision fp32")]
+    # what gen_masks.py's setting groups hold (and the recorded precision choice), so that a flag added to one of them is recorded
+    assert tuple(settings.job.settings) == (*dict.fromkeys(setting_names(gen_masks.build_parser())), "precision_choice")
     with pytest.raises(dataclasses.FrozenInstanceError):
         settings.job.output.shard = "1/2"
 
@@ -58,11 +64,11 @@ def test_gen_masks_settings_are_resolved_without_touching_the_namespace(tmp_path
 def test_gen_masks_merge_is_a_mode_that_checks_nothing_else(tmp_path):
     out = tmp_path / "masks.json"
     # --tau does not apply to lost, but a merge only joins parts: their settings were checked when they were made.
-    command = built_twice(gen_masks_from_args, gen_masks.build_parser(),
+    command = built_twice(gen_masks_command, gen_masks.build_parser(),
                           ["--merge", "--method", "lost", "--tau", 0.3, "--pred_json_path", out, "--overwrite"])
     assert command == MergeParts(OutputOptions(str(out), overwrite=True))
     with pytest.raises(UserError, match="--tau applies to --method tokencut or maskcut, not lost"):
-        gen_masks_from_args(gen_masks.build_parser(), gen_masks.build_parser().parse_args([
+        gen_masks_from_args(gen_masks.build_parser().parse_args([
             "--dataset", "folder", "--dataset_root", str(tmp_path), "--method", "lost", "--tau", "0.3",
             "--pred_json_path", str(out)]))
 

@@ -62,7 +62,7 @@ def test_most_confident_mask_beats_the_whole_image(method, subset, tmp_path, req
     checkpoint = request.getfixturevalue("dinov2_vits14_checkpoint")
     root, gt_file, gt = subset
     out = tmp_path / "masks.json"
-    generate_masks(gen_masks_from_args(parser, parser.parse_args([
+    generate_masks(gen_masks_from_args(parser.parse_args([
         "--dataset", "folder", "--dataset_root", str(root), "--arch", "dinov2_vits14", "--weights", str(checkpoint),
         "--method", method, *map(str, METHOD_FLAGS[method]), "--pred_json_path", str(out)])))
     whole = [{"image_id": img["id"], "bbox": [0, 0, img["width"], img["height"]], "score": 1.0,

@@ -91,7 +91,7 @@ def test_readable_settings():
 
 
 def test_the_pipeline_report_flags_tiny_and_random_weights_and_links_the_gt_gallery(tmp_path):
-    from orchestrate.pipeline import PipelineSettings
+    from orchestrate.settings import PipelineSettings
     from orchestrate.report import write_pipeline_report
 
     rows = [dict(r) for r in ROWS]

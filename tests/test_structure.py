@@ -1,6 +1,6 @@
-"""The structure rules: utils/ imports no stage package, evaluation/ imports only utils/, no import cycle between
-modules, and the shared pieces exist once (the object category, the confident-else-best rule, ImageNet
-normalisation, the tiny ResNet, the checkpoint key-cleaner)."""
+"""The structure rules: the import rule between the layers (utils < evaluation < the stages < orchestrate < the root
+scripts), no import cycle between modules, and the shared pieces exist once (the object category, the
+confident-else-best rule, ImageNet normalisation, the tiny ResNet, the checkpoint key-cleaner)."""
 from __future__ import annotations
 
 import ast
@@ -22,15 +22,80 @@ STAGE_PACKAGES = ("distill", "segmentation", "detectron2_train", "orchestrate")
 ENTRY_POINT_SCRIPTS = {"utils/cluster.py": {"orchestrate.cluster"}}
 
 
-def imported_modules(path: Path) -> set[str]:
-    """Every module a file imports, at any depth (function-level imports included)."""
+def imported_modules(path: Path, with_members: bool = False) -> set[str]:
+    """Every module a file imports, at any depth (function-level imports included); `with_members` adds
+    `package.name` for each `from package import name` (a name that may be a module)."""
     names = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             names |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             names.add(node.module)
+            if with_members:
+                names |= {f"{node.module}.{alias.name}" for alias in node.names}
     return names
+
+
+STAGES = ("distill", "segmentation", "detectron2_train")
+
+
+def root_scripts(repo: Path) -> set[str]:
+    """The root scripts' module names (gen_masks, pipeline, eval_instances, ...)."""
+    return {p.stem for p in repo.glob("*.py")}
+
+
+def import_rule_violations(repo: Path) -> list[str]:
+    """`file imports module` for every import that runs the wrong way: a stage package importing another stage,
+    orchestrate or a root script; utils importing a stage, orchestrate or evaluation (but the documented entry
+    script); evaluation importing anything of the repository but utils; orchestrate importing a root script or a
+    stage's command module (one that defines `cli()`: it calls the stages' libraries, not their parsers)."""
+    scripts = root_scripts(repo)
+    allowed = {stage: {stage, "utils", "evaluation"} for stage in STAGES}
+    allowed |= {"utils": {"utils"}, "evaluation": {"utils", "evaluation"},
+                "orchestrate": {"orchestrate", "utils", "evaluation", *STAGES}}
+    ours = set(allowed) | scripts
+    found = []
+    for package, may in allowed.items():
+        for path in sorted((repo / package).glob("*.py")):
+            name = path.relative_to(repo).as_posix()
+            for module in sorted(imported_modules(path)):
+                top = module.split(".")[0]
+                if top in ours and top not in may and module not in ENTRY_POINT_SCRIPTS.get(name, set()):
+                    found.append(f"{name} imports {module}")
+    for path in sorted((repo / "orchestrate").glob("*.py")):  # the stages' libraries, not their commands
+        for module in sorted(imported_modules(path, with_members=True)):
+            command = repo / (module.replace(".", "/") + ".py")
+            if module.split(".")[0] in STAGES and command.is_file() and "\ndef cli(" in command.read_text():
+                found.append(f"{path.relative_to(repo).as_posix()} imports the command {module}")
+    return found
+
+
+def test_the_import_rule_holds():
+    assert import_rule_violations(REPO) == []
+
+
+def test_the_import_rule_catches_each_wrong_way(tmp_path):
+    """The imports the rule forbids, one per file, as the old tree had them (distill/pipeline.py imported the
+    gen_masks script and the other stages; distill/maskcut.py imported segmentation.crf)."""
+    wrong = {"distill/maskcut.py": "from segmentation.crf import PairwiseCRF",
+             "distill/pipeline.py": "import gen_masks",
+             "detectron2_train/engine.py": "from orchestrate.pipeline import run_pipeline",
+             "segmentation/rounds.py": "def f():\n    from detectron2_train.engine import run",
+             "utils/steps.py": "from distill.engine import generate_masks",
+             "utils/report.py": "from evaluation.metrics import accuracy",
+             "evaluation/corloc.py": "from distill.data import folder_entries",
+             "orchestrate/pipeline.py": "import eval_instances",
+             "orchestrate/pa_source.py": "from detectron2_train import train_net"}
+    allowed = {"distill/engine.py": "from utils.vit import build_vit\nfrom evaluation.metrics import x",
+               "orchestrate/cluster.py": "from distill.cluster import cluster_masks\nfrom segmentation import engine"}
+    for name, text in {**wrong, **allowed}.items():
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text(text + "\n")
+    for script in ("gen_masks.py", "eval_instances.py"):
+        (tmp_path / script).write_text("")
+    (tmp_path / "detectron2_train" / "train_net.py").write_text("def main(): ...\n\n\ndef cli(): ...\n")
+    found = import_rule_violations(tmp_path)
+    assert sorted(f.split(" imports ")[0] for f in found) == sorted(wrong), found
 
 
 def test_nothing_in_utils_imports_a_stage_package():

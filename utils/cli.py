@@ -17,10 +17,11 @@ Outputs are checked right after parsing, before any input is read or any work is
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import re
-from typing import Iterable
+from typing import Any, Iterable, Mapping, TypeVar
 
 from utils.coco_io import check_can_write, check_writable, check_writable_folder
 
@@ -154,3 +155,12 @@ def check_outputs(*files: str | os.PathLike | None, folders: Iterable[str | os.P
     for folder in folders:
         if folder is not None:
             check_writable_folder(folder)
+
+
+Options = TypeVar("Options")
+
+
+def options_from(cls: type[Options], values: Mapping[str, Any]) -> Options:
+    """The dataclass `cls` from parsed flag values (flag dest -> value): the fields it has, the rest left out.
+    How a command turns its flags into a library's typed settings, once, at the boundary."""
+    return cls(**{f.name: values[f.name] for f in dataclasses.fields(cls) if f.name in values})

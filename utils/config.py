@@ -419,11 +419,18 @@ def apply_flags(config: dict, flags: dict[str, Any], schema: ConfigSchema | None
     return config
 
 
+def run_config(path: str | os.PathLike, overrides: Iterable[str] | None, defaults: dict | ConfigSchema | None,
+               flags: dict[str, Any] | None = None) -> dict:
+    """A run's config: defaults < the YAML file (with its `_base_` chain) < `overrides` (`KEY=VALUE`, as --set) <
+    `flags` (dotted key -> value, None when not given). All are checked. What a script's flags and a caller's
+    typed settings both come down to."""
+    schema = as_schema(defaults)
+    return apply_flags(load_config(path, list(overrides or []), schema), flags or {}, schema)
+
+
 def run_config_from_args(args: argparse.Namespace, defaults: dict | ConfigSchema | None = None,
                     flags: dict[str, Any] | None = None) -> dict:
-    """Defaults < the `--config` YAML (with its `_base_` chain) < `--set` overrides < `--output_dir` /
-    `--device` < a script's own `flags` (dotted key -> value, None when not given). All are checked."""
-    schema = as_schema(defaults)
-    config = load_config(args.config, args.overrides, schema)
+    """`run_config` of the flags of `add_config_args`: defaults < the `--config` YAML < `--set` overrides <
+    `--output_dir` / `--device` < a script's own `flags` (dotted key -> value, None when not given)."""
     own = {key: getattr(args, key) for key in getattr(args, "_config_flags", ())}
-    return apply_flags(config, {**own, **(flags or {})}, schema)
+    return run_config(args.config, args.overrides, defaults, {**own, **(flags or {})})
