@@ -12,7 +12,8 @@ mutant. The checkout itself is never written. A mutant is killed when a test fai
 time limit); the first failing test is reported. The copy sees the real data (tiny_coco, voc_mini) when
 `--shared` names a folder holding `data/` (default: the checkout's `../shared`, as tests/conftest.py looks).
 
-Not collected by pytest (the file name does not start with `test_`). Exit status 1 when a mutant survives.
+Not collected by pytest (the file name does not start with `test_`). Exit status 1 when a mutant survives that
+is not marked equivalent (a change no input can observe, with the reason in the table).
 """
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ class Mutant:
     old: str  # a piece of the module's text that occurs exactly once
     new: str  # what it becomes
     what: str  # the kind of change, for the table
+    equivalent: str = ""  # why no test can kill it (it changes no behaviour), when that is so
 
 
 # The test files run for each module's mutants: the quick tier's tests of that module.
@@ -76,7 +78,9 @@ MUTANTS = [
     Mutant("distill/tokencut.py", "seeds = vectors.abs().argmax(-1)", "seeds = vectors.argmax(-1)", "term dropped (abs)"),
     Mutant("distill/tokencut.py", "torch.where(seed_above, above, ~above)", "torch.where(seed_above, ~above, above)",
            "branches swapped"),
-    Mutant("distill/tokencut.py", "if not masks[b].any():", "if False:", "rule dropped"),
+    Mutant("distill/tokencut.py", "if not masks[b].any():", "if False:", "rule dropped",
+           equivalent="unreachable: the seed always lies in its own side of the mean (with either foreground rule), "
+                      "so the seed's component is never empty, even for a one-patch grid"),
     # distill/maskcut.py: the corner rule, the largest-|x| rule, the drop rules, the pixel steps
     Mutant("distill/maskcut.py", "if corners >= 3 or", "if corners >= 5 or", "rule disabled (>= 5)"),
     Mutant("distill/maskcut.py", "if corners >= 3 or", "if corners >= 4 or", "off by one"),
@@ -257,10 +261,17 @@ def main() -> None:
         change = f"`{o.mutant.old.strip()}` -> `{o.mutant.new.strip()}`" if o.mutant.new.strip() else \
             f"`{o.mutant.old.strip()}` removed"
         print(f"| {o.number} | {o.mutant.what}: {change.replace('|', '/').replace(chr(10), ' ')} | "
-              f"{o.mutant.module}:{o.line} | {'killed' if o.killed else '**survived**'} | {o.by} | {o.seconds:.0f} |")
+              f"{o.mutant.module}:{o.line} | {result(o)} | {o.by} | {o.seconds:.0f} |")
     killed = sum(o.killed for o in outcomes)
-    print(f"\n{killed} of {len(outcomes)} mutants killed")
-    sys.exit(0 if killed == len(outcomes) else 1)
+    equivalent = sum(not o.killed and bool(o.mutant.equivalent) for o in outcomes)
+    print(f"\n{killed} of {len(outcomes)} mutants killed, {equivalent} of the survivors equivalent")
+    sys.exit(0 if killed + equivalent == len(outcomes) else 1)
+
+
+def result(outcome: Outcome) -> str:
+    if outcome.killed:
+        return "killed"
+    return f"survived (equivalent: {outcome.mutant.equivalent})" if outcome.mutant.equivalent else "**survived**"
 
 
 if __name__ == "__main__":
