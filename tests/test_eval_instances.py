@@ -268,3 +268,19 @@ def test_most_confident_protocol_keeps_the_first_of_tied_predictions():
     result = evaluate_predictions(preds, gt, options)
     assert (result.num_predictions, result.num_gt) == (2, 2)
     assert result.metrics["bbox"]["AP50"] == pytest.approx(100 * 51 / 101)
+
+
+def test_most_confident_prediction_is_never_paired_with_a_crowd_region():
+    """The protocol pairs the selected prediction with the GT object of highest box IoU among the non-crowd
+    ones: here the crowd region overlaps it more (IoU 110/120) than the object does (100/110), yet the object
+    is its pair, a hit at IoU 0.5. Paired with the crowd region, nothing would be left to find (AP undefined)."""
+    gt = {"images": [{"id": 1, "file_name": "1.jpg", "width": 64, "height": 64}],
+          "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [0, 0, 10, 12], "area": 120,
+                           "iscrowd": 1},
+                          {"id": 2, "image_id": 1, "category_id": 1, "bbox": [0, 0, 10, 10], "area": 100,
+                           "iscrowd": 0}],
+          "categories": [{"id": 1, "name": "object"}]}
+    preds = [{"image_id": 1, "category_id": 1, "bbox": [0, 0, 10, 11], "score": 0.9}]
+    result = evaluate_predictions(preds, gt, EvalOptions(iou_types=("bbox",), most_confident=True, class_agnostic=True))
+    assert (result.num_predictions, result.num_gt) == (1, 1)
+    assert result.metrics["bbox"]["AP50"] == pytest.approx(100.0)

@@ -13,6 +13,12 @@ def test_mass_threshold_keeps_top_half_of_mass():
     assert mass_threshold(values).tolist() == [[4.0, 0.0, 3.0, 0.0]]
 
 
+
+def test_mass_threshold_zeroes_an_entry_whose_cumulative_mass_is_exactly_one_minus_mass():
+    # ascending 1, 1, 2 / 4 -> cumulative .25 .5 1.0: the second 1 reaches .5 exactly and is zeroed (> .5 kept)
+    assert mass_threshold(torch.tensor([[2.0, 1.0, 1.0]])).tolist() == [[2.0, 0.0, 0.0]]
+
+
 def _handmade_qk(grid_h=5, grid_w=6, num_heads=6, dim=4):
     """Object A (2x2, strong CLS response) and object B (disconnected, weaker), on a background
     whose keys point away from A. The last head's CLS query points away from A, so it must be
@@ -42,6 +48,26 @@ def test_handmade_case_gives_the_seed_component():
     np.testing.assert_array_equal(result.mask, expected)  # B is foreground but not connected
     assert not result.seed_in_background
     assert result.score == pytest.approx(1.0)  # all thresholded CLS mass lies in A
+
+
+
+def test_sources_are_the_top_candidates_similar_to_the_seed_and_the_object_scores_above_zero():
+    """One head, a 3x4 grid, keys A = e1 (seed), D = e2 (next to A, orthogonal to it), B = e1/2 + e3, C = e3
+    and the background -e1 - e3 + 13 e4; G_cls ranks A (10) > D (9) > B (7) > C (2) > background (1), and
+    mass 1 keeps every score. topk 0.25 makes A, D, B the 3 candidates; the sources are A and B (G_i > 0 with
+    A; not D, G_i = 0), so C joins through B (score 1), and D, of score exactly 0, stays out."""
+    e = torch.eye(4)
+    keys = {(0, 0): e[0], (0, 1): e[1], (1, 0): 0.5 * e[0] + e[2], (2, 0): e[2]}
+    key = (-e[0] - e[2] + 13 * e[3]).repeat(1, 1, 13, 1)
+    for (r, c), k in keys.items():
+        key[0, 0, 1 + r * 4 + c] = k
+    query = torch.zeros(1, 1, 13, 4)
+    query[0, 0, 0] = torch.tensor([10.0, 9.0, 2.0, 1.0])
+    (result,) = propose_masks(query, key, 3, 4, topk=0.25, mass=1.0)
+    assert result.seed_patch == (0, 0)
+    expected = np.zeros((3, 4), dtype=bool)
+    expected[[0, 1, 2], 0] = True
+    np.testing.assert_array_equal(result.mask, expected)
 
 
 def test_handmade_case_uses_only_the_first_heads():

@@ -5,9 +5,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from torchvision.models.detection._utils import BoxCoder
 from torchvision.models.detection.roi_heads import fastrcnn_loss
 
-from detectron2_train.droploss import droploss_weights, fast_rcnn_loss
+from detectron2_train.droploss import droploss_weights, fast_rcnn_loss, predicted_boxes
 from detectron2_train.engine import DEFAULTS
 from detectron2_train.modeling import build_model
 from utils.config import load_config
@@ -38,6 +39,21 @@ def test_droploss_drops_a_roi_whose_max_iou_equals_the_threshold():
                           [50.0, 50.0, 60.0, 55.0]])]  # IoU 0 with the first, 0.5 with the second
     assert droploss_weights(rois, gt, 0.5).tolist() == [0.0, 1.0, 0.0, 0.0]
     assert droploss_weights(rois, gt, 0.0).tolist() == [1.0, 1.0, 0.0, 1.0]
+
+
+def test_predicted_box_takes_the_deltas_of_the_top_foreground_class():
+    """As CutLER, the box whose IoU decides is the RoI regressed with the deltas of its highest-scoring
+    foreground class (class 2 here, though the background scores higher); class-agnostic deltas are one box."""
+    coder = BoxCoder((10.0, 10.0, 5.0, 5.0))
+    proposals = [torch.tensor([[0.0, 0.0, 10.0, 10.0]])]
+    logits = torch.tensor([[5.0, 1.0, 3.0]])
+    deltas = torch.zeros(1, 12)
+    deltas[0, 4] = -1.0  # class 1: 1 px left (dx = delta / 10, times the 10 px width)
+    deltas[0, 8] = 1.0  # class 2: 1 px right
+    (box,) = predicted_boxes(logits, deltas, proposals, coder)
+    assert torch.allclose(box, torch.tensor([[1.0, 0.0, 11.0, 10.0]]))
+    (agnostic,) = predicted_boxes(logits, deltas[:, 8:], proposals, coder)
+    assert torch.allclose(agnostic, torch.tensor([[1.0, 0.0, 11.0, 10.0]]))
 
 
 def test_fast_rcnn_loss_equals_torchvisions_and_weights_only_the_classification():

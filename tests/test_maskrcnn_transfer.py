@@ -142,6 +142,10 @@ def test_transfer_inputs_and_depths(kind, layers):
     assert isinstance(predictor, TransferMaskPredictor)
     linears = [m for m in predictor.weight_transfer if isinstance(m, torch.nn.Linear)]
     assert len(linears) == layers
+    # T is an MLP with activations between its layers only: its last layer, which outputs the mask
+    # weights (of either sign), is linear
+    assert isinstance(predictor.weight_transfer[-1], torch.nn.Linear)
+    assert len(predictor.weight_transfer) == 2 * layers - 1
     box_predictor = transfer_model(kind=kind, layers=layers).roi_heads.box_predictor
     emb = class_embeddings(box_predictor, kind)
     rep = box_predictor.cls_score.weight.shape[1]
@@ -149,6 +153,21 @@ def test_transfer_inputs_and_depths(kind, layers):
     # rows 4c..4c+3 of bbox_pred belong to class c
     if kind != "cls":
         assert torch.equal(emb[2, -4 * rep:].view(4, rep), box_predictor.bbox_pred.weight[8:12])
+
+
+def test_transfer_logits_weigh_the_features_by_the_first_outputs_of_t_and_add_the_last_as_bias():
+    """T's output per class is the 1x1 mask weights (dim_reduced values) then the bias: with the features made
+    (1, 0, 0) everywhere, each class's logit is its first weight plus its bias."""
+    vectors = random_class_vectors(3, 6, seed=1)
+    predictor = TransferMaskPredictor(4, 3, 5, 2, transfer_input="randn", fused_mlp=False, class_vectors=vectors)
+    with torch.no_grad():
+        predictor.conv5_mask.weight.zero_()
+        predictor.conv5_mask.bias.copy_(torch.tensor([1.0, 0.0, 0.0]))
+        logits = predictor(torch.randn(2, 4, 2, 2), None)
+        w_seg = predictor.class_mask_weights(None)
+    assert logits.shape == (2, 3, 4, 4)
+    expected = (w_seg[:, 0] + w_seg[:, -1])[None, :, None, None].expand(2, 3, 4, 4)
+    assert torch.allclose(logits, expected)
 
 
 def test_baseline_heads_share_the_code_path():

@@ -146,6 +146,22 @@ def test_attended_side(values, attention, active, expected_side, expected_seed):
     assert seed == expected_seed
 
 
+@pytest.mark.parametrize("vector,expected", [
+    # the largest |y| (-9) lies below the mean: its side (the one patch), not the side of the largest y
+    ([[-9, 0, 0], [1, 1, 1], [0, 0, 0]], [[1, 0, 0], [0, 0, 0], [0, 0, 0]]),
+    # the largest |y| (9) lies above the mean: that side
+    ([[9, 0, 0], [-1, -1, -1], [0, 0, 0]], [[1, 0, 0], [0, 0, 0], [0, 0, 0]]),
+])
+def test_tokencut_object_is_the_side_of_the_largest_absolute_entry(monkeypatch, vector, expected):
+    """TokenCut's foreground: the seed is the patch of largest |y| (of either sign) and the object is its
+    side of the mean, whatever sign the eigensolver gave y (the solver replaced by a fixed y)."""
+    y = torch.tensor(vector, dtype=torch.float64).reshape(1, -1)
+    monkeypatch.setattr("distill.tokencut.second_smallest_eigenvectors", lambda graph: (torch.zeros(1), y))
+    (result,) = tokencut(torch.ones(1, 9, 4), (3, 3))
+    np.testing.assert_array_equal(result.mask, np.array(expected, dtype=bool))
+    assert result.seed_patch == (0, 0)
+
+
 def test_tokencut_on_one_patch_keeps_the_patch():
     (result,) = tokencut(torch.ones(1, 1, 4), (1, 1))
     assert result.mask.tolist() == [[True]]
@@ -216,6 +232,26 @@ def test_maskcut_drops_a_cut_repeating_the_previous_mask_and_compares_with_the_k
     assert len(masks) == 2
     for mask in masks:
         np.testing.assert_array_equal(mask.mask, vector > 0)
+
+
+def test_maskcut_masks_out_every_object_found_so_far():
+    """Eq. 3 ("masking out"): before cut t + 1 the features of every object found so far, not only the last
+    one, are zeroed, so their patches keep only eps links. The solver records each cut's graph and returns an
+    eigenvector whose x > mean side is A, then B, then C."""
+    objects = [[(1, 1), (1, 2)], [(3, 3), (3, 4)], [(4, 1), (4, 2)]]
+    vectors = [np.where(block_mask((6, 6), cells), 3.0, -1.0) for cells in objects]
+    graphs = []
+
+    def solver(graph):
+        graphs.append(graph[0].clone())
+        return torch.zeros(1), torch.from_numpy(vectors[len(graphs) - 1]).reshape(1, -1)
+
+    (masks,) = maskcut(torch.ones(1, 36, 4), (6, 6), num_objects=3, solver=solver)
+    assert [sorted(map(tuple, np.argwhere(m.mask).tolist())) for m in masks] == objects
+    for cut, graph in enumerate(graphs):
+        masked = block_mask((6, 6), [cell for cells in objects[:cut] for cell in cells]).reshape(-1)
+        assert (graph[masked] == 1e-5).all() and (graph[:, masked] == 1e-5).all()
+        assert (graph[~masked][:, ~masked] == 1).all()
 
 
 def test_maskcut_attention_rule_follows_the_cls_token():
