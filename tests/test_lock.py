@@ -52,11 +52,14 @@ def holder(tmp_path):
 
 
 def test_a_second_pipeline_is_refused_and_a_killed_holder_lets_go(holder, tmp_path):
+    from PIL import Image
+
     out, process = holder
     images = tmp_path / "images"
     images.mkdir()
-    (images / "a.jpg").write_bytes(b"never read: refused first")
-    code, _, stderr = run_main(pipeline.main, ["--images", str(images), "--out", str(out)])
+    Image.new("RGB", (32, 24)).save(images / "a.jpg")  # a valid run: only the lock refuses it, before any stage
+    code, _, stderr = run_main(pipeline.main, ["--images", str(images), "--out", str(out), "--weights", "random",
+                                               "--num_classes", "1"])
     assert code == 2 and error_line(stderr) == "error: " + refusal(out, process.pid)
     assert sorted(p.name for p in out.iterdir()) == [LOCK_FILE]  # nothing written
     process.send_signal(signal.SIGKILL)
