@@ -32,6 +32,7 @@ from utils.progress import progress
 from utils.samplers import resumable_loader, worker_batches
 from utils.state_dicts import state_dict_mismatch
 from utils.training import HARMLESS_KEYS, LoopSettings, TrainingRun, seed_all, split_batch
+from utils.vit_settings import vit_schema_entries
 
 DEFAULTS = {
     "output_dir": "output/mask_rcnn",
@@ -86,10 +87,13 @@ DEFAULTS = {
 
 # What a config may hold (utils.config): the types of keys that default to None, and the allowed values.
 POSITIVE = float_range(0, min_inclusive=False)
+VIT_TYPES, VIT_RANGES = vit_schema_entries()
 SCHEMA = ConfigSchema(DEFAULTS, types={
     "data.train_json": str, "data.train_root": str, "data.test_json": str, "data.test_root": str,
     "data.mask_classes": str, "data.seen_classes": str, "data.pseudo_json": str, "model.transfer.embedding_file": str,
+    **VIT_TYPES,
 }, ranges={
+    **VIT_RANGES,
     "data.num_workers": int_range(0), "data.pseudo_topk": int_range(1),
     "input.min_size_train": int_range(1), "input.max_size_train": int_range(1),
     "input.min_size_test": int_range(1), "input.max_size_test": int_range(1), "input.hflip_prob": float_range(0, 1),
@@ -125,7 +129,8 @@ FINAL_CHECKPOINT = "model_final.pth"
 # so a run can be extended) and everything that only inference reads.
 RESUME_HARMLESS_KEYS = HARMLESS_KEYS + ("solver.max_iter", "data.test_json", "data.test_root", "test.*",
                                         "input.*_test", "model.rpn_*_test", "model.box_score_thresh",
-                                        "model.box_nms_thresh", "model.detections_per_img")
+                                        "model.box_nms_thresh", "model.detections_per_img",
+                                        "model.vit.cache_dir")  # the cache changes no value (feature_cache.py)
 
 
 def lr_factor(iteration: int, solver: dict) -> float:

@@ -1,8 +1,9 @@
 """Build torchvision's Mask R-CNN (FPN) from the `model` section of a config.
 
 Backbones and mask heads are registered by name in detectron2_train/parts.py (a new one is a builder here
-plus one line there). Backbones: torchvision ResNets (`resnet50` default, `resnet18/34/101`) or `tiny`, a small
-ResNet for tests and CPU runs. Backbone weights: `none`, `imagenet` (torchvision's official
+plus one line there). Backbones: torchvision ResNets (`resnet50` default, `resnet18/34/101`), `tiny`, a small
+ResNet for tests and CPU runs, or `vit`, the discovery ViT under a simple feature pyramid
+(`model.vit`, vit_backbone.py). Backbone weights: `none`, `imagenet` (torchvision's official
 ImageNet URL) or a path to a torchvision / DINO / MoCo ResNet checkpoint.
 Mask heads: `standard` (class-specific, fully supervised), `agnostic` (one mask per box),
 `agnostic_mlp` (one mask per box plus the fused MLP branch) or `transfer` (MaskX R-CNN weight
@@ -33,6 +34,7 @@ from detectron2_train.transfer_head import (AgnosticMLPMaskPredictor, TransferMa
                                             read_class_embeddings)
 from utils.errors import UserError
 from utils.resnets import TinyResNet, load_resnet_weights
+from utils.vit_settings import VIT_DEFAULTS
 
 MASK_BRANCH = ("roi_heads.mask_head.", "roi_heads.mask_predictor.")  # state-dict prefixes of the mask branch
 # Frozen in stage `mask`: trained parameters, and the modules kept in eval mode (their norm layers'
@@ -49,6 +51,7 @@ MODEL_DEFAULTS = {
     "trainable_layers": 3,  # ResNet stages trained, counted from the top (0..5)
     "tiny_widths": [16, 32, 64, 128],
     "fpn_channels": 256,
+    "vit": dict(VIT_DEFAULTS),  # backbone vit: the ViT (utils/vit_settings.py)
     "anchor_sizes": [32, 64, 128, 256, 512],
     "aspect_ratios": [0.5, 1.0, 2.0],
     "rpn_pre_nms_top_n_train": 2000,
@@ -302,6 +305,10 @@ def build_model(cfg: dict, num_classes: int, mask_classes: list[int] | None = No
                                                          stage_ious=ious)
     else:
         model.roi_heads = MaskRoIHeads.from_roi_heads(model.roi_heads, num_classes + 1, mask_classes, droploss_iou)
+    if m["backbone"] == "vit":
+        from detectron2_train.vit_backbone import attach_image_sizes
+
+        attach_image_sizes(model)
     apply_stage(model, m["stage"])
     return model
 

@@ -18,6 +18,8 @@ BACKBONES.register("resnet34", "detectron2_train.modeling:resnet_fpn", "torchvis
 BACKBONES.register("resnet50", "detectron2_train.modeling:resnet_fpn", "torchvision ResNet-50 + FPN")
 BACKBONES.register("resnet101", "detectron2_train.modeling:resnet_fpn", "torchvision ResNet-101 + FPN")
 BACKBONES.register("tiny", "detectron2_train.modeling:tiny_resnet_fpn", "a small ResNet + FPN for tests and CPU runs")
+BACKBONES.register("vit", "detectron2_train.vit_backbone:build_vit_backbone",
+                   "the discovery ViT (DINO/DINOv2, model.vit) under ViTDet's simple feature pyramid")
 
 MASK_HEADS = Registry("model.mask_head")
 MASK_HEADS.register("standard", "detectron2_train.modeling:standard_mask_predictor",

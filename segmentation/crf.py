@@ -23,7 +23,7 @@ from utils.cli import check_outputs, float_range, int_range
 from utils.crf import CRFParams, refine_labels
 from utils.errors import UserError, run_cli
 from utils.images import ImageReadError, load_rgb
-from utils.label_png import IGNORE_INDEX, read_label_png, write_label_png
+from utils.label_png import read_label_png, write_label_png
 from utils.workers import default_workers, run_pool
 
 

@@ -37,7 +37,8 @@ DEEPLAB_KIND = "deeplab"
 PROBE_KIND = "linear_probe"
 
 # Keys a resumed training may change: the toolkit's and the validation set's.
-RESUME_HARMLESS_KEYS = HARMLESS_KEYS + ("data.val_*", "data.class_names")
+RESUME_HARMLESS_KEYS = HARMLESS_KEYS + ("data.val_*", "data.class_names",
+                                        "model.vit.cache_dir")  # the cache changes no value (feature_cache.py)
 
 
 def class_names(config: dict) -> list[str]:

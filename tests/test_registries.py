@@ -164,7 +164,7 @@ def test_a_backbone_is_one_registration(monkeypatch):
     from detectron2_train.engine import DEFAULTS, SCHEMA
     from detectron2_train.modeling import build_backbone, build_model, tiny_resnet_fpn
 
-    with pytest.raises(UserError, match="model.backbone must be one of resnet18, resnet34, resnet50, resnet101, tiny, "
+    with pytest.raises(UserError, match="model.backbone must be one of resnet18, resnet34, resnet50, resnet101, tiny, vit, "
                                         "got 'small_test'"):
         SCHEMA.check({"model": {"backbone": "small_test"}}, "cfg.yaml")
     monkeypatch.setattr(parts.BACKBONES, "entries", dict(parts.BACKBONES.entries))

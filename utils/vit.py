@@ -142,12 +142,21 @@ class DinoViT(nn.Module):
         output = output.reshape(b, output.shape[1], self.num_heads, d // self.num_heads).transpose(1, 2)
         return LastBlockQK(query=qkv[0], key=qkv[1], tokens=output)
 
+    def output_tokens(self, images: torch.Tensor, no_grad_blocks: int = 0) -> torch.Tensor:
+        """The final normalised tokens (DINOv2's `x_norm`), (B, 1 + N, D): CLS, then the N patches in
+        raster order (registers dropped). The patch embedding and the first `no_grad_blocks` blocks run
+        without autograd (a partly frozen backbone); 0 leaves autograd as the caller set it."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not no_grad_blocks):
+            x = self.prepare_tokens(images)
+            for block in self.vit.blocks[:no_grad_blocks]:
+                x = block(x)
+        for block in self.vit.blocks[no_grad_blocks:]:
+            x = block(x)
+        return self.without_registers(self.vit.norm(x))
+
     def cls_features(self, images: torch.Tensor) -> torch.Tensor:
         """The final normalised CLS token, (B, D)."""
-        x = self.prepare_tokens(images)
-        for block in self.vit.blocks:
-            x = block(x)
-        return self.vit.norm(x)[:, 0]
+        return self.output_tokens(images)[:, 0]
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.cls_features(images)
