@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from evaluation.rows import MetricRow, rows_to_json
 from orchestrate.settings import cluster_settings
-from utils.coco_io import load_coco_dataset, write_json
+from utils.coco_io import gt_ids_by_file_name, load_coco_dataset, write_json
 
 if TYPE_CHECKING:
     from orchestrate.settings import PipelineSettings
@@ -20,9 +20,24 @@ if TYPE_CHECKING:
 GALLERY = "gallery"  # OUT/eval/gallery/index.html: the masks next to the GT masks (with --gt_json)
 
 
-def gt_description(gt_json: str) -> str:
+RUN_GT = "gt_of_the_run.json"  # OUT/eval/: --gt_json restricted to the images the run has masks for
+
+
+def run_ground_truth(gt_json: str, masks: str, folder: Path) -> tuple[Path, str]:
+    """`gt_json` restricted to the run's images (those of the masks file, matched by file name): a GT of a larger
+    set, or a folder image that could not be read, must not count as missed objects or missing label maps. Writes
+    it to `folder`/RUN_GT; returns its path and a description for the report."""
     gt = load_coco_dataset(gt_json)
-    return f"{Path(gt_json).name} ({len(gt['images'])} images, {len(gt['annotations'])} objects, class-agnostic)"
+    images = load_coco_dataset(masks)["images"]
+    remap = gt_ids_by_file_name(images, gt["images"], masks, gt_json, "--gt_json")
+    kept = set(remap.values()) if remap is not None else {img["id"] for img in images}
+    subset = {**gt, "images": [img for img in gt["images"] if img["id"] in kept],
+              "annotations": [a for a in gt["annotations"] if a["image_id"] in kept]}
+    path = folder / RUN_GT
+    write_json(path, subset)
+    shown = f"{len(subset['images'])} of its {len(gt['images'])} images" if len(kept) < len(gt["images"]) \
+        else f"{len(gt['images'])} images"
+    return path, f"{Path(gt_json).name} ({shown}, {len(subset['annotations'])} objects, class-agnostic)"
 
 
 def instance_metrics(predictions: str, gt: str, against: str, stage: str, label: str) -> list[MetricRow]:
@@ -48,7 +63,7 @@ def semantic_ground_truth(gt_json: str, folder: Path) -> tuple[Path, Path, list[
     return Path(stats["label_dir"]), Path(stats["list"]), ["background"] + [names[c] for c in order]
 
 
-def miou_metrics(s: PipelineSettings, results: dict, folder: Path) -> list[MetricRow]:
+def miou_metrics(s: PipelineSettings, results: dict, folder: Path, gt_json: Path) -> list[MetricRow]:
     import torch
 
     from segmentation.data import EvalTransform, SegmentationDataset, read_image_list
@@ -56,7 +71,7 @@ def miou_metrics(s: PipelineSettings, results: dict, folder: Path) -> list[Metri
     from segmentation.kmeans_eval import clusters_miou_row, evaluate_clusters
     from utils.distributed import resolve_device
 
-    label_dir, list_path, class_names = semantic_ground_truth(s.gt_json, folder)
+    label_dir, list_path, class_names = semantic_ground_truth(str(gt_json), folder)
     names = read_image_list(list_path)
     device = resolve_device(s.device)
     deeplab = results["deeplab"]
@@ -71,12 +86,12 @@ def miou_metrics(s: PipelineSettings, results: dict, folder: Path) -> list[Metri
                                                 f"({len(names)} images)", "deeplab")]
 
 
-def masks_gallery(s: PipelineSettings, masks: str, folder: Path) -> str:
+def masks_gallery(s: PipelineSettings, masks: str, folder: Path, gt_json: Path) -> str:
     """The masks beside the GT masks of each image (matched by file name): OUT/eval/gallery/index.html."""
     from distill.gallery import build_gallery
 
     return str(build_gallery(folder / GALLERY, Path(s.images).resolve(), [masks], labels=[f"{s.method} masks"],
-                             gt_json=s.gt_json, title=f"{s.method} masks and the ground truth", overwrite=True))
+                             gt_json=str(gt_json), title=f"{s.method} masks and the ground truth", overwrite=True))
 
 
 def run_eval(s: PipelineSettings, folder: Path, results: dict) -> dict:
@@ -92,21 +107,21 @@ def run_eval(s: PipelineSettings, folder: Path, results: dict) -> dict:
         from evaluation.corloc import corloc_row, evaluate_corloc
         from evaluation.metrics import clustering_rows
 
-        against = gt_description(s.gt_json)
         masks = results["masks"]["masks"]
-        rows += instance_metrics(masks, s.gt_json, against, "masks", f"{s.method} masks")
-        corloc = evaluate_corloc(masks, s.gt_json)
+        gt_json, against = run_ground_truth(s.gt_json, masks, folder)
+        rows += instance_metrics(masks, str(gt_json), against, "masks", f"{s.method} masks")
+        corloc = evaluate_corloc(masks, str(gt_json))
         write_json(folder / "corloc.json", corloc.to_json(), indent=1)
         rows.append(corloc_row(corloc, f"{s.method} masks", f"{Path(s.gt_json).name} boxes", "masks"))
         # The same K-means (same features from the cache, same seed) with the GT: clusters matched to classes.
-        cluster_gt = cluster_settings(s, masks, folder / "clusters_vs_gt.json", s.gt_json)
+        cluster_gt = cluster_settings(s, masks, folder / "clusters_vs_gt.json", str(gt_json))
         cluster_gt.metrics_json = str(folder / "cluster_metrics.json")
         scores = cluster_masks(cluster_gt)
         rows += clustering_rows(scores, f"{Path(s.gt_json).name} classes of the GT box each mask overlaps most")
-        rows += instance_metrics(maskrcnn["train_results"], s.gt_json, against, "maskrcnn",
+        rows += instance_metrics(maskrcnn["train_results"], str(gt_json), against, "maskrcnn",
                                  f"Mask R-CNN round {len(maskrcnn['rounds'])}")
-        rows += miou_metrics(s, results, folder)
-        out["gallery"] = masks_gallery(s, masks, folder)
+        rows += miou_metrics(s, results, folder, gt_json)
+        out["gallery"] = masks_gallery(s, masks, folder, gt_json)
     metrics = rows_to_json(rows)
     write_json(folder / "metrics.json", metrics, indent=1)
     return {"metrics": metrics, **out}

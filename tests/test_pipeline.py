@@ -135,6 +135,7 @@ def test_weights_changed_in_place_are_refused_then_rerun_with_overwrite(tmp_path
 # ----------------------------------------------------------------------------- a user's folder, killed and copied
 
 USER_IMAGES = 6  # real photos of tiny_coco val2017; the folder also holds an unreadable and a 10000x20 image
+GT_ONLY_IMAGES = 2  # images of the user's GT that are not in the folder
 
 
 def users_folder(root: Path) -> tuple[Path, Path]:
@@ -154,8 +155,12 @@ def users_folder(root: Path) -> tuple[Path, Path]:
     (images / "broken.jpg").write_bytes(b"not a jpeg")
     Image.fromarray(np.full((20, 10000, 3), 128, np.uint8)).save(images / "wide.jpg")
     ids = {img["id"]: n for n, img in enumerate(reversed(chosen), start=1)}
+    # the GT also holds images the folder does not have (a user's GT of a larger set): not scored, never missed
+    elsewhere = sorted(gt["images"], key=lambda img: img["file_name"])[USER_IMAGES:USER_IMAGES + GT_ONLY_IMAGES]
+    ids.update({img["id"]: USER_IMAGES + 2 + k for k, img in enumerate(elsewhere)})
     own = {"images": [{**img, "id": ids[img["id"]]} for img in chosen]
-           + [{"id": USER_IMAGES + 1, "file_name": "wide.jpg", "height": 20, "width": 10000}],
+           + [{"id": USER_IMAGES + 1, "file_name": "wide.jpg", "height": 20, "width": 10000}]
+           + [{**img, "id": ids[img["id"]]} for img in elsewhere],
            "annotations": [{**a, "image_id": ids[a["image_id"]]} for a in gt["annotations"] if a["image_id"] in ids],
            "categories": gt["categories"]}
     (root / "gt.json").write_text(json.dumps(own))
@@ -186,12 +191,15 @@ def test_a_users_folder_with_its_own_gt_ids_and_a_thin_image_runs_through(users_
     assert "warning: skipping wide.jpg: 10000x20 (w x h)" in log
     masks = json.loads((out / "masks" / "masks.json").read_text())
     gt_ids = {img["file_name"]: img["id"] for img in json.loads(gt.read_text())["images"]}
-    assert {img["file_name"]: img["id"] for img in masks["images"]} == {
-        name: gt_ids[name] for name in gt_ids if name != "wide.jpg"}
+    photos = sorted(p.name for p in images.glob("*.jpg") if p.name not in ("broken.jpg", "wide.jpg"))
+    assert {img["file_name"]: img["id"] for img in masks["images"]} == {name: gt_ids[name] for name in photos}
     corloc = json.loads((out / "eval" / "corloc.json").read_text())
     assert corloc["num_images"] == USER_IMAGES  # every photo of the GT is scored
     rows = {row["metric"]: row for row in json.loads((out / "eval" / "metrics.json").read_text())}
-    assert rows["maskdistill masks mask AP"]["against"].startswith(f"gt.json ({USER_IMAGES + 1} images")
+    # scored over the run's photos only: the GT's other images (and the skipped thin one) are no misses
+    assert rows["maskdistill masks mask AP"]["against"].startswith(
+        f"gt.json ({USER_IMAGES} of its {USER_IMAGES + 1 + GT_ONLY_IMAGES} images")
+    assert len((out / "eval" / "gt_semantic.txt").read_text().split()) == USER_IMAGES
     assert rows["Mask R-CNN round 2 mask AP"]["value"] is not None
     step = json.loads((out / "cluster" / "step.json").read_text())
     assert step["result"]["labelled"] == "$OUT/cluster/labelled.json"
