@@ -31,7 +31,8 @@ from distill.features import needs_tokens
 from distill.methods import method_defaults, method_features, patch_features, pixel_masks, propose
 from distill.registry import load_method, method_names
 from utils.vit import DinoViT, LastBlockQK
-from utils.coco_io import box_iou_xywh, load_coco_dataset, mask_to_bbox, segmentation_to_rle
+from evaluation.corloc import corloc_hit
+from utils.coco_io import load_coco_dataset, mask_to_bbox, segmentation_to_rle
 from utils.errors import UserError
 from utils.images import read_size
 from utils.precision import autocast
@@ -101,8 +102,7 @@ def score_mask(mask: np.ndarray, gt_masks: list[dict], gt_boxes: np.ndarray) -> 
     """(best mask IoU with a GT instance, CorLoc hit) of one predicted full-size binary mask."""
     rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
     best_iou = float(mask_utils.iou([rle], gt_masks, [0] * len(gt_masks)).max())
-    hit = bool((box_iou_xywh(np.array([mask_to_bbox(mask)]), gt_boxes) >= 0.5).any())
-    return best_iou, hit
+    return best_iou, corloc_hit(mask_to_bbox(mask), gt_boxes)  # the evaluators' rule
 
 
 @dataclass

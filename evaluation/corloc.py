@@ -162,6 +162,12 @@ def most_confident_boxes(anns: list[dict], dataset: dict | None, pred_path: str 
     return {key: prediction_box(ann, gt.sizes.get(key)) for key, ann in best.items()}
 
 
+def corloc_hit(box: list[float], gt_boxes: np.ndarray, iou_threshold: float = 0.5) -> bool:
+    """LOST's CorLoc rule for one image: the predicted `[x, y, w, h]` box has IoU >= `iou_threshold` with at least
+    one GT box (N x 4, xywh)."""
+    return bool((box_iou_xywh(np.array([box]), gt_boxes)[0] >= iou_threshold).any())
+
+
 def corloc(pred_boxes: dict, gt: GroundTruthBoxes, iou_threshold: float = 0.5, image_keys: list | None = None,
            matched_by: str = "image_id") -> CorLocResult:
     """CorLoc over the GT images (or those of `image_keys`), by LOST's protocol (see the module docstring)."""
@@ -181,7 +187,7 @@ def corloc(pred_boxes: dict, gt: GroundTruthBoxes, iou_threshold: float = 0.5, i
             without_pred += 1
             per_image[key] = False
             continue
-        per_image[key] = bool((box_iou_xywh(np.array([box]), gt_boxes)[0] >= iou_threshold).any())
+        per_image[key] = corloc_hit(box, gt_boxes, iou_threshold)
     if not per_image:
         raise UserError(f"no image of {gt.source} is left to count ({skipped} skipped without a GT box after "
                         f"--no_hard); CorLoc is undefined")
