@@ -409,7 +409,8 @@ def run_pipeline(s: PipelineSettings) -> list[StepRecord]:
     s = check_settings(s)
     with folder_lock(s.out, "--out"):  # a second pipeline on the same --out is refused
         records = run_steps(s.out, build_steps(s), overwrite=s.overwrite, flag="--overwrite")
-        report = write_pipeline_report(s, records)
+        # the report links the files themselves: the records' `$OUT/` paths resolved under this --out
+        report = write_pipeline_report(s, [replace(r, result=resolved(r.result, Path(s.out))) for r in records])
     print(f"report: {report}")
     return records
 

@@ -16,7 +16,8 @@ if TYPE_CHECKING:
 def plumbing_only(s: PipelineSettings) -> str | None:
     """Why the run's numbers mean nothing (for the banner), or None."""
     if s.tiny:
-        return "--tiny: tiny configs, random weights and a few iterations per stage"
+        weights = "random weights" if s.weights in (None, "random") else f"--weights {s.weights}"
+        return f"--tiny: tiny configs, {weights} and a few iterations per stage"
     if s.weights == "random":
         return "--weights random: the discovery backbone has random weights"
     return None

@@ -203,6 +203,8 @@ def test_a_users_folder_with_its_own_gt_ids_and_a_thin_image_runs_through(users_
     assert rows["Mask R-CNN round 2 mask AP"]["value"] is not None
     step = json.loads((out / "cluster" / "step.json").read_text())
     assert step["result"]["labelled"] == "$OUT/cluster/labelled.json"
+    page = (out / "report.html").read_text()  # the models are linked where they are, not by their recorded $OUT
+    assert "href='maskrcnn/round2/model_final.pth'" in page and "$OUT" not in page
 
 
 def final_outputs(out: Path) -> dict[str, bytes]:
@@ -242,7 +244,7 @@ def test_a_copied_out_uses_its_own_files(users_run, tmp_path):
     original, images, gt, _ = users_run
     copy = tmp_path / "copy"
     shutil.copytree(original, copy)
-    args = pipeline.build_parser().parse_args(users_argv(images, gt, copy) + ["--crf_rounds", "0"])
+    args = pipeline.build_parser().parse_args(users_argv(images, gt, copy) + ["--crf_rounds", "0", "--overwrite"])
     records = run_pipeline(settings_from_args(args))
     assert [r.name for r in records if r.status == "ran"] == ["deeplab", "eval"]
     # the copy's deeplab trained on the copy's labels, into the copy

@@ -105,5 +105,7 @@ def test_the_pipeline_report_flags_tiny_and_random_weights_and_links_the_gt_gall
         assert (PLUMBING in page) == bool(banner)
         assert data["metrics"] == [{k: r[k] for k in ("stage", "metric", "value", "against")} for r in rows]
         assert "<a href='eval/gallery/index.html'>masks and ground truth</a>" in page
+    tiny_real = write_pipeline_report(PipelineSettings("imgs", str(tmp_path), tiny=True, weights="w.pth"), chain)
+    assert "--tiny: tiny configs, --weights w.pth and a few iterations" in tiny_real.read_text()  # not "random"
     chain[-1].result.pop("gallery")  # without --gt_json: no GT gallery to link
     assert "masks and ground truth" not in write_pipeline_report(PipelineSettings("i", str(tmp_path)), chain).read_text()
