@@ -34,12 +34,13 @@ from typing import Any, Callable, Sequence
 
 from distill.registry import load_method, method_names
 from orchestrate.evaluate import run_eval
-from orchestrate.settings import DEFAULT_ARCH, PipelineSettings, cluster_settings
+from orchestrate.settings import BACKBONES, DEFAULT_ARCH, PipelineSettings, cluster_settings
 from utils.coco_io import ImagesByName, check_writable_folder, load_coco_dataset, load_json
 from utils.errors import UserError
 from utils.images import IMAGE_EXTENSIONS, ImageReadError, list_images, read_size
 from utils.lock import folder_lock
 from utils.steps import MARKER, Step, StepRecord, run_steps
+from utils.vit_archs import ARCHS
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -174,6 +175,9 @@ def check_settings(settings: PipelineSettings) -> PipelineSettings:
                         "than wide")
     if settings.method not in method_names():
         raise UserError(f"--method {settings.method!r}: choose one of {', '.join(method_names())}")
+    for flag, value, choices in (("--arch", settings.arch, ARCHS), ("--backbone", settings.backbone, BACKBONES)):
+        if value not in choices:
+            raise UserError(f"{flag} {value!r}: choose one of {', '.join(choices)}")
     out = Path(settings.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {settings.out}: exists and is not a folder")

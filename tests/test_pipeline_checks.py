@@ -14,6 +14,7 @@ import gen_masks
 import pipeline
 from orchestrate import pipeline as pipe
 from tests.cli_helpers import error_line, run_main
+from utils.errors import UserError
 
 
 def image_folder(folder: Path, names: list[str], size: tuple[int, int] = (40, 60)) -> Path:
@@ -186,6 +187,10 @@ def test_arch_and_backbone_are_recorded_so_a_change_is_refused(tmp_path):
     second = fingerprints("--tiny", "--backbone", "vit", "--weights", str(ckpt))
     for stage in ("masks", "maskrcnn", "deeplab"):
         assert "weights" in difference(first[stage], second[stage]), stage
+    # settings made without the parser are checked too
+    for field, flag in (("arch", "--arch"), ("backbone", "--backbone")):
+        with pytest.raises(UserError, match=f"^{flag} 'vit_huge': choose one of "):
+            pipe.check_settings(pipe.replace(settings(tmp_path, "--tiny", "--num_classes", "1"), **{field: "vit_huge"}))
     # the token cache is recorded inside OUT ($OUT/...): a moved OUT resumes
     overrides = pipe.build_steps(settings(tmp_path, "--tiny", "--backbone", "vit"))[2].settings["overrides"]
     assert "model.vit.cache_dir=$OUT/vit_cache" in overrides
