@@ -3,20 +3,24 @@
     python pipeline.py --images ../shared/data/tiny_coco/val2017 --out OUT \\
         --gt_json ../shared/data/tiny_coco/annotations/instances_val2017.json --tiny
     python pipeline.py --images MY_IMAGES --out OUT --method maskcut
+    python pipeline.py --images MY_IMAGES --out OUT --arch dinov2_vits14 --weights CKPT --backbone vit
 
 Stages, each in OUT/<stage>/: masks (gen_masks.py, with a gallery in masks/vis/index.html), cluster
 (utils/cluster.py), maskrcnn (Mask R-CNN with self-training rounds), semantic (gen_segmentation.py),
 deeplab (DeepLab-v3 with CRF rounds), eval (metrics; against --gt_json where given). A rerun skips
 finished stages and resumes an unfinished one; a changed setting is refused, or with --overwrite reruns
-from the first stage it affects. See docs/pipeline.md.
+from the first stage it affects. --backbone vit trains Mask R-CNN and DeepLab on the masks stage's ViT
+checkpoint (--arch, --weights); with --tiny, the tiny twins of those recipes on that ViT. See docs/pipeline.md.
 """
 from __future__ import annotations
 
 import argparse
 
 from distill.registry import method_names, method_summaries
+from orchestrate.settings import BACKBONES, DEFAULT_ARCH
 from utils.cli import add_device_arg, float_range, int_range
 from utils.errors import run_cli
+from utils.vit_archs import ARCHS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,9 +35,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tiny", action="store_true",
                    help="tiny CPU configs, random ViT weights and a few iterations per stage: checks the whole "
                         "chain in minutes; the numbers mean nothing")
+    p.add_argument("--arch", default=DEFAULT_ARCH, choices=ARCHS,
+                   help="gen_masks.py --arch: the discovery ViT (its patch size comes from the arch or the checkpoint); "
+                        "with --backbone vit also the detector's and DeepLab's (default: %(default)s)")
     p.add_argument("--weights", default=None,
-                   help="gen_masks.py --weights: 'dino' (official, the default), a checkpoint path, or 'random' "
-                        "(the default with --tiny)")
+                   help="gen_masks.py --weights: 'dino' (the arch's official checkpoint, the default), a checkpoint "
+                        "path, or 'random' (the default with --tiny)")
+    p.add_argument("--backbone", default="resnet", choices=BACKBONES,
+                   help="backbone of Mask R-CNN and DeepLab: 'vit' runs them on the same --arch/--weights checkpoint "
+                        "as the masks (the ViT recipes of configs/, frozen ViT, token cache in OUT/vit_cache); "
+                        "'resnet' (the default) keeps the ResNet recipes, so that earlier OUT folders resume as they "
+                        "were and no --weights changes what the trainers start from")
     p.add_argument("--num_classes", type=int_range(1), default=None,
                    help="K-means clusters = pseudo-classes of Mask R-CNN and DeepLab (default: 20; 5 with --tiny)")
     p.add_argument("--self_training_rounds", type=int_range(1), default=2,

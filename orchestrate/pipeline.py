@@ -34,18 +34,25 @@ from typing import Any, Callable, Sequence
 
 from distill.registry import load_method, method_names
 from orchestrate.evaluate import run_eval
-from orchestrate.settings import PipelineSettings, cluster_settings
+from orchestrate.settings import BACKBONES, DEFAULT_ARCH, PipelineSettings, cluster_settings
 from utils.coco_io import ImagesByName, check_writable_folder, load_coco_dataset, load_json
 from utils.errors import UserError
 from utils.images import IMAGE_EXTENSIONS, ImageReadError, list_images, read_size
 from utils.lock import folder_lock
 from utils.steps import MARKER, Step, StepRecord, run_steps
+from utils.vit_archs import ARCHS
 
 REPO = Path(__file__).resolve().parents[1]
 
-# The stages' configs: the full recipe, and its tiny CPU twin (--tiny).
-MASK_RCNN_CONFIG = {False: "configs/detectron2/base_mask_rcnn.yaml", True: "configs/detectron2/tiny_test.yaml"}
-DEEPLAB_CONFIG = {False: "configs/segmentation/deeplab_voc.yml", True: "configs/segmentation/tiny_test.yml"}
+# The stages' configs per backbone: the full recipe, and its tiny CPU twin (--tiny).
+MASK_RCNN_CONFIGS = {
+    "resnet": {False: "configs/detectron2/base_mask_rcnn.yaml", True: "configs/detectron2/tiny_test.yaml"},
+    "vit": {False: "configs/detectron2/vit_dinov2_s14_cpu.yaml", True: "configs/detectron2/tiny_vit_dinov2_s14_cpu.yaml"}}
+DEEPLAB_CONFIGS = {
+    "resnet": {False: "configs/segmentation/deeplab_voc.yml", True: "configs/segmentation/tiny_test.yml"},
+    "vit": {False: "configs/segmentation/deeplab_vit_dinov2_s14_cpu.yml",
+            True: "configs/segmentation/tiny_deeplab_vit_dinov2_s14_cpu.yml"}}
+VIT_CACHE = "vit_cache"  # OUT/vit_cache: the detector's token cache, keyed by checkpoint and input (all rounds)
 # --tiny: what makes every stage finish in seconds on a CPU (the numbers mean nothing).
 TINY_GEN_MASKS = ["--weights", "random", "--num_workers", "0", "--post_workers", "0"]
 TINY_IMAGE_SIZE = 224  # the images' size, as the method's input policy takes it (`tiny_image_flags`)
@@ -168,6 +175,9 @@ def check_settings(settings: PipelineSettings) -> PipelineSettings:
                         "than wide")
     if settings.method not in method_names():
         raise UserError(f"--method {settings.method!r}: choose one of {', '.join(method_names())}")
+    for flag, value, choices in (("--arch", settings.arch, ARCHS), ("--backbone", settings.backbone, BACKBONES)):
+        if value not in choices:
+            raise UserError(f"{flag} {value!r}: choose one of {', '.join(choices)}")
     out = Path(settings.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {settings.out}: exists and is not a folder")
@@ -227,6 +237,8 @@ def gen_masks_argv(s: PipelineSettings) -> list[str]:
     """The gen_masks.py flags equivalent to `gen_masks_request` (less the output paths): the masks step's record."""
     argv = ["--dataset", "folder", "--dataset_root", str(Path(s.images).resolve()), "--method", s.method,
             "--device", s.device]
+    if s.arch != DEFAULT_ARCH:  # only when set: the records of earlier runs stay the same
+        argv += ["--arch", s.arch]
     if s.tiny:
         argv += TINY_GEN_MASKS + tiny_image_flags(s.method)
     if s.weights is not None:
@@ -243,6 +255,30 @@ def flag_values(argv: Sequence[str]) -> dict[str, str]:
     return {flag[2:]: value for flag, value in zip(argv[::2], argv[1::2])}
 
 
+def masks_weights(s: PipelineSettings) -> str:
+    """The checkpoint of the masks stage (and, with backbone "vit", of every stage): --weights, else 'random'
+    with --tiny, else the official one ('dino')."""
+    if s.weights is not None:
+        return s.weights
+    return flag_values(TINY_GEN_MASKS)["weights"] if s.tiny else "dino"
+
+
+def vit_overrides(s: PipelineSettings, cache_dir: str | None = None) -> list[str]:
+    """With backbone "vit": the config overrides that put a stage on the masks stage's checkpoint (`model.vit`),
+    with the detector's token cache in `cache_dir`. The tiny twins keep the tiny ResNet, so --tiny names the ViT
+    here too. None with the ResNet backbone."""
+    if s.backbone != "vit":
+        return []
+    overrides = ["model.backbone=vit"] if s.tiny else []
+    overrides += [f"model.vit.arch={s.arch}", f"model.vit.weights={masks_weights(s)}"]
+    return overrides + ([f"model.vit.cache_dir={cache_dir}"] if cache_dir is not None else [])
+
+
+def mask_rcnn_overrides(s: PipelineSettings, out: str) -> list[str]:
+    """The maskrcnn stage's config overrides: the tiny preset, and the ViT's (its cache in `out`/vit_cache)."""
+    return (TINY_MASK_RCNN if s.tiny else []) + vit_overrides(s, f"{out}/{VIT_CACHE}")
+
+
 def gen_masks_request(s: PipelineSettings, folder: Path):
     """The masks stage as a `distill.engine.GenMasksRequest`: the folder's images with ids from --gt_json by file
     name (images it lacks left out), resumable, with a gallery in `folder`/vis."""
@@ -255,10 +291,10 @@ def gen_masks_request(s: PipelineSettings, folder: Path):
                              exclude=tuple(glob.escape(name) for name in s.exclude))
     output = OutputOptions(str(folder / "masks.json"), resume=True, vis_dir=str(folder / "vis"))
     tiny = flag_values(TINY_GEN_MASKS) if s.tiny else {}
-    weights = s.weights or tiny.get("weights", "dino")
+    weights = masks_weights(s)
     size = {k: int(v) for k, v in flag_values(tiny_image_flags(s.method)).items()} if s.tiny else {}
     speed = SpeedSettings(**{k: int(tiny[k]) for k in ("num_workers", "post_workers") if k in tiny})
-    return GenMasksRequest(images, output, BackboneRequest(weights=weights), MethodRequest(s.method, **size), speed,
+    return GenMasksRequest(images, output, BackboneRequest(arch=s.arch, weights=weights), MethodRequest(s.method, **size), speed,
                            s.device)
 
 
@@ -303,7 +339,8 @@ def mask_rcnn_requests(s: PipelineSettings, labelled: str, folder: Path):
     """The maskrcnn stage as typed settings: (`detectron2_train.settings.TrainRequest`, `RoundsRequest`)."""
     from detectron2_train.settings import RoundsRequest, TrainRequest
 
-    train = TrainRequest(str(REPO / MASK_RCNN_CONFIG[s.tiny]), tuple(TINY_MASK_RCNN if s.tiny else ()),
+    train = TrainRequest(str(REPO / MASK_RCNN_CONFIGS[s.backbone][s.tiny]),
+                         tuple(mask_rcnn_overrides(s, str(Path(s.out).resolve()))),
                          output_dir=str(folder), train_json=labelled, train_root=str(Path(s.images).resolve()))
     return train, RoundsRequest(s.self_training_rounds, score_thresh=(s.score_thresh,))
 
@@ -341,13 +378,20 @@ def deeplab_overrides(s: PipelineSettings, semantic: dict) -> list[str]:
     overrides = [f"data.image_dir={image_dir}", f"data.label_dir={semantic['label_dir']}",
                  f"data.train_list={semantic['list']}", f"data.num_classes={semantic['num_classes']}",
                  "data.val_list=null", "data.val_label_dir=null"]
-    return overrides + (TINY_DEEPLAB if s.tiny else FULL_DEEPLAB)
+    return overrides + deeplab_preset(s)
+
+
+def deeplab_preset(s: PipelineSettings) -> list[str]:
+    """The tiny or full preset of the deeplab stage, on the ViT when asked (no ImageNet ResNet then)."""
+    if s.backbone == "vit":
+        return (TINY_DEEPLAB if s.tiny else []) + vit_overrides(s)
+    return TINY_DEEPLAB if s.tiny else FULL_DEEPLAB
 
 
 def deeplab_config(s: PipelineSettings, semantic: dict, folder: Path) -> dict:
     from segmentation.settings import run_settings
 
-    return run_settings(str(REPO / DEEPLAB_CONFIG[s.tiny]), deeplab_overrides(s, semantic), str(folder), s.device)
+    return run_settings(str(REPO / DEEPLAB_CONFIGS[s.backbone][s.tiny]), deeplab_overrides(s, semantic), str(folder), s.device)
 
 
 def crf_params(s: PipelineSettings):
@@ -379,18 +423,22 @@ def in_out(run: Callable[[PipelineSettings, Path, dict], dict], s: PipelineSetti
 def build_steps(s: PipelineSettings) -> list[Step]:
     images = {"images": str(Path(s.images).resolve()), "images_digest": folder_digest(Path(s.images))}
     common = {"tiny": s.tiny, "device": s.device}
+    # The ViT route's checkpoint counts by its content in the trained stages too (the ResNet route records no
+    # new key, so that its earlier runs resume).
+    vit = {"weights": s.weights} if s.backbone == "vit" else {}
     return [
         # The GT (image ids by file name) and a weights file count by their content (utils/fingerprint.py).
         Step("masks", {**images, **common, "gen_masks": gen_masks_argv(s), "gt_json": s.gt_json,
                        "weights": s.weights}, in_out(run_masks, s)),
         Step("cluster", {**common, "num_classes": s.num_classes}, in_out(run_cluster, s), inputs=("masks",)),
         Step("maskrcnn", {**common, "rounds": s.self_training_rounds, "score_thresh": s.score_thresh,
-                          "config": MASK_RCNN_CONFIG[s.tiny], "overrides": TINY_MASK_RCNN if s.tiny else []},
+                          "config": MASK_RCNN_CONFIGS[s.backbone][s.tiny],
+                          "overrides": mask_rcnn_overrides(s, OUT_PREFIX.rstrip("/")), **vit},
              in_out(run_mask_rcnn, s), inputs=("cluster",)),
         Step("semantic", {"label_threshold": s.label_threshold}, in_out(run_semantic, s),
              inputs=("cluster", "maskrcnn")),
-        Step("deeplab", {**common, "crf_rounds": s.crf_rounds, "config": DEEPLAB_CONFIG[s.tiny],
-                         "overrides": TINY_DEEPLAB if s.tiny else FULL_DEEPLAB,
+        Step("deeplab", {**common, "crf_rounds": s.crf_rounds, "config": DEEPLAB_CONFIGS[s.backbone][s.tiny],
+                         "overrides": deeplab_preset(s), **vit,
                          "crf_iterations": TINY_CRF_ITERATIONS if s.tiny else None},
              in_out(run_deeplab, s), inputs=("semantic",)),
         Step("eval", {**common, "gt_json": s.gt_json}, in_out(run_eval, s),

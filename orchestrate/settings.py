@@ -6,6 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+DEFAULT_ARCH = "vit_small"  # gen_masks.py's --arch default: the masks step's record names --arch only when another
+BACKBONES = ("resnet", "vit")  # of the trained stages (pipeline.py --backbone)
+
 
 @dataclass
 class PipelineSettings:
@@ -18,6 +21,8 @@ class PipelineSettings:
     tiny: bool = False
     num_classes: int | None = None  # default 20, TINY_NUM_CLASSES with --tiny
     weights: str | None = None  # gen_masks.py --weights (default: the official DINO; --tiny: random)
+    arch: str = DEFAULT_ARCH  # gen_masks.py --arch; with backbone "vit" also the detector's and DeepLab's model.vit.arch
+    backbone: str = "resnet"  # "resnet": the ResNet recipes; "vit": every stage on the arch/weights checkpoint
     self_training_rounds: int = 2
     score_thresh: float = 0.7
     crf_rounds: int = 1

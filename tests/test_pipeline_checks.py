@@ -14,6 +14,7 @@ import gen_masks
 import pipeline
 from orchestrate import pipeline as pipe
 from tests.cli_helpers import error_line, run_main
+from utils.errors import UserError
 
 
 def image_folder(folder: Path, names: list[str], size: tuple[int, int] = (40, 60)) -> Path:
@@ -58,7 +59,8 @@ def comparable(built):
 
 
 @pytest.mark.parametrize("flags", [["--tiny"], ["--tiny", "--method", "maskcut", "--gt_json", "GT"],
-                                   ["--weights", "random", "--device", "cpu"], ["--method", "maskcut"]])
+                                   ["--weights", "random", "--device", "cpu"], ["--method", "maskcut"],
+                                   ["--tiny", "--arch", "dinov2_vits14", "--backbone", "vit"]])
 def test_the_masks_stage_gets_what_gen_masks_builds_from_the_recorded_flags(tmp_path, flags):
     from distill.engine import gen_masks_from_args, gen_masks_settings
 
@@ -90,7 +92,7 @@ def test_the_trainers_get_what_their_commands_build_from_the_same_flags(tmp_path
     images = str((tmp_path / "images").resolve())
     folder = tmp_path / "out" / "maskrcnn"
     train, rounds = pipe.mask_rcnn_requests(s, "labelled.json", folder)
-    args = train_net.parse_args(["--config", str(pipe.REPO / pipe.MASK_RCNN_CONFIG[tiny]), "--train_json",
+    args = train_net.parse_args(["--config", str(pipe.REPO / pipe.MASK_RCNN_CONFIGS["resnet"][tiny]), "--train_json",
                                  "labelled.json", "--train_root", images, "--output_dir", str(folder),
                                  "--rounds", "3", "--score_thresh", "0.6", "--device", s.device,
                                  *(["--set", *pipe.TINY_MASK_RCNN] if tiny else [])])
@@ -99,12 +101,99 @@ def test_the_trainers_get_what_their_commands_build_from_the_same_flags(tmp_path
 
     semantic = {"label_dir": "labels", "list": "train.txt", "num_classes": 6}
     folder = tmp_path / "out" / "deeplab"
-    args = deeplab_args(["--config", str(pipe.REPO / pipe.DEEPLAB_CONFIG[tiny]), "--output_dir", str(folder),
+    args = deeplab_args(["--config", str(pipe.REPO / pipe.DEEPLAB_CONFIGS["resnet"][tiny]), "--output_dir", str(folder),
                          "--device", s.device, "--rounds", "1", "--set", f"data.image_dir={images}",
                          "data.label_dir=labels", "data.train_list=train.txt", "data.num_classes=6",
                          "data.val_list=null", "data.val_label_dir=null",
                          *(pipe.TINY_DEEPLAB if tiny else pipe.FULL_DEEPLAB)])
     assert pipe.deeplab_config(s, semantic, folder) == run_config_from_args(args, SCHEMA)
+
+
+@pytest.mark.parametrize("tiny", [True, False])
+def test_the_vit_route_trains_on_the_masks_checkpoint_as_the_trainers_commands_would(tmp_path, tiny):
+    from detectron2_train import train_net
+    from detectron2_train.settings import round_settings, train_config
+    from segmentation.engine import SCHEMA
+    from segmentation.train_plus_crf import parse_args as deeplab_args
+    from utils.config import run_config_from_args
+
+    image_folder(tmp_path / "images", ["a.jpg"])
+    (tmp_path / "ckpt.pth").write_bytes(b"PK\x03\x04")
+    ckpt = str(tmp_path / "ckpt.pth")
+    s = settings(tmp_path, *(["--tiny"] if tiny else []), "--arch", "dinov2_vits14", "--weights", ckpt,
+                 "--backbone", "vit")
+    vit = ["model.vit.arch=dinov2_vits14", f"model.vit.weights={ckpt}"]
+    backbone = ["model.backbone=vit"] if tiny else []  # the tiny twins' own backbone is the tiny ResNet
+    images = str((tmp_path / "images").resolve())
+    out = (tmp_path / "out").resolve()
+    folder = tmp_path / "out" / "maskrcnn"
+    train, rounds = pipe.mask_rcnn_requests(s, "labelled.json", folder)
+    config = ("tiny_vit_dinov2_s14_cpu.yaml" if tiny else "vit_dinov2_s14_cpu.yaml")
+    args = train_net.parse_args(["--config", str(pipe.REPO / "configs" / "detectron2" / config), "--train_json",
+                                 "labelled.json", "--train_root", images, "--output_dir", str(folder),
+                                 "--rounds", "2", "--device", s.device, "--set",
+                                 *(pipe.TINY_MASK_RCNN if tiny else []), *backbone, *vit,
+                                 f"model.vit.cache_dir={out / 'vit_cache'}"])
+    cfg = train_config(train)
+    assert cfg == train_net.config_from_args(args)
+    assert round_settings(train, rounds) == train_net.round_settings(args)
+    assert cfg["model"]["backbone"] == "vit" and cfg["model"]["vit"]["weights"] == ckpt
+
+    semantic = {"label_dir": "labels", "list": "train.txt", "num_classes": 6}
+    folder = tmp_path / "out" / "deeplab"
+    config = "tiny_deeplab_vit_dinov2_s14_cpu.yml" if tiny else "deeplab_vit_dinov2_s14_cpu.yml"
+    args = deeplab_args(["--config", str(pipe.REPO / "configs" / "segmentation" / config), "--output_dir",
+                         str(folder), "--device", s.device, "--rounds", "1", "--set", f"data.image_dir={images}",
+                         "data.label_dir=labels", "data.train_list=train.txt", "data.num_classes=6",
+                         "data.val_list=null", "data.val_label_dir=null", *(pipe.TINY_DEEPLAB if tiny else []),
+                         *backbone, *vit])
+    built = pipe.deeplab_config(s, semantic, folder)
+    assert built == run_config_from_args(args, SCHEMA)
+    assert built["model"]["backbone"] == "vit" and built["model"]["vit"]["arch"] == "dinov2_vits14"
+    # --tiny without --weights: every stage on the same random ViT
+    if tiny:
+        s = pipe.replace(s, weights=None)
+        assert "model.vit.weights=random" in pipe.mask_rcnn_requests(s, "labelled.json", folder)[0].overrides
+        assert "model.vit.weights=random" in pipe.deeplab_overrides(s, semantic)
+        assert pipe.gen_masks_request(s, folder).backbone.weights == "random"
+
+
+def test_arch_and_backbone_are_recorded_so_a_change_is_refused(tmp_path):
+    from utils.fingerprint import difference
+    from utils.steps import step_fingerprint
+
+    image_folder(tmp_path / "images", ["a.jpg"])
+
+    def fingerprints(*flags: str) -> dict:
+        """Each step's own settings, its inputs aside (a changed input reruns it anyway)."""
+        return {step.name: step_fingerprint(pipe.replace(step, inputs=()), {})
+                for step in pipe.build_steps(settings(tmp_path, *flags))}
+
+    resnet = fingerprints("--tiny")
+    assert "--arch" not in pipe.gen_masks_argv(settings(tmp_path, "--tiny"))  # earlier runs' records resume
+    other_arch = fingerprints("--tiny", "--arch", "dinov2_vits14")
+    assert difference(resnet["masks"], other_arch["masks"]) is not None
+    assert difference(resnet["maskrcnn"], other_arch["maskrcnn"]) is None  # the ResNet trainers: no ViT
+    vit = fingerprints("--tiny", "--arch", "dinov2_vits14", "--backbone", "vit")
+    assert difference(other_arch["masks"], vit["masks"]) is None
+    for stage in ("maskrcnn", "deeplab"):
+        assert difference(other_arch[stage], vit[stage]) is not None, stage
+        assert difference(vit[stage], fingerprints("--tiny", "--backbone", "vit")[stage]) is not None, stage
+    # the checkpoint counts by its content in the trained stages too
+    ckpt = tmp_path / "w.pth"
+    ckpt.write_bytes(b"PK\x03\x04 first")
+    first = fingerprints("--tiny", "--backbone", "vit", "--weights", str(ckpt))
+    ckpt.write_bytes(b"PK\x03\x04 second, longer")
+    second = fingerprints("--tiny", "--backbone", "vit", "--weights", str(ckpt))
+    for stage in ("masks", "maskrcnn", "deeplab"):
+        assert "weights" in difference(first[stage], second[stage]), stage
+    # settings made without the parser are checked too
+    for field, flag in (("arch", "--arch"), ("backbone", "--backbone")):
+        with pytest.raises(UserError, match=f"^{flag} 'vit_huge': choose one of "):
+            pipe.check_settings(pipe.replace(settings(tmp_path, "--tiny", "--num_classes", "1"), **{field: "vit_huge"}))
+    # the token cache is recorded inside OUT ($OUT/...): a moved OUT resumes
+    overrides = pipe.build_steps(settings(tmp_path, "--tiny", "--backbone", "vit"))[2].settings["overrides"]
+    assert "model.vit.cache_dir=$OUT/vit_cache" in overrides
 
 
 # ----------------------------------------------------------------------------- checks before any stage
