@@ -35,7 +35,7 @@ from typing import Any, Callable, Sequence
 from distill.registry import load_method, method_names
 from orchestrate.evaluate import run_eval
 from orchestrate.settings import BACKBONES, DEFAULT_ARCH, PipelineSettings, cluster_settings
-from utils.coco_io import ImagesByName, check_writable_folder, load_coco_dataset, load_json
+from utils.coco_io import check_writable_folder, find_by_file_name, load_coco_dataset, load_json
 from utils.errors import UserError
 from utils.images import IMAGE_EXTENSIONS, ImageReadError, list_images, read_size
 from utils.lock import folder_lock
@@ -86,7 +86,7 @@ def folder_digest(folder: Path) -> str:
 
 @dataclass(frozen=True)
 class GroundTruthMatch:
-    """The images of the folder found in --gt_json by file name (`utils.coco_io.ImagesByName`)."""
+    """The images of the folder found in --gt_json by file name (`utils.coco_io.find_by_file_name`)."""
 
     matched: int
     unmatched: tuple[str, ...]  # folder images (relative paths) the GT does not have
@@ -96,8 +96,9 @@ def match_ground_truth(images: Path, files: list[str], gt_json: str) -> GroundTr
     """Which of the folder's images (`files`, relative to `images`) --gt_json has, by file name (the same relative
     path, else the same base name when one GT image has it): how gen_masks.py takes its image ids from it.
     Prints "N of M images matched by file name" and names the others; none matched is an error."""
-    by_name = ImagesByName(load_coco_dataset(gt_json)["images"])
-    unmatched = tuple(f for f in files if by_name.find(f) is None)
+    found = find_by_file_name(files, load_coco_dataset(gt_json)["images"], f"--gt_json {gt_json}",
+                              "; keep one of them out of --images")
+    unmatched = tuple(f for f, img in zip(files, found) if img is None)
     matched = len(files) - len(unmatched)
     print(f"--gt_json {gt_json}: {matched} of {len(files)} images matched by file name")
     if unmatched:

@@ -214,6 +214,16 @@ def test_the_ground_truth_is_matched_to_the_folder_by_file_name_before_any_stage
         "images, or leave --gt_json out")
 
 
+def test_two_folder_images_matching_one_gt_image_are_refused_before_any_stage(tmp_path):
+    """The same rule as the masks stage's ids (utils.coco_io.find_by_file_name): refused up front, naming
+    pipeline.py's own flag, not after the masks stage started."""
+    image_folder(tmp_path / "images", ["a/x.jpg", "b/x.jpg", "c.jpg"])
+    gt = gt_file(tmp_path / "gt.json", ["x.jpg", "c.jpg"])  # both x.jpg match it by base name
+    assert refused(tmp_path, "--gt_json", str(gt), "--num_classes", "1") == (
+        f"error: 'a/x.jpg' and 'b/x.jpg' both match image 'x.jpg' of --gt_json {gt} (by file_name); keep one of "
+        "them out of --images")
+
+
 def test_num_classes_is_checked_against_the_images_before_any_stage(tmp_path):
     image_folder(tmp_path / "images", ["a.jpg", "b.jpg", "c.jpg"])
     assert refused(tmp_path, "--num_classes", "4") == (
