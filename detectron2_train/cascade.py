@@ -22,7 +22,7 @@ from torchvision.models.detection._utils import BoxCoder, Matcher
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from torchvision.ops import box_iou, boxes as box_ops
 
-from detectron2_train.roi_heads import MaskRoIHeads
+from detectron2_train.roi_heads import MaskRoIHeads, object_detections
 
 BASE_BOX_CODER_WEIGHTS = (10.0, 10.0, 5.0, 5.0)
 
@@ -131,6 +131,9 @@ class CascadeRoIHeads(MaskRoIHeads):
     def detections(self, boxes: list[Tensor], scores: list[Tensor], image_shapes: list[tuple[int, int]]) -> list[dict]:
         """Per image: one candidate per (box, foreground class), score threshold, per-class NMS, top k
         (torchvision's postprocess_detections for one class-agnostic box per proposal)."""
+        if self.box_score == "object":
+            return [object_detections(b, s, shape, self.score_thresh, self.nms_thresh, self.detections_per_img)
+                    for b, s, shape in zip(boxes, scores, image_shapes)]
         result = []
         for b, s, shape in zip(boxes, scores, image_shapes):
             b = box_ops.clip_boxes_to_image(b, shape)

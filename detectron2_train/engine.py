@@ -18,6 +18,7 @@ from detectron2_train.modeling import MODEL_DEFAULTS, build_model, set_image_siz
 from detectron2_train.parts import BACKBONES, MASK_HEADS, ROI_HEADS, STAGES
 from detectron2_train.pseudo_gt import training_json
 from detectron2_train.pseudo_labels import write_pseudo_labels
+from detectron2_train.roi_heads import BOX_SCORES
 from detectron2_train.transfer_head import TRANSFER_INPUTS
 from detectron2_train.splits import read_class_list
 from utils.checkpoint import latest_checkpoint, read_torch_file, require_checkpoint_kind, unwrap
@@ -115,6 +116,7 @@ SCHEMA = ConfigSchema(DEFAULTS, types={
     "model.rpn_batch_size_per_image": int_range(1), "model.box_head_dim": int_range(1),
     "model.box_batch_size_per_image": int_range(1), "model.box_score_thresh": float_range(0, 1),
     "model.box_nms_thresh": float_range(0, 1), "model.detections_per_img": int_range(1),
+    "model.box_score": BOX_SCORES,
     "model.mask_head_channels": int_range(1), "model.mask_head_convs": int_range(1),
     "model.mask_pool_size": int_range(1),
     "model.transfer.layers": int_range(1), "model.transfer.hidden_dim": int_range(1),
@@ -129,7 +131,7 @@ FINAL_CHECKPOINT = "model_final.pth"
 # so a run can be extended) and everything that only inference reads.
 RESUME_HARMLESS_KEYS = HARMLESS_KEYS + ("solver.max_iter", "data.test_json", "data.test_root", "test.*",
                                         "input.*_test", "model.rpn_*_test", "model.box_score_thresh",
-                                        "model.box_nms_thresh", "model.detections_per_img",
+                                        "model.box_nms_thresh", "model.detections_per_img", "model.box_score",
                                         "model.vit.cache_dir")  # the cache changes no value (feature_cache.py)
 
 

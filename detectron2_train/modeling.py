@@ -64,6 +64,7 @@ MODEL_DEFAULTS = {
     "box_batch_size_per_image": 512,
     "box_score_thresh": 0.05,
     "box_nms_thresh": 0.5,
+    "box_score": "class",  # class: per-class scores and NMS (torchvision's) | object: 1 - p(background), one NMS
     "detections_per_img": 100,
     "mask_head_channels": 256,
     "mask_head_convs": 4,
@@ -301,10 +302,11 @@ def build_model(cfg: dict, num_classes: int, mask_classes: list[int] | None = No
     droploss_iou = float(m["droploss_iou"]) if m["droploss"] else None
     if cascade:
         model.roi_heads = CascadeRoIHeads.from_roi_heads(model.roi_heads, num_classes + 1, mask_classes, droploss_iou,
-                                                         stage_heads=stage_heads, stage_predictors=stage_predictors,
-                                                         stage_ious=ious)
+                                                         box_score=m["box_score"], stage_heads=stage_heads,
+                                                         stage_predictors=stage_predictors, stage_ious=ious)
     else:
-        model.roi_heads = MaskRoIHeads.from_roi_heads(model.roi_heads, num_classes + 1, mask_classes, droploss_iou)
+        model.roi_heads = MaskRoIHeads.from_roi_heads(model.roi_heads, num_classes + 1, mask_classes, droploss_iou,
+                                                      box_score=m["box_score"])
     if m["backbone"] == "vit":
         from detectron2_train.vit_backbone import attach_image_sizes
 

@@ -8,6 +8,12 @@ torchvision's loss unless DropLoss is on. The mask branch differs from torchvisi
   * a `TransferMaskPredictor` needs the box predictor to build its class weights.
 Class-agnostic predictors (one output channel) are handled on the same code path.
 `forward_box` is the part the cascade heads (cascade.py) replace.
+
+`box_score` (model.box_score) chooses how inference scores a detection: "class" is torchvision's (and
+detectron2's): one candidate per (proposal, foreground class) scored by that class's probability, NMS per
+class. "object" scores each proposal once by its probability of being any object, 1 - p(background), labels it
+with its most probable class and runs NMS over all classes: with pseudo-classes (clusters) a detector unsure of
+the cluster splits its probability among them, so that "class" ranks a whole object below a confident part.
 """
 from __future__ import annotations
 
@@ -16,6 +22,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.detection._utils import BoxCoder
 from torchvision.models.detection.roi_heads import RoIHeads, project_masks_on_boxes
+
+from torchvision.ops import boxes as box_ops
 
 from detectron2_train.droploss import droploss_weights, fast_rcnn_loss, predicted_boxes
 from detectron2_train.transfer_head import TransferMaskPredictor
@@ -36,6 +44,29 @@ def partial_mask_loss(mask_logits: Tensor, labels: Tensor, mask_targets: Tensor,
     return F.binary_cross_entropy_with_logits(logits[keep], mask_targets[keep])
 
 
+BOX_SCORES = ("class", "object")
+
+
+def object_detections(boxes: Tensor, scores: Tensor, image_shape: tuple[int, int], score_thresh: float,
+                      nms_thresh: float, detections_per_img: int) -> dict[str, Tensor]:
+    """One image's detections under box_score "object": each proposal once, scored 1 - p(background).
+
+    boxes (N, 4) or (N, K, 4) per class (the most probable foreground class's box is taken); scores (N, K)
+    softmax probabilities, background first. Then torchvision's steps: score threshold, small boxes out,
+    NMS (over all classes), the best `detections_per_img`."""
+    labels = scores[:, 1:].argmax(dim=1) + 1
+    if boxes.dim() == 3:
+        boxes = boxes[torch.arange(len(boxes), device=boxes.device), labels]
+    boxes = box_ops.clip_boxes_to_image(boxes, image_shape)
+    object_scores = 1.0 - scores[:, 0]
+    keep = torch.where(object_scores > score_thresh)[0]
+    boxes, object_scores, labels = boxes[keep], object_scores[keep], labels[keep]
+    keep = box_ops.remove_small_boxes(boxes, min_size=1e-2)
+    boxes, object_scores, labels = boxes[keep], object_scores[keep], labels[keep]
+    keep = box_ops.nms(boxes, object_scores, nms_thresh)[:detections_per_img]
+    return {"boxes": boxes[keep], "labels": labels[keep], "scores": object_scores[keep]}
+
+
 class MaskRoIHeads(RoIHeads):
     """RoIHeads whose mask loss only counts classes in `mask_classes` (all classes by default).
 
@@ -44,8 +75,11 @@ class MaskRoIHeads(RoIHeads):
     """
 
     def __init__(self, *args, num_classes: int, mask_classes: list[int] | None = None,
-                 droploss_iou: float | None = None, **kwargs):
+                 droploss_iou: float | None = None, box_score: str = "class", **kwargs):
         super().__init__(*args, **kwargs)
+        if box_score not in BOX_SCORES:
+            raise ValueError(f"box_score must be one of {BOX_SCORES}, not {box_score!r}")
+        self.box_score = box_score
         supervised = torch.ones(num_classes, dtype=torch.bool)  # index 0 = background
         if mask_classes is not None:
             supervised[:] = False
@@ -57,13 +91,14 @@ class MaskRoIHeads(RoIHeads):
 
     @classmethod
     def from_roi_heads(cls, heads: RoIHeads, num_classes: int, mask_classes: list[int] | None = None,
-                       droploss_iou: float | None = None, **kwargs) -> "MaskRoIHeads":
+                       droploss_iou: float | None = None, box_score: str = "class", **kwargs) -> "MaskRoIHeads":
         """Wrap torchvision's heads (same modules, matcher, sampler and box coder); `kwargs` go to
         subclasses (the cascade's stage heads)."""
         new = cls(heads.box_roi_pool, heads.box_head, heads.box_predictor, 0.5, 0.5, 512, 0.25, None,
                   heads.score_thresh, heads.nms_thresh, heads.detections_per_img,
                   mask_roi_pool=heads.mask_roi_pool, mask_head=heads.mask_head, mask_predictor=heads.mask_predictor,
-                  num_classes=num_classes, mask_classes=mask_classes, droploss_iou=droploss_iou, **kwargs)
+                  num_classes=num_classes, mask_classes=mask_classes, droploss_iou=droploss_iou,
+                  box_score=box_score, **kwargs)
         new.proposal_matcher, new.fg_bg_sampler, new.box_coder = heads.proposal_matcher, heads.fg_bg_sampler, heads.box_coder
         return new
 
@@ -92,6 +127,12 @@ class MaskRoIHeads(RoIHeads):
             proposals, matched_idxs, labels, regression_targets = self.select_training_samples(proposals, targets)
         box_features = self.box_head(self.box_roi_pool(features, proposals, image_shapes))
         class_logits, box_regression = self.box_predictor(box_features)
+        if not self.training and self.box_score == "object":
+            sizes = [len(p) for p in proposals]
+            boxes = self.box_coder.decode(box_regression, proposals).split(sizes)
+            scores = F.softmax(class_logits, -1).split(sizes)
+            return [object_detections(b, s, shape, self.score_thresh, self.nms_thresh, self.detections_per_img)
+                    for b, s, shape in zip(boxes, scores, image_shapes)], {}, None
         if not self.training:
             boxes, scores, labels = self.postprocess_detections(class_logits, box_regression, proposals, image_shapes)
             return [{"boxes": b, "labels": c, "scores": s} for b, s, c in zip(boxes, scores, labels)], {}, None

@@ -20,6 +20,10 @@ if TYPE_CHECKING:
 GALLERY = "gallery"  # OUT/eval/gallery/index.html: the masks next to the GT masks (with --gt_json)
 
 
+# DeepLab's K-means is fitted on the embeddings of at most this many images (evenly spaced), then every image is
+# assigned: on 2 CPU cores the ViT DeepLab embeds about 2 photos/s, so a full second pass over 500 photos would
+# cost some 4 minutes of the route's 60-minute budget (docs/pipeline.md).
+KMEANS_FIT_IMAGES = 100
 RUN_GT = "gt_of_the_run.json"  # OUT/eval/: --gt_json restricted to the images the run has masks for
 
 
@@ -80,7 +84,7 @@ def miou_metrics(s: PipelineSettings, results: dict, folder: Path, gt_json: Path
     dataset = SegmentationDataset(str(image_dir), names, str(label_dir), len(class_names), EvalTransform())
     with torch.inference_mode():
         table = evaluate_clusters(model, dataset, len(class_names), class_names, device,
-                                  max_fit_pixels=20_000 if s.tiny else 200_000)
+                                  max_fit_pixels=20_000 if s.tiny else 200_000, max_fit_images=KMEANS_FIT_IMAGES)
     write_json(folder / "miou.json", {**table, "mapping": {str(k): v for k, v in table["mapping"].items()}}, indent=1)
     return [clusters_miou_row(table, "DeepLab", f"{Path(s.gt_json).name} painted into {len(class_names)}-class maps "
                                                 f"({len(names)} images)", "deeplab")]

@@ -276,8 +276,11 @@ def vit_overrides(s: PipelineSettings, cache_dir: str | None = None) -> list[str
 
 
 def mask_rcnn_overrides(s: PipelineSettings, out: str) -> list[str]:
-    """The maskrcnn stage's config overrides: the tiny preset, and the ViT's (its cache in `out`/vit_cache)."""
-    return (TINY_MASK_RCNN if s.tiny else []) + vit_overrides(s, f"{out}/{VIT_CACHE}")
+    """The maskrcnn stage's config overrides: the tiny preset, and the ViT's (its cache in `out`/vit_cache). The
+    ViT recipes are class-agnostic for train_net.py on plain pseudo-masks; here the detector learns the clusters,
+    so that the semantic stage paints them and DeepLab learns them (the ResNet recipes are class-aware already)."""
+    vit = vit_overrides(s, f"{out}/{VIT_CACHE}")
+    return (TINY_MASK_RCNN if s.tiny else []) + vit + (["data.class_agnostic=false"] if vit else [])
 
 
 def gen_masks_request(s: PipelineSettings, folder: Path):

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from segmentation.data import SegmentationDataset
 from segmentation.engine import iou_result, worker_batches
@@ -30,11 +30,15 @@ def _embeddings(model: DeepLabV3, image: torch.Tensor, size: tuple[int, int] | N
 
 
 def fit_kmeans(model: DeepLabV3, dataset: SegmentationDataset, num_clusters: int, device: torch.device,
-               max_fit_pixels: int = 200_000, seed: int = 0, num_workers: int = 0) -> np.ndarray:
-    """Centroids (K, C) from a uniform subsample of the embedding pixels of the whole dataset."""
+               max_fit_pixels: int = 200_000, seed: int = 0, num_workers: int = 0,
+               max_fit_images: int | None = None) -> np.ndarray:
+    """Centroids (K, C) from a uniform subsample of the embedding pixels of the dataset, or of `max_fit_images`
+    images evenly spaced through it (the fit then embeds those only: on a CPU the embedding is the cost)."""
     from sklearn.cluster import KMeans
 
     rng = np.random.default_rng(seed)
+    if max_fit_images is not None and max_fit_images < len(dataset):
+        dataset = Subset(dataset, np.linspace(0, len(dataset) - 1, max_fit_images).round().astype(int).tolist())
     per_image = max(1, max_fit_pixels // max(1, len(dataset)))
     samples = []
     loader = DataLoader(dataset, batch_size=1, num_workers=num_workers)
@@ -62,14 +66,14 @@ def hungarian_from_counts(counts: np.ndarray) -> dict[int, int]:
 @torch.no_grad()
 def evaluate_clusters(model: DeepLabV3, dataset: SegmentationDataset, num_classes: int, class_names: list[str],
                       device: torch.device, num_clusters: int | None = None, max_fit_pixels: int = 200_000,
-                      seed: int = 0, num_workers: int = 0) -> dict:
+                      seed: int = 0, num_workers: int = 0, max_fit_images: int | None = None) -> dict:
     """K-means + Hungarian matching; returns the mIoU table plus the cluster -> class mapping."""
     num_clusters = num_clusters or num_classes
     if num_clusters != num_classes:
         raise ValueError(f"Hungarian matching needs as many clusters as classes ({num_classes}), not {num_clusters}")
     model.eval()
     centroids = torch.from_numpy(fit_kmeans(model, dataset, num_clusters, device, max_fit_pixels, seed,
-                                            num_workers)).to(device)
+                                            num_workers, max_fit_images)).to(device)
     joint = np.zeros((num_classes, num_clusters), dtype=np.int64)  # rows: class, columns: cluster
     loader = DataLoader(dataset, batch_size=1, num_workers=num_workers)
     for batch in progress(worker_batches(loader), total=len(dataset), desc="assign", unit="img"):

@@ -113,3 +113,46 @@ def test_resume_may_move_the_cache_but_not_change_the_vit(trainer):
     assert difference(base, print_of(cache_dir=None)) is None
     for changed in ({"arch": "vit_small"}, {"trainable_blocks": 2}, {"weights": "random"}):
         assert "model.vit." + next(iter(changed)) in difference(base, print_of(cache_dir="a", **changed))
+
+
+@pytest.mark.slow
+def test_torchrun_ranks_share_one_cache_and_a_second_run_only_reads_it(tmp_path):
+    """Two gloo ranks train the ViT detector on one cache folder: every input is written once, atomically (no
+    temporary file left), and a second two-rank run over the same images adds and rewrites nothing."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.helpers.synthetic_shapes import make_dataset
+
+    repo = Path(__file__).resolve().parents[1]
+    data = make_dataset(tmp_path / "syn", num_images=4, seed=3)
+    torch.manual_seed(0)
+    ckpt = tmp_path / "vits14_random.pth"
+    torch.save(DinoViT("dinov2_vits14").vit.state_dict(), ckpt)
+    cache = tmp_path / "cache"
+
+    def run(out: Path) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+               str(repo / "detectron2_train" / "train_net.py"), "--config",
+               str(repo / "configs" / "detectron2" / "tiny_vit_dinov2_s14_cpu.yaml"), "--device", "cpu",
+               "--train_json", str(data), "--train_root", str(data.parent / "images"), "--output_dir", str(out),
+               "--set", "solver.max_iter=2", "solver.checkpoint_period=100", "solver.ims_per_batch=4",
+               "input.hflip_prob=0.0", "model.backbone=vit", f"model.vit.weights={ckpt}", f"model.vit.cache_dir={cache}"]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+        proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=400)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    run(tmp_path / "first")
+    entries = {p: p.stat().st_mtime_ns for p in (cache / "entries").rglob("*") if p.is_file()}
+    # 2 iterations of 4 images over 2 ranks: every one of the 4 photos (one size, no flip) at least once
+    assert len(entries) == 4 and all(p.suffix == ".npy" for p in entries)
+    assert json.loads((cache / "manifest.json").read_text())["identity"]["arch"] == "dinov2_vits14"
+    run(tmp_path / "second")
+    assert {p: p.stat().st_mtime_ns for p in (cache / "entries").rglob("*") if p.is_file()} == entries
+    assert [p.name for p in cache.iterdir()] and not [p for p in cache.rglob("*tmp*")]

@@ -112,6 +112,8 @@ def test_the_trainers_get_what_their_commands_build_from_the_same_flags(tmp_path
 @pytest.mark.parametrize("tiny", [True, False])
 def test_the_vit_route_trains_on_the_masks_checkpoint_as_the_trainers_commands_would(tmp_path, tiny):
     from detectron2_train import train_net
+    from detectron2_train.engine import SCHEMA as TRAIN_SCHEMA
+    from utils.config import load_config
     from detectron2_train.settings import round_settings, train_config
     from segmentation.engine import SCHEMA
     from segmentation.train_plus_crf import parse_args as deeplab_args
@@ -133,9 +135,12 @@ def test_the_vit_route_trains_on_the_masks_checkpoint_as_the_trainers_commands_w
                                  "labelled.json", "--train_root", images, "--output_dir", str(folder),
                                  "--rounds", "2", "--device", s.device, "--set",
                                  *(pipe.TINY_MASK_RCNN if tiny else []), *backbone, *vit,
-                                 f"model.vit.cache_dir={out / 'vit_cache'}"])
+                                 f"model.vit.cache_dir={out / 'vit_cache'}", "data.class_agnostic=false"])
     cfg = train_config(train)
     assert cfg == train_net.config_from_args(args)
+    # the recipe alone is class-agnostic; the pipeline's detector learns the clusters, which DeepLab then learns
+    assert load_config(str(pipe.REPO / "configs" / "detectron2" / config), [], TRAIN_SCHEMA)["data"]["class_agnostic"]
+    assert cfg["data"]["class_agnostic"] is False
     assert round_settings(train, rounds) == train_net.round_settings(args)
     assert cfg["model"]["backbone"] == "vit" and cfg["model"]["vit"]["weights"] == ckpt
 

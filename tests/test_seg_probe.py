@@ -119,6 +119,27 @@ def test_cluster_evaluation_is_exact_on_colour_squares(tmp_path, repo_root):
     assert result["mIoU"] == 1.0 and result["per_class_iou"] == {"0": 1.0, "1": 1.0, "2": 1.0}
 
 
+def test_cluster_evaluation_may_fit_on_a_few_images_and_still_scores_them_all(tmp_path, repo_root):
+    """max_fit_images: K-means embeds only that many images (evenly spaced) to fit; every image is assigned."""
+    from segmentation.engine import SCHEMA, build_val_dataset, class_names
+    from segmentation.kmeans_eval import evaluate_clusters
+
+    class Counting(ColourEmbedding):
+        calls = 0
+
+        def embed(self, images):
+            Counting.calls += 1
+            return super().embed(images)
+
+    data = make_synthetic_set(tmp_path / "data", count=4)
+    config = load_config(repo_root / "configs/segmentation/tiny_test.yml", tiny_overrides(data), defaults=SCHEMA)
+    dataset = build_val_dataset(config)
+    result = evaluate_clusters(Counting(), dataset, 3, class_names(config), torch.device("cpu"), max_fit_images=2)
+    assert Counting.calls == 2 + len(dataset)  # the fit's 2, then the assignment of all 4
+    pixels = sum(read_label_png(data["label_dir"] / f"{n}.png").size for n in data["names"])
+    assert np.asarray(result["confusion"]).sum() == pixels and result["mIoU"] == 1.0
+
+
 def test_train_plus_crf_writes_each_rounds_labels_and_resumes(tmp_path, repo_root):
     data = make_synthetic_set(tmp_path / "data", count=4)
     overrides = tiny_overrides(data) + [f"output_dir={tmp_path / 'rounds'}", "solver.max_iter=3",
