@@ -3,21 +3,22 @@
     python pipeline.py --images ../shared/data/tiny_coco/val2017 --out OUT \\
         --gt_json ../shared/data/tiny_coco/annotations/instances_val2017.json --tiny
     python pipeline.py --images MY_IMAGES --out OUT --method maskcut
-    python pipeline.py --images MY_IMAGES --out OUT --arch dinov2_vits14 --weights CKPT --backbone vit
+    python pipeline.py --images MY_IMAGES --out OUT --arch dinov2_vits14 --weights CKPT      # all on one ViT, CPU budget
 
 Stages, each in OUT/<stage>/: masks (gen_masks.py, with a gallery in masks/vis/index.html), cluster
 (utils/cluster.py), maskrcnn (Mask R-CNN with self-training rounds), semantic (gen_segmentation.py),
 deeplab (DeepLab-v3 with CRF rounds), eval (metrics; against --gt_json where given). A rerun skips
 finished stages and resumes an unfinished one; a changed setting is refused, or with --overwrite reruns
-from the first stage it affects. --backbone vit trains Mask R-CNN and DeepLab on the masks stage's ViT
-checkpoint (--arch, --weights); with --tiny, the tiny twins of those recipes on that ViT. See docs/pipeline.md.
+from the first stage it affects. --backbone vit (the default when --weights is a checkpoint file) trains
+Mask R-CNN and DeepLab on the masks stage's ViT checkpoint (--arch, --weights) with the CPU recipes (500
+photos in under an hour on 2 cores); with --tiny, their tiny twins on that ViT. See docs/pipeline.md.
 """
 from __future__ import annotations
 
 import argparse
 
 from distill.registry import method_names, method_summaries
-from orchestrate.settings import BACKBONES, DEFAULT_ARCH
+from orchestrate.settings import AUTO_BACKBONE, BACKBONES, DEFAULT_ARCH
 from utils.cli import add_device_arg, float_range, int_range
 from utils.errors import run_cli
 from utils.vit_archs import ARCHS
@@ -41,11 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", default=None,
                    help="gen_masks.py --weights: 'dino' (the arch's official checkpoint, the default), a checkpoint "
                         "path, or 'random' (the default with --tiny)")
-    p.add_argument("--backbone", default="resnet", choices=BACKBONES,
+    p.add_argument("--backbone", default=AUTO_BACKBONE, choices=(AUTO_BACKBONE, *BACKBONES),
                    help="backbone of Mask R-CNN and DeepLab: 'vit' runs them on the same --arch/--weights checkpoint "
-                        "as the masks (the ViT recipes of configs/, frozen ViT, token cache in OUT/vit_cache); "
-                        "'resnet' (the default) keeps the ResNet recipes, so that earlier OUT folders resume as they "
-                        "were and no --weights changes what the trainers start from")
+                        "as the masks (the ViT CPU recipes of configs/, frozen ViT, token cache in OUT/vit_cache); "
+                        "'resnet' takes the ResNet recipes and their own weights (DINO ResNet-50, ImageNet); 'auto' "
+                        "(the default): 'vit' when --weights is a checkpoint file, else 'resnet'. An OUT made "
+                        "with the other backbone is refused (pass --backbone to keep it, or --overwrite)")
     p.add_argument("--num_classes", type=int_range(1), default=None,
                    help="K-means clusters = pseudo-classes of Mask R-CNN and DeepLab (default: 20; 5 with --tiny)")
     p.add_argument("--self_training_rounds", type=int_range(1), default=2,

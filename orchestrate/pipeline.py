@@ -34,7 +34,7 @@ from typing import Any, Callable, Sequence
 
 from distill.registry import load_method, method_names
 from orchestrate.evaluate import run_eval
-from orchestrate.settings import BACKBONES, DEFAULT_ARCH, PipelineSettings, cluster_settings
+from orchestrate.settings import BACKBONES, DEFAULT_ARCH, PipelineSettings, backbone_for, cluster_settings
 from utils.coco_io import check_writable_folder, find_by_file_name, load_coco_dataset, load_json
 from utils.errors import UserError
 from utils.images import IMAGE_EXTENSIONS, ImageReadError, list_images, read_size
@@ -469,6 +469,7 @@ def run_pipeline(s: PipelineSettings) -> list[StepRecord]:
 
 def settings_from_args(args: argparse.Namespace) -> PipelineSettings:
     settings = PipelineSettings(**{k: v for k, v in vars(args).items() if k in PipelineSettings.__dataclass_fields__})
+    settings.backbone = backbone_for(settings.backbone, settings.weights)
     if settings.num_classes is None:
         settings.num_classes = TINY_NUM_CLASSES if settings.tiny else 20
     return settings

@@ -8,6 +8,15 @@ from pathlib import Path
 
 DEFAULT_ARCH = "vit_small"  # gen_masks.py's --arch default: the masks step's record names --arch only when another
 BACKBONES = ("resnet", "vit")  # of the trained stages (pipeline.py --backbone)
+AUTO_BACKBONE = "auto"  # pipeline.py's default: `backbone_for` decides
+
+
+def backbone_for(backbone: str, weights: str | None) -> str:
+    """--backbone auto: "vit" when --weights names a checkpoint file (then the one real checkpoint the run has
+    trains every stage, as discovery uses it), else "resnet" (the ResNet recipes, their own weights)."""
+    if backbone != AUTO_BACKBONE:
+        return backbone
+    return "vit" if weights not in (None, "dino", "random") else "resnet"
 
 
 @dataclass

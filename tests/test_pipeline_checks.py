@@ -338,3 +338,17 @@ def test_a_weights_file_or_gt_changed_at_the_same_path_reruns_the_masks(tmp_path
     first = step_fingerprint(pipe.build_steps(s)[0], {})
     gt_file(gt, ["a.jpg", "b.jpg"])
     assert "gt_json" in difference(first, step_fingerprint(pipe.build_steps(s)[0], {}))
+
+
+def test_a_checkpoint_file_puts_every_stage_on_it_unless_the_backbone_is_named(tmp_path):
+    """--backbone auto (the default): `--arch dinov2_vits14 --weights CKPT` alone trains the detector and DeepLab
+    on that checkpoint (the ViT recipes); the official or random weights keep the ResNet recipes."""
+    ckpt = str(tmp_path / "ckpt.pth")
+    assert settings(tmp_path, "--arch", "dinov2_vits14", "--weights", ckpt).backbone == "vit"
+    assert settings(tmp_path, "--arch", "dinov2_vits14", "--weights", ckpt, "--backbone", "resnet").backbone == "resnet"
+    for weights in ([], ["--weights", "dino"], ["--weights", "random"], ["--tiny"]):
+        assert settings(tmp_path, *weights).backbone == "resnet", weights
+    assert settings(tmp_path, "--backbone", "vit").backbone == "vit"
+    s = settings(tmp_path, "--arch", "dinov2_vits14", "--weights", ckpt)
+    train, _ = pipe.mask_rcnn_requests(s, "labelled.json", tmp_path / "out" / "maskrcnn")
+    assert train.config.endswith("vit_dinov2_s14_cpu.yaml") and f"model.vit.weights={ckpt}" in train.overrides
