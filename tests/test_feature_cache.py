@@ -120,11 +120,11 @@ def test_torchrun_ranks_share_one_cache_and_a_second_run_only_reads_it(tmp_path)
     """Two gloo ranks train the ViT detector on one cache folder: every input is written once, atomically (no
     temporary file left), and a second two-rank run over the same images adds and rewrites nothing."""
     import os
-    import socket
     import subprocess
     import sys
     from pathlib import Path
 
+    from tests.helpers.ports import free_port
     from tests.helpers.synthetic_shapes import make_dataset
 
     repo = Path(__file__).resolve().parents[1]
@@ -135,10 +135,7 @@ def test_torchrun_ranks_share_one_cache_and_a_second_run_only_reads_it(tmp_path)
     cache = tmp_path / "cache"
 
     def run(out: Path) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
                str(repo / "detectron2_train" / "train_net.py"), "--config",
                str(repo / "configs" / "detectron2" / "tiny_vit_dinov2_s14_cpu.yaml"), "--device", "cpu",
                "--train_json", str(data), "--train_root", str(data.parent / "images"), "--output_dir", str(out),

@@ -1,7 +1,6 @@
 """gen_masks.py end to end: real images, bad images, shard + merge, resume, torchrun."""
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ import distill.engine as engine_module
 import gen_masks
 from distill.data import Geometry, resized_size, upsample_patch_mask
 from tests import cli_helpers
+from tests.helpers.ports import free_port
 from utils.coco_io import decode_segmentation, mask_to_bbox
 
 REPO = Path(__file__).resolve().parents[1]
@@ -277,12 +277,6 @@ def test_resume_refuses_weights_rewritten_at_the_same_path(small_folder, tmp_pat
     line = run_main_expecting_error([*args, "--resume"], capsys)
     assert f"it was made with weights={weights} (sha256 " in line and line.endswith(
         "; use the same settings, or --overwrite to start again")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow

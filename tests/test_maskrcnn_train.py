@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +16,7 @@ from detectron2_train import train_net
 from detectron2_train.data import CocoInstances
 from detectron2_train.engine import DEFAULTS, RESUME_HARMLESS_KEYS, predict, run, train
 from detectron2_train.modeling import build_model, set_image_sizes
+from tests.helpers.ports import free_port
 from tests.helpers.synthetic_shapes import make_dataset
 from evaluation.coco_eval import EvalOptions, evaluate_predictions
 from utils.coco_io import box_iou_xywh, decode_segmentation, load_json
@@ -124,18 +124,12 @@ def test_killed_run_resumes_exactly_on_every_rank(tmp_path, one_thread, monkeypa
         train(moved, DistInfo(), resume=True)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_torchrun_two_processes_gloo(tmp_path):
     data = make_dataset(tmp_path / "syn", num_images=4, seed=3)
     out = tmp_path / "out"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            str(REPO / "detectron2_train" / "train_net.py"), "--config", str(TINY), "--device", "cpu",
            "--train_json", str(data), "--train_root", str(data.parent / "images"), "--output_dir", str(out),
            "--set", "solver.max_iter=3", "solver.checkpoint_period=100", "solver.ims_per_batch=4"]

@@ -1,7 +1,6 @@
 """DeepLab-v3 training: the model, backbone weights, loss goes down, exact resume, two-process gloo torchrun."""
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -9,6 +8,7 @@ import pytest
 import torch
 
 from seg_helpers import make_synthetic_set, tiny_overrides
+from tests.helpers.ports import free_port
 from training_helpers import Killed, assert_same_weights, kill_after, records, tear_metrics
 from segmentation.engine import DEFAULTS, build_val_dataset, load_trained_model, segmentation_loss, train
 from segmentation.model import build_deeplab, build_from_config
@@ -97,17 +97,11 @@ def test_killed_run_resumes_exactly_with_a_clean_log(tmp_path, repo_root, monkey
         train(_config(repo_root, data, tmp_path / "b", *extra, "solver.base_lr=0.02"), DistInfo(), resume=True)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_process_gloo_torchrun_trains(tmp_path, repo_root):
     data = make_synthetic_set(tmp_path / "data", count=3)  # uneven validation shards (2 + 1 images)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(_free_port()), "segmentation/train.py", "--config", "configs/segmentation/tiny_test.yml",
+           str(free_port()), "segmentation/train.py", "--config", "configs/segmentation/tiny_test.yml",
            "--output_dir", str(tmp_path / "ddp"), "--device", "cpu",
            "--set", *tiny_overrides(data), "solver.batch_size=4", "solver.max_iter=3", "solver.checkpoint_period=0"]
     env = dict(os.environ, OMP_NUM_THREADS="1")

@@ -1,0 +1,10 @@
+"""A free TCP port on localhost, for the tests that start torchrun (`--master_port`)."""
+from __future__ import annotations
+
+import socket
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
