@@ -119,11 +119,9 @@ def deeplab_scores(pipeline_out: Path, test_images: Path, test_gt: Path, folder:
     import numpy as np
     import torch
 
-    from evaluation.metrics import confusion_matrix
     from orchestrate.evaluate import semantic_ground_truth
     from segmentation.data import EvalTransform, SegmentationDataset, read_image_list
-    from segmentation.engine import iou_result, load_trained_model, predict_logits
-    from utils.label_png import IGNORE_INDEX
+    from segmentation.engine import evaluate, iou_result, load_trained_model
 
     deeplab = load_json(pipeline_out / "deeplab" / "step.json")["result"]
     checkpoint = str(deeplab["checkpoint"]).replace("$OUT", str(pipeline_out))
@@ -134,14 +132,12 @@ def deeplab_scores(pipeline_out: Path, test_images: Path, test_gt: Path, folder:
     dataset = SegmentationDataset(str(test_images), read_image_list(list_path), str(label_dir), len(names),
                                   EvalTransform())
     model = load_trained_model(deeplab["config"], checkpoint, torch.device("cpu"))
-    breeds = np.zeros((len(names), len(names)), dtype=np.int64)
-    with torch.inference_mode():
-        for index in range(len(dataset)):
-            item = dataset[index]
-            pred = predict_logits(model, item["image"][None]).argmax(1)[0].numpy()
-            breeds += confusion_matrix(to_breed[pred], item["label"].numpy(), len(names), IGNORE_INDEX)
+    # segmentation.engine.evaluate's loop, scored in breeds: each pixel's DeepLab class read as its breed
+    table = evaluate(model, dataset, {"data": {"num_classes": len(names), "class_names": names, "num_workers": 0},
+                                      "solver": {"amp": False}},
+                     postprocess=lambda _, probs: to_breed[probs.argmax(0)])
+    breeds = np.array(table["confusion"])
     foreground = np.array([[breeds[0, 0], breeds[0, 1:].sum()], [breeds[1:, 0].sum(), breeds[1:, 1:].sum()]])
-    table = iou_result(breeds, names)
     return {"DeepLab fg/bg mIoU": 100 * iou_result(foreground, ["background", "pet"])["mIoU"],
             "DeepLab 3-breed mIoU": 100 * table["mIoU"], "per-class IoU": table["per_class_iou"],
             "held-out images": len(dataset), "pseudo-class to breed": {str(k): v for k, v in breed_of.items()}}

@@ -22,7 +22,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.detection._utils import BoxCoder
 from torchvision.models.detection.roi_heads import RoIHeads, project_masks_on_boxes
-
 from torchvision.ops import boxes as box_ops
 
 from detectron2_train.droploss import droploss_weights, fast_rcnn_loss, predicted_boxes

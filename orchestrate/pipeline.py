@@ -34,7 +34,8 @@ from typing import Any, Callable, Sequence
 
 from distill.registry import load_method, method_names
 from orchestrate.evaluate import run_eval
-from orchestrate.settings import BACKBONES, DEFAULT_ARCH, PipelineSettings, backbone_for, cluster_settings
+from orchestrate.settings import (BACKBONES, DEFAULT_ARCH, PipelineSettings, backbone_for, cluster_settings,
+                                  is_weights_file)
 from utils.coco_io import check_writable_folder, find_by_file_name, load_coco_dataset, load_json
 from utils.errors import UserError
 from utils.images import IMAGE_EXTENSIONS, ImageReadError, list_images, read_size
@@ -114,7 +115,7 @@ def match_ground_truth(images: Path, files: list[str], gt_json: str) -> GroundTr
 def check_weights(weights: str | None) -> None:
     """A checkpoint path exists and starts like a `torch.save` file (a zip archive or a pickle); the file is
     read in full by the masks stage."""
-    if weights in (None, "dino", "random"):
+    if not is_weights_file(weights):
         return
     path = Path(weights)
     if not path.is_file():

@@ -9,6 +9,12 @@ from pathlib import Path
 DEFAULT_ARCH = "vit_small"  # gen_masks.py's --arch default: the masks step's record names --arch only when another
 BACKBONES = ("resnet", "vit")  # of the trained stages (pipeline.py --backbone)
 AUTO_BACKBONE = "auto"  # pipeline.py's default: `backbone_for` decides
+NAMED_WEIGHTS = ("dino", "random")  # --weights values that name no file: the official checkpoint, random weights
+
+
+def is_weights_file(weights: str | None) -> bool:
+    """Whether --weights names a checkpoint file rather than one of NAMED_WEIGHTS (or is left out)."""
+    return weights is not None and weights not in NAMED_WEIGHTS
 
 
 def backbone_for(backbone: str, weights: str | None) -> str:
@@ -16,7 +22,7 @@ def backbone_for(backbone: str, weights: str | None) -> str:
     trains every stage, as discovery uses it), else "resnet" (the ResNet recipes, their own weights)."""
     if backbone != AUTO_BACKBONE:
         return backbone
-    return "vit" if weights not in (None, "dino", "random") else "resnet"
+    return "vit" if is_weights_file(weights) else "resnet"
 
 
 @dataclass
